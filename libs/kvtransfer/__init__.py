@@ -1,0 +1,1 @@
+"""FlowKV's KV hand-off: block-major layout, segment allocation, alignment, transports."""

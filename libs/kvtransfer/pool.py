@@ -1,0 +1,148 @@
+"""The node's KV pool: one pre-allocated tensor in FlowKV's block-major layout.
+
+The engine computes attention straight out of :attr:`KVPool.tensor`; the transports
+read and write the same memory, so a hand-off needs no staging copy on either side.
+A CPU pool can live in POSIX shared memory so that a peer process on the same host can
+map it (the ``shm`` transport); a CUDA pool is exported through a CUDA IPC handle by the
+``cuda_ipc`` transport.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from multiprocessing import shared_memory
+
+import torch
+
+from libs.kvtransfer.layout import KVLayout
+
+
+def _open_untracked(name: str) -> shared_memory.SharedMemory:
+    """Open an existing segment without letting this process's resource tracker unlink it.
+
+    The owner, not a peer that maps the segment, unlinks it. Python 3.13 has ``track=``;
+    before that the segment must be unregistered by hand.
+    """
+    try:
+        return shared_memory.SharedMemory(name=name, create=False, track=False)  # type: ignore[call-arg]
+    except TypeError:
+        from multiprocessing import resource_tracker
+
+        shm = shared_memory.SharedMemory(name=name, create=False)
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        return shm
+
+
+class KVPool:
+    """A pre-allocated ``[num_blocks, layers, 2, block_size, kv_heads, head_dim]`` tensor.
+
+    Use :meth:`allocate` on the owning node and :meth:`attach_shm` on a peer that maps
+    a shared CPU pool.
+    """
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        tensor: torch.Tensor,
+        shm: shared_memory.SharedMemory | None = None,
+        owner: bool = True,
+    ) -> None:
+        expected = layout.pool_shape(tensor.shape[0])
+        if tuple(tensor.shape) != expected or tensor.dtype != layout.torch_dtype:
+            raise ValueError(f"pool tensor {tuple(tensor.shape)}/{tensor.dtype} does not match {layout}")
+        if not tensor.is_contiguous():
+            raise ValueError("the KV pool must be contiguous")
+        self.layout = layout
+        self.tensor = tensor
+        self._shm = shm
+        self._owner = owner
+
+    @classmethod
+    def allocate(
+        cls,
+        layout: KVLayout,
+        num_blocks: int,
+        device: str | torch.device = "cpu",
+        shared: bool = False,
+    ) -> KVPool:
+        """Allocate a pool of ``num_blocks`` blocks.
+
+        Args:
+            layout: what one block is.
+            num_blocks: blocks in the pool.
+            device: ``"cpu"`` or a CUDA device.
+            shared: CPU only: back the pool with named POSIX shared memory so a peer
+                process can map it (see :attr:`shm_name`).
+        """
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        device = torch.device(device)
+        shape = layout.pool_shape(num_blocks)
+        if shared:
+            if device.type != "cpu":
+                raise ValueError("shared=True is for CPU pools; CUDA pools are shared through CUDA IPC")
+            nbytes = num_blocks * layout.block_bytes
+            name = f"flowkv-{os.getpid()}-{secrets.token_hex(4)}"
+            shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+            tensor = torch.frombuffer(shm.buf, dtype=layout.torch_dtype, count=nbytes // layout.itemsize)
+            tensor = tensor.view(shape)
+            tensor.zero_()
+            return cls(layout, tensor, shm=shm, owner=True)
+        return cls(layout, torch.zeros(shape, dtype=layout.torch_dtype, device=device))
+
+    @classmethod
+    def attach_shm(cls, name: str, layout: KVLayout, num_blocks: int) -> KVPool:
+        """Map a peer's shared CPU pool by its shared-memory name (no copy)."""
+        shm = _open_untracked(name)
+        nbytes = num_blocks * layout.block_bytes
+        if shm.size < nbytes:
+            shm.close()
+            raise ValueError(f"shared pool {name!r} has {shm.size} bytes, expected {nbytes}")
+        tensor = torch.frombuffer(shm.buf, dtype=layout.torch_dtype, count=nbytes // layout.itemsize)
+        return cls(layout, tensor.view(layout.pool_shape(num_blocks)), shm=shm, owner=False)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.tensor.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensor.device
+
+    @property
+    def shm_name(self) -> str | None:
+        """Name of the shared-memory segment backing a shared CPU pool, else None."""
+        return self._shm.name if self._shm is not None else None
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.layout.block_bytes
+
+    def blocks(self, start: int, count: int) -> torch.Tensor:
+        """View of ``count`` consecutive blocks from ``start``: one contiguous span."""
+        if start < 0 or count < 0 or start + count > self.num_blocks:
+            raise IndexError(f"blocks [{start}, {start + count}) outside a pool of {self.num_blocks}")
+        return self.tensor[start : start + count]
+
+    def byte_view(self) -> torch.Tensor:
+        """The whole pool as a flat uint8 tensor (no copy)."""
+        return self.tensor.view(-1).view(torch.uint8)
+
+    def close(self) -> None:
+        """Release shared memory (unlinking it if this process created it)."""
+        if self._shm is None:
+            return
+        shm, self._shm = self._shm, None
+        # Drop our views before closing the mapping; torch keeps no reference of its own.
+        self.tensor = torch.empty(0, dtype=self.layout.torch_dtype)
+        try:
+            shm.close()
+        except BufferError:
+            # A tensor view is still alive somewhere; the OS unmaps at process exit.
+            pass
+        if self._owner:
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
