@@ -1,0 +1,322 @@
+"""Every message FlowKV sends over NATS: msgspec Structs, no logic.
+
+Encoding is MessagePack (``msgspec.msgpack``). Every message carries its kind in the
+``type`` field (a tagged union), so a subscriber decodes a subject's messages with one
+decoder (:data:`DECODER`) and rejects anything else. Unknown fields are ignored, so
+newer peers can add optional fields without breaking older ones. The subjects are built
+in :mod:`libs.protocol.subjects`; both are documented in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import msgspec
+
+
+class Role(str, Enum):
+    """What a node does. ``hybrid`` runs both handlers (colocated serving)."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    HYBRID = "hybrid"
+
+
+class NodeState(str, Enum):
+    READY = "ready"
+    DRAINING = "draining"  # finishing its requests before a role switch or shutdown
+    STOPPING = "stopping"
+
+
+class ErrorCode(str, Enum):
+    """Why a request or a step failed; the gateway maps these to HTTP statuses."""
+
+    OVERLOADED = "overloaded"  # 429
+    NO_NODES = "no_nodes"  # 503
+    INVALID = "invalid"  # 400
+    NODE_FAILED = "node_failed"  # 502 after retries are exhausted
+    TRANSFER_FAILED = "transfer_failed"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"  # 500
+
+
+class Message(msgspec.Struct, tag_field="type", kw_only=True):
+    """Base of every wire message."""
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How to pick tokens. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` are off."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = []
+
+
+# ---------------------------------------------------------------- nodes -> scheduler
+
+
+class LoadReport(Message, tag="load"):
+    """A node's heartbeat and load, on ``node_load()`` a few times a second."""
+
+    node_id: str
+    role: Role
+    state: NodeState
+    seq: int  # increases with every report of this node process
+    started_at: float  # unix seconds: tells a restarted node from the old one
+    model: str
+    device: str  # "cpu", "cuda:0"
+    device_name: str  # "cpu", "NVIDIA H100 80GB HBM3"
+    device_memory_bytes: int
+    max_model_len: int
+    block_size: int
+    kv_block_bytes: int
+    total_blocks: int
+    free_blocks: int
+    largest_free_segment: int
+    num_waiting: int  # requests queued for prefill
+    waiting_prefill_tokens: int
+    num_running: int  # decoding sequences
+    num_held: int  # prefilled requests waiting for their hand-off
+    prefill_tokens_per_s: float  # measured, EMA; 0 before the first prefill
+    decode_step_s: float  # measured, EMA; 0 before the first step
+    cached_prefix_hashes: list[int] = []  # a bounded sample of prefix-cache block hashes
+    kv_transports: list[str] = []
+    host_id: str = ""
+
+
+class NodeBye(Message, tag="bye"):
+    node_id: str
+    reason: str = ""
+
+
+# ---------------------------------------------------------------- gateway <-> scheduler
+
+
+class PlaceRequest(Message, tag="place"):
+    request_id: str
+    model: str
+    num_prompt_tokens: int
+    max_tokens: int
+    prefix_hashes: list[int] = []  # chained hashes of the prompt's full blocks
+    exclude_nodes: list[str] = []  # nodes that just failed this request
+
+
+class Placement(Message, tag="placement"):
+    request_id: str
+    prefill_node: str
+    decode_node: str  # equal to prefill_node when one node does both
+    predicted_ttft_s: float = 0.0
+
+
+class Rejected(Message, tag="rejected"):
+    request_id: str
+    code: ErrorCode
+    reason: str
+    retry_after_s: float = 0.0
+
+
+# ---------------------------------------------------------------- gateway -> nodes
+
+
+class SubmitRequest(Message, tag="submit"):
+    """Start a request on its prefill node (which hands off to ``decode_node``).
+
+    When ``decode_node`` is the receiving node itself, it prefills and decodes locally.
+    ``output_offset`` is the number of output tokens the client already has: on a
+    retry after a node failure the prompt holds the original prompt plus those tokens,
+    and the node numbers its tokens from there.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    decode_node: str
+    reply_subject: str
+    output_offset: int = 0
+    num_original_prompt_tokens: int = 0
+
+
+class Ack(Message, tag="ack"):
+    request_id: str
+    ok: bool = True
+    code: ErrorCode | None = None
+    error: str = ""
+
+
+class Cancel(Message, tag="cancel"):
+    request_id: str
+    reason: str = ""
+
+
+# ---------------------------------------------------------------- prefill -> decode
+
+
+class KVAllocRequest(Message, tag="kv_alloc"):
+    """Reserve blocks on the decode node for a request about to be handed off.
+
+    ``sender_info`` is the prefill node's ``libs.kvtransfer.AgentInfo`` in MessagePack.
+    """
+
+    request_id: str
+    transfer_id: str
+    prefill_node: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    reply_subject: str
+    sender_info: bytes
+    output_offset: int = 0
+    num_original_prompt_tokens: int = 0
+
+
+class KVAllocReply(Message, tag="kv_alloc_reply"):
+    request_id: str
+    transfer_id: str
+    ok: bool
+    dst_block_ids: list[int] = []
+    num_cached_tokens: int = 0  # the decode node's prefix-cache hit: these blocks do not move
+    receiver_info: bytes = b""
+    transport: str = ""
+    code: ErrorCode | None = None
+    error: str = ""
+
+
+class TransferReport(msgspec.Struct, kw_only=True):
+    transport: str
+    mode: str
+    calls: int
+    bytes: int
+    segments: int
+    duration_s: float
+
+
+class KVDone(Message, tag="kv_done"):
+    """The prefill node finished (or failed) writing the KV into the reserved blocks."""
+
+    request_id: str
+    transfer_id: str
+    ok: bool
+    first_token_id: int = -1
+    stats: TransferReport | None = None
+    error: str = ""
+
+
+# ---------------------------------------------------------------- nodes -> gateway
+
+
+class TokenChunk(Message, tag="tokens"):
+    """New output tokens of one request, on the gateway's ``stream()`` subject.
+
+    ``index`` is the position of ``token_ids[0]`` among the request's output tokens, so
+    the gateway can order chunks from the prefill and decode nodes and drop duplicates.
+    """
+
+    request_id: str
+    node_id: str
+    index: int
+    token_ids: list[int]
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    code: ErrorCode | None = None
+    error: str = ""
+
+
+# ---------------------------------------------------------------- scheduler -> nodes
+
+
+class SetRole(Message, tag="set_role"):
+    node_id: str
+    role: Role
+    reason: str = ""
+
+
+class NcclRendezvous(Message, tag="nccl"):
+    from_node: str
+    payload: bytes
+
+
+class NcclRendezvousReply(Message, tag="nccl_reply"):
+    payload: bytes
+
+
+# ---------------------------------------------------------------- scheduler -> anyone
+
+
+class EventKind(str, Enum):
+    NODE_UP = "node_up"
+    NODE_DOWN = "node_down"
+    PLACEMENT = "placement"
+    ROLE_FLIP = "role_flip"
+    REJECTED = "rejected"
+
+
+class SchedEvent(Message, tag="event"):
+    kind: EventKind
+    ts: float
+    node_id: str = ""
+    request_id: str = ""
+    detail: str = ""
+    prefill_node: str = ""
+    decode_node: str = ""
+    old_role: Role | None = None
+    new_role: Role | None = None
+
+
+class ClusterQuery(Message, tag="cluster_query"):
+    pass
+
+
+class ClusterState(Message, tag="cluster"):
+    policy: str
+    nodes: list[LoadReport]
+    events: list[SchedEvent]
+
+
+AnyMessage = (
+    LoadReport
+    | NodeBye
+    | PlaceRequest
+    | Placement
+    | Rejected
+    | SubmitRequest
+    | Ack
+    | Cancel
+    | KVAllocRequest
+    | KVAllocReply
+    | KVDone
+    | TokenChunk
+    | SetRole
+    | NcclRendezvous
+    | NcclRendezvousReply
+    | SchedEvent
+    | ClusterQuery
+    | ClusterState
+)
+
+ENCODER = msgspec.msgpack.Encoder()
+DECODER = msgspec.msgpack.Decoder(AnyMessage)
+
+
+def encode(message: Message) -> bytes:
+    return ENCODER.encode(message)
+
+
+def decode(data: bytes) -> AnyMessage:
+    """Decode one message; raises ``msgspec.DecodeError`` (or ValidationError) on garbage."""
+    return DECODER.decode(data)
