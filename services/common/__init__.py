@@ -1,0 +1,1 @@
+"""Plumbing every FlowKV service shares: config, NATS connection, life cycle, logging."""

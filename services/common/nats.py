@@ -1,0 +1,101 @@
+"""The NATS connection every service opens: reconnects forever, authenticates, never logs secrets."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import ssl
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import nats
+from nats.aio.client import Client
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "FLOWKV_NATS"
+
+
+@dataclass
+class NatsConfig:
+    """How to reach the broker. Shared by every service (flags ``--nats-*``, env ``FLOWKV_NATS_*``)."""
+
+    url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server URL(s), comma-separated"})
+    token: str = field(default="", metadata={"help": "NATS auth token", "secret": True})
+    user: str = field(default="", metadata={"help": "NATS user"})
+    password: str = field(default="", metadata={"help": "NATS password", "secret": True})
+    tls_ca: str = field(default="", metadata={"help": "CA file to verify the server's TLS certificate"})
+    tls_cert: str = field(default="", metadata={"help": "client TLS certificate (mutual TLS)"})
+    tls_key: str = field(default="", metadata={"help": "client TLS key (mutual TLS)"})
+
+    def __post_init__(self) -> None:
+        if bool(self.user) != bool(self.password):
+            raise ValueError("set both the NATS user and password, or neither")
+        if self.token and self.user:
+            raise ValueError("use either a NATS token or a user/password, not both")
+
+    def redacted_url(self) -> str:
+        return ",".join(redact(u) for u in self.servers())
+
+    def servers(self) -> list[str]:
+        return [u.strip() for u in self.url.split(",") if u.strip()]
+
+    def __repr__(self) -> str:  # never print secrets
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("token", "password"):
+            if shown[name]:
+                shown[name] = "***"
+        shown["url"] = self.redacted_url()
+        return f"NatsConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+def redact(url: str) -> str:
+    """Drop credentials embedded in a URL (``nats://user:pw@host`` -> ``nats://***@host``)."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    return url
+
+
+async def connect(config: NatsConfig, name: str) -> Client:
+    """Connect (retrying until the server is there) and keep reconnecting forever after."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error (%s): %s", name, exc)
+
+    async def on_disconnected() -> None:
+        log.warning("nats disconnected (%s)", name)
+
+    async def on_reconnected() -> None:
+        log.info("nats reconnected (%s)", name)
+
+    options: dict = dict(
+        servers=config.servers(),
+        name=name,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        connect_timeout=2,
+        ping_interval=5,
+        max_outstanding_pings=2,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+        retry_on_failed_connect=True,
+    )
+    if config.token:
+        options["token"] = config.token
+    if config.user:
+        options["user"] = config.user
+        options["password"] = config.password
+    if config.tls_ca or config.tls_cert:
+        ctx = ssl.create_default_context(cafile=config.tls_ca or None)
+        if config.tls_cert:
+            ctx.load_cert_chain(config.tls_cert, config.tls_key or None)
+        options["tls"] = ctx
+    nc = await nats.connect(**options)
+    log.info("connected to nats %s as %s", config.redacted_url(), name)
+    return nc
