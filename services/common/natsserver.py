@@ -70,16 +70,16 @@ class NatsServer:
         return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> NatsServer:
-        args = [find_binary(), "-a", self.host, "-p", str(self.port), "--max_payload", "8MB"]
-        if self.token or self.user:
-            # Credentials go in a config file, not the command line (visible in ps).
-            fd, self._conf = tempfile.mkstemp(prefix="flowkv-nats-", suffix=".conf")
-            with os.fdopen(fd, "w") as f:
-                if self.token:
-                    f.write(f'authorization {{ token: "{self.token}" }}\n')
-                else:
-                    f.write(f'authorization {{ user: "{self.user}", password: "{self.password}" }}\n')
-            args += ["-c", self._conf]
+        # Settings (and credentials, which must not show in ps) go in a config file.
+        fd, self._conf = tempfile.mkstemp(prefix="flowkv-nats-", suffix=".conf")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"listen: {self.host}:{self.port}\nmax_payload: 8MB\n")
+            if self.token:
+                f.write(f'authorization {{ token: "{self.token}" }}\n')
+            elif self.user:
+                f.write(f'authorization {{ user: "{self.user}", password: "{self.password}" }}\n')
+        os.chmod(self._conf, 0o600)
+        args = [find_binary(), "-c", self._conf]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, stdout=out, stderr=out)
         try:
