@@ -1,0 +1,157 @@
+"""Bidirectional segment alignment: the fewest copies that move a request's KV.
+
+P holds the request's tokens in blocks ``src_ids`` and D has reserved ``dst_ids`` for
+the same tokens (position ``i`` of both lists holds the same 16 tokens). A copy op moves
+``num_blocks`` blocks from ``src_block ..`` to ``dst_block ..``; it can cover every pair
+``(s + i, d + i)``, i.e. a stretch where the ids are contiguous on *both* sides. Sorting
+the pairs by source id and merging neighbours with the same offset ``d - s`` gives the
+shortest list (each maximal chain is one op). With segment allocation on both sides a
+fresh request needs one op.
+
+The plan then expands into *pieces*, the unit every transport issues as one call:
+
+- ``MERGED``: one contiguous span of ``num_blocks * block_bytes`` per op (FlowKV).
+- ``LAYERWISE``: per op, per layer, one strided piece: that layer's K and V of every
+  block of the op (``num_blocks`` rows of ``2 * chunk_bytes`` bytes, ``block_bytes`` apart);
+  one ``cudaMemcpy2DAsync`` / one torch strided copy / one NCCL message (packed).
+  Calls = ``num_layers * num_ops``.
+- ``BLOCKWISE``: the vLLM-disagg baseline on a per-layer layout: one contiguous piece per
+  layer, per K/V, per block. Calls = ``2 * num_layers * num_blocks``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+import torch
+
+from libs.kvtransfer.base import TransferMode
+from libs.kvtransfer.layout import KVLayout
+
+
+class CopyOp(msgspec.Struct, frozen=True, array_like=True):
+    """Copy ``num_blocks`` blocks from ``src_block`` (P) to ``dst_block`` (D)."""
+
+    src_block: int
+    dst_block: int
+    num_blocks: int
+
+
+class Piece(msgspec.Struct, frozen=True, array_like=True):
+    """One transport call: ``height`` rows of ``width`` bytes, ``pitch`` bytes apart.
+
+    Offsets are bytes from the start of each pool; ``height == 1`` is a contiguous span.
+    """
+
+    src_offset: int
+    dst_offset: int
+    width: int
+    height: int = 1
+    pitch: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.width * self.height
+
+
+def align(src_ids: Sequence[int], dst_ids: Sequence[int], skip_blocks: int = 0) -> list[CopyOp]:
+    """The shortest list of copy ops moving ``src_ids[k]`` to ``dst_ids[k]`` for ``k >= skip_blocks``.
+
+    Args:
+        src_ids: P's block ids for the request, in token order.
+        dst_ids: D's block ids for the same tokens.
+        skip_blocks: blocks D already holds (a cached prefix); only the rest move.
+
+    Returns:
+        Ops sorted by source block.
+
+    Raises:
+        ValueError: the lists differ in length, or an id repeats or is negative.
+    """
+    if len(src_ids) != len(dst_ids):
+        raise ValueError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
+    if not 0 <= skip_blocks <= len(src_ids):
+        raise ValueError(f"skip_blocks={skip_blocks} outside 0..{len(src_ids)}")
+    pairs = sorted(zip(src_ids[skip_blocks:], dst_ids[skip_blocks:]))
+    for side, ids in (("source", [s for s, _ in pairs]), ("destination", [d for _, d in pairs])):
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"repeated {side} block id")
+        if ids and min(ids) < 0:
+            raise ValueError(f"negative {side} block id")
+    ops: list[CopyOp] = []
+    for s, d in pairs:
+        if ops:
+            last = ops[-1]
+            if s == last.src_block + last.num_blocks and d == last.dst_block + last.num_blocks:
+                ops[-1] = CopyOp(last.src_block, last.dst_block, last.num_blocks + 1)
+                continue
+        ops.append(CopyOp(s, d, 1))
+    return ops
+
+
+def num_blocks_of(ops: Sequence[CopyOp]) -> int:
+    return sum(op.num_blocks for op in ops)
+
+
+def check_bounds(ops: Sequence[CopyOp], num_src_blocks: int, num_dst_blocks: int) -> None:
+    """Raise ValueError if an op reaches outside either pool."""
+    for op in ops:
+        if op.src_block + op.num_blocks > num_src_blocks:
+            raise ValueError(f"{op} reads past the source pool of {num_src_blocks} blocks")
+        if op.dst_block + op.num_blocks > num_dst_blocks:
+            raise ValueError(f"{op} writes past the destination pool of {num_dst_blocks} blocks")
+
+
+def op_byte_range(op: CopyOp, layout: KVLayout) -> tuple[int, int, int]:
+    """``(src_offset, dst_offset, nbytes)`` of a merged op in the two pools."""
+    bb = layout.block_bytes
+    return op.src_block * bb, op.dst_block * bb, op.num_blocks * bb
+
+
+def expand(ops: Sequence[CopyOp], layout: KVLayout, mode: TransferMode) -> list[Piece]:
+    """The pieces (transport calls) of a plan in the given mode (see the module docstring)."""
+    bb = layout.block_bytes
+    chunk = layout.chunk_bytes
+    if mode == TransferMode.MERGED:
+        return [Piece(s, d, n) for s, d, n in (op_byte_range(op, layout) for op in ops)]
+    if mode == TransferMode.LAYERWISE:
+        layer = 2 * chunk
+        return [
+            Piece(op.src_block * bb + l * layer, op.dst_block * bb + l * layer, layer, op.num_blocks, bb)
+            for l in range(layout.num_layers)
+            for op in ops
+        ]
+    if mode == TransferMode.BLOCKWISE:
+        # One piece per (layer, K/V, block): what a per-layer pool forces.
+        blocks = [(op.src_block + i, op.dst_block + i) for op in ops for i in range(op.num_blocks)]
+        return [
+            Piece(s * bb + lk * chunk, d * bb + lk * chunk, chunk)
+            for lk in range(2 * layout.num_layers)
+            for s, d in blocks
+        ]
+    raise ValueError(f"unknown transfer mode {mode!r}")
+
+
+def num_calls(ops: Sequence[CopyOp], layout: KVLayout, mode: TransferMode) -> int:
+    """``len(expand(ops, layout, mode))`` without building the pieces."""
+    if mode == TransferMode.MERGED:
+        return len(ops)
+    if mode == TransferMode.LAYERWISE:
+        return layout.num_layers * len(ops)
+    return 2 * layout.num_layers * num_blocks_of(ops)
+
+
+def piece_view(byte_view: torch.Tensor, offset: int, width: int, height: int = 1, pitch: int = 0) -> torch.Tensor:
+    """A ``[height, width]`` uint8 view of a flat byte tensor (rows ``pitch`` bytes apart)."""
+    if height == 1:
+        return byte_view[offset : offset + width].view(1, width)
+    return torch.as_strided(byte_view, (height, width), (pitch, 1), byte_view.storage_offset() + offset)
+
+
+def copy_pieces(src_bytes: torch.Tensor, dst_bytes: torch.Tensor, pieces: Sequence[Piece]) -> None:
+    """Issue each piece as one torch copy from ``src_bytes`` to ``dst_bytes`` (flat uint8 views)."""
+    for p in pieces:
+        piece_view(dst_bytes, p.dst_offset, p.width, p.height, p.pitch).copy_(
+            piece_view(src_bytes, p.src_offset, p.width, p.height, p.pitch), non_blocking=True
+        )

@@ -1,0 +1,1 @@
+"""One module per transport backend: shm, tcp, cuda_ipc, nccl."""
