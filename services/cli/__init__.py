@@ -1,0 +1,1 @@
+"""The ``flowkv`` command: ``up``, ``gateway``, ``scheduler``, ``node``, ``status`` (and later ``bench``, ``sim``)."""

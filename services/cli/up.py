@@ -1,0 +1,171 @@
+"""``flowkv up``: a whole FlowKV cluster on this machine, one process per service.
+
+Life of ``flowkv up``:
+
+1. start an embedded nats-server (unless ``--nats-url`` names one), with the token in a
+   0600 config file, never on a command line;
+2. start the scheduler, then the nodes (``--prefill-nodes``/``--decode-nodes``, or
+   ``--colocated`` hybrid nodes), then the gateway; NATS credentials and the API key reach
+   them through the environment only;
+3. wait until the gateway's ``/ready`` answers 200, print the URL and a curl line;
+4. stream every child's log lines with its name as prefix;
+5. on SIGINT/SIGTERM stop the gateway, the nodes, the scheduler and NATS, in that order;
+   if a child dies on its own, stop the rest and exit 1 naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from services.cli.plan import ChildSpec, plan_cluster
+from services.cli.supervisor import LogSink, Supervisor
+from services.common import config
+
+ENV_PREFIX = "FLOWKV_UP"
+
+EXIT_CHILD_DIED = 1
+EXIT_NOT_READY = 2
+
+
+@dataclass
+class UpConfig:
+    """What ``flowkv up`` runs (flags ``--*``, env ``FLOWKV_UP_*``)."""
+
+    model: str = field(default="smollm2", metadata={"help": "model every node serves (smollm2, tiny, a directory or a .gguf)"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda (nodes spread over the GPUs) or cuda:N"})
+    dtype: str = field(default="", metadata={"help": "weights and KV dtype (default: the engine's for the device)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "gateway listen address"})
+    port: int = field(default=8000, metadata={"help": "gateway HTTP port"})
+    api_key: str = field(default="", metadata={"help": "require this Bearer API key (empty: no auth)", "secret": True})
+    policy: str = field(default="", metadata={"help": "scheduler placement policy (default: the scheduler's)"})
+    prefill_nodes: int = field(default=1, metadata={"help": "prefill nodes to run"})
+    decode_nodes: int = field(default=1, metadata={"help": "decode nodes to run"})
+    colocated: int = field(default=0, metadata={"help": "run K hybrid nodes instead of prefill/decode (the colocated baseline)"})
+    nats_url: str = field(default="", metadata={"help": "use this NATS server instead of starting one"})
+    nats_token: str = field(default="", metadata={"help": "NATS auth token (the embedded server requires it)", "secret": True})
+    nats_port: int = field(default=0, metadata={"help": "port of the embedded NATS server (0: a free port)"})
+    ready_timeout_s: float = field(default=300.0, metadata={"help": "give up if /ready is not 200 by then"})
+    stop_timeout_s: float = field(default=20.0, metadata={"help": "per stage, wait this long before SIGKILL"})
+    log_level: str = field(default="info", metadata={"help": "log level of every service"})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.colocated < 0 or self.prefill_nodes < 0 or self.decode_nodes < 0:
+            raise ValueError("node counts must be >= 0")
+        if self.colocated == 0 and (self.prefill_nodes < 1 or self.decode_nodes < 1):
+            raise ValueError("a disaggregated cluster needs at least one prefill and one decode node (or use --colocated K)")
+        if not 0 <= self.nats_port < 65536:
+            raise ValueError(f"nats_port must be in 0..65535, got {self.nats_port}")
+        if self.ready_timeout_s <= 0 or self.stop_timeout_s <= 0:
+            raise ValueError("ready_timeout_s and stop_timeout_s must be positive")
+
+    @property
+    def num_nodes(self) -> int:
+        return self.colocated or self.prefill_nodes + self.decode_nodes
+
+    @property
+    def local_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_arguments(parser, UpConfig, ENV_PREFIX)
+
+
+def build_config(args: argparse.Namespace | None = None, **overrides: object) -> UpConfig:
+    """The :class:`UpConfig` from flags, then ``FLOWKV_UP_*``, then defaults."""
+    try:
+        return config.build(UpConfig, ENV_PREFIX, args, **overrides)
+    except ValueError as exc:
+        raise SystemExit(f"flowkv up: {exc}") from None
+
+
+def wait_ready(url: str, sup: Supervisor, stop: threading.Event, timeout: float) -> bool:
+    """Poll ``url`` until it answers 200; False if a child dies, a signal arrives or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stop.is_set() or sup.first_dead() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        stop.wait(0.5)
+    return False
+
+
+def banner(cfg: UpConfig) -> str:
+    """What to print once the cluster serves: the URL and a curl line to try."""
+    shape = f"{cfg.colocated} colocated node(s)" if cfg.colocated else f"{cfg.prefill_nodes} prefill + {cfg.decode_nodes} decode"
+    auth = " -H \"Authorization: Bearer $FLOWKV_UP_API_KEY\"" if cfg.api_key else ""
+    body = (
+        '{"model": "%s", "messages": [{"role": "user", "content": "What is the capital of France?"}], '
+        '"max_tokens": 32}' % cfg.model
+    )
+    return (
+        f"FlowKV is ready at {cfg.local_url} (model {cfg.model} on {cfg.device}, {shape}). Ctrl-C stops it.\n"
+        f"  curl {cfg.local_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
+    )
+
+
+def start_cluster(sup: Supervisor, specs: list[ChildSpec]) -> None:
+    for spec in specs:
+        if spec.before_start is not None:
+            spec.before_start()
+        sup.start(spec.name, spec.argv, spec.env, spec.stage)
+        if spec.after_start is not None:
+            spec.after_start()
+
+
+def serve(cfg: UpConfig, out=sys.stdout) -> int:
+    """Run the cluster until a signal or a child's death; returns the exit status."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sink = LogSink(out)
+    sup = Supervisor(sink)
+    cluster = plan_cluster(cfg)
+    try:
+        start_cluster(sup, cluster.children)
+        if not wait_ready(cfg.local_url + "/ready", sup, stop, cfg.ready_timeout_s):
+            return _failed(sup, sink, stop, cfg)
+        sink.line("flowkv", banner(cfg))
+        while not stop.wait(0.25):
+            dead = sup.first_dead()
+            if dead is not None:
+                sink.line("flowkv", f"{dead.name} exited with status {dead.returncode()}; stopping the rest")
+                return EXIT_CHILD_DIED
+        sink.line("flowkv", "stopping (gateway, nodes, scheduler, nats)")
+        return 0
+    finally:
+        sup.stop_all(cfg.stop_timeout_s)
+        cluster.cleanup()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _failed(sup: Supervisor, sink: LogSink, stop: threading.Event, cfg: UpConfig) -> int:
+    dead = sup.first_dead()
+    if dead is not None:
+        sink.line("flowkv", f"{dead.name} exited with status {dead.returncode()} before the cluster was ready")
+        return EXIT_CHILD_DIED
+    if stop.is_set():
+        sink.line("flowkv", "stopped before the cluster was ready")
+        return 0
+    sink.line("flowkv", f"{cfg.local_url}/ready did not answer 200 within {cfg.ready_timeout_s:.0f}s")
+    return EXIT_NOT_READY
+
+
+def run(args: argparse.Namespace) -> int:
+    return serve(build_config(args))
