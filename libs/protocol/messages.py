@@ -95,6 +95,7 @@ class LoadReport(Message, tag="load"):
     cached_prefix_hashes: list[int] = []  # a bounded sample of prefix-cache block hashes
     kv_transports: list[str] = []
     host_id: str = ""
+    max_num_seqs: int = 0  # the engine's decode batch cap; 0 = not reported (scheduler assumes a default)
 
 
 class NodeBye(Message, tag="bye"):
@@ -179,6 +180,9 @@ class KVAllocRequest(Message, tag="kv_alloc"):
     sender_info: bytes
     output_offset: int = 0
     num_original_prompt_tokens: int = 0
+    # P's blocks of the prompt, in token order: D needs them to plan the same copy ops as P
+    # (KVAgent.expect) before P sends, so P asks for the reservation once its prefill is done.
+    src_block_ids: list[int] = []
 
 
 class KVAllocReply(Message, tag="kv_alloc_reply"):

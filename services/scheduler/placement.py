@@ -1,0 +1,128 @@
+"""The cost model behind placement: predicted TTFT of a (P, D) pair and decode load of D.
+
+For a request on prefill node P handing off to decode node D:
+
+  TTFT(P, D) = queued prefill tokens of P / rate(P)          (its backlog)
+             + (prompt tokens - P's cached prefix) / rate(P)  (this prompt)
+             + KV blocks x kv_block_bytes / bandwidth(P, D)   (the hand-off; 0 when P == D)
+
+``rate`` is the node's measured prefill tokens/s (a default before its first prefill),
+so nodes of different device kinds are weighed by what they actually do. D is scored by
+its decode load (sequences x step time) and must have room for the request's KV.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from libs.protocol.messages import PlaceRequest
+from services.scheduler.registry import NodeEntry
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Defaults used until a node reports measured figures.
+
+    Bandwidths are per transport class: same-host GPU (CUDA IPC over NVLink; 367 GiB/s
+    was measured here, 300 GB/s is the planning figure), same-host CPU shared memory,
+    cross-host NCCL, and TCP.
+    """
+
+    default_prefill_tokens_per_s: float = 8000.0
+    default_decode_step_s: float = 0.02
+    bw_same_host_gpu: float = 300 * GB
+    bw_shm: float = 5 * GB
+    bw_nccl: float = 12.5 * GB
+    bw_tcp: float = 1 * GB
+    transfer_latency_s: float = 0.001
+
+    def prefill_rate(self, node: NodeEntry) -> float:
+        rate = node.report.prefill_tokens_per_s
+        return rate if rate > 0 else self.default_prefill_tokens_per_s
+
+    def decode_step_s(self, node: NodeEntry) -> float:
+        step = node.report.decode_step_s
+        return step if step > 0 else self.default_decode_step_s
+
+    def bandwidth(self, p: NodeEntry, d: NodeEntry) -> float:
+        """Bytes/s of a KV hand-off from ``p`` to ``d`` (``inf`` when they are one node)."""
+        if p.node_id == d.node_id:
+            return math.inf
+        pr, dr = p.report, d.report
+        both_gpu = pr.device.startswith("cuda") and dr.device.startswith("cuda")
+        if pr.host_id and pr.host_id == dr.host_id:
+            return self.bw_same_host_gpu if both_gpu else self.bw_shm
+        if both_gpu and "nccl" in pr.kv_transports and "nccl" in dr.kv_transports:
+            return self.bw_nccl
+        return self.bw_tcp
+
+    def transfer_s(self, p: NodeEntry, d: NodeEntry, blocks: int) -> float:
+        if p.node_id == d.node_id or blocks <= 0:
+            return 0.0
+        return self.transfer_latency_s + blocks * p.report.kv_block_bytes / self.bandwidth(p, d)
+
+
+def cached_prefix_blocks(prefix_hashes: list[int], cached: frozenset[int]) -> int:
+    """Leading blocks of the prompt found in a node's prefix cache.
+
+    The hashes are chained (each covers the whole prefix up to its block), so the hit is
+    the run of matches from the start; a match after a miss is a different prefix.
+    """
+    n = 0
+    for h in prefix_hashes:
+        if h not in cached:
+            break
+        n += 1
+    return n
+
+
+def prompt_blocks(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // max(block_size, 1))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What the cost model predicts for one (P, D) pair."""
+
+    ttft_s: float
+    uncached_tokens: int
+    transfer_blocks: int
+
+
+def estimate(model: CostModel, req: PlaceRequest, p: NodeEntry, d: NodeEntry) -> Estimate:
+    """Predicted TTFT (including the hand-off) of ``req`` on prefill ``p``, decode ``d``."""
+    rate = model.prefill_rate(p)
+    bs = p.report.block_size or 16
+    hit = min(cached_prefix_blocks(req.prefix_hashes, p.cached_hashes) * bs, max(req.num_prompt_tokens - 1, 0))
+    uncached = req.num_prompt_tokens - hit
+    backlog = p.queued_prefill_tokens() / rate
+    if p.node_id == d.node_id:
+        # A colocated node interleaves decode steps with the prefill.
+        backlog += model.decode_step_s(p) if p.num_decode_seqs() else 0.0
+    blocks = prompt_blocks(req.num_prompt_tokens, bs)
+    ttft = backlog + uncached / rate + model.transfer_s(p, d, blocks)
+    return Estimate(ttft_s=ttft, uncached_tokens=uncached, transfer_blocks=blocks)
+
+
+def decode_blocks_needed(req: PlaceRequest, d: NodeEntry) -> int:
+    """Blocks the request's KV takes on ``d`` at its longest (prompt plus every output token)."""
+    return prompt_blocks(req.num_prompt_tokens + req.max_tokens, d.report.block_size or 16)
+
+
+def decode_has_room(req: PlaceRequest, d: NodeEntry) -> bool:
+    return d.free_blocks() >= decode_blocks_needed(req, d)
+
+
+def decode_load(model: CostModel, d: NodeEntry) -> float:
+    """Sequences on ``d`` (with the one being placed) times its step time: its decode load."""
+    return (d.num_decode_seqs() + 1) * model.decode_step_s(d)
+
+
+def decode_utilisation(d: NodeEntry) -> float:
+    """How full ``d``'s decode side is, 0..1+: batch slots or KV blocks, whichever is tighter."""
+    total = d.report.total_blocks
+    blocks_used = 1.0 - d.free_blocks() / total if total > 0 else 0.0
+    return max(d.num_decode_seqs() / d.max_num_seqs, blocks_used)

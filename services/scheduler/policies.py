@@ -1,0 +1,225 @@
+"""Placement policies, pluggable by name: ``round_robin``, ``least_loaded``, ``fixed:P:D``, ``flowkv``.
+
+Every policy places one request at a time:
+  1. candidates: live READY nodes serving the request's model, minus ``exclude_nodes``;
+  2. the policy picks a prefill node (role prefill or hybrid) and a decode node (decode
+     or hybrid, with room for the request's KV); a hybrid node may be both;
+  3. admission: if even the best prefill node predicts a TTFT over ``max_ttft_s`` the
+     request is Rejected(OVERLOADED) with a retry-after; no nodes at all -> NO_NODES;
+  4. the placement is recorded as in-flight work on both nodes until their reports show it.
+
+``flowkv`` and ``fixed:P:D`` share the cost-model placement (:mod:`placement`); they differ
+in roles: ``fixed`` pins the first P/(P+D) of the nodes by id to prefill and the rest to
+decode, ``flowkv`` has a :class:`~services.scheduler.roles.RoleController` move them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from libs.protocol.messages import ErrorCode, PlaceRequest, Placement, Rejected, Role
+from services.scheduler.placement import (
+    CostModel,
+    decode_blocks_needed,
+    decode_has_room,
+    decode_load,
+    estimate,
+)
+from services.scheduler.registry import Inflight, NodeEntry, NodeRegistry
+from services.scheduler.roles import RoleConfig, RoleController
+
+POLICY_NAMES = ("round_robin", "least_loaded", "fixed:P:D", "flowkv")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Knobs every policy shares.
+
+    Args:
+        max_ttft_s: admission limit on the best predicted TTFT.
+        inflight_grace_s: how long after a placement a node's report is assumed to include it.
+        max_retry_after_s: cap on the Retry-After handed back with OVERLOADED.
+        decode_candidates: how many of the least-loaded decode nodes ``flowkv`` pairs with each P.
+    """
+
+    max_ttft_s: float = 30.0
+    inflight_grace_s: float = 0.5
+    max_retry_after_s: float = 30.0
+    decode_candidates: int = 3
+    cost: CostModel = field(default_factory=CostModel)
+
+
+class Policy:
+    """Base: candidate filtering, admission, in-flight bookkeeping. Subclasses implement ``choose``."""
+
+    name = "base"
+
+    def __init__(self, registry: NodeRegistry, config: PlacementConfig | None = None) -> None:
+        self.registry = registry
+        self.config = config or PlacementConfig()
+        self.roles: RoleController | None = None
+
+    def target_roles(self, nodes: list[NodeEntry]) -> dict[str, Role] | None:
+        """Roles this policy wants the nodes to have, or None when it does not pin them."""
+        return None
+
+    def choose(self, req: PlaceRequest, ps: list[NodeEntry], ds: list[NodeEntry]) -> tuple[NodeEntry, NodeEntry]:
+        raise NotImplementedError
+
+    def place(self, req: PlaceRequest) -> Placement | Rejected:
+        """Place ``req`` on a (prefill, decode) pair, or reject it.
+
+        Returns:
+            Placement, or Rejected(NO_NODES) when no live node serves the model (after
+            ``exclude_nodes``), Rejected(OVERLOADED, retry_after_s) when none can take it now.
+        """
+        live = [n for n in self.registry.nodes() if not req.model or n.report.model == req.model]
+        live = [n for n in live if n.node_id not in req.exclude_nodes]
+        if not live:
+            return Rejected(request_id=req.request_id, code=ErrorCode.NO_NODES,
+                            reason=f"no live node serves model {req.model!r}" if req.model else "no live nodes")
+        ready = [n for n in live if n.ready]
+        ps = [n for n in ready if n.can_prefill]
+        ds = [n for n in ready if n.can_decode and decode_has_room(req, n)]
+        if not ps or not ds:
+            what = "prefill node" if not ps else "decode node with room for the KV"
+            return Rejected(request_id=req.request_id, code=ErrorCode.OVERLOADED, reason=f"no ready {what}",
+                            retry_after_s=1.0)
+        cost = self.config.cost
+        best = min(estimate(cost, req, p, p).ttft_s for p in ps)
+        if best > self.config.max_ttft_s:
+            retry = min(max(math.ceil(best - self.config.max_ttft_s), 1.0), self.config.max_retry_after_s)
+            return Rejected(request_id=req.request_id, code=ErrorCode.OVERLOADED, retry_after_s=float(retry),
+                            reason=f"predicted TTFT {best:.2f}s exceeds {self.config.max_ttft_s:g}s")
+        p, d = self.choose(req, ps, ds)
+        est = estimate(cost, req, p, d)
+        self._record(req, p, d, est.uncached_tokens, est.ttft_s)
+        return Placement(request_id=req.request_id, prefill_node=p.node_id, decode_node=d.node_id,
+                         predicted_ttft_s=est.ttft_s)
+
+    def _record(self, req: PlaceRequest, p: NodeEntry, d: NodeEntry, uncached: int, ttft_s: float) -> None:
+        now = self.registry.clock.now()
+        grace = self.config.inflight_grace_s
+        self.registry.add_inflight(p.node_id, Inflight(req.request_id, now + grace, prefill_tokens=uncached))
+        # The hand-off reaches D only after the prefill: keep it until then.
+        self.registry.add_inflight(
+            d.node_id,
+            Inflight(req.request_id, now + ttft_s + grace, decode_seqs=1, blocks=decode_blocks_needed(req, d)),
+        )
+
+
+class RoundRobin(Policy):
+    """Next prefill node and next decode node in id order, each on its own counter."""
+
+    name = "round_robin"
+
+    def __init__(self, registry: NodeRegistry, config: PlacementConfig | None = None) -> None:
+        super().__init__(registry, config)
+        self._next_p = 0
+        self._next_d = 0
+
+    def choose(self, req: PlaceRequest, ps: list[NodeEntry], ds: list[NodeEntry]) -> tuple[NodeEntry, NodeEntry]:
+        p = ps[self._next_p % len(ps)]
+        d = ds[self._next_d % len(ds)]
+        self._next_p += 1
+        self._next_d += 1
+        return p, d
+
+
+class LeastLoaded(Policy):
+    """Fewest queued prefill tokens for P, fewest decoding sequences for D (ties: lowest id)."""
+
+    name = "least_loaded"
+
+    def choose(self, req: PlaceRequest, ps: list[NodeEntry], ds: list[NodeEntry]) -> tuple[NodeEntry, NodeEntry]:
+        p = min(ps, key=lambda n: n.queued_prefill_tokens())
+        d = min(ds, key=lambda n: n.num_decode_seqs())
+        return p, d
+
+
+class FlowKV(Policy):
+    """Cost-model placement: minimise predicted TTFT (backlog, prefix-cache hit, hand-off)
+    plus the decode load of D; the role controller moves nodes between roles."""
+
+    name = "flowkv"
+
+    def choose(self, req: PlaceRequest, ps: list[NodeEntry], ds: list[NodeEntry]) -> tuple[NodeEntry, NodeEntry]:
+        cost = self.config.cost
+        d_loads = {d.node_id: decode_load(cost, d) for d in ds}
+        top = sorted(ds, key=lambda d: (d_loads[d.node_id], d.node_id))[: self.config.decode_candidates]
+        best: tuple[float, str, str] | None = None
+        pair: tuple[NodeEntry, NodeEntry] = (ps[0], top[0])
+        for p in ps:
+            cands = top if not (p.node_id in d_loads and p not in top) else [*top, p]
+            for d in cands:
+                score = estimate(cost, req, p, d).ttft_s + d_loads[d.node_id]
+                key = (score, p.node_id, d.node_id)
+                if best is None or key < best:
+                    best, pair = key, (p, d)
+        return pair
+
+
+class FixedSplit(FlowKV):
+    """``fixed:P:D``: the first P/(P+D) of the nodes by id are prefill, the rest decode.
+
+    With exactly P+D nodes that is the first P nodes; with more or fewer, the ratio is kept
+    (rounded, at least one of each when there are two nodes or more).
+    """
+
+    def __init__(self, p: int, d: int, registry: NodeRegistry, config: PlacementConfig | None = None) -> None:
+        if p < 1 or d < 1:
+            raise ValueError("fixed:P:D needs P >= 1 and D >= 1")
+        super().__init__(registry, config)
+        self.p, self.d = p, d
+        self.name = f"fixed:{p}:{d}"
+
+    def num_prefill(self, n: int) -> int:
+        if n <= 1:
+            return n
+        return min(max(round(n * self.p / (self.p + self.d)), 1), n - 1)
+
+    def target_roles(self, nodes: list[NodeEntry]) -> dict[str, Role]:
+        ids = sorted(n.node_id for n in nodes)
+        k = self.num_prefill(len(ids))
+        return {nid: (Role.PREFILL if i < k else Role.DECODE) for i, nid in enumerate(ids)}
+
+
+def make_policy(
+    spec: str,
+    registry: NodeRegistry,
+    config: PlacementConfig | None = None,
+    role_config: RoleConfig | None = None,
+) -> Policy:
+    """Build a policy from its name.
+
+    Args:
+        spec: ``round_robin``, ``least_loaded``, ``flowkv`` or ``fixed:P:D`` (e.g. ``fixed:1:1``).
+        registry: the node registry the policy reads (and records in-flight work in).
+        config: placement knobs shared by all policies.
+        role_config: role-controller knobs (``flowkv``, and ``fixed`` which pins roles).
+
+    Returns:
+        The policy; ``policy.roles`` is its RoleController (None for round_robin/least_loaded).
+    """
+    config = config or PlacementConfig()
+    if spec == "round_robin":
+        return RoundRobin(registry, config)
+    if spec == "least_loaded":
+        return LeastLoaded(registry, config)
+    if spec == "flowkv":
+        policy: Policy = FlowKV(registry, config)
+        policy.roles = RoleController(registry, role_config or RoleConfig(), config.cost)
+        return policy
+    if spec.startswith("fixed:"):
+        parts = spec.split(":")
+        try:
+            p, d = int(parts[1]), int(parts[2])
+        except (IndexError, ValueError):
+            raise ValueError(f"bad fixed split {spec!r}: use fixed:P:D, e.g. fixed:1:1") from None
+        if len(parts) != 3:
+            raise ValueError(f"bad fixed split {spec!r}: use fixed:P:D, e.g. fixed:1:1")
+        fixed = FixedSplit(p, d, registry, config)
+        fixed.roles = RoleController(registry, role_config or RoleConfig(), config.cost, target=fixed.target_roles)
+        return fixed
+    raise ValueError(f"unknown policy {spec!r}; one of {', '.join(POLICY_NAMES)}")

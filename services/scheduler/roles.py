@@ -1,0 +1,202 @@
+"""The role controller: moves nodes between prefill, decode and hybrid as the load shifts.
+
+A flip's life:
+  1. ``step()`` sees prefill backlog pile up while decode idles (or the reverse, or both
+     saturated) and returns a RoleChange for one node (a ROLE_FLIP "requested" event);
+  2. the service sends SetRole to the node, which drains its old-role work and switches;
+  3. a later ``step()`` sees the node's LoadReport in the new role, READY: the flip is done
+     (ROLE_FLIP "done"); a failed request (``failed()``), a vanished node or
+     ``flip_timeout_s`` ends it too.
+At most one flip is in flight; a node keeps a role at least ``min_dwell_s``; the gap
+between the high and low thresholds is the hysteresis; no flip leaves the cluster without
+prefill or without decode capacity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from libs.protocol.messages import EventKind, Role, SchedEvent
+from services.scheduler.placement import CostModel, decode_utilisation
+from services.scheduler.registry import NodeEntry, NodeRegistry
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """Thresholds of the role controller.
+
+    Args:
+        min_dwell_s: a node keeps a role at least this long before it may flip again.
+        flip_timeout_s: give up on a flip whose node never reports the new role.
+        prefill_high_s / prefill_low_s: cluster prefill backlog (seconds of queued prompt
+            work at the measured rates) above which prefill is short / below which it has room.
+        decode_high / decode_low: mean decode utilisation (batch slots or KV blocks) above
+            which decode is short / below which it has room.
+        allow_hybrid: turn nodes hybrid when both sides are short, back when load falls.
+    """
+
+    min_dwell_s: float = 10.0
+    flip_timeout_s: float = 120.0
+    prefill_high_s: float = 2.0
+    prefill_low_s: float = 0.5
+    decode_high: float = 0.85
+    decode_low: float = 0.6
+    allow_hybrid: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.prefill_low_s < self.prefill_high_s and self.decode_low < self.decode_high):
+            raise ValueError("each low threshold must be below its high threshold (hysteresis)")
+
+
+@dataclass
+class RoleChange:
+    node_id: str
+    old_role: Role
+    new_role: Role
+    reason: str
+    requested_at: float
+
+
+@dataclass(frozen=True)
+class Pressure:
+    """The cluster's load as the controller sees it."""
+
+    prefill_backlog_s: float  # queued prompt tokens / total prefill rate of prefill-capable nodes
+    decode_util: float  # mean decode utilisation of decode-capable nodes (+ hand-offs held on P)
+    num_prefill: int  # READY nodes able to prefill (prefill + hybrid)
+    num_decode: int  # READY nodes able to decode (decode + hybrid)
+
+
+def pressure(nodes: list[NodeEntry], cost: CostModel) -> Pressure:
+    ps = [n for n in nodes if n.ready and n.can_prefill]
+    ds = [n for n in nodes if n.ready and n.can_decode]
+    rate = sum(cost.prefill_rate(n) for n in ps)
+    backlog = sum(n.queued_prefill_tokens() for n in ps) / rate if rate > 0 else 0.0
+    util = sum(decode_utilisation(n) for n in ds) / len(ds) if ds else 0.0
+    slots = sum(n.max_num_seqs for n in ds)
+    # Prefilled requests held on P nodes are waiting for decode room: decode is short.
+    held = sum(n.report.num_held for n in nodes if n.can_prefill)
+    if slots:
+        util += held / slots
+    return Pressure(backlog, util, len(ps), len(ds))
+
+
+class RoleController:
+    """Decides role flips, one at a time.
+
+    Args:
+        registry: the live nodes.
+        config: thresholds.
+        cost: the cost model (prefill rates).
+        target: for a policy that pins roles (``fixed:P:D``), node id -> wanted role;
+            the controller then only brings nodes to their target.
+    """
+
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        config: RoleConfig,
+        cost: CostModel,
+        target: Callable[[list[NodeEntry]], dict[str, Role] | None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.config = config
+        self.cost = cost
+        self.target = target
+        self.in_flight: RoleChange | None = None
+        self.num_flips = 0
+
+    def step(self) -> tuple[RoleChange | None, list[SchedEvent]]:
+        """Advance the flip in flight; if none, maybe start one.
+
+        Returns:
+            (the new RoleChange to send as SetRole, or None; events to publish).
+        """
+        events = self._observe()
+        if self.in_flight is not None:
+            return None, events
+        nodes = self.registry.nodes()
+        change = self._decide_target(nodes) if self.target is not None else self._decide(nodes)
+        if change is not None:
+            self.in_flight = change
+            events.append(self._event(change, f"requested: {change.reason}"))
+        return change, events
+
+    def failed(self, node_id: str, reason: str) -> list[SchedEvent]:
+        """The SetRole request for ``node_id`` failed: forget the flip."""
+        if self.in_flight is None or self.in_flight.node_id != node_id:
+            return []
+        change, self.in_flight = self.in_flight, None
+        return [self._event(change, f"failed: {reason}")]
+
+    def _observe(self) -> list[SchedEvent]:
+        change = self.in_flight
+        if change is None:
+            return []
+        now = self.registry.clock.now()
+        entry = self.registry.get(change.node_id)
+        if entry is None:
+            self.in_flight = None
+            return [self._event(change, "failed: node left")]
+        if entry.role == change.new_role and entry.ready:
+            self.in_flight = None
+            self.num_flips += 1
+            return [self._event(change, "done")]
+        if now - change.requested_at > self.config.flip_timeout_s:
+            self.in_flight = None
+            return [self._event(change, f"failed: no report in the new role after {self.config.flip_timeout_s:g}s")]
+        return []
+
+    def _event(self, change: RoleChange, detail: str) -> SchedEvent:
+        return SchedEvent(kind=EventKind.ROLE_FLIP, ts=self.registry.clock.now(), node_id=change.node_id,
+                          detail=detail, old_role=change.old_role, new_role=change.new_role)
+
+    def _change(self, node: NodeEntry, role: Role, reason: str) -> RoleChange:
+        return RoleChange(node.node_id, node.role, role, reason, self.registry.clock.now())
+
+    def _decide_target(self, nodes: list[NodeEntry]) -> RoleChange | None:
+        wanted = self.target(nodes) if self.target else None
+        for node in nodes:
+            if wanted and node.ready and wanted.get(node.node_id, node.role) != node.role:
+                return self._change(node, wanted[node.node_id], "pinned by policy")
+        return None
+
+    def _decide(self, nodes: list[NodeEntry]) -> RoleChange | None:
+        c = self.config
+        now = self.registry.clock.now()
+        free = [n for n in nodes if n.ready and now - n.role_since >= c.min_dwell_s]
+        pr = pressure(nodes, self.cost)
+        p_short, p_room = pr.prefill_backlog_s > c.prefill_high_s, pr.prefill_backlog_s < c.prefill_low_s
+        d_short, d_room = pr.decode_util > c.decode_high, pr.decode_util < c.decode_low
+        hybrids = [n for n in free if n.role == Role.HYBRID]
+        prefills = [n for n in free if n.role == Role.PREFILL]
+        decodes = [n for n in free if n.role == Role.DECODE]
+        why = f"prefill backlog {pr.prefill_backlog_s:.2f}s, decode util {pr.decode_util:.2f}"
+        if p_short and d_short:
+            if c.allow_hybrid and (prefills or decodes):
+                # Both sides saturated: let a node do both rather than idle between phases.
+                group = prefills if len(prefills) > len(decodes) else decodes or prefills
+                return self._change(self._least_busy(group), Role.HYBRID, f"overload ({why})")
+            return None
+        if hybrids and (p_room or d_room):
+            # Load fell on one side (below the low threshold: the gap keeps it from
+            # flapping): give hybrids back a single role, the one the cluster lacks more.
+            to = Role.DECODE if pr.decode_util / c.decode_high > pr.prefill_backlog_s / c.prefill_high_s else Role.PREFILL
+            return self._change(self._least_busy(hybrids), to, f"load fell ({why})")
+        if p_short and d_room and pr.num_decode >= 2:
+            cands = hybrids or decodes
+            projected = pr.decode_util * pr.num_decode / (pr.num_decode - 1)
+            if cands and projected < c.decode_high:
+                return self._change(self._least_busy(cands), Role.PREFILL, f"prefill short ({why})")
+        if d_short and p_room and pr.num_prefill >= 2:
+            cands = hybrids or prefills
+            projected = pr.prefill_backlog_s * pr.num_prefill / (pr.num_prefill - 1)
+            if cands and projected < c.prefill_high_s:
+                return self._change(self._least_busy(cands), Role.DECODE, f"decode short ({why})")
+        return None
+
+    def _least_busy(self, group: list[NodeEntry]) -> NodeEntry:
+        """The node whose current work drains fastest (queued prompt tokens, then sequences)."""
+        return min(group, key=lambda n: (n.queued_prefill_tokens() + n.report.num_held, n.num_decode_seqs(),
+                                         n.node_id))

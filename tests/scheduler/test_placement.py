@@ -1,0 +1,111 @@
+"""Placement decisions on hand-made load states: exact node choices."""
+
+from __future__ import annotations
+
+import pytest
+
+from libs.protocol.messages import ErrorCode, PlaceRequest, Placement, Rejected, Role
+from services.scheduler.clock import ManualClock
+from services.scheduler.policies import PlacementConfig, make_policy
+from services.scheduler.registry import NodeRegistry
+from tests.scheduler.helpers import report
+
+
+def _cluster(*reports, policy: str = "flowkv", max_ttft_s: float = 30.0):
+    reg = NodeRegistry(ManualClock(0.0))
+    for r in reports:
+        reg.update(r)
+    return make_policy(policy, reg, PlacementConfig(max_ttft_s=max_ttft_s))
+
+
+def _req(rid: str = "r1", tokens: int = 1600, max_tokens: int = 160, **kw) -> PlaceRequest:
+    return PlaceRequest(request_id=rid, model="m", num_prompt_tokens=tokens, max_tokens=max_tokens, **kw)
+
+
+def test_queue_heavy_prefill_avoided_and_least_loaded_decode() -> None:
+    pol = _cluster(report("p1", waiting_tokens=50_000), report("p2"),
+                   report("d1", Role.DECODE, running=10), report("d2", Role.DECODE, running=2))
+    out = pol.place(_req())
+    assert isinstance(out, Placement)
+    assert (out.prefill_node, out.decode_node) == ("p2", "d2")
+    # 1600 tokens at 10k tok/s + 1 ms latency + 100 blocks x 1 MB over 300 GB/s.
+    assert out.predicted_ttft_s == pytest.approx(0.16 + 0.001 + 1e8 / 300e9)
+
+
+def test_prefix_cache_hit_preferred() -> None:
+    pol = _cluster(report("p1", cached=[11, 12, 13]), report("p2", cached=[12, 13]), report("d1", Role.DECODE))
+    out = pol.place(_req(prefix_hashes=[11, 12, 13, 14]))
+    assert out.prefill_node == "p1"
+    assert out.predicted_ttft_s == pytest.approx((1600 - 48) / 10000 + 0.001 + 1e8 / 300e9)
+
+
+def test_decode_without_room_skipped() -> None:
+    # 1600 + 160 tokens need 110 blocks; d2 is idle but has 109.
+    pol = _cluster(report("p1"), report("d1", Role.DECODE, running=30), report("d2", Role.DECODE, free_blocks=109))
+    assert pol.place(_req()).decode_node == "d1"
+
+
+def test_admission_rejects_with_retry_after() -> None:
+    pol = _cluster(report("p1", waiting_tokens=400_000), report("d1", Role.DECODE), max_ttft_s=30.0)
+    out = pol.place(_req())
+    assert isinstance(out, Rejected)
+    assert out.code == ErrorCode.OVERLOADED
+    assert out.retry_after_s == 11.0  # predicted 40.16 s, 10.16 s over the limit, rounded up
+
+
+def test_no_nodes_and_exclusions() -> None:
+    empty = _cluster()
+    assert empty.place(_req()).code == ErrorCode.NO_NODES
+    pol = _cluster(report("p1", waiting_tokens=20_000), report("p2"), report("d1", Role.DECODE))
+    assert pol.place(_req("a", exclude_nodes=["p2"])).prefill_node == "p1"
+    assert pol.place(_req("b", exclude_nodes=["p1", "p2", "d1"])).code == ErrorCode.NO_NODES
+    other_model = PlaceRequest(request_id="c", model="other", num_prompt_tokens=10, max_tokens=1)
+    assert pol.place(other_model).code == ErrorCode.NO_NODES
+
+
+def test_only_draining_or_full_nodes_is_overloaded() -> None:
+    from libs.protocol.messages import NodeState
+
+    pol = _cluster(report("p1", state=NodeState.DRAINING), report("d1", Role.DECODE))
+    out = pol.place(_req())
+    assert (out.code, out.retry_after_s) == (ErrorCode.OVERLOADED, 1.0)
+
+
+def test_burst_between_reports_is_spread() -> None:
+    pol = _cluster(report("p1"), report("p2"), report("d1", Role.DECODE), report("d2", Role.DECODE))
+    chosen = [pol.place(_req(f"r{i}")) for i in range(4)]
+    assert [(c.prefill_node, c.decode_node) for c in chosen] == [("p1", "d1"), ("p2", "d2"), ("p1", "d1"),
+                                                                 ("p2", "d2")]
+
+
+def test_hybrid_node_colocates() -> None:
+    pol = _cluster(report("h1", Role.HYBRID))
+    out = pol.place(_req())
+    assert (out.prefill_node, out.decode_node) == ("h1", "h1")
+    assert out.predicted_ttft_s == pytest.approx(0.16)  # no hand-off
+
+
+def test_faster_device_wins_by_measured_rate() -> None:
+    # p1 is slow (2k tok/s) with an empty queue; p2 is fast (40k tok/s) with 4000 queued.
+    pol = _cluster(report("p1", rate=2000.0), report("p2", rate=40000.0, waiting_tokens=4000),
+                   report("d1", Role.DECODE))
+    assert pol.place(_req()).prefill_node == "p2"
+
+
+def test_round_robin_and_least_loaded() -> None:
+    rr = _cluster(report("p1"), report("p2"), report("d1", Role.DECODE), report("d2", Role.DECODE),
+                  policy="round_robin")
+    assert [(o.prefill_node, o.decode_node) for o in (rr.place(_req("a")), rr.place(_req("b")))] == [
+        ("p1", "d1"), ("p2", "d2")]
+    ll = _cluster(report("p1", waiting_tokens=5), report("p2"), report("d1", Role.DECODE, running=1),
+                  report("d2", Role.DECODE, running=3), policy="least_loaded")
+    out = ll.place(_req())
+    assert (out.prefill_node, out.decode_node) == ("p2", "d1")
+
+
+def test_policy_names() -> None:
+    reg = NodeRegistry(ManualClock())
+    assert make_policy("fixed:1:3", reg).name == "fixed:1:3"
+    for bad in ("fixed:0:1", "fixed:1", "fixed:a:b", "nope"):
+        with pytest.raises(ValueError):
+            make_policy(bad, reg)

@@ -1,0 +1,117 @@
+"""RoleController: flips under imbalance, dwell, hysteresis, capacity floors, hybrid under overload."""
+
+from __future__ import annotations
+
+from libs.protocol.messages import EventKind, Role
+from services.scheduler.clock import ManualClock
+from services.scheduler.placement import CostModel
+from services.scheduler.policies import make_policy
+from services.scheduler.registry import NodeRegistry
+from services.scheduler.roles import RoleConfig, RoleController
+from tests.scheduler.helpers import report
+
+
+def _setup(*reports, at: float = 20.0):
+    clock = ManualClock(0.0)
+    reg = NodeRegistry(clock, node_timeout_s=1000.0)
+    for r in reports:
+        reg.update(r)
+    clock.set(at)
+    return clock, reg, RoleController(reg, RoleConfig(min_dwell_s=10.0), CostModel())
+
+
+def test_prefill_backlog_flips_idle_decode_node_then_waits_for_its_report() -> None:
+    # 60k queued tokens at 2 x 10k tok/s = 3 s backlog; decode 3/128 slots used.
+    clock, reg, ctl = _setup(report("p1", waiting_tokens=30_000), report("p2", waiting_tokens=30_000),
+                             report("d1", Role.DECODE, running=2), report("d2", Role.DECODE, running=1))
+    change, events = ctl.step()
+    assert (change.node_id, change.old_role, change.new_role) == ("d2", Role.DECODE, Role.PREFILL)
+    assert [(e.kind, e.node_id, e.detail.split(":")[0]) for e in events] == [(EventKind.ROLE_FLIP, "d2", "requested")]
+    assert ctl.step() == (None, [])  # one flip in flight at a time
+    clock.advance(1.0)
+    reg.update(report("d2", Role.PREFILL))
+    change, events = ctl.step()
+    assert [(e.node_id, e.detail, e.new_role) for e in events] == [("d2", "done", Role.PREFILL)]
+    assert ctl.num_flips == 1
+    # d1 is the last decode node: never flipped even though prefill is still short.
+    assert change is None
+
+
+def test_dwell_time_blocks_a_flip() -> None:
+    clock, reg, ctl = _setup(report("p1", waiting_tokens=60_000), report("d1", Role.DECODE),
+                             report("d2", Role.DECODE), at=5.0)
+    assert ctl.step() == (None, [])
+    clock.set(10.0)
+    change, _ = ctl.step()
+    assert (change.node_id, change.new_role) == ("d1", Role.PREFILL)
+
+
+def test_decode_saturation_flips_a_prefill_node() -> None:
+    _, _, ctl = _setup(report("p1", waiting_tokens=100), report("p2"),
+                       report("d1", Role.DECODE, running=60), report("d2", Role.DECODE, running=62))
+    change, _ = ctl.step()
+    assert (change.node_id, change.new_role) == ("p2", Role.DECODE)
+
+
+def test_hysteresis_gap_and_floors() -> None:
+    # Decode saturated but the prefill backlog (1 s) sits between its thresholds: no flip.
+    _, _, ctl = _setup(report("p1", waiting_tokens=10_000), report("p2", waiting_tokens=10_000),
+                       report("d1", Role.DECODE, running=60))
+    assert ctl.step() == (None, [])
+    # Prefill short, decode at 0.7 (between 0.6 and 0.85): no flip either.
+    _, _, ctl = _setup(report("p1", waiting_tokens=60_000), report("d1", Role.DECODE, running=45),
+                       report("d2", Role.DECODE, running=45))
+    assert ctl.step() == (None, [])
+    # One node of each role: nothing may leave its side empty.
+    _, _, ctl = _setup(report("p1", waiting_tokens=90_000), report("d1", Role.DECODE))
+    assert ctl.step() == (None, [])
+    _, _, ctl = _setup(report("p1"), report("d1", Role.DECODE, running=64))
+    assert ctl.step() == (None, [])
+
+
+def test_overload_goes_hybrid_and_back() -> None:
+    clock, reg, ctl = _setup(report("p1", waiting_tokens=40_000), report("p2", waiting_tokens=40_000),
+                             report("d1", Role.DECODE, running=60), report("d2", Role.DECODE, running=63))
+    change, _ = ctl.step()
+    assert (change.node_id, change.new_role) == ("d1", Role.HYBRID)
+    clock.advance(1.0)
+    reg.update(report("d1", Role.HYBRID, running=60))
+    change, _ = ctl.step()  # d1 done; still overloaded: the next node goes hybrid too
+    assert (change.node_id, change.new_role) == ("p1", Role.HYBRID)
+    ctl.failed("p1", "refused")
+    clock.advance(12.0)
+    # Load falls: prefill idle, decode moderate -> the hybrid returns to a single role.
+    for nid in ("p1", "p2"):
+        reg.update(report(nid))
+    reg.update(report("d1", Role.HYBRID, running=40))
+    reg.update(report("d2", Role.DECODE, running=40))
+    change, _ = ctl.step()
+    assert (change.node_id, change.old_role, change.new_role) == ("d1", Role.HYBRID, Role.DECODE)
+
+
+def test_failed_and_timed_out_flips_are_forgotten() -> None:
+    clock, reg, ctl = _setup(report("p1", waiting_tokens=60_000), report("d1", Role.DECODE),
+                             report("d2", Role.DECODE))
+    change, _ = ctl.step()
+    assert [e.detail for e in ctl.failed(change.node_id, "timeout")] == ["failed: timeout"]
+    change, _ = ctl.step()
+    assert change is not None
+    clock.advance(121.0)
+    for nid, role in (("p1", Role.PREFILL), ("d1", Role.DECODE), ("d2", Role.DECODE)):
+        reg.update(report(nid, role))
+    _, events = ctl.step()
+    assert events[0].detail.startswith("failed: no report in the new role")
+
+
+def test_fixed_split_pins_roles() -> None:
+    clock = ManualClock(0.0)
+    reg = NodeRegistry(clock)
+    for nid in ("n0", "n1", "n2", "n3"):
+        reg.update(report(nid, Role.DECODE))
+    pol = make_policy("fixed:1:3", reg)
+    change, _ = pol.roles.step()
+    assert (change.node_id, change.new_role) == ("n0", Role.PREFILL)
+    reg.update(report("n0", Role.PREFILL))
+    assert pol.roles.step()[0] is None
+    assert make_policy("fixed:1:1", reg).target_roles(reg.nodes()) == {
+        "n0": Role.PREFILL, "n1": Role.PREFILL, "n2": Role.DECODE, "n3": Role.DECODE}
