@@ -1,0 +1,124 @@
+"""Paged attention over the block-major pool ``[blocks, layers, 2, block_size, kv_heads, head_dim]``.
+
+New K/V are written in place by slot (``block_id * block_size + offset``). Prefill
+gathers a sequence's context blocks when part of it is already cached (chunked prefill,
+prefix hits) and runs SDPA with the causal diagonal shifted to the chunk's start. Decode
+takes static-shaped tensors only (no host sync, no data-dependent Python), so the
+decode forward can be captured in a CUDA graph; on CUDA it calls the Triton kernel of
+:mod:`libs.engine.kernels` that reads the pool directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class PrefillSeq:
+    """One sequence's chunk inside a prefill batch.
+
+    Attributes:
+        q_start: index of the chunk's first token in the batch's token dimension.
+        q_len: tokens in the chunk.
+        context_start: tokens of the sequence already in the cache (first query's position).
+        block_ids: the sequence's blocks covering ``context_start + q_len`` tokens (int64, on device).
+    """
+
+    q_start: int
+    q_len: int
+    context_start: int
+    block_ids: torch.Tensor
+
+
+@dataclasses.dataclass
+class PrefillMetadata:
+    slot_mapping: torch.Tensor  # [T] int64
+    seqs: list[PrefillSeq]
+
+
+@dataclasses.dataclass
+class DecodeMetadata:
+    slot_mapping: torch.Tensor  # [B] int64
+    block_tables: torch.Tensor  # [B, M] int32
+    context_lens: torch.Tensor  # [B] int32, including the token being decoded
+
+
+AttentionMetadata = PrefillMetadata | DecodeMetadata
+
+
+def write_kv(pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store ``k``, ``v`` [T, Hkv, D] of one layer at their slots of the pool (in place)."""
+    block_size = pool.shape[3]
+    blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
+    offsets = slot_mapping - blocks * block_size
+    layer_view = pool[:, layer]  # [N, 2, bs, Hkv, D], a view
+    layer_view[:, 0][blocks, offsets] = k
+    layer_view[:, 1][blocks, offsets] = v
+
+
+def _gather_context(pool: torch.Tensor, layer: int, block_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V ``[length, Hkv, D]`` of one sequence, gathered from its blocks."""
+    blocks = pool[:, layer].index_select(0, block_ids)  # [nb, 2, bs, Hkv, D]
+    k = blocks[:, 0].flatten(0, 1)[:length]
+    v = blocks[:, 1].flatten(0, 1)[:length]
+    return k, v
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: torch.Tensor, layer: int,
+    meta: PrefillMetadata, scale: float,
+) -> torch.Tensor:
+    """Attention of a batch of prefill chunks; ``q`` [T, Hq, D] -> [T, Hq, D].
+
+    ``k``/``v`` are the chunk's own keys and values (already written to the pool).
+    """
+    out = torch.empty_like(q)
+    for s in meta.seqs:
+        qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
+        if s.context_start == 0:
+            ks = k[s.q_start : s.q_start + s.q_len]
+            vs = v[s.q_start : s.q_start + s.q_len]
+            mask, causal = None, True
+        else:
+            total = s.context_start + s.q_len
+            ks, vs = _gather_context(pool, layer, s.block_ids, total)
+            key_pos = torch.arange(total, device=q.device)
+            query_pos = torch.arange(s.context_start, total, device=q.device)
+            mask, causal = key_pos[None, :] <= query_pos[:, None], False
+        o = F.scaled_dot_product_attention(
+            qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
+        )
+        out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1)
+    return out
+
+
+def decode_attention_torch(
+    q: torch.Tensor, pool: torch.Tensor, layer: int, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """Reference paged decode: gather each sequence's blocks, masked SDPA; [B, Hq, D] -> [B, Hq, D]."""
+    num_seqs, max_blocks = block_tables.shape
+    block_size = pool.shape[3]
+    gathered = pool[:, layer].index_select(0, block_tables.reshape(-1).long())  # [B*M, 2, bs, Hkv, D]
+    gathered = gathered.view(num_seqs, max_blocks, 2, block_size, *pool.shape[4:])
+    k = gathered[:, :, 0].flatten(1, 2).transpose(1, 2)  # [B, Hkv, S, D]
+    v = gathered[:, :, 1].flatten(1, 2).transpose(1, 2)
+    key_pos = torch.arange(max_blocks * block_size, device=q.device)
+    mask = (key_pos[None, :] < context_lens[:, None])[:, None, None, :]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.squeeze(2)
+
+
+def decode_attention(
+    q: torch.Tensor, pool: torch.Tensor, layer: int, meta: DecodeMetadata, scale: float,
+) -> torch.Tensor:
+    """Paged decode attention: the Triton kernel on CUDA, the torch path on CPU."""
+    if q.is_cuda:
+        from libs.engine.kernels import paged_decode_attention
+
+        return paged_decode_attention(q, pool, layer, meta.block_tables, meta.context_lens, scale)
+    return decode_attention_torch(q, pool, layer, meta.block_tables, meta.context_lens, scale)

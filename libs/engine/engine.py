@@ -1,0 +1,389 @@
+"""LLMEngine: a paged engine whose KV cache is one block-major KVPool, with the P/D hand-off API.
+
+Request life cycle (one step a line):
+
+1. ``add_request`` -> WAITING (a request that can never fit finishes at once with ``error``).
+2. admitted by ``step`` when a running slot and blocks for all its tokens are free
+   (prefix-cache hits reused) -> RUNNING.
+3. prefill: its uncomputed tokens run in chunks within ``max_num_batched_tokens``.
+4. the chunk that completes the tokens samples the first token.
+5. decode: one token per step; a new block is appended when the last fills up
+   (no room: the newest running request is preempted, its blocks freed, and it goes
+   back to the front of WAITING with prompt + output so far, to be recomputed).
+6. finished (stop / length / abort / error): blocks freed (cached full blocks stay
+   evictable in the prefix cache).
+
+Hand-off: a ``prefill_only`` request stops after step 4 as HELD, its prompt blocks
+kept until ``release``. A decode engine calls ``allocate_remote`` (blocks for the prompt,
+prefix hits reused), lets the transfer write the blocks past the hits straight into the
+pool, then ``commit_remote`` enters the request at step 5 with the first token.
+
+One ``step`` = schedule (decodes first, then running prefill chunks, then admissions),
+one prefill forward and one decode forward, sampling, stop checks, outputs.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import torch
+
+from libs.engine.block_manager import BlockManager
+from libs.engine.config import EngineConfig
+from libs.engine.detokenizer import IncrementalDetokenizer
+from libs.engine.loader import load_model
+from libs.engine.model_runner import ModelRunner
+from libs.engine.outputs import EngineStats, FinishReason, RemoteAllocation, TokenOutput
+from libs.engine.request import Request, RequestStatus
+from libs.engine.sampling import SamplingParams, sample_row, token_logprob
+from libs.engine.scheduler import Scheduler, StepPlan
+from libs.kvtransfer.allocator import NoFreeBlocks
+from libs.kvtransfer.layout import KVLayout
+from libs.kvtransfer.pool import KVPool
+
+__all__ = ["LLMEngine", "NoFreeBlocks"]
+
+_EMA = 0.2
+
+
+class LLMEngine:
+    """The synchronous engine core; drive it from one thread (see :class:`AsyncEngine`).
+
+    Args:
+        config: the engine's configuration.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        dtype = KVLayout(config.dtype, 1, 1, 1, 1).torch_dtype
+        loaded = load_model(config.model, dtype, config.device, config.seed)
+        self.model_config = loaded.config
+        self._tokenizer = loaded.tokenizer
+        self._model_name = config.model
+        mc = loaded.config
+        self._layout = KVLayout(config.dtype, mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim)
+        num_blocks = config.num_blocks or self._auto_num_blocks()
+        self._pool = KVPool.allocate(self._layout, num_blocks, device=config.device, shared=config.shared_pool)
+        limits = [mc.max_position_embeddings, num_blocks * config.block_size]
+        if config.max_model_len is not None:
+            limits.append(config.max_model_len)
+        self._max_model_len = min(limits)
+        self.runner = ModelRunner(mc, loaded.state_dict, self._pool.tensor, self._max_model_len)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.blocks)
+        eos = set(mc.eos_token_ids)
+        if getattr(self._tokenizer, "eos_token_id", None) is not None:
+            eos.add(self._tokenizer.eos_token_id)
+        self._eos = sorted(eos)
+        self._requests: dict[str, Request] = {}
+        self._remote: dict[str, list[int]] = {}  # allocate_remote'd, not committed: prompt ids
+        self._pending: list[TokenOutput] = []
+        self._seed_gen = torch.Generator().manual_seed(config.seed)
+        self._prefill_tps = 0.0
+        self._decode_step_s = 0.0
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def tokenizer(self):  # type: ignore[no-untyped-def]
+        return self._tokenizer
+
+    @property
+    def layout(self) -> KVLayout:
+        return self._layout
+
+    @property
+    def pool(self) -> KVPool:
+        return self._pool
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self._eos)
+
+    def has_work(self) -> bool:
+        """Whether ``step`` has anything to do (queued requests or outputs to hand back)."""
+        return bool(self._pending) or self.scheduler.has_work()
+
+    # --------------------------------------------------------------- requests
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prefill_only: bool = False,
+    ) -> None:
+        """Queue a request; its outputs come from :meth:`step`.
+
+        Args:
+            request_id: unique among live requests (ValueError otherwise).
+            prompt_token_ids: the prompt.
+            params: sampling and stop parameters.
+            prefill_only: stop after the first token and hold the prompt's blocks until
+                :meth:`release` (call it in every case, also when that output is final).
+        """
+        if request_id in self._requests or request_id in self._remote:
+            raise ValueError(f"request {request_id!r} already exists")
+        req = self._new_request(request_id, prompt_token_ids, params, prefill_only)
+        problem = self._check_fits(len(prompt_token_ids))
+        if problem:
+            self._pending.append(self._final(req, FinishReason.ERROR, error=problem))
+            return
+        self._requests[request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks (held and remote-allocated ones too).
+
+        Returns:
+            True if the request existed. A queued or running request also yields a final
+            ``abort`` output from the next :meth:`step`.
+        """
+        if request_id in self._remote:
+            self.release(request_id)
+            return True
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        was_active = req.status in (RequestStatus.WAITING, RequestStatus.RUNNING)
+        self.scheduler.remove(req)
+        self.blocks.free(request_id)
+        if was_active:
+            self._pending.append(self._final(req, FinishReason.ABORT))
+        req.status = RequestStatus.FINISHED
+        return True
+
+    def held_block_ids(self, request_id: str) -> list[int]:
+        """The prompt's blocks of a finished ``prefill_only`` request, in token order."""
+        req = self._requests.get(request_id)
+        if req is None or req.status is not RequestStatus.HELD:
+            raise KeyError(f"request {request_id!r} holds no blocks (not a finished prefill_only request)")
+        return self.blocks.block_ids(request_id)
+
+    def segments(self, request_id: str) -> list[tuple[int, int]]:
+        """The request's blocks as ``(start, length)`` runs."""
+        return self.blocks.segments(request_id)
+
+    def allocate_remote(self, request_id: str, prompt_token_ids: list[int]) -> RemoteAllocation:
+        """Set aside blocks for a prompt whose KV a prefill node will send.
+
+        Returns:
+            All the prompt's block ids and ``num_cached_tokens`` already present (prefix
+            hits); blocks from ``num_cached_tokens // block_size`` on are for the transfer.
+
+        Raises:
+            ValueError: the id is in use, or the prompt can never fit.
+            NoFreeBlocks: not enough free blocks now (try later).
+        """
+        if request_id in self._requests or request_id in self._remote:
+            raise ValueError(f"request {request_id!r} already exists")
+        problem = self._check_fits(len(prompt_token_ids))
+        if problem:
+            raise ValueError(problem)
+        n = len(prompt_token_ids)
+        cached = self.blocks.allocate(request_id, prompt_token_ids, n, max_cached_blocks=n // self._layout.block_size)
+        self._remote[request_id] = list(prompt_token_ids)
+        return RemoteAllocation(block_ids=self.blocks.block_ids(request_id), num_cached_tokens=cached)
+
+    def commit_remote(
+        self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams,
+    ) -> None:
+        """The prompt's KV has landed in the blocks of :meth:`allocate_remote`: decode from here.
+
+        The first token (sampled by the prefill node) is not output again; the following
+        tokens come from :meth:`step`. Full prompt blocks join the prefix cache.
+        """
+        prompt = self._remote.get(request_id)
+        if prompt is None:
+            raise KeyError(f"request {request_id!r} has no remote allocation")
+        if list(prompt_token_ids) != prompt:
+            raise ValueError(f"request {request_id!r}: prompt differs from the one allocated")
+        del self._remote[request_id]
+        req = self._new_request(request_id, prompt, params, prefill_only=False)
+        req.num_computed_tokens = len(prompt)
+        req.num_cached_tokens = len(prompt)
+        self.blocks.register_computed(request_id, prompt, len(prompt))
+        req.token_ids.append(first_token_id)
+        self._requests[request_id] = req
+        reason = self._check_stop(req, first_token_id)
+        req.detok.mark_emitted()
+        if reason is not None:
+            self._finish(req, reason)
+            out = self._final(req, reason)
+            self._pending.append(out)
+            return
+        self.scheduler.add_running(req)
+
+    def release(self, request_id: str) -> None:
+        """Free the blocks of a held (prefill_only) or remote-allocated request."""
+        if self._remote.pop(request_id, None) is not None:
+            self.blocks.free(request_id)
+            return
+        req = self._requests.get(request_id)
+        if req is not None and req.status is RequestStatus.HELD:
+            del self._requests[request_id]
+            self.blocks.free(request_id)
+            req.status = RequestStatus.FINISHED
+
+    # ------------------------------------------------------------------- step
+
+    def step(self) -> list[TokenOutput]:
+        """Run one scheduling iteration; returns the outputs of every request that advanced."""
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        for req, reason in plan.failed:
+            self._requests.pop(req.request_id, None)
+            outputs.append(self._final(req, FinishReason.ERROR, error=reason))
+        if plan.prefills:
+            outputs.extend(self._run_prefills(plan))
+        if plan.decodes:
+            outputs.extend(self._run_decodes(plan))
+        return outputs
+
+    def _run_prefills(self, plan: StepPlan) -> list[TokenOutput]:
+        t0 = time.perf_counter()
+        chunks = []
+        for req, n in plan.prefills:
+            start = req.num_computed_tokens
+            chunks.append((req.token_ids[start : start + n], start, self.blocks.block_ids(req.request_id)))
+        hidden = self.runner.prefill(chunks)
+        done_rows, done = [], []
+        for i, (req, n) in enumerate(plan.prefills):
+            req.num_computed_tokens += n
+            self.blocks.register_computed(req.request_id, req.token_ids, req.num_computed_tokens)
+            if req.num_uncomputed == 0:
+                done_rows.append(i)
+                done.append(req)
+        outputs = []
+        if done:
+            logits = self.runner.logits(hidden[done_rows])
+            outputs = self._sample(done, logits)
+        dt = time.perf_counter() - t0
+        tokens = sum(n for _, n in plan.prefills)
+        self._prefill_tps = _ema(self._prefill_tps, tokens / max(dt, 1e-9))
+        return outputs
+
+    def _run_decodes(self, plan: StepPlan) -> list[TokenOutput]:
+        t0 = time.perf_counter()
+        seqs = [(r.token_ids[-1], len(r.token_ids) - 1, self.blocks.block_ids(r.request_id)) for r in plan.decodes]
+        logits = self.runner.decode(seqs)
+        for req in plan.decodes:
+            req.num_computed_tokens += 1
+            self.blocks.register_computed(req.request_id, req.token_ids, req.num_computed_tokens)
+        outputs = self._sample(plan.decodes, logits)
+        self._decode_step_s = _ema(self._decode_step_s, time.perf_counter() - t0)
+        return outputs
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[TokenOutput]:
+        if all(r.params.greedy and r.num_output_tokens >= r.params.min_tokens for r in reqs):
+            tokens = torch.argmax(logits, dim=-1).tolist()
+        else:
+            tokens = [
+                sample_row(logits[i], r.params, r.generator, self._banned(r)) for i, r in enumerate(reqs)
+            ]
+        outputs = []
+        for i, (req, token) in enumerate(zip(reqs, tokens)):
+            lp = None
+            if req.params.logprobs is not None:
+                lp = [token_logprob(logits[i], token, req.params.logprobs)]
+            outputs.append(self._append_token(req, token, lp))
+        return outputs
+
+    def _append_token(self, req: Request, token: int, logprobs) -> TokenOutput:  # type: ignore[no-untyped-def]
+        req.token_ids.append(token)
+        reason = self._check_stop(req, token)
+        if reason is not None:
+            self._finish(req, reason)
+        out = self._output(req, [token], reason, logprobs)
+        if reason is None and req.prefill_only:
+            out.finished, out.prefilled = True, True
+            out.text += req.detok.take_delta(final=True)
+            self.scheduler.remove(req)
+            req.status = RequestStatus.HELD
+        return out
+
+    def _check_stop(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if (token in self._eos and not p.ignore_eos) or token in p.stop_token_ids:
+            return FinishReason.STOP
+        req.detok.add_token(token)
+        if req.detok.stopped:
+            return FinishReason.STOP
+        if req.num_output_tokens >= p.max_tokens or len(req.token_ids) >= self._max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        self.scheduler.remove(req)
+        if req.prefill_only:
+            req.status = RequestStatus.HELD  # blocks stay until release()
+            return
+        self._requests.pop(req.request_id, None)
+        self.blocks.free(req.request_id)
+        req.status = RequestStatus.FINISHED
+
+    def _banned(self, req: Request) -> list[int]:
+        if req.num_output_tokens >= req.params.min_tokens:
+            return []
+        return ([] if req.params.ignore_eos else list(self._eos)) + list(req.params.stop_token_ids)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _new_request(self, request_id: str, prompt: list[int], params: SamplingParams, prefill_only: bool) -> Request:
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_gen))
+        gen = torch.Generator(device=self._pool.device).manual_seed(seed)
+        detok = IncrementalDetokenizer(self._tokenizer, list(prompt), list(params.stop))
+        return Request(request_id, list(prompt), params, gen, detok, prefill_only=prefill_only)
+
+    def _check_fits(self, num_prompt_tokens: int) -> str | None:
+        if num_prompt_tokens == 0:
+            return "empty prompt"
+        if num_prompt_tokens >= self._max_model_len:
+            return (f"prompt of {num_prompt_tokens} tokens does not fit max_model_len {self._max_model_len} "
+                    f"(pool of {self._pool.num_blocks} blocks of {self._layout.block_size})")
+        return None
+
+    def _output(self, req: Request, tokens: list[int], reason: FinishReason | None, logprobs=None) -> TokenOutput:  # type: ignore[no-untyped-def]
+        return TokenOutput(
+            request_id=req.request_id, token_ids=tokens, text=req.detok.take_delta(final=reason is not None),
+            logprobs=logprobs, finished=reason is not None, finish_reason=reason.value if reason else None,
+            num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+        )
+
+    def _final(self, req: Request, reason: FinishReason, error: str | None = None) -> TokenOutput:
+        out = self._output(req, [], reason)
+        out.error = error
+        return out
+
+    def _auto_num_blocks(self) -> int:
+        cfg = self.config
+        if cfg.device_type == "cuda":
+            free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
+            budget = int(free * cfg.gpu_memory_fraction)
+        else:
+            budget = cfg.cpu_kv_bytes
+        return max(1, budget // self._layout.block_bytes)
+
+    def stats(self) -> EngineStats:
+        s, b = self.scheduler, self.blocks
+        return EngineStats(
+            num_waiting=s.num_waiting, num_running=s.num_running,
+            num_held=sum(r.status is RequestStatus.HELD for r in self._requests.values()),
+            num_remote_pending=len(self._remote), waiting_prefill_tokens=s.num_prefill_tokens_left(),
+            num_running_decode=s.num_decoding, free_blocks=b.num_free_blocks, total_blocks=b.num_total_blocks,
+            largest_free_segment=b.largest_free_segment, fragmentation=b.fragmentation(),
+            prefix_cache_queries=b.num_query_tokens, prefix_cache_hits=b.num_hit_tokens,
+            prefix_cache_hit_rate=b.num_hit_tokens / b.num_query_tokens if b.num_query_tokens else 0.0,
+            prefill_tokens_per_s=self._prefill_tps, decode_step_time_s=self._decode_step_s,
+            num_preemptions=s.num_preemptions,
+        )
+
+
+def _ema(old: float, new: float) -> float:
+    return new if old == 0.0 else (1 - _EMA) * old + _EMA * new

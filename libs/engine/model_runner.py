@@ -1,0 +1,102 @@
+"""Builds the per-step input tensors and runs the model on them.
+
+Prefill chunks of a step run as one varlen forward; decodes run as a second forward
+with static-shaped tensors (``input_ids [B]``, ``positions [B]``, ``block_tables [B, M]``,
+``context_lens [B]``, ``slot_mapping [B]``), the function a CUDA graph captures
+(:attr:`ModelRunner.decode_fn` may be replaced by a graph runner with the same signature).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from libs.engine.attention import DecodeMetadata, PrefillMetadata, PrefillSeq
+from libs.engine.model import LlamaForCausalLM
+from libs.engine.model_config import ModelConfig
+
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ModelRunner:
+    """Owns the model and runs prefill and decode forwards against the KV pool tensor.
+
+    Args:
+        cfg: the model's architecture.
+        state_dict: weights already on ``device`` in the wanted dtype (shared, not copied).
+        pool: the KV pool tensor ``[blocks, layers, 2, block_size, kv_heads, head_dim]``.
+        max_positions: size of the rotary tables.
+    """
+
+    def __init__(self, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], pool: torch.Tensor, max_positions: int) -> None:
+        self.device = pool.device
+        self.pool = pool
+        self.block_size = pool.shape[3]
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg, max_positions)
+        model.load_state_dict(state_dict, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.model.rotary_emb = type(model.model.rotary_emb)(
+            cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling
+        ).to(self.device)
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise ValueError(f"weights missing from the checkpoint: {missing[:5]}")
+        self.model = model.eval()
+        self.decode_fn: DecodeFn = self.decode_forward
+
+    @torch.inference_mode()
+    def prefill(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+        """Run prefill chunks and return the last position's hidden state of each, [n, hidden].
+
+        Args:
+            chunks: per sequence ``(token_ids of the chunk, context_start, block_ids)``
+                where ``block_ids`` cover ``context_start + len(chunk)`` tokens.
+        """
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seqs: list[PrefillSeq] = []
+        bs = self.block_size
+        for tokens, start, block_ids in chunks:
+            q_start = len(ids)
+            ids.extend(tokens)
+            pos = range(start, start + len(tokens))
+            positions.extend(pos)
+            slots.extend(block_ids[p // bs] * bs + p % bs for p in pos)
+            nb = -(-(start + len(tokens)) // bs)
+            seqs.append(PrefillSeq(q_start, len(tokens), start, self._tensor(block_ids[:nb])))
+        meta = PrefillMetadata(slot_mapping=self._tensor(slots), seqs=seqs)
+        hidden = self.model(self._tensor(ids), self._tensor(positions), meta, self.pool)
+        last = self._tensor([s.q_start + s.q_len - 1 for s in seqs])
+        return hidden.index_select(0, last)
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+        """One decode step; ``seqs`` are ``(last token, its position, block_ids)``; -> logits [B, vocab]."""
+        bs = self.block_size
+        width = max(len(b) for _, _, b in seqs)
+        table = [b + [0] * (width - len(b)) for _, _, b in seqs]
+        input_ids = self._tensor([t for t, _, _ in seqs])
+        positions = self._tensor([p for _, p, _ in seqs])
+        slots = self._tensor([b[p // bs] * bs + p % bs for _, p, b in seqs])
+        block_tables = torch.tensor(table, dtype=torch.int32).to(self.device, non_blocking=True)
+        context_lens = torch.tensor([p + 1 for _, p, _ in seqs], dtype=torch.int32).to(self.device, non_blocking=True)
+        return self.decode_fn(input_ids, positions, block_tables, context_lens, slots)
+
+    def decode_forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
+        context_lens: torch.Tensor, slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """The capturable decode forward: static shapes in, logits ``[B, vocab]`` (float32) out."""
+        meta = DecodeMetadata(slot_mapping=slot_mapping, block_tables=block_tables, context_lens=context_lens)
+        return self.model.compute_logits(self.model(input_ids, positions, meta, self.pool))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.compute_logits(hidden)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)

@@ -1,0 +1,84 @@
+"""What the engine hands back: per-step token outputs, the hand-off allocation, stats.
+
+All of these are msgspec Structs because the node services put them on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request stopped producing tokens."""
+
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len reached
+    ABORT = "abort"  # aborted by the caller
+    ERROR = "error"  # could not run (see TokenOutput.error)
+
+
+class TokenLogprob(msgspec.Struct, array_like=True, omit_defaults=True):
+    """Log-probability of one sampled token and the top-n alternatives (raw model logits)."""
+
+    token_id: int
+    logprob: float
+    top_token_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
+class TokenOutput(msgspec.Struct, omit_defaults=True):
+    """What one request produced in one engine step.
+
+    ``token_ids`` are the tokens new this step and ``text`` their text (a delta; text that
+    might be the start of a stop string is held back until it is known not to be).
+    ``finished`` is True on the request's last output. A ``prefill_only`` request ends
+    with ``finished=True, prefilled=True, finish_reason=None`` when its first token is
+    sampled and its KV is complete: decoding goes on elsewhere.
+    """
+
+    request_id: str
+    token_ids: list[int] = []
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+    prefilled: bool = False
+
+
+class RemoteAllocation(msgspec.Struct, frozen=True):
+    """Blocks a decode engine set aside for a prompt whose KV comes from a prefill node.
+
+    ``block_ids`` cover the whole prompt, in token order. The first
+    ``num_cached_tokens // block_size`` of them already hold the prompt's prefix (prefix
+    cache hits); the transfer must write the rest.
+    """
+
+    block_ids: list[int]
+    num_cached_tokens: int
+
+
+class EngineStats(msgspec.Struct):
+    """A snapshot of the engine's load, for load reports and metrics."""
+
+    num_waiting: int
+    num_running: int
+    num_held: int
+    num_remote_pending: int
+    waiting_prefill_tokens: int
+    num_running_decode: int
+    free_blocks: int
+    total_blocks: int
+    largest_free_segment: int
+    fragmentation: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_hit_rate: float
+    prefill_tokens_per_s: float
+    decode_step_time_s: float
+    num_preemptions: int

@@ -1,0 +1,59 @@
+"""One request's state inside the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+
+from libs.engine.detokenizer import IncrementalDetokenizer
+from libs.engine.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued (new, or preempted and to be recomputed)
+    RUNNING = "running"  # holds blocks; prefilling (maybe in chunks) or decoding
+    HELD = "held"  # prefill_only and done: blocks kept for the hand-off until release()
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """A request and its progress.
+
+    ``token_ids`` is prompt + output so far. ``num_computed_tokens`` of them have KV in
+    the pool; the engine computes the rest (a prefill chunk, or the one decode token)
+    and samples when all are computed.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    detok: IncrementalDetokenizer
+    prefill_only: bool = False
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
