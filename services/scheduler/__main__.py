@@ -1,0 +1,65 @@
+"""``python -m services.scheduler``: run the scheduler until SIGTERM/SIGINT.
+
+Flags and ``FLOWKV_SCHEDULER_*`` variables come from :class:`SchedulerConfig`; the broker
+from ``--nats-url``/``FLOWKV_NATS_URL`` and the other ``--nats-*``/``FLOWKV_NATS_*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from contextlib import AsyncExitStack
+
+from services.common import config as cfg
+from services.common.lifecycle import install_signal_handlers, wait_for_stop
+from services.common.logs import setup_logging
+from services.common.nats import ENV_PREFIX as NATS_ENV, NatsConfig, connect
+from services.scheduler.config import ENV_PREFIX, SchedulerConfig
+from services.scheduler.service import SchedulerService
+
+log = logging.getLogger("services.scheduler")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[SchedulerConfig, NatsConfig]:
+    parser = argparse.ArgumentParser(prog="flowkv scheduler", description="FlowKV scheduler: placement and roles")
+    cfg.add_arguments(parser, SchedulerConfig, ENV_PREFIX)
+    group = parser.add_argument_group("NATS")
+    for f in dataclasses.fields(NatsConfig):
+        env = cfg.env_name(NATS_ENV, f.name)
+        group.add_argument(f"--nats-{f.name.replace('_', '-')}", dest=f"nats_{f.name}", default=None,
+                           help=f"{f.metadata.get('help', '')} [env {env}]")
+    args = parser.parse_args(argv)
+    nats_args = argparse.Namespace(**{f.name: getattr(args, f"nats_{f.name}") for f in dataclasses.fields(NatsConfig)})
+    try:
+        return cfg.build(SchedulerConfig, ENV_PREFIX, args), cfg.build(NatsConfig, NATS_ENV, nats_args)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+async def serve(config: SchedulerConfig, nats_config: NatsConfig) -> int:
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    async with AsyncExitStack() as stack:
+        nc = await connect(nats_config, "flowkv-scheduler")
+        stack.push_async_callback(nc.drain)
+        service = SchedulerService(config, nc)
+        await service.start()
+        stack.push_async_callback(service.close)
+        await wait_for_stop(stop, service.tasks)
+        failed = service.tasks.failed.is_set()
+        log.info("scheduler stopping (%s)", "a background task failed" if failed else "signal")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, nats_config = parse_args(argv)
+    setup_logging("scheduler", config.log_level, config.json_logs)
+    return asyncio.run(serve(config, nats_config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The scheduler's configuration: one dataclass, each field a ``--flag`` and a ``FLOWKV_SCHEDULER_*`` variable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.scheduler.placement import CostModel
+from services.scheduler.policies import PlacementConfig, make_policy
+from services.scheduler.registry import NodeRegistry
+from services.scheduler.clock import ManualClock
+from services.scheduler.roles import RoleConfig
+
+ENV_PREFIX = "FLOWKV_SCHEDULER"
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class SchedulerConfig:
+    """Scheduler service settings (validated here; NATS settings live in ``NatsConfig``)."""
+
+    policy: str = field(default="flowkv", metadata=_h("round_robin, least_loaded, fixed:P:D or flowkv"))
+    node_timeout_s: float = field(default=3.0, metadata=_h("a node is dead after this long without a load report"))
+    max_ttft_s: float = field(default=30.0, metadata=_h("reject (429) when the best predicted TTFT exceeds this"))
+    max_retry_after_s: float = field(default=30.0, metadata=_h("cap on Retry-After of a rejection"))
+    inflight_grace_s: float = field(default=0.5, metadata=_h("how long a placement counts before reports show it"))
+    role_interval_s: float = field(default=0.5, metadata=_h("how often the role controller runs"))
+    min_dwell_s: float = field(default=10.0, metadata=_h("minimum time a node keeps a role"))
+    flip_timeout_s: float = field(default=120.0, metadata=_h("give up on a role flip after this long"))
+    prefill_high_s: float = field(default=2.0, metadata=_h("prefill backlog (s) above which prefill is short"))
+    prefill_low_s: float = field(default=0.5, metadata=_h("prefill backlog (s) below which prefill has room"))
+    decode_high: float = field(default=0.85, metadata=_h("decode utilisation above which decode is short"))
+    decode_low: float = field(default=0.6, metadata=_h("decode utilisation below which decode has room"))
+    allow_hybrid: bool = field(default=True, metadata=_h("turn nodes hybrid when both sides are saturated"))
+    set_role_timeout_s: float = field(default=5.0, metadata=_h("timeout of the SetRole request to a node"))
+    max_events: int = field(default=200, metadata=_h("recent events kept for cluster queries"))
+    log_level: str = field(default="info", metadata=_h("debug, info, warning, error"))
+    json_logs: bool = field(default=False, metadata=_h("log one JSON object per line"))
+
+    def __post_init__(self) -> None:
+        for name in ("node_timeout_s", "max_ttft_s", "role_interval_s", "set_role_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        self.role_config()  # validates the thresholds
+        make_policy(self.policy, NodeRegistry(ManualClock()))  # validates the policy name
+
+    def placement_config(self) -> PlacementConfig:
+        return PlacementConfig(max_ttft_s=self.max_ttft_s, inflight_grace_s=self.inflight_grace_s,
+                               max_retry_after_s=self.max_retry_after_s, cost=CostModel())
+
+    def role_config(self) -> RoleConfig:
+        return RoleConfig(min_dwell_s=self.min_dwell_s, flip_timeout_s=self.flip_timeout_s,
+                          prefill_high_s=self.prefill_high_s, prefill_low_s=self.prefill_low_s,
+                          decode_high=self.decode_high, decode_low=self.decode_low, allow_hybrid=self.allow_hybrid)
