@@ -158,6 +158,23 @@ class LLMEngine:
         req.status = RequestStatus.FINISHED
         return True
 
+    def fail_active(self) -> list[str]:
+        """After a failed step: drop every queued or running request (blocks freed, no outputs).
+
+        Held and remote-allocated requests keep their blocks (a transfer may be using them).
+
+        Returns:
+            The ids dropped, for the caller to fail.
+        """
+        self._pending = []
+        active = [r for r in self._requests.values() if r.status in (RequestStatus.WAITING, RequestStatus.RUNNING)]
+        for req in active:
+            self.scheduler.remove(req)
+            self.blocks.free(req.request_id)
+            req.status = RequestStatus.FINISHED
+            del self._requests[req.request_id]
+        return [r.request_id for r in active]
+
     def held_block_ids(self, request_id: str) -> list[int]:
         """The prompt's blocks of a finished ``prefill_only`` request, in token order."""
         req = self._requests.get(request_id)

@@ -1,0 +1,295 @@
+"""AsyncEngine: the LLMEngine on its own thread, driven from asyncio.
+
+One background thread is the only one that touches the engine. Callers' commands go
+through a lock-protected list, run between steps; the thread sleeps on a condition
+when there is nothing to do. Outputs reach asyncio per request through
+``loop.call_soon_threadsafe`` into one queue per request.
+
+If a step raises, every request the engine knew about is failed with
+:class:`EngineError` (and aborted, freeing its blocks) and the error is logged; the
+thread keeps serving. Cancelling a ``generate``/``decode_remote`` iterator or a
+``prefill`` call aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import torch
+
+from libs.engine.config import EngineConfig
+from libs.engine.engine import LLMEngine
+from libs.engine.outputs import EngineStats, RemoteAllocation, TokenOutput
+from libs.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_IDLE_RETRY_S = 0.005  # a step that could not schedule anything (blocks held elsewhere) retries after this
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request."""
+
+
+@dataclasses.dataclass
+class PrefillResult:
+    """A finished ``prefill``: its output (``prefilled=True`` unless it already ended) and
+    the prompt's blocks, held until :meth:`AsyncEngine.release` (empty if it errored)."""
+
+    output: TokenOutput
+    block_ids: list[int]
+
+
+class AsyncEngine:
+    """asyncio front of :class:`LLMEngine`.
+
+    Args:
+        config: builds the engine in :meth:`start` (off the event loop).
+        engine: or an engine already built (then ``config`` is ignored).
+    """
+
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
+        if config is None and engine is None:
+            raise ValueError("AsyncEngine needs a config or an engine")
+        self._config = config
+        self.engine: LLMEngine | None = engine
+        self._cond = threading.Condition()
+        self._commands: list[Callable[[], None]] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, asyncio.Queue[TokenOutput | BaseException]] = {}
+        self._stats: EngineStats | None = None
+
+    # ------------------------------------------------------------- life cycle
+
+    async def start(self) -> None:
+        """Build the engine (if needed) and start its thread."""
+        self._loop = asyncio.get_running_loop()
+        if self.engine is None:
+            assert self._config is not None
+            self.engine = await asyncio.to_thread(LLMEngine, self._config)
+        self._stats = self.engine.stats()
+        self._thread = threading.Thread(target=self._run, name="flowkv-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop the thread; open streams fail with :class:`EngineError`."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        for queue in self._streams.values():
+            queue.put_nowait(EngineError("engine stopped"))
+
+    # ------------------------------------------------------------- properties
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._engine.tokenizer
+
+    @property
+    def layout(self):  # type: ignore[no-untyped-def]
+        return self._engine.layout
+
+    @property
+    def pool(self):  # type: ignore[no-untyped-def]
+        return self._engine.pool
+
+    @property
+    def max_model_len(self) -> int:
+        return self._engine.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self._engine.model_name
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self._engine.eos_token_ids
+
+    def stats(self) -> EngineStats:
+        """The latest snapshot (refreshed by the engine thread after every iteration)."""
+        assert self._stats is not None, "start() first"
+        return self._stats
+
+    @property
+    def _engine(self) -> LLMEngine:
+        if self.engine is None:
+            raise RuntimeError("AsyncEngine not started")
+        return self.engine
+
+    # ---------------------------------------------------------------- requests
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+    ) -> AsyncIterator[TokenOutput]:
+        """Run a request here from prompt to finish; yields its outputs (the last has ``finished``)."""
+        queue = self._open(request_id)
+        try:
+            await self._call(lambda e: e.add_request(request_id, list(prompt_token_ids), params))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        async for out in self._drain(request_id, queue):
+            yield out
+
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> PrefillResult:
+        """Prefill a prompt and sample its first token; the prompt's blocks stay held.
+
+        Returns once the KV is complete in the pool (device synchronised). Call
+        :meth:`release` afterwards in every case.
+        """
+        queue = self._open(request_id)
+        try:
+            await self._call(lambda e: e.add_request(request_id, list(prompt_token_ids), params, prefill_only=True))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        final: TokenOutput | None = None
+        async for out in self._drain(request_id, queue):
+            final = out
+        assert final is not None
+        block_ids = [] if final.error or final.finish_reason == "abort" else await self._call(lambda e: _held_synced(e, request_id))
+        return PrefillResult(final, block_ids)
+
+    async def allocate_remote(self, request_id: str, prompt_token_ids: list[int]) -> RemoteAllocation:
+        """Blocks for a prompt whose KV will be sent here (see :meth:`LLMEngine.allocate_remote`)."""
+        return await self._call(lambda e: e.allocate_remote(request_id, list(prompt_token_ids)))
+
+    async def decode_remote(
+        self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams,
+    ) -> AsyncIterator[TokenOutput]:
+        """Commit a landed hand-off and yield the tokens after the first."""
+        queue = self._open(request_id)
+        try:
+            await self._call(lambda e: e.commit_remote(request_id, list(prompt_token_ids), first_token_id, params))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        async for out in self._drain(request_id, queue):
+            yield out
+
+    async def release(self, request_id: str) -> None:
+        await self._call(lambda e: e.release(request_id))
+
+    async def abort(self, request_id: str) -> bool:
+        return await self._call(lambda e: e.abort(request_id))
+
+    async def run(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread between steps (for inspection and tests)."""
+        return await self._call(fn)
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _open(self, request_id: str) -> asyncio.Queue[TokenOutput | BaseException]:
+        if self._thread is None:
+            raise RuntimeError("AsyncEngine not started")
+        if request_id in self._streams:
+            raise ValueError(f"request {request_id!r} already streaming")
+        queue: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = queue
+        return queue
+
+    async def _drain(self, request_id: str, queue: asyncio.Queue[TokenOutput | BaseException]) -> AsyncIterator[TokenOutput]:
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(lambda e: e.abort(request_id))
+
+    def _submit(self, fn: Callable[[LLMEngine], Any]) -> None:
+        with self._cond:
+            self._commands.append(lambda: fn(self._engine))
+            self._cond.notify()
+
+    async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+
+        def settle(ok: bool, value: Any) -> None:
+            if not fut.done():
+                fut.set_result(value) if ok else fut.set_exception(value)
+
+        def command() -> None:
+            try:
+                result = fn(self._engine)
+                self._stats = self._engine.stats()
+            except BaseException as exc:  # handed to the caller
+                loop.call_soon_threadsafe(settle, False, exc)
+            else:
+                loop.call_soon_threadsafe(settle, True, result)
+
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("AsyncEngine not running")
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify()
+        return await fut
+
+    def _deliver(self, outputs: list[TokenOutput]) -> None:
+        for out in outputs:
+            queue = self._streams.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _fail(self, request_ids: list[str], exc: BaseException) -> None:
+        for rid in request_ids:
+            queue = self._streams.get(rid)
+            if queue is not None:
+                queue.put_nowait(EngineError(f"request {rid} failed in the engine: {exc!r}"))
+
+    def _run(self) -> None:
+        engine, loop = self._engine, self._loop
+        assert loop is not None
+        idle_wait: float | None = None
+        while True:
+            with self._cond:
+                if not self._commands and not self._stopping:
+                    if idle_wait is not None or not engine.has_work():
+                        self._cond.wait(timeout=idle_wait)
+                commands, self._commands = self._commands, []
+                if self._stopping:
+                    return
+            for command in commands:
+                command()
+            idle_wait = None
+            if engine.has_work():
+                idle_wait = self._step(engine, loop)
+            self._stats = engine.stats()
+
+    def _step(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> float | None:
+        try:
+            outputs = engine.step()
+        except Exception as exc:
+            log.exception("engine step failed; failing its requests")
+            victims = engine.fail_active()
+            loop.call_soon_threadsafe(self._fail, victims, exc)
+            return None
+        if outputs:
+            loop.call_soon_threadsafe(self._deliver, outputs)
+            return None
+        return _IDLE_RETRY_S
+
+
+def _held_synced(engine: LLMEngine, request_id: str) -> list[int]:
+    if engine.pool.device.type == "cuda":
+        torch.cuda.synchronize(engine.pool.device)
+    return engine.held_block_ids(request_id)
