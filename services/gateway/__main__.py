@@ -1,0 +1,68 @@
+"""``python -m services.gateway``: run the OpenAI-compatible gateway until SIGINT/SIGTERM.
+
+Shutdown: stop accepting connections, let open streams finish within
+``--shutdown-timeout-s``, then unsubscribe and drain the NATS connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from aiohttp import web
+
+from services.common import config as cfg
+from services.common.lifecycle import install_signal_handlers
+from services.common.logs import setup_logging
+from services.common.nats import ENV_PREFIX as NATS_ENV_PREFIX
+from services.common.nats import NatsConfig
+from services.gateway.app import create_app, make_runner
+from services.gateway.config import ENV_PREFIX, GatewayConfig
+
+log = logging.getLogger("services.gateway")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, NatsConfig]:
+    """Both configs from flags, then ``FLOWKV_GATEWAY_*`` / ``FLOWKV_NATS_*``, then defaults."""
+    parser = argparse.ArgumentParser(prog="python -m services.gateway", description="FlowKV OpenAI-compatible gateway")
+    cfg.add_arguments(parser, GatewayConfig, ENV_PREFIX)
+    nats_parser = argparse.ArgumentParser(add_help=False)
+    cfg.add_arguments(nats_parser, NatsConfig, NATS_ENV_PREFIX)
+    # The NATS flags are --nats-<field> to keep them apart from the gateway's own.
+    group = parser.add_argument_group("NatsConfig")
+    for action in nats_parser._actions:
+        if action.option_strings:
+            group.add_argument("--nats-" + action.option_strings[0][2:], dest="nats_" + action.dest, type=str, default=None, help=action.help)
+    args = parser.parse_args(argv)
+    nats_args = argparse.Namespace(**{k[5:]: v for k, v in vars(args).items() if k.startswith("nats_")})
+    try:
+        return cfg.build(GatewayConfig, ENV_PREFIX, args), cfg.build(NatsConfig, NATS_ENV_PREFIX, nats_args)
+    except ValueError as exc:
+        raise SystemExit(f"invalid configuration: {exc}") from None
+
+
+async def serve(config: GatewayConfig, nats_config: NatsConfig) -> None:
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    app = create_app(config, nats_config)
+    runner = make_runner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    log.info("listening on http://%s:%d (NATS %s)", config.host, config.port, nats_config.redacted_url())
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: finishing open streams (up to %gs)", config.shutdown_timeout_s)
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, nats_config = parse_args(argv)
+    setup_logging("gateway", config.log_level, config.json_logs)
+    asyncio.run(serve(config, nats_config))
+
+
+if __name__ == "__main__":
+    main()

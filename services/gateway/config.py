@@ -1,0 +1,59 @@
+"""GatewayConfig: every knob of the HTTP front door (flags ``--*``, env ``FLOWKV_GATEWAY_*``)."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from libs.protocol.subjects import check_token
+
+ENV_PREFIX = "FLOWKV_GATEWAY"
+
+
+@dataclass
+class GatewayConfig:
+    """Configuration of one gateway process.
+
+    ``api_keys`` is secret: it never shows in ``repr`` or logs. ``gateway_id`` names the
+    gateway's token stream subject, so it must be subject-safe; empty picks a random one.
+    """
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8000, metadata={"help": "HTTP port"})
+    gateway_id: str = field(default="", metadata={"help": "id of this gateway on NATS (default: gw-<random>)"})
+    model: str = field(default="smollm2", metadata={"help": "model whose tokenizer the gateway uses"})
+    served_model_name: str = field(default="", metadata={"help": "model name clients send (default: --model)"})
+    max_model_len: int = field(default=0, metadata={"help": "longest prompt + output in tokens (0: the model's)"})
+    api_keys: list[str] = field(
+        default_factory=list, repr=False, metadata={"help": "accepted Bearer API keys, comma-separated (empty: no auth)", "secret": True}
+    )
+    max_concurrent_requests: int = field(default=256, metadata={"help": "requests in flight before 429"})
+    max_queued_tokens: int = field(default=1_000_000, metadata={"help": "prompt tokens in flight before 429"})
+    max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest request body (413 above)"})
+    retry_after_s: float = field(default=1.0, metadata={"help": "Retry-After sent with the gateway's own 429s"})
+    place_timeout_s: float = field(default=2.0, metadata={"help": "wait for the scheduler's placement"})
+    submit_timeout_s: float = field(default=5.0, metadata={"help": "wait for a node to acknowledge a submit"})
+    stall_timeout_s: float = field(default=30.0, metadata={"help": "no token for this long: the request is re-placed"})
+    max_retries: int = field(default=2, metadata={"help": "re-placements after node failures before giving up"})
+    cluster_timeout_s: float = field(default=1.0, metadata={"help": "wait for the scheduler in /ready"})
+    shutdown_timeout_s: float = field(default=30.0, metadata={"help": "on shutdown, finish open streams within this bound"})
+    log_level: str = field(default="info", metadata={"help": "log level"})
+    json_logs: bool = field(default=False, metadata={"help": "log JSON lines"})
+
+    def __post_init__(self) -> None:
+        if not self.gateway_id:
+            self.gateway_id = f"gw-{secrets.token_hex(4)}"
+        check_token(self.gateway_id, "gateway id")
+        if not self.served_model_name:
+            self.served_model_name = self.model
+        self.api_keys = [k.strip() for k in self.api_keys if k.strip()]
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        for name in ("max_concurrent_requests", "max_queued_tokens", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("place_timeout_s", "submit_timeout_s", "stall_timeout_s", "cluster_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_retries < 0 or self.max_model_len < 0 or self.shutdown_timeout_s < 0:
+            raise ValueError("max_retries, max_model_len and shutdown_timeout_s must be >= 0")

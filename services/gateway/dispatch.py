@@ -1,0 +1,240 @@
+"""Dispatcher: place a request, submit it, follow its tokens, and survive node failures.
+
+Life cycle of one request (one *attempt* per placement):
+1. ``PlaceRequest`` to the scheduler -> ``Placement`` (or ``Rejected``: 429 / 503 to the client);
+2. the router opens the attempt's stream, then ``SubmitRequest`` goes to the prefill node,
+   which acks;
+3. ordered tokens are yielded to the HTTP handler as they arrive;
+4. a failure (no token for ``stall_timeout_s``, a NODE_DOWN event for a node of the
+   attempt, a node error chunk, a failed submit) cancels the attempt and starts the next:
+   re-placed with the failed node excluded, the prompt extended by the tokens already
+   delivered, ``output_offset`` = their count, so the client sees no gap and no duplicate;
+5. after ``max_retries`` re-placements the request fails (502 ``node_failed``);
+6. however it ends early (client gone, stop string seen), the attempt's ``Cancel`` is
+   published so every node frees its blocks.
+
+Each attempt has its own wire id (``<request id>`` then ``<request id>-r1``, ...): a late
+chunk from a failed attempt can never be mistaken for one of the new attempt, and its
+``Cancel`` can never abort the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from libs.protocol import subjects
+from libs.protocol.messages import (
+    Ack, Cancel, ErrorCode, EventKind, Placement, PlaceRequest, Rejected, SamplingParams, SchedEvent, SubmitRequest, encode,
+)
+from services.common.messaging import request, subscribe
+from services.gateway import metrics
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import ApiError, from_code
+from services.gateway.streams import Delivery, RequestStream, StreamRouter
+
+log = logging.getLogger(__name__)
+
+
+class AttemptFailed(Exception):
+    """One attempt failed in a way a re-placement may fix."""
+
+    def __init__(self, node_id: str, reason: str) -> None:
+        super().__init__(reason)
+        self.node_id = node_id
+        self.reason = reason
+
+
+@dataclass
+class Job:
+    """What the dispatcher needs of a validated request."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+@dataclass
+class _Progress:
+    delivered: list[int] = field(default_factory=list)  # output tokens the client has
+    excluded: list[str] = field(default_factory=list)  # nodes that failed this request
+    submitted: bool = False  # the current attempt reached a node (so it needs a cancel)
+
+
+class Dispatcher:
+    """Places and follows requests for one gateway.
+
+    Args:
+        nc: the gateway's NATS connection.
+        router: the gateway's token stream router (already started).
+        config: timeouts and retry bound.
+    """
+
+    def __init__(self, nc: Client, router: StreamRouter, config: GatewayConfig) -> None:
+        self.nc = nc
+        self.router = router
+        self.config = config
+        self._events_sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._events_sub = await subscribe(self.nc, subjects.sched_events(), self._on_event, (SchedEvent,))
+
+    async def stop(self) -> None:
+        if self._events_sub is not None:
+            await self._events_sub.unsubscribe()
+            self._events_sub = None
+
+    async def _on_event(self, event: SchedEvent, msg: Msg) -> None:
+        if event.kind is EventKind.NODE_DOWN and event.node_id:
+            n = self.router.fail_node(event.node_id, f"node {event.node_id} is down ({event.detail or 'no reason'})")
+            if n:
+                log.warning("node %s down: %d request(s) will be re-placed", event.node_id, n)
+
+    async def generate(self, job: Job) -> AsyncIterator[Delivery]:
+        """Yield the request's tokens in order until it finishes; retries transparently.
+
+        Raises:
+            ApiError: the scheduler rejected the request, or retries ran out.
+        """
+        progress = _Progress()
+        attempt = 0
+        finished = False
+        wire_id = job.request_id
+        try:
+            while True:
+                wire_id = job.request_id if attempt == 0 else f"{job.request_id}-r{attempt}"
+                progress.submitted = False
+                try:
+                    async with contextlib.aclosing(self._attempt(job, wire_id, progress)) as items:
+                        async for item in items:
+                            progress.delivered.extend(item.token_ids)
+                            if not item.finished and len(progress.delivered) >= job.sampling.max_tokens:
+                                # The node overran max_tokens: end here (it gets a cancel below).
+                                item.finished, item.finish_reason = True, "length"
+                            finished = item.finished and progress.submitted
+                            yield item
+                            if item.finished:
+                                return
+                    return
+                except AttemptFailed as exc:
+                    await self._publish_cancel(wire_id, f"attempt failed: {exc.reason}")
+                    progress.submitted = False
+                    if exc.node_id and exc.node_id not in progress.excluded:
+                        progress.excluded.append(exc.node_id)
+                    attempt += 1
+                    metrics.RETRIES.labels(_reason_label(exc.reason)).inc()
+                    if attempt > self.config.max_retries:
+                        raise ApiError(
+                            502, f"the request failed after {attempt} attempts: {exc.reason}", type="server_error",
+                            code=ErrorCode.NODE_FAILED.value,
+                        ) from None
+                    log.warning(
+                        "attempt %d failed (%s); re-placing without %s after %d tokens",
+                        attempt, exc.reason, progress.excluded, len(progress.delivered),
+                    )
+        finally:
+            if progress.submitted and not finished:
+                await self._publish_cancel(wire_id, "cancelled by the gateway")
+
+    async def _attempt(self, job: Job, wire_id: str, progress: _Progress) -> AsyncIterator[Delivery]:
+        delivered, excluded = progress.delivered, progress.excluded
+        prompt = job.prompt_token_ids + delivered
+        remaining = job.sampling.max_tokens - len(delivered)
+        placement = await self._place(job, wire_id, len(prompt), remaining, excluded)
+        nodes = {placement.prefill_node, placement.decode_node}
+        stream = self.router.open(wire_id, nodes, len(delivered))
+        try:
+            sampling = msgspec.structs.replace(
+                job.sampling, max_tokens=remaining, min_tokens=max(0, job.sampling.min_tokens - len(delivered))
+            )
+            submit = SubmitRequest(
+                request_id=wire_id,
+                prompt_token_ids=prompt,
+                sampling=sampling,
+                decode_node=placement.decode_node,
+                reply_subject=self.router.subject,
+                output_offset=len(delivered),
+                num_original_prompt_tokens=len(job.prompt_token_ids),
+            )
+            progress.submitted = True  # from here the node may hold blocks, even if the ack is lost
+            await self._submit(placement.prefill_node, submit)
+            got = 0
+            while True:
+                item = await self._next(stream, placement, got)
+                got += len(item.token_ids)
+                yield item
+                if item.finished:
+                    return
+        finally:
+            self.router.close(wire_id)
+
+    async def _next(self, stream: RequestStream, placement: Placement, got: int) -> Delivery:
+        try:
+            item = await asyncio.wait_for(stream.queue.get(), self.config.stall_timeout_s)
+        except asyncio.TimeoutError:
+            # Before the first token the prefill node is the one to blame, after it the decode node.
+            node = placement.prefill_node if got == 0 else placement.decode_node
+            raise AttemptFailed(node, f"no token for {self.config.stall_timeout_s:g}s") from None
+        if item.error_code is ErrorCode.INVALID:
+            raise ApiError(400, f"the node rejected the request: {item.error}", code="invalid_request")
+        if item.error_code is not None:
+            node = item.node_id or (placement.prefill_node if got == 0 else placement.decode_node)
+            raise AttemptFailed(node, item.error)
+        return item
+
+    async def _place(self, job: Job, wire_id: str, num_prompt: int, max_tokens: int, excluded: list[str]) -> Placement:
+        place = PlaceRequest(
+            request_id=wire_id, model=job.model, num_prompt_tokens=num_prompt, max_tokens=max_tokens, exclude_nodes=list(excluded),
+        )
+        try:
+            reply = await request(self.nc, subjects.sched_place(), place, self.config.place_timeout_s)
+        except (NatsTimeoutError, NoRespondersError, asyncio.TimeoutError):
+            metrics.REJECTED.labels("scheduler_unavailable").inc()
+            raise ApiError(503, "the scheduler did not answer", type="server_error", code="scheduler_unavailable", retry_after_s=1.0) from None
+        if isinstance(reply, Rejected):
+            metrics.REJECTED.labels(reply.code.value).inc()
+            raise from_code(reply.code, reply.reason or reply.code.value, reply.retry_after_s or (1.0 if reply.code is ErrorCode.OVERLOADED else 0.0))
+        if not isinstance(reply, Placement):
+            raise ApiError(502, f"unexpected scheduler reply {type(reply).__name__}", type="server_error", code="bad_gateway")
+        log.info("placed on prefill=%s decode=%s", reply.prefill_node, reply.decode_node)
+        return reply
+
+    async def _submit(self, node_id: str, submit: SubmitRequest) -> None:
+        try:
+            ack = await request(self.nc, subjects.node(node_id, subjects.NodeVerb.SUBMIT), submit, self.config.submit_timeout_s)
+        except (NatsTimeoutError, NoRespondersError, asyncio.TimeoutError):
+            raise AttemptFailed(node_id, f"node {node_id} did not acknowledge the submit") from None
+        if not isinstance(ack, Ack):
+            raise AttemptFailed(node_id, f"node {node_id} answered {type(ack).__name__} to a submit")
+        if not ack.ok:
+            if ack.code is ErrorCode.INVALID:
+                raise ApiError(400, f"the node rejected the request: {ack.error}", code="invalid_request")
+            raise AttemptFailed(node_id, f"node {node_id} refused the submit: {ack.error or ack.code}")
+
+    async def _publish_cancel(self, wire_id: str, reason: str) -> None:
+        try:
+            await self.nc.publish(subjects.request_cancel(), encode(Cancel(request_id=wire_id, reason=reason)))
+        except Exception:  # a closed connection must not hide the request's own outcome
+            log.warning("could not publish the cancel of %s", wire_id, exc_info=True)
+
+
+def _reason_label(reason: str) -> str:
+    """A bounded metric label for a failure reason."""
+    if reason.startswith("no token"):
+        return "stall"
+    if "is down" in reason:
+        return "node_down"
+    if "acknowledge" in reason or "refused" in reason or "answered" in reason:
+        return "submit"
+    return "node_error"

@@ -1,0 +1,73 @@
+"""One request's output as the client sees it: text deltas, stop strings, counts, timings.
+
+The gateway turns token ids into text itself (with the engine's incremental
+detokenizer), so the text stays continuous when a retry moves the request to another
+node, and a stop string is cut here even if it spans two nodes' chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from libs.engine.detokenizer import IncrementalDetokenizer
+from services.gateway import metrics
+from services.gateway.responses import LogprobsBuilder
+from services.gateway.schemas import GenerationRequest
+from services.gateway.streams import Delivery
+
+
+class Generation:
+    """Follows one request's deliveries.
+
+    Args:
+        req: the validated, tokenized request.
+        tokenizer: the model's tokenizer.
+        started: ``time.monotonic()`` when the request arrived.
+    """
+
+    def __init__(self, req: GenerationRequest, tokenizer: Any, started: float) -> None:
+        self.req = req
+        self.detok = IncrementalDetokenizer(tokenizer, req.prompt_token_ids, req.sampling.stop)
+        self.logprobs = LogprobsBuilder(req.endpoint, tokenizer) if req.logprobs is not None else None
+        self.started = started
+        self.first_token_at: float | None = None
+        self.num_output = 0
+        self.num_cached = 0
+        self.finished = False
+        self.finish_reason: str | None = None
+
+    def take(self, item: Delivery) -> tuple[str, dict[str, Any] | None]:
+        """Consume one delivery; returns the new text and the logprobs of its tokens.
+
+        After a stop string the rest of the delivery is dropped and the generation is
+        finished with reason ``stop``.
+        """
+        now = time.monotonic()
+        if item.token_ids and self.first_token_at is None:
+            self.first_token_at = now
+            metrics.TTFT.observe(now - self.started)
+        self.num_cached = max(self.num_cached, item.num_cached_tokens)
+        used: list[int] = []
+        for tid in item.token_ids:
+            self.detok.add_token(tid)
+            used.append(tid)
+            if self.detok.stopped:
+                break
+        self.num_output += len(used)
+        metrics.GENERATION_TOKENS.inc(len(used))
+        if self.detok.stopped:
+            self.finished, self.finish_reason = True, "stop"
+        elif item.finished:
+            self.finished, self.finish_reason = True, item.finish_reason or "stop"
+        text = self.detok.take_delta(final=self.finished)
+        lp = self.logprobs.build(used, item.logprobs[: len(used)] if item.logprobs else None) if self.logprobs else None
+        if self.finished:
+            self._observe_end(now)
+        return text, lp
+
+    def _observe_end(self, now: float) -> None:
+        metrics.E2E.observe(now - self.started)
+        metrics.PROMPT_TOKENS.inc(len(self.req.prompt_token_ids))
+        if self.first_token_at is not None and self.num_output > 1:
+            metrics.TPOT.observe((now - self.first_token_at) / (self.num_output - 1))

@@ -1,0 +1,34 @@
+"""What the handlers share: the gateway's state, reachable from ``request.app[STATE]``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from nats.aio.client import Client
+
+from services.gateway.admission import Admission
+from services.gateway.config import GatewayConfig
+from services.gateway.dispatch import Dispatcher
+from services.gateway.streams import StreamRouter
+from services.gateway.tokenizer import ModelTokenizer
+
+
+@dataclass
+class GatewayState:
+    config: GatewayConfig
+    tokenizer: ModelTokenizer
+    admission: Admission
+    router: StreamRouter
+    nc: Client | None = None
+    dispatcher: Dispatcher | None = None
+    owns_nc: bool = False  # the app opened the connection (and drains it on cleanup)
+    stopping: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    open_streams: set[Any] = field(default_factory=set)
+
+
+STATE: web.AppKey[GatewayState] = web.AppKey("flowkv_gateway_state", GatewayState)
+REQUEST_ID = "flowkv_request_id"
