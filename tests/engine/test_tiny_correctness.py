@@ -1,0 +1,57 @@
+"""Greedy tokens of the random ``tiny`` preset equal transformers' ``generate`` on the same weights."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from libs.engine.sampling import SamplingParams
+from tests.engine.conftest import hf_greedy, make_engine, run_all, tokens_of
+
+MAX_TOKENS = 10
+
+
+def _prompts() -> dict[str, list[int]]:
+    rng = random.Random(7)
+    shared = [rng.randrange(3, 49152) for _ in range(12)]  # a shared prefix of 3 blocks
+    prompts = {}
+    for i, n in enumerate([1, 3, 4, 5, 9, 16, 23, 40, 61]):
+        prompts[f"r{i}"] = [rng.randrange(3, 49152) for _ in range(n)]
+    for i, n in enumerate([0, 1, 7, 13]):
+        prompts[f"s{i}"] = shared + [rng.randrange(3, 49152) for _ in range(n)]
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_hf) -> dict[str, list[int]]:  # type: ignore[no-untyped-def]
+    return {rid: hf_greedy(tiny_hf, ids, MAX_TOKENS) for rid, ids in _prompts().items()}
+
+
+@pytest.mark.parametrize(
+    "prefix_caching,chunked,budget",
+    [(True, True, 2048), (False, True, 2048), (True, True, 7), (False, False, 64)],
+)
+def test_greedy_matches_transformers(reference, prefix_caching: bool, chunked: bool, budget: int) -> None:  # type: ignore[no-untyped-def]
+    engine = make_engine(
+        enable_prefix_caching=prefix_caching, enable_chunked_prefill=chunked, max_num_batched_tokens=budget,
+    )
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    outs = run_all(engine, _prompts(), params)
+    assert {rid: tokens_of(o) for rid, o in outs.items()} == reference
+    assert all(o[-1].finish_reason == "length" for o in outs.values())
+    stats = engine.stats()
+    assert stats.free_blocks == stats.total_blocks == 128
+
+
+def test_second_pass_hits_prefix_cache(reference) -> None:  # type: ignore[no-untyped-def]
+    engine = make_engine()
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    run_all(engine, _prompts(), params)
+    before = engine.stats().prefix_cache_hits
+    outs = run_all(engine, {f"again-{k}": v for k, v in _prompts().items()}, params)
+    assert {k[len("again-"):]: tokens_of(o) for k, o in outs.items()} == reference
+    # Every full block except one holding a prompt's last token is a hit the second time.
+    expected = sum(((len(v) - 1) // 4) * 4 for v in _prompts().values())
+    assert engine.stats().prefix_cache_hits - before == expected
+    assert all(o[-1].num_cached_tokens == ((len(_prompts()[k[6:]]) - 1) // 4) * 4 for k, o in outs.items())
