@@ -31,4 +31,4 @@ class GatewayState:
 
 
 STATE: web.AppKey[GatewayState] = web.AppKey("flowkv_gateway_state", GatewayState)
-REQUEST_ID = "flowkv_request_id"
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("flowkv_request_id", str)
