@@ -1,0 +1,1 @@
+"""The decode role handler: reservations, KV hand-off reception, decode and recompute."""

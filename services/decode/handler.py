@@ -1,0 +1,238 @@
+"""Decode role: reserve blocks for a hand-off, receive the KV, decode and stream the tokens.
+
+A request on D (one step a line):
+
+1. ``KVAllocRequest`` on ``node(D, KV_ALLOC)``: ``engine.allocate_remote()`` reserves the
+   prompt's blocks (prefix hits reused), ``agent.expect(dst[k:], src[k:])`` starts, and
+   D replies ``KVAllocReply`` (block ids, cached tokens, its agent info, the transport).
+2. AWAITING: the reservation waits for ``KVDone`` on ``node(D, KV_DONE)``, at most
+   ``lease_s``; without it the expect is aborted and the blocks are released.
+3. ``KVDone(ok=True)``: ``agent.complete()``, await the expect future (the bytes landed).
+4. DECODING: ``engine.decode_remote()`` (prompt + first token); chunks from
+   ``output_offset + 1`` to the gateway's stream.
+5. ``KVDone(ok=False)`` or a failed transfer: release the reservation, RECOMPUTING:
+   ``engine.generate(prompt + first token)``, chunks numbered on from ``output_offset + 1``.
+
+Cancel: AWAITING -> the expect is aborted, and the blocks are released when ``KVDone``
+comes (P may still be writing into them) or the lease ends. DECODING / RECOMPUTING -> the
+task is cancelled and the engine aborts the request (its blocks are freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from libs.kvtransfer.agent import choose_transport
+from libs.kvtransfer.allocator import NoFreeBlocks
+from libs.kvtransfer.base import AgentInfo, TransferError
+from libs.protocol.messages import Ack, ErrorCode, KVAllocReply, KVAllocRequest, KVDone
+from services.common.logs import request_id_var
+from services.node import metrics
+from services.node.context import NodeContext, resolve
+from services.node.streaming import Streamer, Usage, continuation_params, engine_params
+
+log = logging.getLogger(__name__)
+
+
+class Phase(str, enum.Enum):
+    AWAITING = "awaiting"
+    DECODING = "decoding"
+    RECOMPUTING = "recomputing"
+
+
+@dataclass
+class Reservation:
+    """Blocks set aside on this node for one request's KV, and the request's decode."""
+
+    req: KVAllocRequest
+    block_ids: list[int]
+    num_cached_tokens: int
+    expect: asyncio.Future[Any] | None
+    done: asyncio.Future[KVDone]
+    phase: Phase = Phase.AWAITING
+    cancelled: bool = False
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class DecodeHandler:
+    """Serves KVAllocRequest and KVDone: reservations, hand-off reception, decode."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.reservations: dict[str, Reservation] = {}
+
+    def num_inflight(self) -> int:
+        return len(self.reservations)
+
+    # ------------------------------------------------------------------ verbs
+
+    async def reserve(self, req: KVAllocRequest, headers: Mapping[str, str] | None) -> KVAllocReply:
+        """Reserve blocks for ``req`` and expect its KV; the reply goes back to P."""
+        ctx = self.ctx
+        refuse = dict(request_id=req.request_id, transfer_id=req.transfer_id, ok=False)
+        if req.request_id in self.reservations:
+            return KVAllocReply(**refuse, code=ErrorCode.INVALID, error=f"{req.request_id} is already reserved")
+        try:
+            peer = msgspec.msgpack.decode(req.sender_info, type=AgentInfo)
+            params = engine_params(req.sampling)
+            ctx.agent.check_peer(peer)
+            transport = choose_transport(ctx.agent.info(), peer, ctx.agent.force_transport)
+            if transport not in ctx.agent.transports:
+                raise ValueError(f"transport {transport} is not enabled on {ctx.node_id}")
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            return KVAllocReply(**refuse, code=ErrorCode.INVALID, error=str(exc))
+        try:
+            alloc = await resolve(ctx.engine.allocate_remote(req.request_id, list(req.prompt_token_ids)))
+        except NoFreeBlocks as exc:
+            metrics.REFUSED.labels("kv_alloc", ErrorCode.OVERLOADED.value).inc()
+            return KVAllocReply(**refuse, code=ErrorCode.OVERLOADED, error=str(exc))
+        except ValueError as exc:
+            return KVAllocReply(**refuse, code=ErrorCode.INVALID, error=str(exc))
+        dst = list(alloc.block_ids)
+        if len(dst) != len(req.src_block_ids):
+            await resolve(ctx.engine.release(req.request_id))
+            return KVAllocReply(**refuse, code=ErrorCode.INVALID,
+                                error=f"{len(req.src_block_ids)} source blocks for {len(dst)} prompt blocks")
+        k = alloc.num_cached_tokens // ctx.block_size
+        expect = None
+        if k < len(dst):
+            expect = ctx.agent.expect(req.transfer_id, peer, dst[k:], list(req.src_block_ids[k:]),
+                                      timeout=ctx.config.lease_s)
+            expect.add_done_callback(_retrieve)
+        res = Reservation(req, dst, alloc.num_cached_tokens, expect, asyncio.get_running_loop().create_future())
+        self.reservations[req.request_id] = res
+        res.task = asyncio.create_task(self._run(res, params, headers), name=f"decode:{req.request_id}")
+        return KVAllocReply(request_id=req.request_id, transfer_id=req.transfer_id, ok=True, dst_block_ids=dst,
+                            num_cached_tokens=alloc.num_cached_tokens,
+                            receiver_info=msgspec.msgpack.encode(ctx.agent.info()), transport=transport)
+
+    def kv_done(self, done: KVDone) -> Ack:
+        """P finished (or failed) writing the KV: let the reservation go on."""
+        res = self.reservations.get(done.request_id)
+        if res is None or res.req.transfer_id != done.transfer_id:
+            return Ack(request_id=done.request_id, ok=False, code=ErrorCode.INVALID,
+                       error=f"{self.ctx.node_id} holds no reservation for transfer {done.transfer_id}")
+        if not res.done.done():
+            res.done.set_result(done)
+        return Ack(request_id=done.request_id)
+
+    def cancel(self, request_id: str) -> bool:
+        """Abort a request held here; returns whether it was here."""
+        res = self.reservations.get(request_id)
+        if res is None:
+            return False
+        res.cancelled = True
+        if res.phase is Phase.AWAITING:
+            self.ctx.agent.abort(res.req.transfer_id, "cancelled")
+        elif res.task is not None:
+            res.task.cancel()
+        return True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.reservations:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def cancel_all(self) -> None:
+        for rid in list(self.reservations):
+            self.cancel(rid)
+            res = self.reservations.get(rid)
+            if res is not None and not res.done.done():  # nobody will write now: shutting down
+                res.done.cancel()
+        tasks = [r.task for r in self.reservations.values() if r.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---------------------------------------------------------------- request
+
+    async def _run(self, res: Reservation, params: Any, headers: Mapping[str, str] | None) -> None:
+        req, engine = res.req, self.ctx.engine
+        request_id_var.set(req.request_id)
+        outcome = "error"
+        try:
+            done = await self._await_done(res)
+            if done is None or res.cancelled:
+                await resolve(engine.release(req.request_id))
+                outcome = "cancelled" if res.cancelled else "lease_expired"
+                return
+            streamer = Streamer(self.ctx.nc, self.ctx.node_id, req.reply_subject, headers)
+            failure = await self._landed(res, done)
+            if failure is None:
+                res.phase = Phase.DECODING
+                usage = Usage(req.num_original_prompt_tokens or len(req.prompt_token_ids),
+                              res.num_cached_tokens, from_engine=False)
+                outputs = engine.decode_remote(req.request_id, list(req.prompt_token_ids), done.first_token_id, params)
+                await streamer.stream(outputs, req.output_offset + 1, usage)
+                outcome = "ok"
+            else:
+                await self._recompute(res, done, params, streamer, failure)
+                outcome = "recomputed"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            await resolve(engine.abort(req.request_id))
+        except Exception:
+            log.exception("decode of %s failed", req.request_id)
+            await resolve(engine.abort(req.request_id))
+        finally:
+            self.reservations.pop(req.request_id, None)
+            metrics.REQUESTS.labels("decode", outcome).inc()
+
+    async def _await_done(self, res: Reservation) -> KVDone | None:
+        """KVDone, or None when the lease ran out first (the transfer is then aborted)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(res.done), self.ctx.config.lease_s)
+        except asyncio.TimeoutError:
+            log.warning("no KVDone for %s within %.1fs: releasing its blocks", res.req.request_id,
+                        self.ctx.config.lease_s)
+            metrics.LEASES_EXPIRED.inc()
+            self.ctx.agent.abort(res.req.transfer_id, "lease expired")
+            return None
+
+    async def _landed(self, res: Reservation, done: KVDone) -> str | None:
+        """None when the KV is in the reserved blocks, else why not."""
+        tid = res.req.transfer_id
+        if not done.ok:
+            self.ctx.agent.abort(tid, done.error or "sender failed")
+            return done.error or "sender failed"
+        if res.expect is None:
+            return None
+        with contextlib.suppress(KeyError):
+            self.ctx.agent.complete(tid)
+        try:
+            await res.expect
+        except TransferError as exc:
+            return exc.reason
+        return None
+
+    async def _recompute(self, res: Reservation, done: KVDone, params: Any, streamer: Streamer, why: str) -> None:
+        req = res.req
+        log.info("recomputing %s locally: %s", req.request_id, why)
+        metrics.RECOMPUTES.labels("transfer_failed").inc()
+        await resolve(self.ctx.engine.release(req.request_id))
+        res.phase = Phase.RECOMPUTING
+        if res.cancelled:
+            return
+        if done.first_token_id < 0:
+            raise RuntimeError(f"KVDone for {req.request_id} carries no first token")
+        prompt = list(req.prompt_token_ids) + [done.first_token_id]
+        usage = Usage(req.num_original_prompt_tokens or len(req.prompt_token_ids))
+        outputs = self.ctx.engine.generate(req.request_id, prompt, continuation_params(params))
+        await streamer.stream(outputs, req.output_offset + 1, usage)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # The reservation reads the outcome when it needs it; this keeps asyncio from logging
+    # "exception never retrieved" for expects that failed while nobody awaited them.
+    if not fut.cancelled():
+        fut.exception()

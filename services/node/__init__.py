@@ -1,0 +1,1 @@
+"""The node process: hosts one engine and runs the handler(s) of its current role."""

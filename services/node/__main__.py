@@ -1,0 +1,83 @@
+"""``python -m services.node --node-id p0 --role prefill --model smollm2 --device cpu --nats-url ...``
+
+Every flag also reads ``FLOWKV_NODE_<FIELD>`` (NATS: ``FLOWKV_NATS_<FIELD>``). SIGINT or
+SIGTERM: NodeBye, drain in-flight requests (bounded), stop the engine, close the agent,
+``nc.drain()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+
+from services.common import config as cfg
+from services.common.lifecycle import install_signal_handlers
+from services.common.logs import setup_logging
+from services.common.nats import ENV_PREFIX as NATS_ENV_PREFIX
+from services.common.nats import NatsConfig, connect
+from services.node.config import ENV_PREFIX, NodeConfig
+
+log = logging.getLogger("services.node")
+
+
+def parse(argv: list[str] | None = None) -> tuple[NodeConfig, NatsConfig]:
+    """Both configs from flags, then env variables, then defaults."""
+    parser = argparse.ArgumentParser(prog="python -m services.node", description="A FlowKV node")
+    cfg.add_arguments(parser, NodeConfig, ENV_PREFIX)
+    nats_parser = argparse.ArgumentParser(add_help=False)
+    cfg.add_arguments(nats_parser, NatsConfig, NATS_ENV_PREFIX)
+    # NatsConfig's fields are prefixed on the command line (--nats-url), not bare (--url).
+    group = parser.add_argument_group("NatsConfig")
+    for action in nats_parser._actions:
+        for flag in action.option_strings:
+            group.add_argument("--nats-" + flag[2:], dest="nats_" + action.dest, type=str, default=None,
+                               help=action.help)
+    args = parser.parse_args(argv)
+    nats_args = argparse.Namespace(**{k[5:]: v for k, v in vars(args).items() if k.startswith("nats_")})
+    try:
+        return cfg.build(NodeConfig, ENV_PREFIX, args), cfg.build(NatsConfig, NATS_ENV_PREFIX, nats_args)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable
+
+
+async def serve(config: NodeConfig, nats_config: NatsConfig) -> None:
+    from services.node import metrics
+    from services.node.node import Node
+
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    nc = await connect(nats_config, f"flowkv-node-{config.node_id}")
+    node = Node(config)
+    runner = None
+    try:
+        await node.start(nc)
+        if config.metrics_port:
+            runner = await metrics.serve_metrics(config.metrics_port)
+        print(f"node {config.node_id} ready", flush=True)  # tests and `flowkv up` wait for this line
+        await stop.wait()
+        await node.stop("signal")
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        with contextlib.suppress(Exception):
+            await nc.drain()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, nats_config = parse(argv)
+    setup_logging(f"node-{config.node_id}", config.log_level, config.json_logs)
+    if config.device == "cpu":
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    asyncio.run(serve(config, nats_config))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

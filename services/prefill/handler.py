@@ -1,0 +1,247 @@
+"""Prefill role: prefill a request, publish its first token, hand its KV to the decode node.
+
+A disaggregated request on P (one step a line):
+
+1. SubmitRequest on ``node(P, SUBMIT)``: the node acks at once (or refuses; see node.py).
+2. PREFILL: ``engine.prefill()`` computes the prompt and samples the first token; the
+   prompt's blocks stay held.
+3. publish the first token as ``TokenChunk(index=output_offset)``.
+4. finished already (EOS, max_tokens=1, stop): release the blocks; done (no reservation
+   was made, so D has nothing to drop).
+5. HANDOFF: ``KVAllocRequest`` (P's block ids, ``agent.info()``) to ``node(D, KV_ALLOC)``;
+   D reserves blocks, starts ``agent.expect`` and replies.
+6. refused or no reply: release, recompute the rest here (prompt + first token) so the
+   client still gets its tokens.
+7. ``agent.send(src[k:], dst[k:])`` with k = D's prefix-cache hit in blocks.
+8. ``KVDone(ok, first_token_id, stats)`` to ``node(D, KV_DONE)``; D decodes (or recomputes).
+9. ``engine.release()`` P's blocks: the transfer has returned or failed, they are ours.
+
+Colocated (``decode_node`` is this node): LOCAL: ``engine.generate()`` streamed from
+``output_offset``.
+
+Cancel: in PREFILL or LOCAL the task is cancelled and the engine aborts the request. In
+HANDOFF the transfer is aborted instead and the task runs to its end (release, then
+``KVDone(ok=False)`` so D frees its reservation): blocks in flight belong to the transfer.
+
+Deviation from the first design: P asks for the reservation after its prefill, not during
+it, because D's ``expect`` must know P's block ids to plan the same copies as P.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import msgspec
+
+from libs.kvtransfer.base import AgentInfo, TransferError, TransferStats
+from libs.protocol import messages
+from libs.protocol.messages import ErrorCode, KVAllocReply, KVAllocRequest, KVDone, SubmitRequest, TransferReport
+from libs.protocol.subjects import NodeVerb, node
+from services.common.logs import request_id_var
+from services.node import metrics
+from services.node.context import NodeContext, resolve
+from services.node.streaming import Streamer, Usage, chunk_of, continuation_params, engine_params, error_chunk
+
+log = logging.getLogger(__name__)
+
+
+class Phase(str, enum.Enum):
+    PREFILL = "prefill"
+    HANDOFF = "handoff"
+    LOCAL = "local"
+
+
+@dataclass
+class PrefillJob:
+    """One request on this node as its prefill (or colocated) node."""
+
+    req: SubmitRequest
+    phase: Phase
+    transfer_id: str = ""
+    colocated: bool = False  # decode_node is this node: the whole generation runs here
+    cancelled: bool = False
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class PrefillHandler:
+    """Runs SubmitRequests: colocated generation, or prefill plus hand-off to a decode node."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.jobs: dict[str, PrefillJob] = {}
+
+    # ---------------------------------------------------------------- control
+
+    def num_inflight(self, colocated: bool | None = None) -> int:
+        """Requests in flight here; only the colocated (or only the handed-off) ones if given."""
+        return sum(1 for j in self.jobs.values() if colocated is None or j.colocated == colocated)
+
+    def start(self, req: SubmitRequest, headers: Mapping[str, str] | None) -> None:
+        """Run ``req`` in the background (the caller has validated and acked it)."""
+        local = req.decode_node == self.ctx.node_id
+        job = PrefillJob(req, Phase.LOCAL if local else Phase.PREFILL, colocated=local)
+        self.jobs[req.request_id] = job
+        job.task = asyncio.create_task(self._run(job, headers), name=f"prefill:{req.request_id}")
+
+    def cancel(self, request_id: str) -> bool:
+        """Abort a request wherever it is on this node; returns whether it was here."""
+        job = self.jobs.get(request_id)
+        if job is None:
+            return False
+        job.cancelled = True
+        if job.phase is Phase.HANDOFF:
+            if job.transfer_id:
+                self.ctx.agent.abort(job.transfer_id, "cancelled")
+        elif job.task is not None:
+            job.task.cancel()
+        return True
+
+    async def wait_idle(self, timeout: float, colocated: bool | None = None) -> bool:
+        """Wait until no request (of the given kind) is in flight; False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.num_inflight(colocated):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def cancel_all(self) -> None:
+        for rid in list(self.jobs):
+            self.cancel(rid)
+        tasks = [j.task for j in self.jobs.values() if j.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---------------------------------------------------------------- request
+
+    async def _run(self, job: PrefillJob, headers: Mapping[str, str] | None) -> None:
+        req = job.req
+        request_id_var.set(req.request_id)
+        streamer = Streamer(self.ctx.nc, self.ctx.node_id, req.reply_subject, headers)
+        outcome = "error"
+        try:
+            params = engine_params(req.sampling)
+            if job.colocated:
+                await self._generate(req, req.prompt_token_ids, params, req.output_offset, streamer)
+                outcome = "ok"
+                return
+            outcome = await self._prefill_and_hand_off(job, params, streamer, headers)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            await resolve(self.ctx.engine.abort(req.request_id))
+        except Exception as exc:
+            log.exception("request %s failed on %s", req.request_id, self.ctx.node_id)
+            await streamer.publish(error_chunk(req.request_id, self.ctx.node_id, req.output_offset,
+                                               ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            await resolve(self.ctx.engine.abort(req.request_id))
+        finally:
+            self.jobs.pop(req.request_id, None)
+            metrics.REQUESTS.labels("colocated" if job.colocated else "prefill", outcome).inc()
+
+    def _usage(self, req: SubmitRequest) -> Usage:
+        return Usage(num_prompt_tokens=req.num_original_prompt_tokens or len(req.prompt_token_ids))
+
+    async def _generate(self, req: SubmitRequest, prompt: list[int], params, first_index: int,  # type: ignore[no-untyped-def]
+                        streamer: Streamer) -> None:
+        usage = self._usage(req)
+        outputs = self.ctx.engine.generate(req.request_id, prompt, params)
+        await streamer.stream(outputs, first_index, usage)
+
+    async def _prefill_and_hand_off(self, job: PrefillJob, params, streamer: Streamer,  # type: ignore[no-untyped-def]
+                                    headers: Mapping[str, str] | None) -> str:
+        req = job.req
+        engine = self.ctx.engine
+        result = await engine.prefill(req.request_id, req.prompt_token_ids, params)
+        out = result.output
+        usage = self._usage(req)
+        usage.num_cached_tokens = out.num_cached_tokens
+        job.phase = Phase.HANDOFF
+        try:
+            if out.token_ids or out.finish_reason is not None:
+                await streamer.publish(chunk_of(out, self.ctx.node_id, req.output_offset, usage))
+            if out.finish_reason is not None or not out.token_ids or job.cancelled:
+                return "cancelled" if job.cancelled else "ok"
+            first = out.token_ids[0]
+            return await self._hand_off(job, list(result.block_ids), first, params, streamer, headers)
+        finally:
+            await resolve(engine.release(req.request_id))
+
+    async def _hand_off(self, job: PrefillJob, src_ids: list[int], first: int, params,  # type: ignore[no-untyped-def]
+                        streamer: Streamer, headers: Mapping[str, str] | None) -> str:
+        req, ctx = job.req, self.ctx
+        job.transfer_id = f"{req.request_id}.{uuid.uuid4().hex[:12]}"
+        reply = await self._reserve(job, src_ids, dict(headers) if headers else None)
+        if reply is None:
+            if job.cancelled:
+                return "cancelled"
+            await resolve(ctx.engine.release(req.request_id))
+            metrics.RECOMPUTES.labels("no_reservation").inc()
+            job.phase = Phase.LOCAL
+            prompt = list(req.prompt_token_ids) + [first]
+            await self._generate(req, prompt, continuation_params(params), req.output_offset + 1, streamer)
+            return "ok"
+        done = KVDone(request_id=req.request_id, transfer_id=job.transfer_id, ok=True, first_token_id=first)
+        if job.cancelled:
+            done.ok, done.error = False, "cancelled"
+        else:
+            k = reply.num_cached_tokens // ctx.block_size
+            try:
+                stats = await self._send(job, reply, src_ids[k:], list(reply.dst_block_ids[k:]))
+                done.stats = None if stats is None else TransferReport(**msgspec.structs.asdict(stats))
+            except TransferError as exc:
+                log.warning("transfer %s to %s failed: %s", job.transfer_id, req.decode_node, exc.reason)
+                done.ok, done.error = False, exc.reason
+        await self._notify_done(req, done, headers)
+        return "ok" if done.ok else ("cancelled" if job.cancelled else "transfer_failed")
+
+    async def _reserve(self, job: PrefillJob, src_ids: list[int], headers: dict[str, str] | None) -> KVAllocReply | None:
+        """Ask D for blocks; returns its reply, or None if it refused or did not answer."""
+        req, ctx = job.req, self.ctx
+        alloc = KVAllocRequest(
+            request_id=req.request_id, transfer_id=job.transfer_id, prefill_node=ctx.node_id,
+            prompt_token_ids=req.prompt_token_ids, sampling=req.sampling, reply_subject=req.reply_subject,
+            sender_info=msgspec.msgpack.encode(ctx.agent.info()), output_offset=req.output_offset,
+            num_original_prompt_tokens=req.num_original_prompt_tokens, src_block_ids=src_ids,
+        )
+        try:
+            msg = await ctx.nc.request(node(req.decode_node, NodeVerb.KV_ALLOC), messages.encode(alloc),
+                                       timeout=ctx.config.kv_alloc_timeout_s, headers=headers)
+            reply = messages.decode(msg.data)
+        except Exception as exc:  # timeout, no responders, garbage
+            log.warning("no reservation from %s: %r", req.decode_node, exc)
+            return None
+        if not isinstance(reply, KVAllocReply) or not reply.ok:
+            log.warning("%s refused the reservation: %s", req.decode_node, getattr(reply, "error", reply))
+            return None
+        if len(reply.dst_block_ids) != len(src_ids):
+            log.error("%s reserved %d blocks for %d", req.decode_node, len(reply.dst_block_ids), len(src_ids))
+            return None
+        return reply
+
+    async def _send(self, job: PrefillJob, reply: KVAllocReply, src: list[int], dst: list[int]) -> TransferStats | None:
+        if not src:  # D had every block cached: nothing moves
+            return None
+        peer = msgspec.msgpack.decode(reply.receiver_info, type=AgentInfo)
+        ctx = self.ctx
+        stats = await ctx.agent.send(job.transfer_id, peer, src, dst, timeout=ctx.config.transfer_timeout_s)
+        metrics.TRANSFER_BYTES.labels(stats.transport).inc(stats.bytes)
+        metrics.TRANSFER_CALLS.labels(stats.transport).inc(stats.calls)
+        metrics.TRANSFER_SECONDS.labels(stats.transport).observe(stats.duration_s)
+        return stats
+
+    async def _notify_done(self, req: SubmitRequest, done: KVDone, headers: Mapping[str, str] | None) -> None:
+        subject = node(req.decode_node, NodeVerb.KV_DONE)
+        try:
+            reply = await self.ctx.nc.request(subject, messages.encode(done), timeout=self.ctx.config.kv_alloc_timeout_s,
+                                              headers=dict(headers) if headers else None)
+            ack = messages.decode(reply.data)
+            if isinstance(ack, messages.Ack) and not ack.ok:
+                log.warning("%s did not take KVDone: %s", req.decode_node, ack.error)
+        except Exception as exc:
+            # D is gone: the gateway sees the decode node leave and retries from what the client has.
+            log.warning("KVDone to %s got no answer: %r", req.decode_node, exc)
