@@ -1,0 +1,147 @@
+"""Gateway failure handling: cancels, node death and retries, scheduler rejections, admission, auth."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from libs.protocol.messages import ErrorCode, Rejected
+from tests.services.fake_cluster import expected_tokens
+from tests.services.gateway_harness import MODEL, gateway, tokenizer  # noqa: F401 (fixture)
+
+PROMPT_IDS = [11, 22, 33, 44]
+TWO_PAIRS = [("P0", "D0"), ("P1", "D1")]
+
+
+async def _wait_for(cond, what: str) -> None:
+    for _ in range(500):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def test_client_disconnect_publishes_cancel(nats_server, tokenizer):
+    async with gateway(nats_server.url, tokenizer, {"hold": True}) as gw:
+        body = {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 5, "stream": True}
+        task = asyncio.create_task(gw.http.post(gw.url + "/v1/completions", json=body, headers={"X-Request-Id": "gone-1"}))
+        await _wait_for(lambda: gw.cluster.submits, "submit")
+        task.cancel()  # the client hangs up before any token
+        await asyncio.gather(task, return_exceptions=True)
+        await _wait_for(lambda: gw.cluster.cancels, "cancel")
+    assert [c.request_id for c in gw.cluster.cancels] == ["gone-1"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_node_death_mid_stream_resubmits_gap_free(nats_server, tokenizer, stream):
+    cluster = {"pairs": TWO_PAIRS, "die_after": {"D0": 5}, "chunk_size": 2}
+    body = {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 10, "stream": stream}
+    async with gateway(nats_server.url, tokenizer, cluster, stall_timeout_s=5.0) as gw:
+        if stream:
+            events = await gw.sse("/v1/completions", body)
+            text = "".join(e["choices"][0]["text"] for e in events[:-1])
+            assert events[-1] == "[DONE]"
+        else:
+            status, out, _ = await gw.post("/v1/completions", body)
+            assert status == 200 and out["usage"]["completion_tokens"] == 10
+            text = out["choices"][0]["text"]
+        first, retry = gw.cluster.submits
+        places = gw.cluster.places
+    want = expected_tokens(PROMPT_IDS, 10)
+    assert text == gw.decode(want)
+    k = retry.output_offset
+    assert 1 <= k <= 5  # tokens the client had when D0 died (the NODE_DOWN may overtake the last chunks)
+    assert retry.request_id == first.request_id + "-r1"
+    assert retry.prompt_token_ids == PROMPT_IDS + want[:k]
+    assert retry.num_original_prompt_tokens == 4 and retry.sampling.max_tokens == 10 - k
+    assert retry.decode_node == "D1" and places[1].exclude_nodes == ["D0"]
+    assert places[1].num_prompt_tokens == 4 + k
+    assert first.request_id in [c.request_id for c in gw.cluster.cancels]
+
+
+async def test_silent_stall_is_retried_after_timeout(nats_server, tokenizer):
+    cluster = {"pairs": TWO_PAIRS, "die_after": {"D0": 3}, "announce_death": False}
+    async with gateway(nats_server.url, tokenizer, cluster, stall_timeout_s=0.3) as gw:
+        status, out, _ = await gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 8})
+        retry = gw.cluster.submits[1]
+    assert status == 200
+    assert out["choices"][0]["text"] == gw.decode(expected_tokens(PROMPT_IDS, 8))
+    assert retry.output_offset == 3 and retry.prompt_token_ids == PROMPT_IDS + expected_tokens(PROMPT_IDS, 3)
+
+
+async def test_retries_exhausted_is_a_clear_error(nats_server, tokenizer):
+    cluster = {"pairs": [("P0", "D0"), ("P1", "D1"), ("P2", "D2")], "die_after": {"D0": 2, "D1": 3, "D2": 4}}
+    async with gateway(nats_server.url, tokenizer, cluster, max_retries=1) as gw:
+        status, out, _ = await gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 8})
+    assert status == 502
+    assert out["error"]["code"] == "node_failed" and out["error"]["type"] == "server_error"
+    assert len(gw.cluster.submits) == 2
+
+
+async def test_retries_exhausted_mid_sse_sends_error_event_then_done(nats_server, tokenizer):
+    cluster = {"pairs": [("P0", "D0")], "die_after": {"D0": 3}}
+    async with gateway(nats_server.url, tokenizer, cluster) as gw:
+        events = await gw.sse("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 8, "stream": True})
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == ErrorCode.NO_NODES.value  # the re-placement found no live pair
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == gw.decode(expected_tokens(PROMPT_IDS, 3))
+
+
+@pytest.mark.parametrize("code,status,retry_after", [(ErrorCode.OVERLOADED, 429, "3"), (ErrorCode.NO_NODES, 503, None)])
+async def test_scheduler_rejection(nats_server, tokenizer, code, status, retry_after):
+    reject = Rejected(request_id="x", code=code, reason="busy", retry_after_s=2.5 if code is ErrorCode.OVERLOADED else 0.0)
+    async with gateway(nats_server.url, tokenizer, {"reject": reject}) as gw:
+        got, out, headers = await gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 3})
+        got_stream, _, _ = await gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 3, "stream": True})
+    assert (got, got_stream) == (status, status)
+    assert out["error"]["code"] == code.value
+    assert headers.get("Retry-After") == retry_after
+    assert gw.cluster.submits == [] and gw.cluster.cancels == []
+
+
+async def test_no_scheduler_is_503(nats_server, tokenizer):
+    async with gateway(nats_server.url, tokenizer, place_timeout_s=0.3) as gw:
+        await gw.cluster.stop()
+        status, out, _ = await gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 3})
+    assert status == 503 and out["error"]["code"] == "scheduler_unavailable"
+
+
+async def test_admission_limits_before_nats(nats_server, tokenizer):
+    async with gateway(nats_server.url, tokenizer, {"hold": True}, max_concurrent_requests=1, retry_after_s=2.0) as gw:
+        first = asyncio.create_task(gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 3}))
+        await _wait_for(lambda: gw.cluster.submits, "first submit")
+        status, out, headers = await gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 3})
+        assert (status, headers["Retry-After"], out["error"]["code"]) == (429, "2", "too_many_requests")
+        assert len(gw.cluster.places) == 1  # the refused request never reached the scheduler
+        gw.cluster.released.set()
+        status1, out1, _ = await first
+    assert status1 == 200 and out1["usage"]["completion_tokens"] == 3
+
+
+async def test_queued_token_limit(nats_server, tokenizer):
+    async with gateway(nats_server.url, tokenizer, {"hold": True}, max_queued_tokens=6) as gw:
+        first = asyncio.create_task(gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 3}))
+        await _wait_for(lambda: gw.cluster.submits, "first submit")
+        status, _, _ = await gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 3})
+        gw.cluster.released.set()
+        await first
+    assert status == 429
+
+
+async def test_api_keys(nats_server, tokenizer):
+    body = {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 2}
+    async with gateway(nats_server.url, tokenizer, api_keys=["k1", "k2"]) as gw:
+        none, out_none, _ = await gw.post("/v1/completions", body)
+        bad, out_bad, _ = await gw.post("/v1/completions", body, headers={"Authorization": "Bearer nope"})
+        good, _, _ = await gw.post("/v1/completions", body, headers={"Authorization": "Bearer k2"})
+        async with gw.http.get(gw.url + "/v1/models") as r:
+            models_status = r.status
+        async with gw.http.get(gw.url + "/health") as r:
+            health_status = r.status
+        async with gw.http.get(gw.url + "/metrics") as r:
+            metrics_status = r.status
+    assert (none, bad, good) == (401, 401, 200)
+    assert out_none["error"]["code"] == out_bad["error"]["code"] == "invalid_api_key"
+    assert (models_status, health_status, metrics_status) == (401, 200, 200)
+    assert "k1" not in repr(gw.config) and "k2" not in repr(gw.config)
