@@ -76,7 +76,7 @@ async def connect(config: NatsConfig, name: str) -> Client:
         servers=config.servers(),
         name=name,
         allow_reconnect=True,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=-1,  # also makes the first connect retry until the server is there
         reconnect_time_wait=0.25,
         connect_timeout=2,
         ping_interval=5,
@@ -84,7 +84,6 @@ async def connect(config: NatsConfig, name: str) -> Client:
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
-        retry_on_failed_connect=True,
     )
     if config.token:
         options["token"] = config.token
