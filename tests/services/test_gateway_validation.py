@@ -1,0 +1,104 @@
+"""Every bad request body gets the exact OpenAI-style 4xx, never a 5xx, and never reaches NATS."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.services.gateway_harness import MODEL, gateway, tokenizer  # noqa: F401 (fixture)
+
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+OK_C = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2}
+OK_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+CASES = [
+    # (path, body, status, code, param)
+    (C, {**OK_C, "model": "gpt-9"}, 404, "model_not_found", "model"),
+    (C, {"prompt": [1]}, 400, "missing_required_parameter", "model"),
+    (C, {**OK_C, "model": 7}, 400, "invalid_type", "model"),
+    (C, {"model": MODEL}, 400, "missing_required_parameter", "prompt"),
+    (C, {**OK_C, "prompt": ""}, 400, "invalid_value", "prompt"),
+    (C, {**OK_C, "prompt": []}, 400, "invalid_value", "prompt"),
+    (C, {**OK_C, "prompt": ["a", "b"]}, 400, "invalid_type", "prompt"),
+    (C, {**OK_C, "prompt": [1, "x"]}, 400, "invalid_type", "prompt"),
+    (C, {**OK_C, "prompt": [1, 49152]}, 400, "invalid_value", "prompt"),
+    (C, {**OK_C, "prompt": [-1]}, 400, "invalid_value", "prompt"),
+    (C, {**OK_C, "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+    (C, {**OK_C, "max_tokens": "5"}, 400, "invalid_type", "max_tokens"),
+    (C, {**OK_C, "max_tokens": True}, 400, "invalid_type", "max_tokens"),
+    (C, {**OK_C, "max_tokens": 2046}, 400, "context_length_exceeded", "max_tokens"),
+    (C, {**OK_C, "prompt": [5] * 2048}, 400, "context_length_exceeded", "prompt"),
+    (C, {**OK_C, "temperature": 2.5}, 400, "invalid_value", "temperature"),
+    (C, {**OK_C, "temperature": -0.1}, 400, "invalid_value", "temperature"),
+    (C, {**OK_C, "top_p": 0}, 400, "invalid_value", "top_p"),
+    (C, {**OK_C, "top_p": 1.5}, 400, "invalid_value", "top_p"),
+    (C, {**OK_C, "top_k": -2}, 400, "invalid_value", "top_k"),
+    (C, {**OK_C, "seed": 1.5}, 400, "invalid_type", "seed"),
+    (C, {**OK_C, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "stop"),
+    (C, {**OK_C, "stop": [1]}, 400, "invalid_type", "stop"),
+    (C, {**OK_C, "stop": ""}, 400, "invalid_value", "stop"),
+    (C, {**OK_C, "n": 2}, 400, "unsupported_value", "n"),
+    (C, {**OK_C, "stream": "yes"}, 400, "invalid_type", "stream"),
+    (C, {**OK_C, "logprobs": 6}, 400, "invalid_value", "logprobs"),
+    (C, {**OK_C, "presence_penalty": 0.5}, 400, "unsupported_value", "presence_penalty"),
+    (C, {**OK_C, "frequency_penalty": 3}, 400, "invalid_value", "frequency_penalty"),
+    (C, {**OK_C, "echo": True}, 400, "unsupported_value", "echo"),
+    (C, [1, 2], 400, "invalid_type", None),
+    (CHAT, {"model": MODEL}, 400, "missing_required_parameter", "messages"),
+    (CHAT, {**OK_CHAT, "messages": []}, 400, "invalid_value", "messages"),
+    (CHAT, {**OK_CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_value", "messages[0].role"),
+    (CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": 5}]}, 400, "invalid_type", "messages[0].content"),
+    (CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "invalid_type", "messages[0].content"),
+    (CHAT, {**OK_CHAT, "messages": ["hi"]}, 400, "invalid_type", "messages[0]"),
+    (CHAT, {**OK_CHAT, "max_completion_tokens": -1}, 400, "invalid_value", "max_completion_tokens"),
+    (CHAT, {**OK_CHAT, "logprobs": True, "top_logprobs": 21}, 400, "invalid_value", "top_logprobs"),
+    (CHAT, {**OK_CHAT, "top_logprobs": 2}, 400, "invalid_value", "top_logprobs"),
+    (CHAT, {**OK_CHAT, "logprobs": 3}, 400, "invalid_type", "logprobs"),
+]
+
+
+@pytest.fixture
+async def gw(nats_server, tokenizer):
+    async with gateway(nats_server.url, tokenizer, max_body_bytes=64 * 1024) as g:
+        yield g
+
+
+async def test_bad_bodies(gw):
+    for path, body, status, code, param in CASES:
+        got, out, _ = await gw.post(path, body)
+        assert (got, out["error"]["code"], out["error"]["param"]) == (status, code, param), (path, body)
+        assert out["error"]["type"] == "invalid_request_error"
+        assert isinstance(out["error"]["message"], str) and out["error"]["message"]
+    assert gw.cluster.places == []
+
+
+async def test_unknown_fields_ignored_and_valid_extras_accepted(gw):
+    body = {**OK_CHAT, "frobnicate": {"x": 1}, "user": "u", "presence_penalty": 0, "n": 1, "seed": 3, "top_k": -1,
+            "stop": "zzz", "logprobs": True, "top_logprobs": 2, "messages": [{"role": "developer", "content": "x"},
+                                                                            {"role": "user", "content": "y"}]}
+    status, out, _ = await gw.post(CHAT, body)
+    assert status == 200
+    assert [e["top_logprobs"][0]["logprob"] for e in out["choices"][0]["logprobs"]["content"]] == [-0.5, -0.5]
+    sampling = gw.cluster.submits[0].sampling
+    assert (sampling.seed, sampling.top_k, sampling.stop, sampling.logprobs, sampling.max_tokens) == (3, 0, ["zzz"], 2, 2)
+
+
+async def test_malformed_json_and_oversized_body(gw):
+    async with gw.http.post(gw.url + C, data=b"{not json", headers={"Content-Type": "application/json"}) as r:
+        bad = (r.status, (await r.json())["error"]["code"])
+    async with gw.http.post(gw.url + C, data=b'{"x": "' + b"a" * 70_000 + b'"}') as r:
+        big = (r.status, (await r.json())["error"]["code"])
+    async with gw.http.get(gw.url + "/v1/nope") as r:
+        missing = (r.status, (await r.json())["error"]["code"])
+    async with gw.http.get(gw.url + C) as r:
+        wrong_method = (r.status, (await r.json())["error"]["code"])
+    assert bad == (400, "invalid_json")
+    assert big == (413, "request_too_large")
+    assert missing == (404, "not_found")
+    assert wrong_method == (405, "method_not_allowed")
+
+
+async def test_chat_default_max_tokens_fills_the_context(gw):
+    status, out, _ = await gw.post(CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    submit = gw.cluster.submits[0]
+    assert status == 200
+    assert submit.sampling.max_tokens == 2048 - len(submit.prompt_token_ids)
