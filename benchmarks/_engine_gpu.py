@@ -1,0 +1,117 @@
+"""Helpers shared by ``engine_bench.py`` and ``gpu_engine_check.py``: graphs, HF twin, timing."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_ms(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int = 2) -> float:
+    """Mean wall time of ``fn`` in ms over ``iters`` calls, synchronising the device around them."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def use_kernel_write_kv() -> bool:
+    """Point the engine's model at :func:`libs.engine.kernels.write_kv` (skips slots < 0).
+
+    The engine's own ``attention.write_kv`` indexes with slot -1 of padded graph rows,
+    which lands in the pool's last block. Returns True if a patch was applied (the
+    integration step the lead makes in ``libs/engine/attention.py`` removes the need).
+    """
+    import libs.engine.model as model_mod
+    from libs.engine.kernels import write_kv
+
+    if model_mod.write_kv is write_kv:
+        return False
+    model_mod.write_kv = write_kv
+    return True
+
+
+def install_graphs(engine: Any, max_num_seqs: int, use_graphs: bool = True) -> Any:
+    """Capture decode graphs for ``engine.runner`` and make them its ``decode_fn``.
+
+    Args:
+        engine: an ``LLMEngine``.
+        max_num_seqs: largest batch to capture.
+        use_graphs: False installs the padding runner without graphs (CPU).
+
+    Returns:
+        The :class:`libs.engine.cuda_graphs.CudaGraphRunner`.
+    """
+    from libs.engine.cuda_graphs import CudaGraphRunner
+
+    runner = engine.runner
+    graphs = CudaGraphRunner(
+        runner.decode_forward,
+        max_num_seqs=max_num_seqs,
+        max_blocks_per_seq=math.ceil(engine.max_model_len / runner.block_size),
+        device=runner.device,
+        use_graphs=use_graphs,
+    )
+    graphs.capture()
+    runner.decode_fn = graphs
+    return graphs
+
+
+def hf_twin(engine: Any) -> Any:
+    """A transformers ``LlamaForCausalLM`` that shares the engine's weight tensors (no copy)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mc = engine.model_config
+    config = LlamaConfig(**mc.to_hf_dict())
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(config)
+    sd = dict(engine.runner.model.state_dict())
+    if mc.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    hf.load_state_dict(sd, strict=False, assign=True)
+    # Rotary tables are buffers, not weights: rebuild them off the meta device.
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config).to(engine.runner.device)
+    still_meta = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"HF twin has tensors left on meta: {still_meta[:5]}")
+    return hf.eval()
+
+
+def weight_bytes_per_decode_step(engine: Any) -> int:
+    """Bytes of weights one decode step reads: every parameter except the embedding table
+    (only B rows of it are gathered), unless the LM head shares it."""
+    model = engine.runner.model
+    seen: set[int] = set()
+    total = 0
+    embed = model.model.embed_tokens.weight
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        if p is embed and not engine.model_config.tie_word_embeddings:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate in bytes/s counting read and write (2 x bytes per copy)."""
+    if device.type != "cuda":
+        nbytes = 64 << 20
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = timed_ms(lambda: dst.copy_(src), device, iters=10, warmup=2)
+    del src, dst
+    return 2 * nbytes / (ms / 1e3)
