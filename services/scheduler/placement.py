@@ -122,7 +122,9 @@ def decode_load(model: CostModel, d: NodeEntry) -> float:
 
 
 def decode_utilisation(d: NodeEntry) -> float:
-    """How full ``d``'s decode side is, 0..1+: batch slots or KV blocks, whichever is tighter."""
-    total = d.report.total_blocks
-    blocks_used = 1.0 - d.free_blocks() / total if total > 0 else 0.0
-    return max(d.num_decode_seqs() / d.max_num_seqs, blocks_used)
+    """How full ``d``'s decode side is by its last report, 0..1: batch slots or KV blocks,
+    whichever is tighter. In-flight placements are left out: they reserve room for
+    requests still queued for prefill, which says nothing about decode being short."""
+    r = d.report
+    blocks_used = 1.0 - r.free_blocks / r.total_blocks if r.total_blocks > 0 else 0.0
+    return max(r.num_running / d.max_num_seqs, blocks_used)

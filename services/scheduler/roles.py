@@ -34,6 +34,9 @@ class RoleConfig:
         decode_high / decode_low: mean decode utilisation (batch slots or KV blocks) above
             which decode is short / below which it has room.
         allow_hybrid: turn nodes hybrid when both sides are short, back when load falls.
+        reverse_cooldown_s: a flip opposite to the last one (decode->prefill after
+            prefill->decode, or the reverse) waits this long: flipping straight back is
+            the sign of a load both sides are near capacity for, where flips only cost.
     """
 
     min_dwell_s: float = 10.0
@@ -43,6 +46,7 @@ class RoleConfig:
     decode_high: float = 0.85
     decode_low: float = 0.6
     allow_hybrid: bool = True
+    reverse_cooldown_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not (self.prefill_low_s < self.prefill_high_s and self.decode_low < self.decode_high):
@@ -63,7 +67,8 @@ class Pressure:
     """The cluster's load as the controller sees it."""
 
     prefill_backlog_s: float  # queued prompt tokens / total prefill rate of prefill-capable nodes
-    decode_util: float  # mean decode utilisation of decode-capable nodes (+ hand-offs held on P)
+    decode_occupancy: float  # mean decode utilisation (batch slots or KV blocks) of decode-capable nodes
+    decode_waiting: float  # prefilled requests held for lack of decode room, per decode batch slot
     num_prefill: int  # READY nodes able to prefill (prefill + hybrid)
     num_decode: int  # READY nodes able to decode (decode + hybrid)
 
@@ -73,13 +78,10 @@ def pressure(nodes: list[NodeEntry], cost: CostModel) -> Pressure:
     ds = [n for n in nodes if n.ready and n.can_decode]
     rate = sum(cost.prefill_rate(n) for n in ps)
     backlog = sum(n.queued_prefill_tokens() for n in ps) / rate if rate > 0 else 0.0
-    util = sum(decode_utilisation(n) for n in ds) / len(ds) if ds else 0.0
+    occupancy = sum(decode_utilisation(n) for n in ds) / len(ds) if ds else 0.0
     slots = sum(n.max_num_seqs for n in ds)
-    # Prefilled requests held on P nodes are waiting for decode room: decode is short.
     held = sum(n.report.num_held for n in nodes if n.can_prefill)
-    if slots:
-        util += held / slots
-    return Pressure(backlog, util, len(ps), len(ds))
+    return Pressure(backlog, occupancy, held / slots if slots else 0.0, len(ps), len(ds))
 
 
 class RoleController:
@@ -106,6 +108,7 @@ class RoleController:
         self.target = target
         self.in_flight: RoleChange | None = None
         self.num_flips = 0
+        self._last: tuple[Role, float] | None = None  # direction (the role gained) and time of the last flip
 
     def step(self) -> tuple[RoleChange | None, list[SchedEvent]]:
         """Advance the flip in flight; if none, maybe start one.
@@ -142,6 +145,7 @@ class RoleController:
         if entry.role == change.new_role and entry.ready:
             self.in_flight = None
             self.num_flips += 1
+            self._last = (change.new_role, now)
             return [self._event(change, "done")]
         if now - change.requested_at > self.config.flip_timeout_s:
             self.in_flight = None
@@ -168,26 +172,35 @@ class RoleController:
         free = [n for n in nodes if n.ready and now - n.role_since >= c.min_dwell_s]
         pr = pressure(nodes, self.cost)
         p_short, p_room = pr.prefill_backlog_s > c.prefill_high_s, pr.prefill_backlog_s < c.prefill_low_s
-        d_short, d_room = pr.decode_util > c.decode_high, pr.decode_util < c.decode_low
+        # Decode is short only when it is full AND prefilled requests wait for it; a full
+        # batch that nobody waits on is busy, not short (it drains as its sequences end).
+        d_short = pr.decode_occupancy > c.decode_high and pr.decode_waiting > 0
+        d_room = pr.decode_waiting == 0
+        d_idle = pr.decode_waiting == 0 and pr.decode_occupancy < c.decode_low
         hybrids = [n for n in free if n.role == Role.HYBRID]
         prefills = [n for n in free if n.role == Role.PREFILL]
         decodes = [n for n in free if n.role == Role.DECODE]
-        why = f"prefill backlog {pr.prefill_backlog_s:.2f}s, decode util {pr.decode_util:.2f}"
+        why = (f"prefill backlog {pr.prefill_backlog_s:.2f}s, decode occupancy {pr.decode_occupancy:.2f}, "
+               f"waiting {pr.decode_waiting:.2f}")
         if p_short and d_short:
             if c.allow_hybrid and (prefills or decodes):
                 # Both sides saturated: let a node do both rather than idle between phases.
                 group = prefills if len(prefills) > len(decodes) else decodes or prefills
                 return self._change(self._least_busy(group), Role.HYBRID, f"overload ({why})")
             return None
-        if hybrids and (p_room or d_room):
+        if hybrids and (p_room or d_idle):
             # Load fell on one side (below the low threshold: the gap keeps it from
             # flapping): give hybrids back a single role, the one the cluster lacks more.
-            to = Role.DECODE if pr.decode_util / c.decode_high > pr.prefill_backlog_s / c.prefill_high_s else Role.PREFILL
+            to = Role.PREFILL if d_idle and not p_room else Role.DECODE
             return self._change(self._least_busy(hybrids), to, f"load fell ({why})")
+        if self._last is not None and now - self._last[1] < c.reverse_cooldown_s:
+            # Only flips in the same direction as the last one until the cooldown ends.
+            recent = self._last[0]
+            d_short = d_short and recent != Role.PREFILL
+            p_short = p_short and recent != Role.DECODE
         if p_short and d_room and pr.num_decode >= 2:
             cands = hybrids or decodes
-            projected = pr.decode_util * pr.num_decode / (pr.num_decode - 1)
-            if cands and projected < c.decode_high:
+            if cands:
                 return self._change(self._least_busy(cands), Role.PREFILL, f"prefill short ({why})")
         if d_short and p_room and pr.num_prefill >= 2:
             cands = hybrids or prefills

@@ -47,38 +47,43 @@ def test_dwell_time_blocks_a_flip() -> None:
 
 
 def test_decode_saturation_flips_a_prefill_node() -> None:
-    _, _, ctl = _setup(report("p1", waiting_tokens=100), report("p2"),
+    # Full decode batches AND prefilled requests held waiting for room: decode is short.
+    _, _, ctl = _setup(report("p1", waiting_tokens=100, held=3), report("p2"),
                        report("d1", Role.DECODE, running=60), report("d2", Role.DECODE, running=62))
     change, _ = ctl.step()
     assert (change.node_id, change.new_role) == ("p2", Role.DECODE)
 
 
 def test_hysteresis_gap_and_floors() -> None:
-    # Decode saturated but the prefill backlog (1 s) sits between its thresholds: no flip.
-    _, _, ctl = _setup(report("p1", waiting_tokens=10_000), report("p2", waiting_tokens=10_000),
+    # Decode short but the prefill backlog (1 s) sits between its thresholds: no flip.
+    _, _, ctl = _setup(report("p1", waiting_tokens=10_000, held=2), report("p2", waiting_tokens=10_000),
                        report("d1", Role.DECODE, running=60))
     assert ctl.step() == (None, [])
-    # Prefill short, decode at 0.7 (between 0.6 and 0.85): no flip either.
-    _, _, ctl = _setup(report("p1", waiting_tokens=60_000), report("d1", Role.DECODE, running=45),
+    # Decode full with nobody waiting is busy, not short: prefill room does not flip a P node.
+    _, _, ctl = _setup(report("p1"), report("p2"), report("d1", Role.DECODE, running=64))
+    assert ctl.step() == (None, [])
+    # Prefill short but hand-offs wait for decode room: no D node leaves decode.
+    _, _, ctl = _setup(report("p1", waiting_tokens=60_000, held=1), report("d1", Role.DECODE, running=45),
                        report("d2", Role.DECODE, running=45))
     assert ctl.step() == (None, [])
     # One node of each role: nothing may leave its side empty.
     _, _, ctl = _setup(report("p1", waiting_tokens=90_000), report("d1", Role.DECODE))
     assert ctl.step() == (None, [])
-    _, _, ctl = _setup(report("p1"), report("d1", Role.DECODE, running=64))
+    _, _, ctl = _setup(report("p1", held=5), report("d1", Role.DECODE, running=64))
     assert ctl.step() == (None, [])
 
 
 def test_overload_goes_hybrid_and_back() -> None:
-    clock, reg, ctl = _setup(report("p1", waiting_tokens=40_000), report("p2", waiting_tokens=40_000),
+    clock, reg, ctl = _setup(report("p1", waiting_tokens=40_000, held=4), report("p2", waiting_tokens=40_000),
                              report("d1", Role.DECODE, running=60), report("d2", Role.DECODE, running=63))
     change, _ = ctl.step()
     assert (change.node_id, change.new_role) == ("d1", Role.HYBRID)
     clock.advance(1.0)
     reg.update(report("d1", Role.HYBRID, running=60))
+    reg.update(report("p1", waiting_tokens=40_000, held=4))
     change, _ = ctl.step()  # d1 done; still overloaded: the next node goes hybrid too
-    assert (change.node_id, change.new_role) == ("p1", Role.HYBRID)
-    ctl.failed("p1", "refused")
+    assert (change.node_id, change.new_role) == ("p2", Role.HYBRID)
+    ctl.failed("p2", "refused")
     clock.advance(12.0)
     # Load falls: prefill idle, decode moderate -> the hybrid returns to a single role.
     for nid in ("p1", "p2"):
@@ -87,6 +92,24 @@ def test_overload_goes_hybrid_and_back() -> None:
     reg.update(report("d2", Role.DECODE, running=40))
     change, _ = ctl.step()
     assert (change.node_id, change.old_role, change.new_role) == ("d1", Role.HYBRID, Role.DECODE)
+
+
+def test_no_flip_straight_back_within_the_cooldown() -> None:
+    clock, reg, ctl = _setup(report("p1", waiting_tokens=60_000), report("d1", Role.DECODE),
+                             report("d2", Role.DECODE), report("d3", Role.DECODE))
+    change, _ = ctl.step()
+    assert (change.node_id, change.new_role) == ("d1", Role.PREFILL)
+    clock.advance(1.0)
+    reg.update(report("d1", Role.PREFILL))
+    ctl.step()
+    # Now decode is short and prefill idle; p1 has dwelt long enough but the reverse waits 30 s.
+    reg.update(report("p1", held=5))
+    for nid in ("d2", "d3"):
+        reg.update(report(nid, Role.DECODE, running=64))
+    assert ctl.step() == (None, [])
+    clock.advance(30.0)
+    change, _ = ctl.step()
+    assert (change.node_id, change.new_role) == ("p1", Role.DECODE)
 
 
 def test_failed_and_timed_out_flips_are_forgotten() -> None:

@@ -1,0 +1,65 @@
+"""Node cost model of the simulator, calibrated in one place from figures measured here.
+
+Sources (``/work/shared/DESIGN.md``, "Facts measured here", H100, Llama-3.1-8B shape, bf16):
+
+| figure | value | used for |
+| --- | --- | --- |
+| HF prefill, 8192 tokens, batch 1 | 253 ms | prefill fit (1) |
+| HF prefill, batch 32 x 512 tokens | 453 ms | prefill fit (2) |
+| decode weight-read floor | 5.4 ms | ``decode_c`` (plus 2 ms launch/sampling, assumed) |
+| same-GPU device copy, read + write | 2.8 TB/s | ``decode_e``: KV bytes/token read each step |
+| NVLink peer copy, 1 GiB, one call | 2.73 ms = 367 GiB/s | ``bw_nvlink`` |
+| one merged 1 GiB copy vs block-wise | 2.81 vs 2.73 ms | ``transfer_latency_s`` ~ 0.1 ms |
+
+Prefill: t = a + b·Σtokens + q·Σtokens_i² with a = 15 ms (assumed launch overhead); (1)
+and (2) then give b = 2.658e-5 s/token (37.6k tok/s) and q = 3.02e-10 s/token² (attention).
+Decode step: t = c + d·batch + e·Σcontext; e = 131,072 B/token (32 layers x 2 x 8 heads x
+128 x 2 B) / 2.8e12 B/s = 4.7e-8 s; d = 6e-5 s/sequence is 16 GFLOP/token at ~270 TFLOP/s
+effective (an assumption: HF's batched step, 62 ms, is dominated by its own overheads).
+KV capacity: 80 GB x 0.85 - 16 GB weights = 52 GB = 24,800 blocks of 16 tokens (2 MiB each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NodeCosts:
+    """Costs of one simulated node (one GPU running an 8B model)."""
+
+    device_name: str = "NVIDIA H100 80GB HBM3 (simulated)"
+    prefill_a: float = 0.015
+    prefill_b: float = 2.658e-5
+    prefill_q: float = 3.02e-10
+    decode_c: float = 0.0074
+    decode_d: float = 6e-5
+    decode_e: float = 4.7e-8
+    block_size: int = 16
+    kv_block_bytes: int = 16 * 131_072
+    total_blocks: int = 24_800
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 16_384
+    bw_nvlink: float = 367 * 2**30
+    transfer_latency_s: float = 1e-4
+
+    def prefill_s(self, prompt_lens: list[int]) -> float:
+        """Time of one prefill batch of these (uncached) prompt lengths."""
+        return self.prefill_a + self.prefill_b * sum(prompt_lens) + self.prefill_q * sum(n * n for n in prompt_lens)
+
+    def decode_step_s(self, batch: int, total_context: int) -> float:
+        return self.decode_c + self.decode_d * batch + self.decode_e * total_context
+
+    def transfer_s(self, blocks: int) -> float:
+        return self.transfer_latency_s + blocks * self.kv_block_bytes / self.bw_nvlink
+
+    def scaled(self, speed: float, name: str) -> NodeCosts:
+        """A device ``speed`` times as fast (heterogeneous clusters)."""
+        return NodeCosts(
+            device_name=name, prefill_a=self.prefill_a / speed, prefill_b=self.prefill_b / speed,
+            prefill_q=self.prefill_q / speed, decode_c=self.decode_c / speed, decode_d=self.decode_d / speed,
+            decode_e=self.decode_e / speed, total_blocks=self.total_blocks, max_num_seqs=self.max_num_seqs,
+        )
+
+
+H100_8B = NodeCosts()

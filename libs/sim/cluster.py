@@ -1,0 +1,158 @@
+"""The simulated cluster: an event queue on sim time driving the real scheduler core.
+
+Each request arrives, is placed by the policy (``services.scheduler.policies``, the same
+objects the service uses), and a Rejected one retries after its Retry-After like a client
+of the gateway would. Nodes report load every ``report_interval_s`` into the real
+NodeRegistry; the real RoleController runs every ``role_interval_s`` and its SetRoles
+reach the simulated nodes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from libs.protocol.messages import PlaceRequest, Placement, Role
+from libs.sim.calibration import H100_8B, NodeCosts
+from libs.sim.node import Job, SimNode
+from libs.sim.workload import SimRequest
+from services.scheduler.clock import ManualClock
+from services.scheduler.policies import PlacementConfig, make_policy
+from services.scheduler.registry import NodeRegistry
+from services.scheduler.roles import RoleConfig
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Knobs of one simulation run (the scheduler's own knobs are its real configs)."""
+
+    report_interval_s: float = 0.2
+    role_interval_s: float = 0.5
+    max_retries: int = 3
+    strict_drain: bool = False
+    placement: PlacementConfig = field(default_factory=lambda: PlacementConfig(max_ttft_s=10.0))
+    roles: RoleConfig = field(default_factory=RoleConfig)
+
+
+class Cluster:
+    """Nodes, scheduler and the event queue of one run.
+
+    Args:
+        num_nodes: cluster size.
+        policy: a policy name for ``make_policy``.
+        requests: the workload (sorted by arrival).
+        horizon_s: simulated time at which the run stops.
+        config: simulation knobs.
+        costs: one NodeCosts per node (default: all H100 8B).
+    """
+
+    def __init__(self, num_nodes: int, policy: str, requests: list[SimRequest], horizon_s: float,
+                 config: SimConfig | None = None, costs: list[NodeCosts] | None = None) -> None:
+        self.config = config or SimConfig()
+        self.clock = ManualClock(0.0)
+        self.registry = NodeRegistry(self.clock, node_timeout_s=3.0)
+        self.policy = make_policy(policy, self.registry, self.config.placement, self.config.roles)
+        self.horizon_s = horizon_s
+        self.requests = requests
+        self.jobs: list[Job] = [Job(r) for r in requests]
+        self.finished: list[Job] = []
+        self.num_rejections = 0
+        self.flips: list[tuple[float, str, Role, Role]] = []
+        self.role_timeline: list[tuple[float, int, int, int]] = []  # (t, #prefill, #decode, #hybrid)
+        self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._tie = itertools.count()
+        costs = costs or [H100_8B] * num_nodes
+        ids = [f"n{i:02d}" for i in range(num_nodes)]
+        self.nodes: dict[str, SimNode] = {}
+        for i, nid in enumerate(ids):
+            role = Role.PREFILL if i < max(num_nodes // 2, 1) else Role.DECODE
+            self.nodes[nid] = SimNode(nid, role, costs[i], self.schedule, self._first_token, self._finished,
+                                      strict_drain=self.config.strict_drain)
+        self._pin_fixed_roles()
+
+    def _pin_fixed_roles(self) -> None:
+        # A fixed split starts in its split (as an operator would deploy it).
+        for node in self.nodes.values():
+            self.registry.update(node.report())
+        target = self.policy.target_roles(self.registry.nodes())
+        if target:
+            for nid, role in target.items():
+                self.nodes[nid].role = role
+            for node in self.nodes.values():
+                self.registry.update(node.report())
+
+    def schedule(self, t: float, fn: Callable[..., None], *args: Any) -> None:
+        heapq.heappush(self._events, (t, next(self._tie), fn, args))
+
+    def run(self) -> Cluster:
+        """Run until the horizon; returns self (metrics read the jobs)."""
+        for job in self.jobs:
+            self.schedule(job.req.arrival, self._arrive, job)
+        n = len(self.nodes)
+        for i, node in enumerate(self.nodes.values()):
+            self.schedule(self.config.report_interval_s * (i + 1) / n, self._report, node)
+        self.schedule(self.config.role_interval_s, self._role_tick)
+        while self._events:
+            t, _, fn, args = heapq.heappop(self._events)
+            if t > self.horizon_s:
+                break
+            self.clock.set(t)
+            fn(t, *args)
+        return self
+
+    def _arrive(self, now: float, job: Job) -> None:
+        job.attempts += 1
+        req = PlaceRequest(request_id=job.req.request_id, model="sim-8b", num_prompt_tokens=job.req.num_prompt_tokens,
+                           max_tokens=job.req.max_tokens)
+        out = self.policy.place(req)
+        if isinstance(out, Placement):
+            job.prefill_node, job.decode_node = out.prefill_node, out.decode_node
+            self.nodes[out.prefill_node].submit(job, now)
+            return
+        self.num_rejections += 1
+        if job.attempts > self.config.max_retries:
+            job.dropped = True
+            return
+        self.schedule(now + max(out.retry_after_s, 0.5), self._arrive, job)
+
+    def _first_token(self, job: Job, src: SimNode, now: float) -> None:
+        job.first_token_s = now
+        if job.req.max_tokens <= 1:
+            self._finished(job, now)
+            return
+        dst = self.nodes[job.decode_node]
+        if dst is src:
+            if dst.has_room(job):
+                dst.reserve(job)
+                dst.join(job, now)
+                return
+        elif dst.has_room(job) and not dst.waiters:
+            dst.reserve(job)
+            self.schedule(now + src.transfer_s(dst, job), dst._transfer_done, job, src)
+            return
+        src.num_held += 1
+        dst.waiters.append((src, job))
+
+    def _finished(self, job: Job, now: float) -> None:
+        job.finish_s = now
+        self.finished.append(job)
+
+    def _report(self, now: float, node: SimNode) -> None:
+        self.registry.update(node.report())
+        self.schedule(now + self.config.report_interval_s, self._report, node)
+
+    def _role_tick(self, now: float) -> None:
+        self.registry.expire()
+        roles = self.policy.roles
+        if roles is not None:
+            change, _ = roles.step()
+            if change is not None:
+                self.flips.append((now, change.node_id, change.old_role, change.new_role))
+                self.nodes[change.node_id].set_role(change.new_role)
+        counts = [sum(1 for n in self.nodes.values() if n.role == r) for r in (Role.PREFILL, Role.DECODE, Role.HYBRID)]
+        if not self.role_timeline or self.role_timeline[-1][1:] != tuple(counts):
+            self.role_timeline.append((now, *counts))
+        self.schedule(now + self.config.role_interval_s, self._role_tick)

@@ -1,0 +1,67 @@
+"""Metrics of a simulation run: throughput, TTFT/TPOT percentiles, SLO attainment."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from libs.sim.cluster import Cluster
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_s: float = 5.0
+    tpot_s: float = 0.1
+
+
+@dataclass
+class RunMetrics:
+    policy: str
+    scenario: str
+    num_nodes: int
+    num_requests: int
+    num_completed: int
+    num_dropped: int
+    num_rejections: int
+    num_flips: int
+    throughput_rps: float  # requests completed within the arrival window / window
+    throughput_tok_s: float  # their output tokens / window
+    ttft_p50: float
+    ttft_p90: float
+    ttft_p99: float
+    tpot_p50: float
+    tpot_p90: float
+    tpot_p99: float
+    slo_attainment: float  # share of all requests that completed within both SLOs
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(round(p / 100 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def summarize(cluster: Cluster, policy: str, scenario: str, window_s: float, slo: SLO) -> RunMetrics:
+    done = [j for j in cluster.finished if j.finish_s <= window_s]
+    ttft = [j.first_token_s - j.req.arrival for j in done]
+    tpot = [(j.finish_s - j.first_token_s) / (j.req.max_tokens - 1) for j in done if j.req.max_tokens > 1]
+    ok = sum(
+        1 for j in done
+        if j.first_token_s - j.req.arrival <= slo.ttft_s
+        and (j.req.max_tokens <= 1 or (j.finish_s - j.first_token_s) / (j.req.max_tokens - 1) <= slo.tpot_s)
+    )
+    n = len(cluster.jobs)
+    return RunMetrics(
+        policy=policy, scenario=scenario, num_nodes=len(cluster.nodes), num_requests=n, num_completed=len(done),
+        num_dropped=sum(1 for j in cluster.jobs if j.dropped), num_rejections=cluster.num_rejections,
+        num_flips=len(cluster.flips), throughput_rps=len(done) / window_s,
+        throughput_tok_s=sum(j.req.max_tokens for j in done) / window_s,
+        ttft_p50=percentile(ttft, 50), ttft_p90=percentile(ttft, 90), ttft_p99=percentile(ttft, 99),
+        tpot_p50=percentile(tpot, 50), tpot_p90=percentile(tpot, 90), tpot_p99=percentile(tpot, 99),
+        slo_attainment=ok / n if n else 0.0,
+    )
