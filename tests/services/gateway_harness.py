@@ -72,8 +72,7 @@ async def gateway(nats_url: str, tokenizer: ModelTokenizer, cluster: dict[str, A
     fake = await FakeCluster(nc, **(cluster or {})).start()
     port = free_port()
     cfg = GatewayConfig(model=MODEL, port=port, gateway_id="gwtest", **config)
-    # The gateway gets a connection of its own (services.common.nats.connect passes an
-    # option this nats-py lacks; reported to its owner).
+    # The gateway gets a connection of its own, opened here so the test controls its life.
     gw_nc = await nats.connect(nats_url)
     runner = make_runner(create_app(cfg, NatsConfig(url=nats_url), nc=gw_nc, tokenizer=tokenizer))
     await runner.setup()
