@@ -1,0 +1,76 @@
+"""AsyncEngine: streams, prefill hand-off, cancellation, failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from libs.engine.async_engine import AsyncEngine, EngineError
+from libs.engine.sampling import SamplingParams
+from tests.engine.conftest import make_engine
+
+PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+async def test_generate_prefill_and_decode_remote() -> None:
+    p, d = AsyncEngine(engine=make_engine(num_blocks=32)), AsyncEngine(engine=make_engine(num_blocks=32))
+    await p.start()
+    await d.start()
+    try:
+        prompt = list(range(100, 111))
+        ref = [t async for o in p.generate("g", prompt, PARAMS) for t in o.token_ids]
+        assert len(ref) == 6
+        res = await p.prefill("x", prompt, PARAMS)
+        assert res.output.prefilled and res.output.token_ids == ref[:1] and len(res.block_ids) == 3
+        alloc = await d.allocate_remote("x", prompt)
+        for s, t in zip(res.block_ids, alloc.block_ids):
+            d.pool.tensor[t].copy_(p.pool.tensor[s])
+        await p.release("x")
+        rest = [t async for o in d.decode_remote("x", prompt, ref[0], PARAMS) for t in o.token_ids]
+        assert [ref[0], *rest] == ref
+        assert (await p.run(lambda e: e.stats().free_blocks)) == 32
+        assert (await d.run(lambda e: e.stats().free_blocks)) == 32
+    finally:
+        await p.stop()
+        await d.stop()
+
+
+async def test_cancelling_a_stream_aborts_and_frees() -> None:
+    ae = AsyncEngine(engine=make_engine(num_blocks=32))
+    await ae.start()
+    try:
+        gen = ae.generate("c", list(range(3, 20)), SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+        first = await gen.__anext__()
+        assert first.token_ids
+        await gen.aclose()
+        for _ in range(100):
+            if (await ae.run(lambda e: e.stats().free_blocks)) == 32:
+                break
+            await asyncio.sleep(0.01)
+        assert (await ae.run(lambda e: (e.stats().free_blocks, e.stats().num_running))) == (32, 0)
+    finally:
+        await ae.stop()
+
+
+async def test_step_failure_fails_requests_loudly() -> None:
+    engine = make_engine(num_blocks=32)
+    ae = AsyncEngine(engine=engine)
+    await ae.start()
+    try:
+        real = engine.runner.prefill
+
+        def boom(*a, **k):  # type: ignore[no-untyped-def]
+            raise RuntimeError("device lost")
+
+        engine.runner.prefill = boom  # type: ignore[method-assign]
+        with pytest.raises(EngineError, match="device lost"):
+            async for _ in ae.generate("f", [5, 6, 7], PARAMS):
+                pass
+        engine.runner.prefill = real  # type: ignore[method-assign]
+        toks = [t async for o in ae.generate("ok", [5, 6, 7], PARAMS) for t in o.token_ids]
+        assert len(toks) == 6
+        with pytest.raises(ValueError):
+            await ae.allocate_remote("bad", list(range(500)))
+    finally:
+        await ae.stop()
