@@ -101,15 +101,15 @@ def test_no_flip_straight_back_within_the_cooldown() -> None:
     assert (change.node_id, change.new_role) == ("d1", Role.PREFILL)
     clock.advance(1.0)
     reg.update(report("d1", Role.PREFILL))
-    ctl.step()
     # Now decode is short and prefill idle; p1 has dwelt long enough but the reverse waits 30 s.
     reg.update(report("p1", held=5))
     for nid in ("d2", "d3"):
         reg.update(report(nid, Role.DECODE, running=64))
-    assert ctl.step() == (None, [])
+    change, events = ctl.step()
+    assert change is None and [e.detail for e in events] == ["done"]
     clock.advance(30.0)
     change, _ = ctl.step()
-    assert (change.node_id, change.new_role) == ("p1", Role.DECODE)
+    assert (change.node_id, change.new_role) == ("d1", Role.DECODE)  # p1 holds hand-offs: d1 drains first
 
 
 def test_failed_and_timed_out_flips_are_forgotten() -> None:

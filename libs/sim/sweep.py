@@ -1,0 +1,114 @@
+"""Run one simulation, or sweep policies x scenarios, and write JSON, a markdown table and PNGs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from libs.sim.cluster import Cluster, SimConfig
+from libs.sim.metrics import SLO, RunMetrics, summarize
+from libs.sim.workload import SCENARIOS, duration, generate
+
+
+def run_one(num_nodes: int, scenario: str, policy: str, seed: int = 0, scale: float = 1.0,
+            config: SimConfig | None = None, slo: SLO | None = None) -> tuple[RunMetrics, Cluster]:
+    """Simulate ``policy`` on ``scenario``; the same seed gives the same requests for every policy."""
+    window = duration(scenario, scale)
+    cluster = Cluster(num_nodes, policy, generate(scenario, num_nodes, seed, scale), window, config).run()
+    return summarize(cluster, policy, scenario, window, slo or SLO()), cluster
+
+
+def sweep_policies(num_nodes: int) -> list[str]:
+    """flowkv, round_robin, least_loaded and every fixed split p:d with p + d = nodes."""
+    return ["flowkv", "round_robin", "least_loaded"] + [f"fixed:{p}:{num_nodes - p}" for p in range(1, num_nodes)]
+
+
+def markdown(results: list[RunMetrics]) -> str:
+    head = ("| scenario | policy | req/s | out tok/s | TTFT p50/p90/p99 (s) | TPOT p50/p90/p99 (ms) | SLO | "
+            "rejections | flips |\n|---|---|---|---|---|---|---|---|---|\n")
+    rows = [
+        f"| {m.scenario} | {m.policy} | {m.throughput_rps:.2f} | {m.throughput_tok_s:.0f} | "
+        f"{m.ttft_p50:.2f}/{m.ttft_p90:.2f}/{m.ttft_p99:.2f} | "
+        f"{m.tpot_p50 * 1e3:.0f}/{m.tpot_p90 * 1e3:.0f}/{m.tpot_p99 * 1e3:.0f} | {m.slo_attainment:.0%} | "
+        f"{m.num_rejections} | {m.num_flips} |"
+        for m in results
+    ]
+    return head + "\n".join(rows) + "\n"
+
+
+def targets(results: list[RunMetrics]) -> list[str]:
+    """The FlowKV targets, checked on requests/s: +15% over fixed 1:1 under imbalance,
+    within 5% of the best fixed split in every scenario."""
+    lines = []
+    for sc in sorted({m.scenario for m in results}):
+        by = {m.policy: m for m in results if m.scenario == sc}
+        if "flowkv" not in by:
+            continue
+        fixed = {k: v for k, v in by.items() if k.startswith("fixed:")}
+        if fixed:
+            best = max(fixed.values(), key=lambda m: m.throughput_rps)
+            ratio = by["flowkv"].throughput_rps / best.throughput_rps
+            lines.append(f"{sc}: flowkv / best fixed ({best.policy}) = {ratio:.3f} "
+                         f"({'ok' if ratio >= 0.95 else 'MISSED'}: >= 0.95)")
+        half = [k for k in fixed if k.split(":")[1] == k.split(":")[2]]
+        if sc == "imbalance" and half:
+            ratio = by["flowkv"].throughput_rps / by[half[0]].throughput_rps
+            lines.append(f"{sc}: flowkv / {half[0]} = {ratio:.3f} ({'ok' if ratio >= 1.15 else 'MISSED'}: >= 1.15)")
+    return lines
+
+
+def plot(results: list[RunMetrics], clusters: dict[tuple[str, str], Cluster], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    scenarios = [s for s in SCENARIOS if any(m.scenario == s for m in results)]
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 4), squeeze=False)
+    for ax, sc in zip(axes[0], scenarios):
+        ms = [m for m in results if m.scenario == sc]
+        ax.bar([m.policy for m in ms], [m.throughput_rps for m in ms], color="tab:blue")
+        ax.set_title(f"{sc}: throughput (req/s)")
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    written.append(out / "throughput.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 4), squeeze=False)
+    for ax, sc in zip(axes[0], scenarios):
+        ms = [m for m in results if m.scenario == sc]
+        ax.bar([m.policy for m in ms], [m.slo_attainment for m in ms], color="tab:green")
+        ax.set_title(f"{sc}: SLO attainment")
+        ax.set_ylim(0, 1)
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    written.append(out / "slo.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    for (sc, pol), cl in clusters.items():
+        if pol != "flowkv" or not cl.role_timeline:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ts = [t for t, *_ in cl.role_timeline] + [cl.horizon_s]
+        for i, (label, color) in enumerate((("prefill", "tab:orange"), ("decode", "tab:blue"), ("hybrid", "tab:gray"))):
+            ys = [row[1 + i] for row in cl.role_timeline]
+            ax.step(ts, ys + ys[-1:], where="post", label=label, color=color)
+        ax.set_xlabel("sim time (s)")
+        ax.set_ylabel("nodes")
+        ax.set_title(f"flowkv roles, {sc}")
+        ax.legend()
+        fig.tight_layout()
+        written.append(out / f"roles_{sc}.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
+
+
+def write(results: list[RunMetrics], clusters: dict[tuple[str, str], Cluster], out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps([m.as_dict() for m in results], indent=1))
+    text = markdown(results) + "\n" + "\n".join(targets(results)) + "\n"
+    (out / "results.md").write_text(text)
+    plot(results, clusters, out)
+    return text
