@@ -16,7 +16,7 @@ Life of ``flowkv up``:
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import signal
 import sys
 import threading
@@ -90,18 +90,31 @@ def build_config(args: argparse.Namespace | None = None, **overrides: object) ->
         raise SystemExit(f"flowkv up: {exc}") from None
 
 
-def wait_ready(url: str, sup: Supervisor, stop: threading.Event, timeout: float) -> bool:
-    """Poll ``url`` until it answers 200; False if a child dies, a signal arrives or time runs out."""
+def is_ready(url: str, num_nodes: int) -> bool:
+    """True when ``url`` (the gateway's /ready) answers 200 and, if it lists nodes, lists them all."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            if resp.status != 200:
+                return False
+            body = resp.read()
+    except (urllib.error.URLError, OSError):
+        return False
+    try:
+        nodes = json.loads(body).get("nodes")
+    except (ValueError, AttributeError):
+        return True
+    # The gateway is ready with one live node; `flowkv up` waits for all it started.
+    return not isinstance(nodes, list) or len(nodes) >= num_nodes
+
+
+def wait_ready(url: str, num_nodes: int, sup: Supervisor, stop: threading.Event, timeout: float) -> bool:
+    """Poll ``url`` until it is ready; False if a child dies, a signal arrives or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if stop.is_set() or sup.first_dead() is not None:
             return False
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
+        if is_ready(url, num_nodes):
+            return True
         stop.wait(0.5)
     return False
 
@@ -138,7 +151,7 @@ def serve(cfg: UpConfig, out=sys.stdout) -> int:
     cluster = plan_cluster(cfg)
     try:
         start_cluster(sup, cluster.children)
-        if not wait_ready(cfg.local_url + "/ready", sup, stop, cfg.ready_timeout_s):
+        if not wait_ready(cfg.local_url + "/ready", cfg.num_nodes, sup, stop, cfg.ready_timeout_s):
             return _failed(sup, sink, stop, cfg)
         sink.line("flowkv", banner(cfg))
         while not stop.wait(0.25):
