@@ -32,6 +32,8 @@ def _base_type(tp: Any) -> Any:
 
 def _parse(tp: Any, raw: str) -> Any:
     base = _base_type(tp)
+    if raw == "" and typing.get_origin(base) is list:
+        return []  # an empty variable is an empty list (compose sets FOO= for "none"), not None
     if raw == "" and base is not str and base is not bool:
         return None
     if base is bool:
