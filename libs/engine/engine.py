@@ -266,6 +266,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         chunks = []
         for req, n in plan.prefills:
+            if req.prefill_started_at is None:
+                req.prefill_started_at = t0
             start = req.num_computed_tokens
             chunks.append((req.token_ids[start : start + n], start, self.blocks.block_ids(req.request_id)))
         hidden = self.runner.prefill(chunks)
@@ -317,6 +319,8 @@ class LLMEngine:
         if reason is not None:
             self._finish(req, reason)
         out = self._output(req, [token], reason, logprobs)
+        if req.num_output_tokens == 1 and req.prefill_started_at is not None:
+            out.prefill_s = time.perf_counter() - req.prefill_started_at
         if reason is None and req.prefill_only:
             out.finished, out.prefilled = True, True
             out.text += req.detok.take_delta(final=True)

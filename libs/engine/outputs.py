@@ -49,6 +49,7 @@ class TokenOutput(msgspec.Struct, omit_defaults=True):
     num_cached_tokens: int = 0
     error: str | None = None
     prefilled: bool = False
+    prefill_s: float = 0.0  # on the first token's output: start of its first prefill step -> sampled
 
 
 class RemoteAllocation(msgspec.Struct, frozen=True):

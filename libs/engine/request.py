@@ -37,6 +37,8 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
+    # perf_counter() at the start of the step that first scheduled this prompt, for TokenOutput.prefill_s
+    prefill_started_at: float | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -239,6 +239,7 @@ class TokenChunk(Message, tag="tokens"):
     num_cached_tokens: int = 0
     code: ErrorCode | None = None
     error: str = ""
+    prefill_s: float = 0.0
 
 
 # ---------------------------------------------------------------- scheduler -> nodes

@@ -61,7 +61,7 @@ def chunk_of(out: TokenOutput, node_id: str, index: int, usage: Usage) -> TokenC
         request_id=out.request_id, node_id=node_id, index=index, token_ids=list(out.token_ids), text=out.text,
         logprobs=wire_logprobs(out), finished=out.finished and out.finish_reason is not None,
         finish_reason=out.finish_reason, num_prompt_tokens=usage.num_prompt_tokens,
-        num_cached_tokens=usage.num_cached_tokens, code=code, error=out.error or "",
+        num_cached_tokens=usage.num_cached_tokens, code=code, error=out.error or "", prefill_s=out.prefill_s,
     )
 
 
