@@ -32,6 +32,7 @@ class Generation:
         self.logprobs = LogprobsBuilder(req.endpoint, tokenizer) if req.logprobs is not None else None
         self.started = started
         self.first_token_at: float | None = None
+        self.prefill_s = 0.0  # the engine's prefill time reported with the first token (0: not reported)
         self.num_output = 0
         self.num_cached = 0
         self.finished = False
@@ -47,6 +48,9 @@ class Generation:
         if item.token_ids and self.first_token_at is None:
             self.first_token_at = now
             metrics.TTFT.observe(now - self.started)
+            self.prefill_s = item.prefill_s
+            if item.prefill_s > 0:
+                metrics.CONTROL_PLANE.observe(max(0.0, now - self.started - item.prefill_s))
         self.num_cached = max(self.num_cached, item.num_cached_tokens)
         used: list[int] = []
         for tid in item.token_ids:
@@ -65,6 +69,16 @@ class Generation:
         if self.finished:
             self._observe_end(now)
         return text, lp
+
+    def timing(self) -> dict[str, float | None]:
+        """The ``flowkv`` extension object: TTFT, the engine's prefill time and their difference.
+
+        ``ttft_s`` is the gateway's arrival -> first token received; ``control_plane_s`` is
+        ``ttft_s - prefill_s`` (None while no token came or the node reported no prefill time).
+        """
+        ttft = None if self.first_token_at is None else self.first_token_at - self.started
+        overhead = None if ttft is None or self.prefill_s <= 0 else ttft - self.prefill_s
+        return {"ttft_s": ttft, "prefill_s": self.prefill_s, "control_plane_s": overhead}
 
     def _observe_end(self, now: float) -> None:
         metrics.E2E.observe(now - self.started)

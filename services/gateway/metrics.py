@@ -19,6 +19,11 @@ TPOT = Histogram(
     "flowkv_gateway_time_per_output_token_seconds", "mean time between output tokens after the first, per request",
     buckets=_TPOT_BUCKETS,
 )
+CONTROL_PLANE = Histogram(
+    "flowkv_gateway_control_plane_seconds",
+    "request arrival to first token received, minus the engine's own prefill time (TokenChunk.prefill_s)",
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
 E2E = Histogram("flowkv_gateway_e2e_request_latency_seconds", "request arrival to its last token", buckets=_LATENCY_BUCKETS)
 PROMPT_TOKENS = Counter("flowkv_gateway_prompt_tokens_total", "prompt tokens of finished requests")
 GENERATION_TOKENS = Counter("flowkv_gateway_generation_tokens_total", "output tokens sent to clients")

@@ -128,6 +128,8 @@ async def _whole(st: GatewayState, req: GenerationRequest, gen: Generation, item
         req.endpoint, request_id, st.config.served_model_name, responses.now(), "".join(texts), gen.finish_reason, logprobs,
         responses.usage(len(req.prompt_token_ids), gen.num_output, gen.num_cached),
     )
+    if req.timing:
+        body["flowkv"] = gen.timing()
     return web.json_response(body)
 
 
@@ -151,7 +153,10 @@ async def _stream(request: web.Request, st: GatewayState, req: GenerationRequest
             text, lp = gen.take(item)
             if text or lp or gen.finished:
                 fin = gen.finish_reason if gen.finished else None
-                await resp.write(_sse(responses.chunk(req.endpoint, request_id, model, created, text, fin, lp)))
+                body = responses.chunk(req.endpoint, request_id, model, created, text, fin, lp)
+                if gen.finished and req.timing:
+                    body["flowkv"] = gen.timing()
+                await resp.write(_sse(body))
             if gen.finished:
                 break
             item = await anext(items, None)

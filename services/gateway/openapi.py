@@ -46,6 +46,8 @@ def _sampling_properties(model: str) -> dict[str, Any]:
         "presence_penalty": {"type": ["number", "null"], "enum": [0, None]},
         "frequency_penalty": {"type": ["number", "null"], "enum": [0, None]},
         "ignore_eos": {"type": ["boolean", "null"]},
+        "flowkv_timing": {"type": ["boolean", "null"],
+                          "description": "add `flowkv: {ttft_s, prefill_s, control_plane_s}` to the response (last chunk when streaming)"},
         "min_tokens": {"type": ["integer", "null"], "minimum": 0},
         "user": {"type": "string"},
     }

@@ -39,6 +39,7 @@ class GenerationRequest:
     prompt_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # top alternatives per token; None = no logprobs
     max_tokens_given: bool = False
+    timing: bool = False  # extension ``flowkv_timing``: add per-request timings (``flowkv``) to the response
 
 
 def _is_int(v: Any) -> bool:
@@ -159,6 +160,7 @@ def _common(body: Any, endpoint: Endpoint, served_model: str) -> GenerationReque
     include_usage = bool(opts and opts.get("include_usage") is True)
     req = GenerationRequest(endpoint, model, _sampling(body, max_tokens), stream=stream, include_usage=include_usage)
     req.max_tokens_given = max_tokens is not None
+    req.timing = _opt_bool(body, "flowkv_timing")
     if max_tokens is None and endpoint is Endpoint.COMPLETIONS:
         req.sampling.max_tokens = 16  # OpenAI's completions default; chat defaults to the room left
     return req

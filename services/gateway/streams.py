@@ -43,6 +43,7 @@ class Delivery:
     error_code: ErrorCode | None = None  # a node reported the request failed
     error: str = ""
     node_id: str = ""
+    prefill_s: float = 0.0  # the engine's prefill time, on the delivery of the first token (TokenChunk.prefill_s)
 
 
 @dataclass
@@ -96,7 +97,7 @@ class RequestStream:
         self.next_index += len(new_ids)
         item = Delivery(
             new_ids, logprobs, chunk.finished, chunk.finish_reason, chunk.num_prompt_tokens, chunk.num_cached_tokens,
-            node_id=chunk.node_id,
+            node_id=chunk.node_id, prefill_s=chunk.prefill_s,
         )
         if chunk.finished:
             self._finish(item)

@@ -42,6 +42,8 @@ CASES = [
     (C, {**OK_C, "presence_penalty": 0.5}, 400, "unsupported_value", "presence_penalty"),
     (C, {**OK_C, "frequency_penalty": 3}, 400, "invalid_value", "frequency_penalty"),
     (C, {**OK_C, "echo": True}, 400, "unsupported_value", "echo"),
+    (C, {**OK_C, "ignore_eos": "yes"}, 400, "invalid_type", "ignore_eos"),
+    (C, {**OK_C, "flowkv_timing": 1}, 400, "invalid_type", "flowkv_timing"),
     (C, [1, 2], 400, "invalid_type", None),
     (CHAT, {"model": MODEL}, 400, "missing_required_parameter", "messages"),
     (CHAT, {**OK_CHAT, "messages": []}, 400, "invalid_value", "messages"),
@@ -80,6 +82,15 @@ async def test_unknown_fields_ignored_and_valid_extras_accepted(gw):
     assert [e["top_logprobs"][0]["logprob"] for e in out["choices"][0]["logprobs"]["content"]] == [-0.5, -0.5]
     sampling = gw.cluster.submits[0].sampling
     assert (sampling.seed, sampling.top_k, sampling.stop, sampling.logprobs, sampling.max_tokens) == (3, 0, ["zzz"], 2, 2)
+
+
+async def test_ignore_eos_and_timing_extensions(gw):
+    status, out, _ = await gw.post(C, {**OK_C, "ignore_eos": True, "flowkv_timing": True})
+    plain_status, plain, _ = await gw.post(C, OK_C)
+    assert (status, plain_status) == (200, 200)
+    assert [s.sampling.ignore_eos for s in gw.cluster.submits] == [True, False]
+    assert set(out["flowkv"]) == {"ttft_s", "prefill_s", "control_plane_s"} and out["flowkv"]["ttft_s"] > 0
+    assert "flowkv" not in plain
 
 
 async def test_malformed_json_and_oversized_body(gw):
