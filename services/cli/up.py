@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from services.cli.plan import ChildSpec, plan_cluster
 from services.cli.supervisor import LogSink, Supervisor
 from services.common import config
+from services.common.nats import redact
 
 ENV_PREFIX = "FLOWKV_UP"
 
@@ -119,7 +120,7 @@ def wait_ready(url: str, num_nodes: int, sup: Supervisor, stop: threading.Event,
     return False
 
 
-def banner(cfg: UpConfig) -> str:
+def banner(cfg: UpConfig, nats_url: str = "") -> str:
     """What to print once the cluster serves: the URL and a curl line to try."""
     shape = f"{cfg.colocated} colocated node(s)" if cfg.colocated else f"{cfg.prefill_nodes} prefill + {cfg.decode_nodes} decode"
     auth = " -H \"Authorization: Bearer $FLOWKV_UP_API_KEY\"" if cfg.api_key else ""
@@ -130,6 +131,7 @@ def banner(cfg: UpConfig) -> str:
     return (
         f"FlowKV is ready at {cfg.local_url} (model {cfg.model} on {cfg.device}, {shape}). Ctrl-C stops it.\n"
         f"  curl {cfg.local_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
+        + (f"\n  cluster view: flowkv status --nats-url {redact(nats_url)}" if nats_url else "")
     )
 
 
@@ -153,7 +155,7 @@ def serve(cfg: UpConfig, out=sys.stdout) -> int:
         start_cluster(sup, cluster.children)
         if not wait_ready(cfg.local_url + "/ready", cfg.num_nodes, sup, stop, cfg.ready_timeout_s):
             return _failed(sup, sink, stop, cfg)
-        sink.line("flowkv", banner(cfg))
+        sink.line("flowkv", banner(cfg, cluster.nats_url))
         while not stop.wait(0.25):
             dead = sup.first_dead()
             if dead is not None:
