@@ -27,24 +27,11 @@ def timed_ms(fn: Callable[[], Any], device: torch.device, iters: int, warmup: in
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
-def use_kernel_write_kv() -> bool:
-    """Point the engine's model at :func:`libs.engine.kernels.write_kv` (skips slots < 0).
-
-    The engine's own ``attention.write_kv`` indexes with slot -1 of padded graph rows,
-    which lands in the pool's last block. Returns True if a patch was applied (the
-    integration step the lead makes in ``libs/engine/attention.py`` removes the need).
-    """
-    import libs.engine.model as model_mod
-    from libs.engine.kernels import write_kv
-
-    if model_mod.write_kv is write_kv:
-        return False
-    model_mod.write_kv = write_kv
-    return True
-
-
 def install_graphs(engine: Any, max_num_seqs: int, use_graphs: bool = True) -> Any:
     """Capture decode graphs for ``engine.runner`` and make them its ``decode_fn``.
+
+    The engine captures its own graphs unless built with ``enforce_eager=True``; the
+    benchmarks build it eager so they can time both modes on the same engine.
 
     Args:
         engine: an ``LLMEngine``.

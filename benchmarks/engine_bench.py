@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._engine_gpu import (  # noqa: E402
-    copy_bandwidth, hf_twin, install_graphs, sync, timed_ms, use_kernel_write_kv, weight_bytes_per_decode_step,
+    copy_bandwidth, hf_twin, install_graphs, sync, timed_ms, weight_bytes_per_decode_step,
 )
 
 DEFAULTS = {  # preset -> (contexts, prefill tokens)
@@ -76,7 +76,7 @@ def build_engine(args: argparse.Namespace, contexts: list[int], batches: list[in
     cfg = EngineConfig(
         model=args.preset, device=args.device, dtype=dtype, block_size=args.block_size, num_blocks=num_blocks,
         max_num_seqs=max(batches), max_num_batched_tokens=max(args.prefill_tokens, 2048),
-        max_model_len=max_len, enable_prefix_caching=False, seed=0,
+        max_model_len=max_len, enable_prefix_caching=False, seed=0, enforce_eager=True,
     )
     return LLMEngine(cfg), notes
 
@@ -173,8 +173,6 @@ def main(argv: list[str] | None = None) -> int:
                            "block_size": args.block_size, "notes": []}
     engine, notes = build_engine(args, contexts, batches)
     res["notes"] += notes
-    if cuda and use_kernel_write_kv():
-        res["notes"].append("engine model patched to use libs.engine.kernels.write_kv (padding slots skipped)")
     res["kv_pool_blocks"] = engine.pool.num_blocks
     bw = copy_bandwidth(device)
     wbytes = weight_bytes_per_decode_step(engine)

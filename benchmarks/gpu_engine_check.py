@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._engine_gpu import hf_twin, install_graphs, use_kernel_write_kv  # noqa: E402
+from benchmarks._engine_gpu import hf_twin, install_graphs  # noqa: E402
 from libs.engine.cuda_graphs import CudaGraphRunner  # noqa: E402
 from libs.engine.kernels import paged_decode_attention, paged_decode_attention_ref, write_kv  # noqa: E402
 
@@ -115,7 +115,8 @@ def check_engine(preset: str, prompt_len: int, new_tokens: int) -> None:
     from libs.engine.sampling import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=preset, device=str(DEV), dtype="bfloat16", num_blocks=512,
-                                    max_model_len=prompt_len + new_tokens + 16, max_num_seqs=8, seed=0))
+                                    max_model_len=prompt_len + new_tokens + 16, max_num_seqs=8, seed=0,
+                                    enforce_eager=True))
     hf = hf_twin(engine)
     gen = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, engine.model_config.vocab_size, (n,), generator=gen).tolist()
@@ -166,8 +167,6 @@ def main() -> int:
     except ImportError as e:
         print(f"SKIP engine checks: libs.engine.engine not importable ({e})")
     else:
-        if use_kernel_write_kv():
-            print("NOTE engine model patched to use libs.engine.kernels.write_kv (padding slots skipped)")
         guarded("engine tiny", lambda: check_engine("tiny", 200, 12))
         if not args.skip_8b:
             guarded("engine llama-3.1-8b", lambda: check_engine("llama-3.1-8b", 600, 8))

@@ -50,13 +50,14 @@ AttentionMetadata = PrefillMetadata | DecodeMetadata
 
 
 def write_kv(pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store ``k``, ``v`` [T, Hkv, D] of one layer at their slots of the pool (in place)."""
-    block_size = pool.shape[3]
-    blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
-    offsets = slot_mapping - blocks * block_size
-    layer_view = pool[:, layer]  # [N, 2, bs, Hkv, D], a view
-    layer_view[:, 0][blocks, offsets] = k
-    layer_view[:, 1][blocks, offsets] = v
+    """Store ``k``, ``v`` [T, Hkv, D] of one layer at their slots of the pool (in place).
+
+    Slots < 0 (padding rows of a captured decode batch) are skipped; on CUDA this is a
+    graph-safe Triton kernel (:func:`libs.engine.kernels.write_kv`).
+    """
+    from libs.engine.kernels import write_kv as _write_kv
+
+    _write_kv(pool, layer, k, v, slot_mapping)
 
 
 def _gather_context(pool: torch.Tensor, layer: int, block_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

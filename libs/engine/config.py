@@ -32,6 +32,8 @@ class EngineConfig:
         enable_chunked_prefill: split prompts over steps to keep to the token budget.
         shared_pool: CPU only: put the pool in POSIX shared memory (``shm`` transport).
         seed: seeds the preset weights and the sampling of requests without a seed.
+        enforce_eager: CUDA only: run decode steps eagerly instead of replaying CUDA
+            graphs captured per batch-size bucket.
     """
 
     model: str = "smollm2"
@@ -48,6 +50,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     shared_pool: bool = False
     seed: int = 0
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         kind = self.device.split(":")[0]

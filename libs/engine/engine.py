@@ -25,6 +25,7 @@ one prefill forward and one decode forward, sampling, stop checks, outputs.
 from __future__ import annotations
 
 import collections
+import logging
 import time
 
 import torch
@@ -43,6 +44,8 @@ from libs.kvtransfer.layout import KVLayout
 from libs.kvtransfer.pool import KVPool
 
 __all__ = ["LLMEngine", "NoFreeBlocks"]
+
+log = logging.getLogger(__name__)
 
 _EMA = 0.2
 
@@ -70,6 +73,8 @@ class LLMEngine:
             limits.append(config.max_model_len)
         self._max_model_len = min(limits)
         self.runner = ModelRunner(mc, loaded.state_dict, self._pool.tensor, self._max_model_len)
+        if self._pool.device.type == "cuda" and not config.enforce_eager:
+            self._capture_decode_graphs()
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
         eos = set(mc.eos_token_ids)
@@ -82,6 +87,20 @@ class LLMEngine:
         self._seed_gen = torch.Generator().manual_seed(config.seed)
         self._prefill_tps = 0.0
         self._decode_step_s = 0.0
+
+    def _capture_decode_graphs(self) -> None:
+        """Replace the eager decode forward by CUDA graphs, one per batch-size bucket."""
+        from libs.engine.cuda_graphs import CudaGraphRunner
+
+        graphs = CudaGraphRunner(
+            self.runner.decode_forward,
+            max_num_seqs=self.config.max_num_seqs,
+            max_blocks_per_seq=-(-self._max_model_len // self.config.block_size),
+            device=self._pool.device,
+        )
+        graphs.capture()
+        self.runner.decode_fn = graphs
+        log.info("captured %d decode graphs in %.1fs", len(graphs.buckets), graphs.capture_seconds)
 
     # ------------------------------------------------------------ properties
 
