@@ -8,3 +8,4 @@ if [ -d .whl ] && [ ! -e /tmp/site/.flowkv-installed ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && touch /tmp/site/.flowkv-installed
 fi
+export FLOWKV_CACHE_DIR="$PWD/.cache-gpu"
