@@ -1,0 +1,1 @@
+"""Load generation for ``flowkv bench``: workloads, arrivals, the streaming client, metrics, reports."""
