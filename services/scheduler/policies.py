@@ -95,6 +95,9 @@ class Policy:
         p, d = self.choose(req, ps, ds)
         est = estimate(cost, req, p, d)
         self._record(req, p, d, est.uncached_tokens, est.ttft_s)
+        if self.roles is not None and self.roles.demand is not None:
+            self.roles.demand.record(self.registry.clock.now(), est.uncached_tokens, req.max_tokens,
+                                     decode_blocks_needed(req, d))
         return Placement(request_id=req.request_id, prefill_node=p.node_id, decode_node=d.node_id,
                          predicted_ttft_s=est.ttft_s)
 

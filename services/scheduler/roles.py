@@ -14,10 +14,12 @@ prefill or without decode capacity.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from libs.protocol.messages import EventKind, Role, SchedEvent
+from services.scheduler.demand import Demand, DemandTracker, node_speed
 from services.scheduler.placement import CostModel, decode_utilisation
 from services.scheduler.registry import NodeEntry, NodeRegistry
 
@@ -37,6 +39,12 @@ class RoleConfig:
         reverse_cooldown_s: a flip opposite to the last one (decode->prefill after
             prefill->decode, or the reverse) waits this long: flipping straight back is
             the sign of a load both sides are near capacity for, where flips only cost.
+        demand_window_s: placements of this many recent seconds set the target split
+            (:mod:`~services.scheduler.demand`); 0 turns the demand signal off.
+        demand_busy: the demand signal flips only while the busier side's utilisation
+            (need / capacity, :mod:`~services.scheduler.demand`) is above this.
+        demand_margin: a demand flip must lower that utilisation by more than this fraction
+            (the demand signal's hysteresis).
     """
 
     min_dwell_s: float = 10.0
@@ -47,8 +55,13 @@ class RoleConfig:
     decode_low: float = 0.6
     allow_hybrid: bool = True
     reverse_cooldown_s: float = 30.0
+    demand_window_s: float = 5.0
+    demand_busy: float = 0.5
+    demand_margin: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.demand_window_s < 0 or self.demand_busy < 0 or not 0 <= self.demand_margin < 1:
+            raise ValueError("demand_window_s and demand_busy must be >= 0, demand_margin in [0, 1)")
         if not (self.prefill_low_s < self.prefill_high_s and self.decode_low < self.decode_high):
             raise ValueError("each low threshold must be below its high threshold (hysteresis)")
 
@@ -106,6 +119,9 @@ class RoleController:
         self.config = config
         self.cost = cost
         self.target = target
+        # Only a controller that chooses roles itself needs to know the demand.
+        use_demand = target is None and config.demand_window_s > 0
+        self.demand: DemandTracker | None = DemandTracker(config.demand_window_s) if use_demand else None
         self.in_flight: RoleChange | None = None
         self.num_flips = 0
         self._last: tuple[Role, float] | None = None  # direction (the role gained) and time of the last flip
@@ -182,6 +198,9 @@ class RoleController:
         decodes = [n for n in free if n.role == Role.DECODE]
         why = (f"prefill backlog {pr.prefill_backlog_s:.2f}s, decode occupancy {pr.decode_occupancy:.2f}, "
                f"waiting {pr.decode_waiting:.2f}")
+        by_demand = self._decide_by_demand(nodes, free)
+        if by_demand is not None:
+            return by_demand
         if p_short and d_short:
             if c.allow_hybrid and (prefills or decodes):
                 # Both sides saturated: let a node do both rather than idle between phases.
@@ -200,16 +219,75 @@ class RoleController:
             p_short = p_short and recent != Role.DECODE
         if p_short and d_room and pr.num_decode >= 2:
             cands = hybrids or decodes
-            if cands:
+            if cands and self._demand_allows(nodes, self._least_busy(cands), Role.PREFILL):
                 return self._change(self._least_busy(cands), Role.PREFILL, f"prefill short ({why})")
         if d_short and p_room and pr.num_prefill >= 2:
             cands = hybrids or prefills
             projected = pr.prefill_backlog_s * pr.num_prefill / (pr.num_prefill - 1)
-            if cands and projected < c.prefill_high_s:
+            if cands and projected < c.prefill_high_s and self._demand_allows(nodes, self._least_busy(cands), Role.DECODE):
                 return self._change(self._least_busy(cands), Role.DECODE, f"decode short ({why})")
         return None
+
+    def _decide_by_demand(self, nodes: list[NodeEntry], free: list[NodeEntry]) -> RoleChange | None:
+        """Flip one node from the less busy side to the busier one, by the recent demand, when
+        the busier side is above ``demand_busy`` and the flip lowers its utilisation by more
+        than ``demand_margin`` (a fraction)."""
+        view = self._demand_view(nodes)
+        if view is None:
+            return None
+        demand, speed, cap_p, cap_d = view
+        now_u = demand.utilisation(cap_p, cap_d)
+        if now_u < self.config.demand_busy:
+            return None
+        up, ud = demand.utilisation(cap_p, math.inf), demand.utilisation(math.inf, cap_d)
+        to, src = (Role.PREFILL, Role.DECODE) if up > ud else (Role.DECODE, Role.PREFILL)
+        if sum(1 for n in nodes if n.ready and (n.can_decode if src == Role.DECODE else n.can_prefill)) < 2:
+            return None
+        fits = []
+        for n in free:
+            if n.role != src:
+                continue
+            s = speed[n.node_id]
+            after = demand.utilisation(cap_p + s, cap_d - s) if to == Role.PREFILL else demand.utilisation(cap_p - s, cap_d + s)
+            if after < now_u * (1.0 - self.config.demand_margin):
+                fits.append(n)
+        if not fits:
+            return None
+        why = (f"demand: prefill {demand.prefill_nodes:.2f} / decode {demand.decode_nodes:.2f} node-equivalents "
+               f"on {cap_p:.2f} / {cap_d:.2f}, utilisation {now_u:.2f}")
+        return self._change(self._least_busy(fits), to, why)
+
+    def _demand_view(self, nodes: list[NodeEntry]) -> tuple[Demand, dict[str, float], float, float] | None:
+        """(demand, node speeds, prefill capacity, decode capacity), capacities in mean nodes."""
+        ready = [n for n in nodes if n.ready]
+        if self.demand is None or len(ready) < 2:
+            return None
+        demand = self.demand.demand(self.registry.clock.now(), ready, self.cost)
+        if demand is None:
+            return None
+        speed = {n.node_id: node_speed(n, ready, self.cost) for n in ready}
+        cap_p = sum(speed[n.node_id] * _prefill_part(n.role) for n in ready)
+        cap_d = sum(speed[n.node_id] * (1.0 - _prefill_part(n.role)) for n in ready)
+        return demand, speed, cap_p, cap_d
+
+    def _demand_allows(self, nodes: list[NodeEntry], node: NodeEntry, to: Role) -> bool:
+        """A queue-signal flip of ``node`` to ``to`` may go ahead unless the demand signal
+        says it leaves the busier side busier."""
+        view = self._demand_view(nodes)
+        if view is None:
+            return True
+        demand, speed, cap_p, cap_d = view
+        s = speed[node.node_id]
+        before = demand.utilisation(cap_p, cap_d)
+        after = demand.utilisation(cap_p + s, cap_d - s) if to == Role.PREFILL else demand.utilisation(cap_p - s, cap_d + s)
+        return after <= before
 
     def _least_busy(self, group: list[NodeEntry]) -> NodeEntry:
         """The node whose current work drains fastest (queued prompt tokens, then sequences)."""
         return min(group, key=lambda n: (n.queued_prefill_tokens() + n.report.num_held, n.num_decode_seqs(),
                                          n.node_id))
+
+
+def _prefill_part(role: Role) -> float:
+    """How much of a node's capacity goes to prefill in a role (a hybrid splits it)."""
+    return {Role.PREFILL: 1.0, Role.DECODE: 0.0}.get(role, 0.5)
