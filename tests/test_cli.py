@@ -239,6 +239,8 @@ def test_status_table_and_events():
         "prefill-0  prefill  ready     cpu     0        2        900          500/512",
     ]
     assert status.format_event(state.events[0]).endswith("role_flip node_id=decode-0 role=decode->prefill requested")
+    joined = SchedEvent(kind=EventKind.NODE_UP, ts=0.0, node_id="prefill-0", new_role=Role.PREFILL, detail="cpu tiny")
+    assert status.format_event(joined).endswith("node_up node_id=prefill-0 role=prefill cpu tiny")
     assert status.health(state, None) == (0, "scheduler up, 2 node(s)")
     assert status.health(state, "prefill-0") == (0, "node prefill-0 ready (prefill)")
     assert status.health(state, "decode-0") == (1, "node decode-0 is draining")

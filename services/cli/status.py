@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 
@@ -89,10 +90,10 @@ def format_event(e: SchedEvent) -> str:
         value = getattr(e, name)
         if value:
             parts.append(f"{name}={value}")
-    if e.old_role is not None or e.new_role is not None:
-        old = e.old_role.value if e.old_role else "?"
-        new = e.new_role.value if e.new_role else "?"
-        parts.append(f"role={old}->{new}")
+    if e.old_role is not None and e.new_role is not None:
+        parts.append(f"role={e.old_role.value}->{e.new_role.value}")
+    elif e.new_role is not None or e.old_role is not None:
+        parts.append(f"role={(e.new_role or e.old_role).value}")
     if e.detail:
         parts.append(e.detail)
     return " ".join(parts)
@@ -119,6 +120,8 @@ def health(state: ClusterState, node_id: str | None) -> tuple[int, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The connection's own warnings (e.g. "disconnected" as we close it) are noise in a CLI.
+    logging.getLogger("services.common.nats").setLevel(logging.ERROR)
     nats = build_nats(args)
     try:
         state = asyncio.run(query(nats, args.timeout))
