@@ -304,13 +304,7 @@ class KVAgent:
                 await asyncio.wait_for(asyncio.shield(rec.completed), timeout)
             else:
                 receive = asyncio.ensure_future(transport.receive(transfer_id, peer, ops, mode))
-                done, _ = await asyncio.wait({receive, rec.completed}, timeout=timeout,
-                                             return_when=asyncio.FIRST_EXCEPTION)
-                if not receive.done():
-                    receive.cancel()
-                    if rec.state != TransferState.FAILED:
-                        raise asyncio.TimeoutError
-                    raise TransferError(rec.reason)
+                await self._await_receive(rec, receive, timeout)
                 receive.result()
         except asyncio.TimeoutError:
             self._abort_transports(transfer_id, "timed out")
@@ -320,6 +314,23 @@ class KVAgent:
         if rec.state == TransferState.FAILED:
             raise TransferError(rec.reason)
         return self._finish(rec, transport.name, mode, ops, t0)
+
+    async def _await_receive(self, rec: _Record, receive: asyncio.Future[None], timeout: float) -> None:
+        """Wait for a two-sided receive; ``complete()`` does not end it early, ``abort()`` does."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        assert rec.completed is not None
+        while not receive.done() and rec.state != TransferState.FAILED:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            watch = {receive} if rec.completed.done() else {receive, rec.completed}
+            await asyncio.wait(watch, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        if not receive.done():
+            receive.cancel()
+            if rec.state == TransferState.FAILED:
+                raise TransferError(rec.reason)
+            raise asyncio.TimeoutError
 
     def complete(self, transfer_id: str) -> None:
         """D side: the sender said the bytes are in (one-sided transports resolve here)."""
