@@ -45,13 +45,11 @@ def churned(num_blocks: int, n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     a = SegmentAllocator(num_blocks)
     live: list[list[int]] = []
-    for _ in range(4 * num_blocks // 16):
-        if live and (rng.random() < 0.4 or not a.can_allocate(32)):
-            a.free(live.pop(rng.randrange(len(live))))
-        else:
-            live.append(a.allocate(rng.randint(1, 32)))
-    while not a.can_allocate(n):
-        a.free(live.pop(rng.randrange(len(live))))
+    while a.num_free_blocks:  # fill with requests of 1..32 blocks, then let a random half finish
+        live.append(a.allocate(min(rng.randint(1, 32), a.num_free_blocks)))
+    rng.shuffle(live)
+    while not a.can_allocate(n) or a.num_free_blocks < num_blocks // 2:
+        a.free(live.pop())
     return a.allocate(n)
 
 
