@@ -28,9 +28,10 @@ from services.scheduler.registry import NodeEntry
 
 @dataclass(frozen=True)
 class Placed:
-    """One placement as the demand tracker keeps it."""
+    """One request as the demand tracker keeps it (at its first placement attempt)."""
 
     t: float
+    request_id: str
     prompt_tokens: int  # uncached prompt tokens the prefill node computes
     output_tokens: int  # max_tokens: the decode steps the request asks for
     blocks: int  # KV blocks the request holds on its decode node at its longest
@@ -89,12 +90,20 @@ class DemandTracker:
         self.window_s = window_s
         self.min_placements = min_placements
         self.fit = StepFit()
-        self._placed: deque[Placed] = deque()
+        self._placed: deque[Placed] = deque()  # within the window
+        self._old: deque[Placed] = deque()  # out of the window, ids still remembered
+        self._ids: set[str] = set()
         self._seen: dict[str, int] = {}  # node id -> seq of the last report fitted
 
-    def record(self, t: float, prompt_tokens: int, output_tokens: int, blocks: int) -> None:
-        """Count one placement made at time ``t``."""
-        self._placed.append(Placed(t, prompt_tokens, output_tokens, blocks))
+    def record(self, t: float, request_id: str, prompt_tokens: int, output_tokens: int, blocks: int) -> None:
+        """Count one request asked for at time ``t``, once: a retry of a rejected request
+        (same id) is the same demand, so what is counted is the offered load, not only
+        what admission let in (which would shrink with the side that is short)."""
+        self._trim(t)
+        if request_id in self._ids:
+            return
+        self._ids.add(request_id)
+        self._placed.append(Placed(t, request_id, prompt_tokens, output_tokens, blocks))
 
     def observe(self, nodes: list[NodeEntry]) -> None:
         """Feed the decode steps of reports not seen yet into the step fit."""
@@ -105,8 +114,11 @@ class DemandTracker:
                 self.fit.add(r.num_running, r.decode_step_s)
 
     def _trim(self, now: float) -> None:
+        # Ids are kept twice the window: a retry after a long Retry-After is not new demand.
         while self._placed and self._placed[0].t <= now - self.window_s:
-            self._placed.popleft()
+            self._old.append(self._placed.popleft())
+        while self._old and self._old[0].t <= now - 2 * self.window_s:
+            self._ids.discard(self._old.popleft().request_id)
 
     def __len__(self) -> int:
         return len(self._placed)

@@ -80,6 +80,10 @@ class Policy:
             return Rejected(request_id=req.request_id, code=ErrorCode.NO_NODES,
                             reason=f"no live node serves model {req.model!r}" if req.model else "no live nodes")
         ready = [n for n in live if n.ready]
+        if self.roles is not None and self.roles.demand is not None:
+            # Offered load, counted before admission (retries are recognised by id).
+            self.roles.demand.record(self.registry.clock.now(), req.request_id, req.num_prompt_tokens, req.max_tokens,
+                                     decode_blocks_needed(req, live[0]))
         ps = [n for n in ready if n.can_prefill]
         ds = [n for n in ready if n.can_decode and decode_has_room(req, n)]
         if not ps or not ds:
@@ -95,9 +99,6 @@ class Policy:
         p, d = self.choose(req, ps, ds)
         est = estimate(cost, req, p, d)
         self._record(req, p, d, est.uncached_tokens, est.ttft_s)
-        if self.roles is not None and self.roles.demand is not None:
-            self.roles.demand.record(self.registry.clock.now(), est.uncached_tokens, req.max_tokens,
-                                     decode_blocks_needed(req, d))
         return Placement(request_id=req.request_id, prefill_node=p.node_id, decode_node=d.node_id,
                          predicted_ttft_s=est.ttft_s)
 

@@ -55,7 +55,7 @@ class RoleConfig:
     decode_low: float = 0.6
     allow_hybrid: bool = True
     reverse_cooldown_s: float = 30.0
-    demand_window_s: float = 5.0
+    demand_window_s: float = 10.0
     demand_busy: float = 0.5
     demand_margin: float = 0.1
 
@@ -280,7 +280,7 @@ class RoleController:
         s = speed[node.node_id]
         before = demand.utilisation(cap_p, cap_d)
         after = demand.utilisation(cap_p + s, cap_d - s) if to == Role.PREFILL else demand.utilisation(cap_p - s, cap_d + s)
-        return after <= before
+        return after < before * (1.0 - self.config.demand_margin)
 
     def _least_busy(self, group: list[NodeEntry]) -> NodeEntry:
         """The node whose current work drains fastest (queued prompt tokens, then sequences)."""
