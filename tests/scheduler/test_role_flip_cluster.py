@@ -1,0 +1,179 @@
+"""A role flip in a real 4-node cluster: tiny model on CPU, real nats-server, real scheduler.
+
+Two prefill and two decode nodes (in this process, each with its own engine and NATS
+connection) and the ``flowkv`` scheduler service. The test plays the gateway: it asks the
+scheduler for a placement, submits to the chosen prefill node and gathers the token
+chunks. A prompt-heavy burst (long prompts, 4 output tokens) makes the demand signal
+flip a decode node to prefill; requests keep flowing before, during and after the flip,
+and every one of them must be answered exactly once with the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+import torch
+
+from libs.engine.async_engine import AsyncEngine
+from libs.engine.config import EngineConfig
+from libs.engine.engine import LLMEngine
+from libs.protocol import messages
+from libs.protocol.messages import (
+    EventKind, Placement, PlaceRequest, Role, SamplingParams, SchedEvent, SubmitRequest, TokenChunk,
+)
+from libs.protocol.subjects import NodeVerb, node, sched_events, sched_place, stream
+from services.node.config import NodeConfig
+from services.node.node import Node
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.service import SchedulerService
+
+BLOCKS = 256
+BS = 16
+GW = "gw-flip"
+NUM_OUT = 4
+# Three distinct long prompts (300 tokens); identical prompts must give identical tokens.
+PROMPTS = [[(13 * i + 7 * k) % 3000 + 10 for i in range(300)] for k in range(3)]
+ROLES = {"n0": Role.PREFILL, "n1": Role.PREFILL, "n2": Role.DECODE, "n3": Role.DECODE}
+
+
+@contextlib.asynccontextmanager
+async def cluster(url: str) -> AsyncIterator[tuple[SchedulerService, dict[str, Node]]]:
+    torch.set_num_threads(1)
+    sched_nc = await nats.connect(url)
+    # Small dwell and a short demand window so a burst of a few seconds is a real
+    # imbalance to the controller; demand_busy 0: the tiny model never fills a node.
+    config = SchedulerConfig(policy="flowkv", min_dwell_s=0.5, role_interval_s=0.1, node_timeout_s=10.0,
+                             demand_window_s=3.0, demand_busy=0.0, inflight_grace_s=0.2)
+    sched = SchedulerService(config, sched_nc)
+    await sched.start()
+    nodes: dict[str, Node] = {}
+    stack = contextlib.AsyncExitStack()
+    try:
+        for nid, role in ROLES.items():
+            llm = LLMEngine(EngineConfig(model="tiny", num_blocks=BLOCKS, block_size=BS, shared_pool=True))
+            engine = AsyncEngine(engine=llm)
+            await engine.start()
+            stack.push_async_callback(engine.stop)
+            stack.callback(llm.pool.close)
+            nc = await nats.connect(url)
+            stack.push_async_callback(nc.drain)
+            n = Node(NodeConfig(node_id=nid, role=role.value, model="tiny", block_size=BS, num_blocks=BLOCKS,
+                                report_interval_s=0.1, role_drain_timeout_s=20.0), engine=engine)
+            await n.start(nc)
+            stack.push_async_callback(n.stop, "test over")
+            nodes[nid] = n
+        yield sched, nodes
+    finally:
+        await stack.aclose()
+        await sched.close()
+        await sched_nc.drain()
+
+
+class Client:
+    """Plays the gateway: place, submit, gather chunks per request."""
+
+    def __init__(self, nc) -> None:  # type: ignore[no-untyped-def]
+        self.nc = nc
+        self.chunks: dict[str, list[TokenChunk]] = {}
+        self.done: dict[str, asyncio.Event] = {}
+        self.placements: dict[str, Placement] = {}
+        self.flips: list[SchedEvent] = []
+
+    async def start(self) -> Client:
+        async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+            chunk = messages.decode(msg.data)
+            self.chunks.setdefault(chunk.request_id, []).append(chunk)
+            if chunk.finished:
+                self.done.setdefault(chunk.request_id, asyncio.Event()).set()
+
+        async def on_event(msg) -> None:  # type: ignore[no-untyped-def]
+            ev = messages.decode(msg.data)
+            if ev.kind == EventKind.ROLE_FLIP:
+                self.flips.append(ev)
+
+        await self.nc.subscribe(stream(GW), cb=on_chunk)
+        await self.nc.subscribe(sched_events(), cb=on_event)
+        await self.nc.flush()
+        return self
+
+    async def run(self, rid: str, prompt: list[int]) -> None:
+        self.done.setdefault(rid, asyncio.Event())
+        place = PlaceRequest(request_id=rid, model="tiny", num_prompt_tokens=len(prompt), max_tokens=NUM_OUT)
+        for _ in range(50):  # Rejected(OVERLOADED) while nodes report in: retry like the gateway
+            out = messages.decode((await self.nc.request(sched_place(), messages.encode(place), timeout=10)).data)
+            if isinstance(out, Placement):
+                break
+            await asyncio.sleep(0.1)
+        assert isinstance(out, Placement), out
+        self.placements[rid] = out
+        sub = SubmitRequest(request_id=rid, prompt_token_ids=prompt, decode_node=out.decode_node,
+                            sampling=SamplingParams(max_tokens=NUM_OUT, temperature=0.0, ignore_eos=True),
+                            reply_subject=stream(GW))
+        ack = messages.decode((await self.nc.request(node(out.prefill_node, NodeVerb.SUBMIT),
+                                                     messages.encode(sub), timeout=10)).data)
+        assert ack.ok, ack
+        await asyncio.wait_for(self.done[rid].wait(), 60)
+
+
+def tokens_once(chunks: list[TokenChunk]) -> list[int]:
+    """The request's tokens, asserting each index came exactly once and one chunk finished it."""
+    out: list[int] = []
+    for c in sorted(chunks, key=lambda c: c.index):
+        assert c.index == len(out), f"chunk index {c.index} after {len(out)} tokens (duplicate or gap)"
+        out += c.token_ids
+    assert sum(1 for c in chunks if c.finished) == 1
+    return out
+
+
+async def wait_for(pred, limit: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    """Wait until ``pred()`` holds (the limit only bounds a hung test; it asserts no speed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not pred():
+        assert loop.time() < deadline, "condition never held"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.timeout(120)
+async def test_prompt_heavy_burst_flips_a_decode_node_and_every_request_is_answered_once(nats_server):
+    async with cluster(nats_server.url) as (sched, nodes):
+        client = await Client(await nats.connect(nats_server.url)).start()
+        await wait_for(lambda: len(sched.registry) == 4)
+        # Burst: 24 long-prompt requests, 4 at a time, until the controller flips a node.
+        rids: list[str] = []
+
+        async def wave(start: int, count: int) -> None:
+            batch = [f"r{start + i}" for i in range(count)]
+            rids.extend(batch)
+            await asyncio.gather(*(client.run(rid, PROMPTS[int(rid[1:]) % 3]) for rid in batch))
+
+        i = 0
+        while not any(ev.detail == "done" for ev in client.flips) and i < 200:
+            await wave(i, 4)
+            i += 4
+        done = [ev for ev in client.flips if ev.detail == "done"]
+        assert done, f"no role flip after {i} requests; events {[e.detail for e in client.flips]}"
+        flip = done[0]
+        assert flip.node_id in ("n2", "n3") and (flip.old_role, flip.new_role) == (Role.DECODE, Role.PREFILL)
+        assert nodes[flip.node_id].role == Role.PREFILL
+        assert [e.detail.split(":")[0] for e in client.flips[:2]] == ["requested", "done"]
+        assert client.flips[0].detail.startswith("requested: demand:")
+        # After the flip: more requests; the cluster now has 3 prefill nodes and 1 decode node.
+        await wave(i, 8)
+        assert sorted(n.role.value for n in nodes.values()) == ["decode", "prefill", "prefill", "prefill"]
+        # Every request answered exactly once, with the same greedy tokens per prompt.
+        assert sorted(client.chunks) == sorted(rids) and len(rids) == i + 8
+        by_prompt: dict[int, set[tuple[int, ...]]] = {}
+        for rid in rids:
+            toks = tokens_once(client.chunks[rid])
+            assert len(toks) == NUM_OUT
+            by_prompt.setdefault(int(rid[1:]) % 3, set()).add(tuple(toks))
+        assert all(len(v) == 1 for v in by_prompt.values()), by_prompt
+        # The flipped node stopped decoding: nothing placed after the flip decodes on it.
+        after = rids[i:]
+        assert all(client.placements[r].decode_node != flip.node_id for r in after)
+        await client.nc.drain()
