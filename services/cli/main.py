@@ -44,6 +44,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "scheduler": Subcommand("services.scheduler", "run the scheduler (placement, roles)", service=True),
     "node": Subcommand("services.node", "run one inference node (prefill, decode or hybrid)", service=True),
     "status": Subcommand("services.cli.status", "show the cluster as the scheduler sees it"),
+    "sim": Subcommand("libs.sim", "simulate a cluster with the real scheduler core (policy sweeps)", service=True),
     "bench": Subcommand("services.cli.bench", "benchmark an OpenAI-compatible server (TTFT, TPOT, throughput, goodput)"),
 }
 
