@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make up      set up .venv and run a cluster (embedded NATS, scheduler, gateway, 1P + 1D) on :8000"
 	@echo "make test    set up .venv and run the test suite"
-	@echo "make bench   set up .venv and run the benchmarks (flowkv bench)"
+	@echo "make bench   set up .venv, start a cluster, benchmark it, stop it (flowkv bench --launch; ARGS replace --launch)"
 	@echo "make clean   remove .venv and build outputs"
 
 setup:
@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	$(VENV)/bin/flowkv bench $(ARGS)
+	$(VENV)/bin/flowkv bench $(if $(ARGS),$(ARGS),--launch)
 
 config-doc: setup
 	$(PY) scripts/gen_config_doc.py
