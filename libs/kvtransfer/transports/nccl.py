@@ -87,8 +87,12 @@ class NcclTransport(Transport):
         self._registered = asyncio.Condition()
 
     def _init_comm(self, uid: list[int], rank: int) -> Any:
+        # cupy >= 13 takes the unique id as bytes; older releases took a tuple of ints.
         with torch.cuda.device(self.device):
-            return self._nccl.NcclCommunicator(2, tuple(uid), rank)
+            try:
+                return self._nccl.NcclCommunicator(2, bytes(x & 0xFF for x in uid), rank)
+            except TypeError:
+                return self._nccl.NcclCommunicator(2, tuple(uid), rank)
 
     # ------------------------------------------------------------- rendezvous
 
