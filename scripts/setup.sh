@@ -26,9 +26,20 @@ fi
 
 say() { echo "setup: $*"; }
 
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "setup: FlowKV needs Python >= 3.10; $PYTHON is $("$PYTHON" --version 2>&1). Set PYTHON=python3.11 (say)." >&2
+    exit 1
+fi
 if [[ ! -x "$VENV/bin/python" ]]; then
-    say "creating $VENV with $($PYTHON --version 2>&1)"
-    "$PYTHON" -m venv "$VENV"
+    say "creating $VENV with $("$PYTHON" --version 2>&1)"
+    if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
+        # Debian/Ubuntu ship venv without ensurepip (python3-venv); virtualenv needs no system package.
+        rm -rf "$VENV"
+        say "python -m venv is not usable here; using virtualenv"
+        "$PYTHON" -m pip install --quiet --user virtualenv 2>/dev/null \
+            || "$PYTHON" -m pip install --quiet --user --break-system-packages virtualenv
+        "$PYTHON" -m virtualenv --quiet "$VENV"
+    fi
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install --quiet --upgrade "pip>=23" >/dev/null
