@@ -298,3 +298,40 @@ async def test_garbage_on_every_subject_does_not_crash_the_node(nats_server, eng
         assert tokens(await gw.result("ok1")) == refs["greedy"]
         await eventually(lambda: idle(h), "blocks free")
         await gw.nc.drain()
+
+
+async def test_hand_off_over_tcp(nats_server, engines):
+    p_llm, d_llm, refs = engines
+    async with running_node(nats_server.url, p_llm, "p0", Role.PREFILL, kv_transport="tcp") as p, \
+            running_node(nats_server.url, d_llm, "d0", Role.DECODE, kv_transport="tcp") as d:
+        before = {t: _sent_bytes(t) for t in ("tcp", "shm")}
+        gw = await Gateway(await nats.connect(nats_server.url)).start()
+        assert (await gw.submit("p0", "t1", decode_node="d0", prompt=PROMPT[:30])).ok
+        assert (await gw.submit("p0", "t2", decode_node="d0")).ok
+        assert tokens(await gw.result("t2")) == refs["greedy"]
+        chunks = await gw.result("t1")
+        assert len(tokens(chunks)) == 12 and chunks[1].node_id == "d0"
+        tcp_bytes = _sent_bytes("tcp") - before["tcp"]
+        assert tcp_bytes > 0 and tcp_bytes % p.engine.layout.block_bytes == 0
+        assert _sent_bytes("shm") == before["shm"]
+        await eventually(lambda: idle(p, d), "blocks free on both nodes")
+        await gw.nc.drain()
+
+
+def _sent_bytes(transport: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("flowkv_node_kv_transfer_bytes_total", {"transport": transport}) or 0.0
+
+
+async def test_nccl_rendezvous_is_answered(nats_server, engines):
+    p_llm, _, _ = engines
+    async with running_node(nats_server.url, p_llm, "p0", Role.PREFILL):
+        nc = await nats.connect(nats_server.url)
+        ask = messages.NcclRendezvous(from_node="d9", payload=b"hello")
+        reply = messages.decode((await nc.request(node("p0", NodeVerb.NCCL), messages.encode(ask), timeout=5)).data)
+        # A CPU node has no NCCL transport: the agent answers with its refusal.
+        from libs.kvtransfer.transports.nccl import rendezvous_refusal
+
+        assert reply == messages.NcclRendezvousReply(payload=rendezvous_refusal("p0 has no NCCL transport"))
+        await nc.drain()
