@@ -104,8 +104,12 @@ class DecodeHandler:
         k = alloc.num_cached_tokens // ctx.block_size
         expect = None
         if k < len(dst):
-            expect = ctx.agent.expect(req.transfer_id, peer, dst[k:], list(req.src_block_ids[k:]),
-                                      timeout=ctx.config.lease_s)
+            try:
+                expect = ctx.agent.expect(req.transfer_id, peer, dst[k:], list(req.src_block_ids[k:]),
+                                          timeout=ctx.config.lease_s)
+            except TransferError as exc:  # e.g. this transfer id is already in flight
+                await resolve(ctx.engine.release(req.request_id))
+                return KVAllocReply(**refuse, code=ErrorCode.INVALID, error=exc.reason)
             expect.add_done_callback(_retrieve)
         res = Reservation(req, dst, alloc.num_cached_tokens, expect, asyncio.get_running_loop().create_future())
         self.reservations[req.request_id] = res
