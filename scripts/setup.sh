@@ -8,14 +8,16 @@
 #   PYTHON             interpreter that creates the venv (default python3)
 #   FLOWKV_VENV        where the venv goes (default .venv)
 #   FLOWKV_TORCH_SPEC  pip arguments for torch, e.g. "torch==2.11.0 --index-url URL"
-#                      (default: torch==2.13.0 if pip finds it locally, else the CPU build
-#                      from download.pytorch.org, else torch from PyPI)
+#                      (default: torch==2.13.0 if pip finds it without an index, e.g. a
+#                      local wheel; else its CPU build from download.pytorch.org; else
+#                      torch==2.13.0 from PyPI, which bundles CUDA and is larger)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${FLOWKV_VENV:-.venv}
 TORCH_SPEC=${FLOWKV_TORCH_SPEC:-}
+TORCH_VERSION=2.13.0  # the version the suite is run with here; every default path installs it
 STAMP="$VENV/.flowkv-setup"
 
 key=$(cat pyproject.toml scripts/setup.sh | "$PYTHON" -c "import hashlib,sys,os; h=hashlib.sha256(sys.stdin.buffer.read()); h.update(os.environ.get('FLOWKV_TORCH_SPEC','').encode()); print(h.hexdigest())")
@@ -58,19 +60,21 @@ install_torch() {
     local probe
     probe=$(mktemp -d)
     # A local wheel (a workplace's find-links) is taken as it is: no download at all.
-    if "${PIP[@]}" download --quiet --no-deps --no-index torch==2.13.0 -d "$probe" >/dev/null 2>&1; then
+    if "${PIP[@]}" download --quiet --no-deps --no-index "torch==$TORCH_VERSION" -d "$probe" >/dev/null 2>&1; then
         rm -rf "$probe"
-        say "installing torch==2.13.0 (local build)"
-        "${PIP[@]}" install torch==2.13.0
+        say "installing torch==$TORCH_VERSION (local build)"
+        "${PIP[@]}" install "torch==$TORCH_VERSION"
         return
     fi
     rm -rf "$probe"
-    say "installing the CPU build of torch from download.pytorch.org"
-    if "${PIP[@]}" install --retries 1 --timeout 30 torch --index-url https://download.pytorch.org/whl/cpu; then
+    local cpu_index=https://download.pytorch.org/whl/cpu
+    if "$VENV/bin/python" -c "import urllib.request as u; u.urlopen('$cpu_index/torch/', timeout=10)" 2>/dev/null; then
+        say "installing the CPU build of torch from $cpu_index"
+        "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url "$cpu_index" --extra-index-url https://pypi.org/simple
         return
     fi
-    say "download.pytorch.org unreachable; installing torch from PyPI"
-    "${PIP[@]}" install "torch>=2.4"
+    say "download.pytorch.org is unreachable; installing torch from PyPI (larger: it bundles CUDA)"
+    "${PIP[@]}" install "torch==$TORCH_VERSION"
 }
 
 install_torch
