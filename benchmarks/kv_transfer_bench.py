@@ -81,6 +81,12 @@ async def run(args: argparse.Namespace) -> list[dict]:
         torch.cuda.set_device(0)
     pool = KVPool.allocate(layout, num_blocks, device=p_dev, shared=not cuda)
     pool.tensor.view(-1).view(torch.uint8).random_(0, 256)
+    # The floor is measured once per size, before any peer process runs: measured later, a
+    # busy NCCL proxy thread of the peer inflated it (seen on H100s, 2026-11-27).
+    floors = {
+        n_tok: floor_ms(layout, layout.num_blocks_for(n_tok) * layout.block_bytes, p_dev, d_dev, args.iters)
+        for n_tok in tokens
+    }
     rows = []
     for transport in transports:
         # "nccl" is for different hosts: give D another host id so choose_transport agrees.
@@ -94,7 +100,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
             me = msgspec.msgpack.encode(agent.info())
             for n_tok in tokens:
                 n = layout.num_blocks_for(n_tok)
-                floor = floor_ms(layout, n * layout.block_bytes, p_dev, d_dev, args.iters)
+                floor = floors[n_tok]
                 for pool_state in ("fresh", "fragmented"):
                     if pool_state == "fresh":
                         src, dst = list(range(n)), list(range(num_blocks - n, num_blocks))
