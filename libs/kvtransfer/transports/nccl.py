@@ -84,6 +84,7 @@ class NcclTransport(Transport):
         self._stream = torch.cuda.Stream(self.device)
         self._pairs: dict[str, _Pair] = {}
         self._expected: dict[str, tuple[list[CopyOp], TransferMode, asyncio.Future[None]]] = {}
+        self._expected_from: dict[str, str] = {}  # transfer id -> sending node
         self._registered = asyncio.Condition()
 
     def _init_comm(self, uid: list[int], rank: int) -> Any:
@@ -173,12 +174,14 @@ class NcclTransport(Transport):
         check_bounds(ops, peer.num_blocks, self.pool.num_blocks)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._expected[transfer_id] = (list(ops), mode, done)
+        self._expected_from[transfer_id] = peer.node_id
         async with self._registered:
             self._registered.notify_all()
         try:
             await done
         finally:
             self._expected.pop(transfer_id, None)
+            self._expected_from.pop(transfer_id, None)
 
     def _recv_small(self, comm: Any, nbytes: int) -> bytes:
         buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -213,6 +216,12 @@ class NcclTransport(Transport):
             comm = await asyncio.to_thread(self._init_comm, hello.uid, 1)
             pair.comm.set_result(comm)
             while True:
+                # Post the next header receive only while a transfer from this peer is
+                # expected: an idle posted receive keeps an NCCL kernel spinning on the
+                # GPU (taking SMs from decode), and on the H100s a process with one
+                # outstanding stopped answering other CUDA work (2026-11-27).
+                async with self._registered:
+                    await self._registered.wait_for(lambda: hello.sender in self._expected_from.values())
                 (length,) = _LEN.unpack(await asyncio.to_thread(self._recv_small, comm, 8))
                 header = msgspec.msgpack.decode(await asyncio.to_thread(self._recv_small, comm, length), type=_Header)
                 exp = await self._wait_expected(header.transfer_id)
@@ -242,6 +251,7 @@ class NcclTransport(Transport):
 
     def abort(self, transfer_id: str, reason: str) -> None:
         exp = self._expected.pop(transfer_id, None)
+        self._expected_from.pop(transfer_id, None)
         if exp is not None and not exp[2].done():
             exp[2].set_exception(TransferError(reason))
 
