@@ -101,17 +101,25 @@ def decode_attention_torch(
     q: torch.Tensor, pool: torch.Tensor, layer: int, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """Reference paged decode: gather each sequence's blocks, masked SDPA; [B, Hq, D] -> [B, Hq, D]."""
+    """Paged decode off CUDA: gather each sequence's blocks, masked softmax; [B, Hq, D] -> [B, Hq, D].
+
+    Plain matmuls over the query-head groups rather than SDPA: with one query row and a
+    mask, CPU SDPA takes its flash path and costs milliseconds a call (most of a SmolLM2
+    decode step). Scores and softmax in float32. Rows with no context are zero.
+    """
     num_seqs, max_blocks = block_tables.shape
-    block_size = pool.shape[3]
+    block_size, num_kv_heads, head_dim = pool.shape[3], pool.shape[4], pool.shape[5]
+    group = q.shape[1] // num_kv_heads
     gathered = pool[:, layer].index_select(0, block_tables.reshape(-1).long())  # [B*M, 2, bs, Hkv, D]
-    gathered = gathered.view(num_seqs, max_blocks, 2, block_size, *pool.shape[4:])
-    k = gathered[:, :, 0].flatten(1, 2).transpose(1, 2)  # [B, Hkv, S, D]
-    v = gathered[:, :, 1].flatten(1, 2).transpose(1, 2)
+    gathered = gathered.view(num_seqs, max_blocks, 2, block_size, num_kv_heads, head_dim)
+    k = gathered[:, :, 0].flatten(1, 2).permute(0, 2, 3, 1).float()  # [B, Hkv, D, S]
+    v = gathered[:, :, 1].flatten(1, 2).transpose(1, 2).float()  # [B, Hkv, S, D]
+    qg = q.reshape(num_seqs, num_kv_heads, group, head_dim).float()
+    scores = torch.matmul(qg, k).mul_(scale)  # [B, Hkv, G, S]
     key_pos = torch.arange(max_blocks * block_size, device=q.device)
-    mask = (key_pos[None, :] < context_lens[:, None])[:, None, None, :]
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return o.squeeze(2)
+    masked = (key_pos[None, :] >= context_lens[:, None])[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill_(masked, float("-inf")), dim=-1).nan_to_num_(0.0)
+    return torch.matmul(probs, v).reshape(num_seqs, num_kv_heads * group, head_dim).to(q.dtype)
 
 
 def decode_attention(
