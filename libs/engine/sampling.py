@@ -96,7 +96,9 @@ def sample_row(
     if banned_ids:
         logits = logits.clone()
         logits[banned_ids] = float("-inf")
-    if params.greedy:
+    # A temperature below 1e-5 only overflows the scaled logits (inf - inf is nan in the
+    # softmax, and multinomial raises): it is greedy in all but name.
+    if params.greedy or params.temperature < 1e-5:
         return int(torch.argmax(logits).item())
     logits = _filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
