@@ -13,6 +13,7 @@ from nats.aio.subscription import Subscription
 from prometheus_client import Counter
 
 from libs.protocol import messages
+from services.common.tracing import inject_headers
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,12 @@ async def subscribe(
 
 
 async def request(nc: Client, subject: str, message: messages.Message, timeout: float) -> Any:
-    """Request/reply with a FlowKV message; returns the decoded reply."""
-    reply = await nc.request(subject, messages.encode(message), timeout=timeout)
+    """Request/reply with a FlowKV message; returns the decoded reply.
+
+    The current trace context goes along in the ``traceparent`` header, so the handler's
+    spans join the caller's trace.
+    """
+    reply = await nc.request(subject, messages.encode(message), timeout=timeout, headers=inject_headers() or None)
     return messages.decode(reply.data)
 
 

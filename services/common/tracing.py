@@ -54,6 +54,7 @@ class JsonLinesFileExporter(SpanExporter):
                     {
                         "name": span.name,
                         "service": span.resource.attributes.get("service.name", ""),
+                        "instance": span.resource.attributes.get("service.instance.id", ""),
                         "trace_id": format(ctx.trace_id, "032x"),
                         "span_id": format(ctx.span_id, "016x"),
                         "parent_span_id": format(parent.span_id, "016x") if parent else None,
@@ -74,14 +75,23 @@ class JsonLinesFileExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-def setup_tracing(service: str) -> None:
-    """Install the tracer provider for this process once, from the OTEL_* environment."""
+def setup_tracing(service: str, instance: str = "") -> None:
+    """Install the tracer provider for this process once, from the OTEL_* environment.
+
+    Args:
+        service: the ``service.name`` resource attribute (``flowkv-gateway``, ...);
+            ``OTEL_SERVICE_NAME`` overrides it.
+        instance: the ``service.instance.id`` (a node id), empty for none.
+    """
     global _configured
     if _configured:
         return
     _configured = True
     name = os.environ.get("OTEL_SERVICE_NAME", service)
-    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    attributes = {"service.name": name}
+    if instance:
+        attributes["service.instance.id"] = instance
+    provider = TracerProvider(resource=Resource.create(attributes))
     kind = os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
     if kind == "console":
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
@@ -101,6 +111,7 @@ def setup_tracing(service: str) -> None:
 
 
 def shutdown_tracing() -> None:
+    """Flush and stop the exporters (call once at process exit)."""
     provider = trace.get_tracer_provider()
     shutdown = getattr(provider, "shutdown", None)
     if shutdown is not None:

@@ -17,6 +17,7 @@ from services.common.lifecycle import install_signal_handlers
 from services.common.logs import setup_logging
 from services.common.nats import ENV_PREFIX as NATS_ENV_PREFIX
 from services.common.nats import NatsConfig
+from services.common.tracing import setup_tracing, shutdown_tracing
 from services.gateway.app import create_app, make_runner
 from services.gateway.config import ENV_PREFIX, GatewayConfig
 
@@ -61,7 +62,11 @@ async def serve(config: GatewayConfig, nats_config: NatsConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     config, nats_config = parse_args(argv)
     setup_logging("gateway", config.log_level, config.json_logs)
-    asyncio.run(serve(config, nats_config))
+    setup_tracing("flowkv-gateway", config.gateway_id)
+    try:
+        asyncio.run(serve(config, nats_config))
+    finally:
+        shutdown_tracing()
 
 
 if __name__ == "__main__":

@@ -38,12 +38,14 @@ from libs.protocol.messages import (
     Ack, Cancel, ErrorCode, EventKind, Placement, PlaceRequest, Rejected, SamplingParams, SchedEvent, SubmitRequest, encode,
 )
 from services.common.messaging import request, subscribe
+from services.common.tracing import tracer
 from services.gateway import metrics
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import ApiError, from_code
 from services.gateway.streams import Delivery, RequestStream, StreamRouter
 
 log = logging.getLogger(__name__)
+_TRACER = tracer("flowkv.gateway")
 
 
 class AttemptFailed(Exception):
@@ -194,6 +196,15 @@ class Dispatcher:
         return item
 
     async def _place(self, job: Job, wire_id: str, num_prompt: int, max_tokens: int, excluded: list[str]) -> Placement:
+        with _TRACER.start_as_current_span("place") as span:
+            span.set_attributes({"flowkv.request_id": wire_id, "flowkv.tokens.prompt": num_prompt})
+            placement = await self._place_traced(job, wire_id, num_prompt, max_tokens, excluded)
+            span.set_attributes({"flowkv.prefill_node": placement.prefill_node,
+                                 "flowkv.decode_node": placement.decode_node})
+            return placement
+
+    async def _place_traced(self, job: Job, wire_id: str, num_prompt: int, max_tokens: int,
+                            excluded: list[str]) -> Placement:
         place = PlaceRequest(
             request_id=wire_id, model=job.model, num_prompt_tokens=num_prompt, max_tokens=max_tokens, exclude_nodes=list(excluded),
         )

@@ -11,10 +11,13 @@ import time
 from typing import Any
 
 from libs.engine.detokenizer import IncrementalDetokenizer
+from services.common.tracing import tracer
 from services.gateway import metrics
 from services.gateway.responses import LogprobsBuilder
 from services.gateway.schemas import GenerationRequest
 from services.gateway.streams import Delivery
+
+_TRACER = tracer("flowkv.gateway")
 
 
 class Generation:
@@ -32,6 +35,8 @@ class Generation:
         self.logprobs = LogprobsBuilder(req.endpoint, tokenizer) if req.logprobs is not None else None
         self.started = started
         self.first_token_at: float | None = None
+        self.first_token_ns = 0  # wall clock (the stream span's start)
+        self.last_token_ns = 0
         self.prefill_s = 0.0  # the engine's prefill time reported with the first token (0: not reported)
         self.num_output = 0
         self.num_cached = 0
@@ -45,8 +50,11 @@ class Generation:
         finished with reason ``stop``.
         """
         now = time.monotonic()
+        if item.token_ids:
+            self.last_token_ns = time.time_ns()
         if item.token_ids and self.first_token_at is None:
             self.first_token_at = now
+            self.first_token_ns = self.last_token_ns
             metrics.TTFT.observe(now - self.started)
             self.prefill_s = item.prefill_s
             if item.prefill_s > 0:
@@ -79,6 +87,15 @@ class Generation:
         ttft = None if self.first_token_at is None else self.first_token_at - self.started
         overhead = None if ttft is None or self.prefill_s <= 0 else ttft - self.prefill_s
         return {"ttft_s": ttft, "prefill_s": self.prefill_s, "control_plane_s": overhead}
+
+    def record_stream_span(self) -> None:
+        """Emit the ``stream`` span (first token -> last token) under the current span; nothing
+        if no token came."""
+        if not self.first_token_ns:
+            return
+        span = _TRACER.start_span("stream", start_time=self.first_token_ns)
+        span.set_attributes({"flowkv.tokens.output": self.num_output, "flowkv.finish_reason": self.finish_reason or ""})
+        span.end(end_time=max(self.last_token_ns, self.first_token_ns))
 
     def _observe_end(self, now: float) -> None:
         metrics.E2E.observe(now - self.started)

@@ -11,11 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from opentelemetry.trace import Span, SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from libs.protocol import subjects
 from libs.protocol.messages import ClusterQuery, ClusterState, NodeState
 from services.common.messaging import request as nats_request
+from services.common.tracing import extract_context, tracer
 from services.gateway import metrics, responses
 from services.gateway.dispatch import Job
 from services.gateway.errors import ApiError, invalid
@@ -27,6 +29,7 @@ from services.gateway.state import REQUEST_ID, STATE, GatewayState
 log = logging.getLogger(__name__)
 
 _INLINE_TOKENIZE_CHARS = 4096  # longer prompts are tokenized off the event loop
+_TRACER = tracer("flowkv.gateway")
 
 
 async def models(request: web.Request) -> web.Response:
@@ -87,6 +90,15 @@ async def _read_json(request: web.Request, max_bytes: int) -> Any:
 
 
 async def _serve(request: web.Request, parse: Callable[[Any, str], GenerationRequest]) -> web.StreamResponse:
+    # The request's trace: a root span, or a child of the client's own traceparent header.
+    parent = extract_context({k.lower(): v for k, v in request.headers.items()})
+    with _TRACER.start_as_current_span(f"{request.method} {request.path}", context=parent, kind=SpanKind.SERVER) as span:
+        span.set_attribute("flowkv.request_id", request[REQUEST_ID])
+        return await _serve_traced(request, parse, span)
+
+
+async def _serve_traced(request: web.Request, parse: Callable[[Any, str], GenerationRequest],
+                        span: Span) -> web.StreamResponse:
     started = time.monotonic()
     st = request.app[STATE]
     if st.stopping:
@@ -100,15 +112,21 @@ async def _serve(request: web.Request, parse: Callable[[Any, str], GenerationReq
     with st.admission.admit(len(req.prompt_token_ids)):
         job = Job(request_id, st.config.model, req.prompt_token_ids, req.sampling)
         gen = Generation(req, st.tokenizer.tokenizer, started)
-        async with contextlib.aclosing(st.dispatcher.generate(job)) as items:
-            try:
-                if req.stream:
-                    return await _stream(request, st, req, gen, items)
-                return await _whole(st, req, gen, items, request_id)
-            except asyncio.CancelledError:
-                metrics.CANCELLED.inc()
-                log.info("client went away; cancelling")
-                raise
+        span.set_attribute("flowkv.tokens.prompt", len(req.prompt_token_ids))
+        try:
+            async with contextlib.aclosing(st.dispatcher.generate(job)) as items:
+                try:
+                    if req.stream:
+                        return await _stream(request, st, req, gen, items)
+                    return await _whole(st, req, gen, items, request_id)
+                except asyncio.CancelledError:
+                    metrics.CANCELLED.inc()
+                    log.info("client went away; cancelling")
+                    raise
+        finally:
+            span.set_attributes({"flowkv.tokens.output": gen.num_output, "flowkv.tokens.cached": gen.num_cached,
+                                 "flowkv.finish_reason": gen.finish_reason or ""})
+            gen.record_stream_span()
 
 
 async def _whole(st: GatewayState, req: GenerationRequest, gen: Generation, items: Any, request_id: str) -> web.Response:

@@ -16,7 +16,9 @@ from contextlib import AsyncExitStack
 from services.common import config as cfg
 from services.common.lifecycle import install_signal_handlers, wait_for_stop
 from services.common.logs import setup_logging
+from services.common.metrics_server import serve_metrics
 from services.common.nats import ENV_PREFIX as NATS_ENV, NatsConfig, connect
+from services.common.tracing import setup_tracing, shutdown_tracing
 from services.scheduler.config import ENV_PREFIX, SchedulerConfig
 from services.scheduler.service import SchedulerService
 
@@ -49,6 +51,10 @@ async def serve(config: SchedulerConfig, nats_config: NatsConfig) -> int:
         service = SchedulerService(config, nc)
         await service.start()
         stack.push_async_callback(service.close)
+        if config.metrics_port:
+            runner = await serve_metrics(config.metrics_port, before_scrape=service.refresh_metrics)
+            stack.push_async_callback(runner.cleanup)
+            log.info("metrics on http://0.0.0.0:%d/metrics", config.metrics_port)
         await wait_for_stop(stop, service.tasks)
         failed = service.tasks.failed.is_set()
         log.info("scheduler stopping (%s)", "a background task failed" if failed else "signal")
@@ -58,7 +64,11 @@ async def serve(config: SchedulerConfig, nats_config: NatsConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     config, nats_config = parse_args(argv)
     setup_logging("scheduler", config.log_level, config.json_logs)
-    return asyncio.run(serve(config, nats_config))
+    setup_tracing("flowkv-scheduler")
+    try:
+        return asyncio.run(serve(config, nats_config))
+    finally:
+        shutdown_tracing()
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ class SchedulerConfig:
     allow_hybrid: bool = field(default=True, metadata=_h("turn nodes hybrid when both sides are saturated"))
     set_role_timeout_s: float = field(default=5.0, metadata=_h("timeout of the SetRole request to a node"))
     max_events: int = field(default=200, metadata=_h("recent events kept for cluster queries"))
+    metrics_port: int = field(default=0, metadata=_h("serve Prometheus /metrics and /health on this port (0: off)"))
     log_level: str = field(default="info", metadata=_h("debug, info, warning, error"))
     json_logs: bool = field(default=False, metadata=_h("log one JSON object per line"))
 
@@ -46,6 +47,8 @@ class SchedulerConfig:
         for name in ("node_timeout_s", "max_ttft_s", "role_interval_s", "set_role_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         self.role_config()  # validates the thresholds
         make_policy(self.policy, NodeRegistry(ManualClock()))  # validates the policy name
 

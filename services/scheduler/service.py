@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from opentelemetry.trace import Span, SpanKind
 
 from libs.protocol import subjects
 from libs.protocol.messages import (
@@ -33,7 +35,10 @@ from libs.protocol.messages import (
     encode,
 )
 from services.common.lifecycle import TaskGroup
+from services.common.logs import request_id_var
 from services.common.messaging import request, respond, subscribe
+from services.common.tracing import extract_context, tracer
+from services.scheduler import metrics
 from services.scheduler.clock import Clock, SystemClock
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.policies import make_policy
@@ -41,6 +46,7 @@ from services.scheduler.registry import NodeRegistry
 from services.scheduler.roles import RoleChange
 
 log = logging.getLogger(__name__)
+_TRACER = tracer("flowkv.scheduler")
 
 
 class SchedulerService:
@@ -86,7 +92,12 @@ class SchedulerService:
                 pass
         self._subs = []
 
+    def refresh_metrics(self) -> None:
+        """Refresh the gauges read from live state (called before each ``/metrics`` scrape)."""
+        metrics.refresh_nodes(self.registry)
+
     async def _publish(self, events: list[SchedEvent]) -> None:
+        metrics.observe_events(events)
         for ev in events:
             if ev.kind != EventKind.PLACEMENT:  # placements are too many to keep; they are published
                 self.events.append(ev)
@@ -101,15 +112,35 @@ class SchedulerService:
         await self._publish(self.registry.remove(bye.node_id, bye.reason or "bye"))
 
     async def _on_place(self, req: PlaceRequest, msg: Msg) -> None:
+        token = request_id_var.set(req.request_id)
+        try:
+            with _TRACER.start_as_current_span("scheduler.place", context=extract_context(msg.headers),
+                                               kind=SpanKind.SERVER) as span:
+                span.set_attributes({"flowkv.request_id": req.request_id, "flowkv.policy": self.policy.name,
+                                     "flowkv.tokens.prompt": req.num_prompt_tokens})
+                await self._place(req, msg, span)
+        finally:
+            request_id_var.reset(token)
+
+    async def _place(self, req: PlaceRequest, msg: Msg, span: Span) -> None:
+        started = time.perf_counter()
         out = self.policy.place(req)
+        metrics.PLACE_SECONDS.observe(time.perf_counter() - started)
         await respond(msg, out)
         now = self.clock.now()
         if isinstance(out, Placement):
+            outcome = "colocated" if out.prefill_node == out.decode_node else "disaggregated"
+            metrics.PLACEMENTS.labels(self.policy.name, outcome).inc()
+            span.set_attributes({"flowkv.outcome": outcome, "flowkv.prefill_node": out.prefill_node,
+                                 "flowkv.decode_node": out.decode_node})
             self.num_placed += 1
             ev = SchedEvent(kind=EventKind.PLACEMENT, ts=now, request_id=req.request_id,
                             prefill_node=out.prefill_node, decode_node=out.decode_node,
                             detail=f"predicted ttft {out.predicted_ttft_s:.3f}s")
         else:
+            metrics.PLACEMENTS.labels(self.policy.name, "rejected").inc()
+            metrics.REJECTIONS.labels(out.code.value).inc()
+            span.set_attributes({"flowkv.outcome": "rejected", "flowkv.reject_reason": out.code.value})
             self.num_rejected += 1
             ev = SchedEvent(kind=EventKind.REJECTED, ts=now, request_id=req.request_id,
                             detail=f"{out.code.value}: {out.reason}")
