@@ -64,7 +64,7 @@ def hf_twin(engine: Any) -> Any:
     config = LlamaConfig(**mc.to_hf_dict())
     with torch.device("meta"):
         hf = LlamaForCausalLM(config)
-    sd = dict(engine.runner.model.state_dict())
+    sd = engine.runner.model.hf_state_dict()  # q/k/v, gate/up as views of the fused weights
     if mc.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     hf.load_state_dict(sd, strict=False, assign=True)

@@ -8,8 +8,10 @@
 - a ``.gguf`` file: through transformers' GGUF loader.
 - ``"tiny"`` / ``"llama-3.1-8b"``: random weights from a seed, SmolLM2's tokenizer.
 
-Loaded state dicts are kept per (model, dtype, device, seed), so two engines in one
-process (the hand-off tests) share one copy of the weights.
+Loaded state dicts keep the checkpoint's (transformers') names, with each layer's q/k/v
+and gate/up tensors packed back to back in one buffer (views of it), so the engine's
+fused ``qkv_proj``/``gate_up_proj`` are views too. They are kept per (model, dtype,
+device, seed): two engines in one process (the hand-off tests) share one copy.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 
 from libs.engine.model_config import PRESETS, ModelConfig
+from libs.engine.weight_fusion import checkpoint_shapes, pack_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,14 @@ def load_model(name: str, dtype: torch.dtype, device: str, seed: int = 0) -> Loa
 
 
 def _load(name: str, dtype: torch.dtype, device: str, seed: int) -> LoadedModel:
+    loaded = _load_unpacked(name, dtype, device, seed)
+    # q/k/v and gate/up back to back in memory: the engine's fused projections are then
+    # views of the same weights (no copy per engine).
+    pack_state_dict(loaded.state_dict)
+    return loaded
+
+
+def _load_unpacked(name: str, dtype: torch.dtype, device: str, seed: int) -> LoadedModel:
     if name in PRESETS:
         cfg = PRESETS[name]
         return LoadedModel(name, cfg, random_state_dict(cfg, seed, dtype, device), load_tokenizer(smollm2_tokenizer_dir()))
@@ -178,12 +189,7 @@ def random_state_dict(cfg: ModelConfig, seed: int, dtype: torch.dtype, device: s
     Norms are 1, embeddings and LM head N(0, 1) (peaked logits, so greedy decoding has
     no near-ties), other linear layers N(0, 1/fan_in) so activations keep their scale.
     """
-    from libs.engine.model import LlamaForCausalLM
-
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in LlamaForCausalLM(cfg, 1).state_dict().items()}
-    if cfg.tie_word_embeddings:
-        shapes.pop("lm_head.weight")
+    shapes = checkpoint_shapes(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
     for name, shape in shapes.items():

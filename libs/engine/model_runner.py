@@ -8,6 +8,7 @@ with static-shaped tensors (``input_ids [B]``, ``positions [B]``, ``block_tables
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -15,8 +16,14 @@ import torch
 from libs.engine.attention import DecodeMetadata, PrefillMetadata, PrefillSeq
 from libs.engine.model import LlamaForCausalLM
 from libs.engine.model_config import ModelConfig
+from libs.engine.weight_fusion import fuse_state_dict
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def fused_kernels_default() -> bool:
+    """The model's fused path is on unless ``FLOWKV_FUSED_KERNELS=0`` (benchmarks, debugging)."""
+    return os.environ.get("FLOWKV_FUSED_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 class ModelRunner:
@@ -24,7 +31,8 @@ class ModelRunner:
 
     Args:
         cfg: the model's architecture.
-        state_dict: weights already on ``device`` in the wanted dtype (shared, not copied).
+        state_dict: weights already on ``device`` in the wanted dtype, under the
+            checkpoint's names (shared, not copied: see :mod:`libs.engine.weight_fusion`).
         pool: the KV pool tensor ``[blocks, layers, 2, block_size, kv_heads, head_dim]``.
         max_positions: size of the rotary tables.
     """
@@ -34,8 +42,8 @@ class ModelRunner:
         self.pool = pool
         self.block_size = pool.shape[3]
         with torch.device("meta"):
-            model = LlamaForCausalLM(cfg, max_positions)
-        model.load_state_dict(state_dict, strict=False, assign=True)
+            model = LlamaForCausalLM(cfg, max_positions, fused_kernels=fused_kernels_default())
+        model.load_state_dict(fuse_state_dict(state_dict), strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.model.rotary_emb = type(model.model.rotary_emb)(
@@ -97,6 +105,14 @@ class ModelRunner:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.model.compute_logits(hidden)
+
+    @property
+    def fused_kernels(self) -> bool:
+        return self.model.fused_kernels
+
+    def set_fused_kernels(self, on: bool) -> None:
+        """Switch the model's fused path; captured CUDA graphs keep the old path until recaptured."""
+        self.model.fused_kernels = bool(on)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
