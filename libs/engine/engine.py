@@ -37,7 +37,7 @@ from libs.engine.loader import load_model
 from libs.engine.model_runner import ModelRunner
 from libs.engine.outputs import EngineStats, FinishReason, RemoteAllocation, TokenOutput
 from libs.engine.request import Request, RequestStatus
-from libs.engine.sampling import SamplingParams, sample_row, token_logprob
+from libs.engine.sampling import SamplingParams, sample_row, token_logprob, token_seed
 from libs.engine.scheduler import Scheduler, StepPlan
 from libs.kvtransfer.allocator import NoFreeBlocks
 from libs.kvtransfer.layout import KVLayout
@@ -321,9 +321,12 @@ class LLMEngine:
         if all(r.params.greedy and r.num_output_tokens >= r.params.min_tokens for r in reqs):
             tokens = torch.argmax(logits, dim=-1).tolist()
         else:
-            tokens = [
-                sample_row(logits[i], r.params, r.generator, self._banned(r)) for i, r in enumerate(reqs)
-            ]
+            tokens = []
+            for i, r in enumerate(reqs):
+                # Seeding each token from (seed, index) makes a seeded request's tokens the
+                # same on one node or split across a prefill and a decode node.
+                r.generator.manual_seed(token_seed(r.seed, r.num_output_tokens))
+                tokens.append(sample_row(logits[i], r.params, r.generator, self._banned(r)))
         outputs = []
         for i, (req, token) in enumerate(zip(reqs, tokens)):
             lp = None
@@ -378,7 +381,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_gen))
         gen = torch.Generator(device=self._pool.device).manual_seed(seed)
         detok = IncrementalDetokenizer(self._tokenizer, list(prompt), list(params.stop))
-        return Request(request_id, list(prompt), params, gen, detok, prefill_only=prefill_only)
+        return Request(request_id, list(prompt), params, gen, detok, prefill_only=prefill_only, seed=seed)
 
     def _check_fits(self, num_prompt_tokens: int) -> str | None:
         if num_prompt_tokens == 0:

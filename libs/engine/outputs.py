@@ -9,6 +9,8 @@ import enum
 
 import msgspec
 
+from libs.protocol.messages import TokenLogprob
+
 
 class FinishReason(str, enum.Enum):
     """Why a request stopped producing tokens."""
@@ -17,15 +19,6 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens or max_model_len reached
     ABORT = "abort"  # aborted by the caller
     ERROR = "error"  # could not run (see TokenOutput.error)
-
-
-class TokenLogprob(msgspec.Struct, array_like=True, omit_defaults=True):
-    """Log-probability of one sampled token and the top-n alternatives (raw model logits)."""
-
-    token_id: int
-    logprob: float
-    top_token_ids: list[int] = []
-    top_logprobs: list[float] = []
 
 
 class TokenOutput(msgspec.Struct, omit_defaults=True):

@@ -33,6 +33,7 @@ class Request:
     generator: torch.Generator
     detok: IncrementalDetokenizer
     prefill_only: bool = False
+    seed: int = 0  # the request's seed; each output token draws from (seed, its index)
     token_ids: list[int] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0

@@ -1,64 +1,19 @@
 """Sampling parameters (on the wire) and the sampler that turns logits into tokens.
 
-Each request draws from its own ``torch.Generator``: a request with a seed gets the
-same tokens whatever else shares its batch, and a request preempted and recomputed
-continues the same random stream (the generator lives on the request).
+Each request draws from its own ``torch.Generator``, re-seeded for every output token
+from (request seed, token index): a request with a seed gets the same tokens whatever
+else shares its batch, after a preemption and recompute, and when its first token is
+sampled on a prefill node and the rest on a decode node.
 """
 
 from __future__ import annotations
 
-import msgspec
 import torch
 
 from libs.engine.outputs import TokenLogprob
+from libs.protocol.messages import SamplingParams
 
-
-class SamplingParams(msgspec.Struct, omit_defaults=True):
-    """How to pick a request's tokens and when to stop.
-
-    Args:
-        max_tokens: most tokens to generate.
-        temperature: 0 is greedy.
-        top_p: nucleus mass kept (1 = off).
-        top_k: most likely tokens kept (0 = off).
-        seed: seeds the request's own generator (None: drawn from the engine's seed).
-        stop: strings that end the output; the text is cut before the stop string.
-        stop_token_ids: token ids that end the output (besides EOS).
-        ignore_eos: keep going past EOS.
-        logprobs: return this many top logprobs per sampled token (0: only the sampled one).
-        min_tokens: EOS and stop tokens are masked until this many tokens exist.
-    """
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = []
-    stop_token_ids: list[int] = []
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    min_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+__all__ = ["SamplingParams", "sample_row", "token_logprob", "token_seed"]
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -74,6 +29,11 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def token_seed(seed: int, index: int) -> int:
+    """The generator seed for output token ``index`` of a request seeded with ``seed``."""
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & (2**63 - 1)
 
 
 def sample_row(

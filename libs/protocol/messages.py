@@ -45,7 +45,22 @@ class Message(msgspec.Struct, tag_field="type", kw_only=True):
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """How to pick tokens. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` are off."""
+    """How to pick a request's tokens and when to stop.
+
+    Invalid values fail decoding (``msgspec.ValidationError``): they are protocol errors.
+
+    Args:
+        max_tokens: most tokens to generate.
+        temperature: 0 is greedy.
+        top_p: nucleus mass kept (1 = off).
+        top_k: most likely tokens kept (0 = off).
+        seed: seeds the request's own generator (None: drawn from the engine's seed).
+        stop: strings that end the output; the text is cut before the stop string.
+        stop_token_ids: token ids that end the output (besides EOS).
+        ignore_eos: keep going past EOS.
+        logprobs: return this many top logprobs per sampled token (0: only the sampled one).
+        min_tokens: EOS and stop tokens are masked until this many tokens exist.
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -55,14 +70,37 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     stop: list[str] = []
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
-    min_tokens: int = 0
     logprobs: int | None = None
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
 
 
-class TokenLogprob(msgspec.Struct, array_like=True):
+class TokenLogprob(msgspec.Struct, array_like=True, omit_defaults=True):
+    """Log-probability of one sampled token and the top-n alternatives (raw model logits)."""
+
     token_id: int
     logprob: float
-    top: list[tuple[int, float]] = []
+    top_token_ids: list[int] = []
+    top_logprobs: list[float] = []
 
 
 # ---------------------------------------------------------------- nodes -> scheduler

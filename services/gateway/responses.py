@@ -41,7 +41,7 @@ class LogprobsBuilder:
             for tid, lp in zip(token_ids, entries):
                 s = _token_str(self.tok, tid)
                 top = [] if lp is None else [
-                    {"token": _token_str(self.tok, t), "logprob": v, "bytes": list(_token_str(self.tok, t).encode())} for t, v in lp.top
+                    {"token": _token_str(self.tok, t), "logprob": v, "bytes": list(_token_str(self.tok, t).encode())} for t, v in zip(lp.top_token_ids, lp.top_logprobs)
                 ]
                 content.append({"token": s, "logprob": None if lp is None else lp.logprob, "bytes": list(s.encode()), "top_logprobs": top})
             return {"content": content}
@@ -50,7 +50,7 @@ class LogprobsBuilder:
             s = _token_str(self.tok, tid)
             out["tokens"].append(s)
             out["token_logprobs"].append(None if lp is None else lp.logprob)
-            out["top_logprobs"].append(None if lp is None else {_token_str(self.tok, t): v for t, v in lp.top})
+            out["top_logprobs"].append(None if lp is None else {_token_str(self.tok, t): v for t, v in zip(lp.top_token_ids, lp.top_logprobs)})
             out["text_offset"].append(self.offset)
             self.offset += len(s)
         return out

@@ -20,7 +20,10 @@ from libs.protocol.messages import ErrorCode, TokenChunk, TokenLogprob
 
 
 def engine_params(wire: messages.SamplingParams) -> EngineSamplingParams:
-    """The engine's sampling parameters from the wire's (raises ValueError when invalid)."""
+    """The engine's sampling parameters: the wire's own type, re-checked (ValueError when invalid).
+
+    Decoding already validated them; this guards parameters built in-process.
+    """
     return EngineSamplingParams(**msgspec.structs.asdict(wire))
 
 
@@ -38,7 +41,7 @@ def continuation_params(params: EngineSamplingParams) -> EngineSamplingParams:
 def wire_logprobs(out: TokenOutput) -> list[TokenLogprob] | None:
     if out.logprobs is None:
         return None
-    return [TokenLogprob(lp.token_id, lp.logprob, list(zip(lp.top_token_ids, lp.top_logprobs))) for lp in out.logprobs]
+    return list(out.logprobs)
 
 
 @dataclasses.dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pytest
 
 from libs.engine.sampling import SamplingParams
@@ -17,8 +18,8 @@ def _prompt(n: int, seed: int = 3) -> list[int]:
     return [rng.randrange(3, 49152) for _ in range(n)]
 
 
-def _handoff(prefill, decode, rid: str, prompt: list[int]) -> list[int]:  # type: ignore[no-untyped-def]
-    prefill.add_request(rid, prompt, PARAMS, prefill_only=True)
+def _handoff(prefill, decode, rid: str, prompt: list[int], params: SamplingParams = PARAMS) -> list[int]:  # type: ignore[no-untyped-def]
+    prefill.add_request(rid, prompt, params, prefill_only=True)
     outs = []
     while prefill.has_work():
         outs.extend(prefill.step())
@@ -31,7 +32,7 @@ def _handoff(prefill, decode, rid: str, prompt: list[int]) -> list[int]:  # type
     for s, d in zip(src[start:], alloc.block_ids[start:]):
         decode.pool.tensor[d].copy_(prefill.pool.tensor[s])
     prefill.release(rid)
-    decode.commit_remote(rid, prompt, first.token_ids[0], PARAMS)
+    decode.commit_remote(rid, prompt, first.token_ids[0], params)
     rest = []
     while decode.has_work():
         rest.extend(decode.step())
@@ -75,3 +76,15 @@ def test_remote_blocks_are_not_cached_until_commit() -> None:
     assert d.stats().free_blocks == 16 and d.blocks.num_evictable_blocks == 0
     with pytest.raises(ValueError):
         d.allocate_remote("z", _prompt(64))  # longer than the pool
+
+
+def test_seeded_sampling_is_the_same_across_a_handoff() -> None:
+    """A seeded request gives the same tokens on one engine and split across two."""
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_k=40, seed=1234, ignore_eos=True)
+    prompt = _prompt(13, seed=9)
+    expected = tokens_of(run_all(make_engine(), {"x": prompt}, params)["x"])
+    # A different seed really changes the tokens, so equality below is not luck.
+    other = tokens_of(run_all(make_engine(), {"x": prompt}, msgspec.structs.replace(params, seed=99))["x"])
+    assert other != expected
+    tokens, _ = _handoff(make_engine(num_blocks=64), make_engine(num_blocks=96), "x", prompt, params)
+    assert tokens == expected

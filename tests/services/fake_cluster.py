@@ -141,7 +141,7 @@ class FakeCluster:
             size = 1 if pos == 0 else self.chunk_size  # the prefill node's first token, then decode chunks
             node = prefill if pos == 0 else req.decode_node
             ids = out[pos : pos + size]
-            lps = [TokenLogprob(t, -0.5, [(t, -0.5), (t + 1, -1.5)]) for t in ids] if self.with_logprobs else None
+            lps = [TokenLogprob(t, -0.5, [t, t + 1], [-0.5, -1.5]) for t in ids] if self.with_logprobs else None
             chunks.append(TokenChunk(
                 request_id=req.request_id, node_id=node, index=req.output_offset + pos, token_ids=ids, logprobs=lps,
                 num_prompt_tokens=len(req.prompt_token_ids),
