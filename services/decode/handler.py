@@ -29,17 +29,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from opentelemetry import context as otel_context
+from opentelemetry.trace import StatusCode
 
 from libs.kvtransfer.agent import choose_transport
 from libs.kvtransfer.allocator import NoFreeBlocks
-from libs.kvtransfer.base import AgentInfo, TransferError
+from libs.kvtransfer.base import AgentInfo, TransferError, TransferStats
 from libs.protocol.messages import Ack, ErrorCode, KVAllocReply, KVAllocRequest, KVDone
 from services.common.logs import request_id_var
+from services.common.tracing import extract_context, tracer
 from services.node import metrics
+from services.node.metrics import transfer_attributes
 from services.node.context import NodeContext, resolve
 from services.node.streaming import Streamer, Usage, continuation_params, engine_params
 
 log = logging.getLogger(__name__)
+_TRACER = tracer("flowkv.node")
 
 
 class Phase(str, enum.Enum):
@@ -59,6 +64,7 @@ class Reservation:
     done: asyncio.Future[KVDone]
     phase: Phase = Phase.AWAITING
     cancelled: bool = False
+    received: TransferStats | None = None  # what landed (None: nothing moved, or not yet)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -163,21 +169,35 @@ class DecodeHandler:
     async def _run(self, res: Reservation, params: Any, headers: Mapping[str, str] | None) -> None:
         req, engine = res.req, self.ctx.engine
         request_id_var.set(req.request_id)
+        # This task's spans join the trace of P's kv.transfer (the KVAllocRequest's traceparent).
+        otel_context.attach(extract_context(headers))
         outcome = "error"
         try:
-            done = await self._await_done(res)
-            if done is None or res.cancelled:
-                await resolve(engine.release(req.request_id))
-                outcome = "cancelled" if res.cancelled else "lease_expired"
-                return
+            with _TRACER.start_as_current_span("kv.receive") as span:
+                span.set_attributes(self._span_attributes(res))
+                done = await self._await_done(res)
+                if done is None or res.cancelled:
+                    await resolve(engine.release(req.request_id))
+                    outcome = "cancelled" if res.cancelled else "lease_expired"
+                    span.set_attribute("flowkv.outcome", outcome)
+                    return
+                failure = await self._landed(res, done)
+                span.set_attributes(transfer_attributes(res.received))
+                if failure is not None:
+                    span.set_status(StatusCode.ERROR, failure)
             streamer = Streamer(self.ctx.nc, self.ctx.node_id, req.reply_subject, headers)
-            failure = await self._landed(res, done)
             if failure is None:
                 res.phase = Phase.DECODING
                 usage = Usage(req.num_original_prompt_tokens or len(req.prompt_token_ids),
                               res.num_cached_tokens, from_engine=False)
-                outputs = engine.decode_remote(req.request_id, list(req.prompt_token_ids), done.first_token_id, params)
-                await streamer.stream(outputs, req.output_offset + 1, usage)
+                with _TRACER.start_as_current_span("node.decode") as span:
+                    span.set_attributes(self._span_attributes(res))
+                    outputs = engine.decode_remote(req.request_id, list(req.prompt_token_ids), done.first_token_id,
+                                                   params)
+                    last = await streamer.stream(outputs, req.output_offset + 1, usage)
+                    if last is not None:
+                        span.set_attributes({"flowkv.finish_reason": last.finish_reason or "",
+                                             "flowkv.tokens.output": last.num_output_tokens})
                 outcome = "ok"
             else:
                 await self._recompute(res, done, params, streamer, failure)
@@ -214,10 +234,18 @@ class DecodeHandler:
         with contextlib.suppress(KeyError):
             self.ctx.agent.complete(tid)
         try:
-            await res.expect
+            res.received = await res.expect
         except TransferError as exc:
             return exc.reason
+        if res.received is not None:
+            metrics.record_receive(res.received)
         return None
+
+    def _span_attributes(self, res: Reservation) -> dict[str, Any]:
+        k = res.num_cached_tokens // self.ctx.block_size
+        return {"flowkv.request_id": res.req.request_id, "flowkv.node_id": self.ctx.node_id, "flowkv.role": "decode",
+                "flowkv.prefill_node": res.req.prefill_node, "flowkv.tokens.prompt": len(res.req.prompt_token_ids),
+                "flowkv.tokens.cached": res.num_cached_tokens, "flowkv.kv.blocks": len(res.block_ids) - k}
 
     async def _recompute(self, res: Reservation, done: KVDone, params: Any, streamer: Streamer, why: str) -> None:
         req = res.req

@@ -19,6 +19,7 @@ from services.common.lifecycle import install_signal_handlers
 from services.common.logs import setup_logging
 from services.common.nats import ENV_PREFIX as NATS_ENV_PREFIX
 from services.common.nats import NatsConfig, connect
+from services.common.tracing import setup_tracing, shutdown_tracing
 from services.node.config import ENV_PREFIX, NodeConfig
 
 log = logging.getLogger("services.node")
@@ -71,11 +72,15 @@ async def serve(config: NodeConfig, nats_config: NatsConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     config, nats_config = parse(argv)
     setup_logging(f"node-{config.node_id}", config.log_level, config.json_logs)
+    setup_tracing("flowkv-node", config.node_id)
     if config.device == "cpu":
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    asyncio.run(serve(config, nats_config))
+    try:
+        asyncio.run(serve(config, nats_config))
+    finally:
+        shutdown_tracing()
     sys.exit(0)
 
 

@@ -314,5 +314,6 @@ class Node:
             engine=self.engine, device=self._device, hashes=hashes, transports=sorted(self.agent.transports),
             host_id=self.agent.host_id, max_num_seqs=self.config.max_num_seqs,
         )
+        metrics.observe_report(report)
         await self.nc.publish(node_load(), messages.encode(report))
 

@@ -37,17 +37,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import msgspec
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span, StatusCode
 
 from libs.kvtransfer.base import AgentInfo, TransferError, TransferStats
 from libs.protocol import messages
 from libs.protocol.messages import ErrorCode, KVAllocReply, KVAllocRequest, KVDone, SubmitRequest, TransferReport
 from libs.protocol.subjects import NodeVerb, node
+from services.common import faults
 from services.common.logs import request_id_var
+from services.common.tracing import extract_context, inject_headers, tracer
 from services.node import metrics
+from services.node.metrics import transfer_attributes
 from services.node.context import NodeContext, resolve
 from services.node.streaming import Streamer, Usage, chunk_of, continuation_params, engine_params, error_chunk
 
 log = logging.getLogger(__name__)
+_TRACER = tracer("flowkv.node")
 
 
 class Phase(str, enum.Enum):
@@ -122,6 +128,8 @@ class PrefillHandler:
     async def _run(self, job: PrefillJob, headers: Mapping[str, str] | None) -> None:
         req = job.req
         request_id_var.set(req.request_id)
+        # This task's spans join the gateway's trace (the submit's traceparent).
+        otel_context.attach(extract_context(headers))
         streamer = Streamer(self.ctx.nc, self.ctx.node_id, req.reply_subject, headers)
         outcome = "error"
         try:
@@ -156,7 +164,12 @@ class PrefillHandler:
                                     headers: Mapping[str, str] | None) -> str:
         req = job.req
         engine = self.ctx.engine
-        result = await engine.prefill(req.request_id, req.prompt_token_ids, params)
+        with _TRACER.start_as_current_span("node.prefill") as span:
+            span.set_attributes({"flowkv.request_id": req.request_id, "flowkv.node_id": self.ctx.node_id,
+                                 "flowkv.role": "prefill", "flowkv.tokens.prompt": len(req.prompt_token_ids)})
+            result = await engine.prefill(req.request_id, req.prompt_token_ids, params)
+            span.set_attributes({"flowkv.tokens.cached": result.output.num_cached_tokens,
+                                 "flowkv.kv.blocks": len(result.block_ids)})
         out = result.output
         usage = self._usage(req)
         usage.num_cached_tokens = out.num_cached_tokens
@@ -173,14 +186,25 @@ class PrefillHandler:
 
     async def _hand_off(self, job: PrefillJob, src_ids: list[int], first: int, params,  # type: ignore[no-untyped-def]
                         streamer: Streamer, headers: Mapping[str, str] | None) -> str:
+        with _TRACER.start_as_current_span("kv.transfer") as span:
+            span.set_attributes({"flowkv.request_id": job.req.request_id, "flowkv.node_id": self.ctx.node_id,
+                                 "flowkv.role": "prefill", "flowkv.decode_node": job.req.decode_node})
+            # D's spans (kv.receive, node.decode) become children of this one.
+            return await self._hand_off_traced(job, src_ids, first, params, streamer,
+                                               inject_headers(dict(headers) if headers else None), span)
+
+    async def _hand_off_traced(self, job: PrefillJob, src_ids: list[int], first: int, params,  # type: ignore[no-untyped-def]
+                               streamer: Streamer, headers: dict[str, str], span: Span) -> str:
         req, ctx = job.req, self.ctx
         job.transfer_id = f"{req.request_id}.{uuid.uuid4().hex[:12]}"
-        reply = await self._reserve(job, src_ids, dict(headers) if headers else None)
+        span.set_attribute("flowkv.transfer_id", job.transfer_id)
+        reply = await self._reserve(job, src_ids, headers)
         if reply is None:
             if job.cancelled:
                 return "cancelled"
             await resolve(ctx.engine.release(req.request_id))
             metrics.RECOMPUTES.labels("no_reservation").inc()
+            span.set_attribute("flowkv.outcome", "recomputed")
             job.phase = Phase.LOCAL
             prompt = list(req.prompt_token_ids) + [first]
             await self._generate(req, prompt, continuation_params(params), req.output_offset + 1, streamer)
@@ -190,12 +214,16 @@ class PrefillHandler:
             done.ok, done.error = False, "cancelled"
         else:
             k = reply.num_cached_tokens // ctx.block_size
+            span.set_attributes({"flowkv.kv.blocks": len(src_ids) - k, "flowkv.tokens.cached": reply.num_cached_tokens,
+                                 "flowkv.kv.transport": reply.transport})
             try:
                 stats = await self._send(job, reply, src_ids[k:], list(reply.dst_block_ids[k:]))
                 done.stats = None if stats is None else TransferReport(**msgspec.structs.asdict(stats))
+                span.set_attributes(transfer_attributes(stats))
             except TransferError as exc:
                 log.warning("transfer %s to %s failed: %s", job.transfer_id, req.decode_node, exc.reason)
                 done.ok, done.error = False, exc.reason
+                span.set_status(StatusCode.ERROR, exc.reason)
         await self._notify_done(req, done, headers)
         return "ok" if done.ok else ("cancelled" if job.cancelled else "transfer_failed")
 
@@ -228,14 +256,16 @@ class PrefillHandler:
             return None
         peer = msgspec.msgpack.decode(reply.receiver_info, type=AgentInfo)
         ctx = self.ctx
+        if faults.fire("kv_send_fail"):  # test-only (FLOWKV_FAULT_INJECT); off by default
+            raise TransferError("injected fault kv_send_fail")
         stats = await ctx.agent.send(job.transfer_id, peer, src, dst, timeout=ctx.config.transfer_timeout_s)
-        metrics.TRANSFER_BYTES.labels(stats.transport).inc(stats.bytes)
-        metrics.TRANSFER_CALLS.labels(stats.transport).inc(stats.calls)
-        metrics.TRANSFER_SECONDS.labels(stats.transport).observe(stats.duration_s)
+        metrics.record_send(stats)
         return stats
 
     async def _notify_done(self, req: SubmitRequest, done: KVDone, headers: Mapping[str, str] | None) -> None:
         subject = node(req.decode_node, NodeVerb.KV_DONE)
+        if faults.fire("kv_done_drop"):  # test-only: P "dies" after the transfer, D's lease must end it
+            return
         try:
             reply = await self.ctx.nc.request(subject, messages.encode(done), timeout=self.ctx.config.kv_alloc_timeout_s,
                                               headers=dict(headers) if headers else None)
