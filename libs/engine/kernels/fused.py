@@ -69,6 +69,7 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add and RMSNorm in one kernel.
 
@@ -78,13 +79,15 @@ def add_rms_norm(
             With Triton it is updated in place to ``x + residual``.
         weight: ``[N]`` norm weight.
         eps: variance epsilon.
+        out: optional ``[T, N]`` tensor (rows with unit stride) for the normed rows.
 
     Returns:
         ``(weight * rmsnorm(x + residual), x + residual)``, both in x's dtype.
     """
     if not triton_usable(x):
-        return add_rms_norm_ref(x, residual, weight, eps)
-    return _add_rms_norm_triton(x, residual, weight, eps)
+        normed, r = add_rms_norm_ref(x, residual, weight, eps)
+        return (normed if out is None else out.copy_(normed)), r
+    return _add_rms_norm_triton(x, residual, weight, eps, out)
 
 
 def rotary_(
@@ -104,11 +107,12 @@ def rotary_(
     return q, k
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of ``gate_up`` [T, 2I] in one kernel; -> [T, I] in its dtype."""
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` of ``gate_up`` [T, 2I] in one kernel; -> [T, I] in its dtype (into ``out`` if given)."""
     if not triton_usable(gate_up):
-        return silu_mul_ref(gate_up)
-    return _silu_mul_triton(gate_up)
+        ref = silu_mul_ref(gate_up)
+        return ref if out is None else out.copy_(ref)
+    return _silu_mul_triton(gate_up, out)
 
 
 # ---------------------------------------------------------------- Triton
@@ -200,11 +204,14 @@ def _norm_warps(block: int) -> int:
 
 
 def _add_rms_norm_triton(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, out: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.dim() != 2 or x.stride(-1) != 1 or weight.shape != (x.shape[1],):
+    if x.dim() != 2 or x.stride(-1) != 1 or weight.shape != (x.shape[1],) or not weight.is_contiguous():
         raise ValueError(f"add_rms_norm wants [T, N] rows with unit stride and weight [N]; got {tuple(x.shape)}")
-    out = torch.empty_like(x)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    elif out.shape != x.shape or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} does not match x {tuple(x.shape)}")
     if x.shape[0] == 0:
         return out, (x if residual is None else residual)
     res = x if residual is None else residual
@@ -239,11 +246,14 @@ def _rotary_triton(
     )
 
 
-def _silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
+def _silu_mul_triton(gate_up: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
         raise ValueError(f"silu_mul wants [T, 2I] with unit column stride, got {tuple(gate_up.shape)}")
     num_tokens, cols = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty(num_tokens, cols, dtype=gate_up.dtype, device=gate_up.device)
+    if out is None:
+        out = torch.empty(num_tokens, cols, dtype=gate_up.dtype, device=gate_up.device)
+    elif out.shape != (num_tokens, cols) or out.stride(1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} is not [{num_tokens}, {cols}] with unit column stride")
     if num_tokens == 0:
         return out
     block = min(1024, triton.next_power_of_2(cols))
