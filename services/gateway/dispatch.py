@@ -213,6 +213,12 @@ class Dispatcher:
         except (NatsTimeoutError, NoRespondersError, asyncio.TimeoutError):
             metrics.REJECTED.labels("scheduler_unavailable").inc()
             raise ApiError(503, "the scheduler did not answer", type="server_error", code="scheduler_unavailable", retry_after_s=1.0) from None
+        if isinstance(reply, Rejected) and reply.code is ErrorCode.NO_NODES and excluded:
+            # Exclusion is a preference: a node that is really dead has left the scheduler's
+            # registry already, so what is left failed this request for a passing reason
+            # (a stall while the broker restarted, a refused reservation). Try it again.
+            log.warning("no node without %s: placing on any node", excluded)
+            return await self._place_traced(job, wire_id, num_prompt, max_tokens, [])
         if isinstance(reply, Rejected):
             metrics.REJECTED.labels(reply.code.value).inc()
             raise from_code(reply.code, reply.reason or reply.code.value, reply.retry_after_s or (1.0 if reply.code is ErrorCode.OVERLOADED else 0.0))
