@@ -88,13 +88,14 @@ class Generation:
         overhead = None if ttft is None or self.prefill_s <= 0 else ttft - self.prefill_s
         return {"ttft_s": ttft, "prefill_s": self.prefill_s, "control_plane_s": overhead}
 
-    def record_stream_span(self) -> None:
+    def record_stream_span(self, request_id: str) -> None:
         """Emit the ``stream`` span (first token -> last token) under the current span; nothing
         if no token came."""
         if not self.first_token_ns:
             return
         span = _TRACER.start_span("stream", start_time=self.first_token_ns)
-        span.set_attributes({"flowkv.tokens.output": self.num_output, "flowkv.finish_reason": self.finish_reason or ""})
+        span.set_attributes({"flowkv.request_id": request_id, "flowkv.tokens.output": self.num_output,
+                             "flowkv.finish_reason": self.finish_reason or ""})
         span.end(end_time=max(self.last_token_ns, self.first_token_ns))
 
     def _observe_end(self, now: float) -> None:

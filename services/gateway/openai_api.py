@@ -126,7 +126,7 @@ async def _serve_traced(request: web.Request, parse: Callable[[Any, str], Genera
         finally:
             span.set_attributes({"flowkv.tokens.output": gen.num_output, "flowkv.tokens.cached": gen.num_cached,
                                  "flowkv.finish_reason": gen.finish_reason or ""})
-            gen.record_stream_span()
+            gen.record_stream_span(request_id)
 
 
 async def _whole(st: GatewayState, req: GenerationRequest, gen: Generation, items: Any, request_id: str) -> web.Response:
