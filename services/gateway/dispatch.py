@@ -213,11 +213,11 @@ class Dispatcher:
         except (NatsTimeoutError, NoRespondersError, asyncio.TimeoutError):
             metrics.REJECTED.labels("scheduler_unavailable").inc()
             raise ApiError(503, "the scheduler did not answer", type="server_error", code="scheduler_unavailable", retry_after_s=1.0) from None
-        if isinstance(reply, Rejected) and reply.code is ErrorCode.NO_NODES and excluded:
+        if isinstance(reply, Rejected) and excluded and reply.code is not ErrorCode.INVALID:
             # Exclusion is a preference: a node that is really dead has left the scheduler's
             # registry already, so what is left failed this request for a passing reason
             # (a stall while the broker restarted, a refused reservation). Try it again.
-            log.warning("no node without %s: placing on any node", excluded)
+            log.warning("no placement without %s (%s): placing on any node", excluded, reply.reason)
             return await self._place_traced(job, wire_id, num_prompt, max_tokens, [])
         if isinstance(reply, Rejected):
             metrics.REJECTED.labels(reply.code.value).inc()
