@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import ssl
@@ -9,6 +11,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 
 log = logging.getLogger(__name__)
@@ -60,10 +63,28 @@ def redact(url: str) -> str:
     return url
 
 
+class NatsAuthError(ConnectionError):
+    """The broker refused our credentials on the first connect (a wrong token or password)."""
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    return isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower()
+
+
 async def connect(config: NatsConfig, name: str) -> Client:
-    """Connect (retrying until the server is there) and keep reconnecting forever after."""
+    """Connect (retrying until the server is there) and keep reconnecting forever after.
+
+    Raises:
+        NatsAuthError: the server answered but refused the credentials before the first
+            connect succeeded (retrying would never help; the message names no secret).
+    """
+    auth_failed = asyncio.Event()
+    connected = False
 
     async def on_error(exc: Exception) -> None:
+        if _is_auth_error(exc) and not connected:
+            auth_failed.set()
+            return
         log.warning("nats error (%s): %s", name, exc)
 
     async def on_disconnected() -> None:
@@ -95,6 +116,19 @@ async def connect(config: NatsConfig, name: str) -> Client:
         if config.tls_cert:
             ctx.load_cert_chain(config.tls_cert, config.tls_key or None)
         options["tls"] = ctx
-    nc = await nats.connect(**options)
+    attempt = asyncio.ensure_future(nats.connect(**options))
+    refused = asyncio.ensure_future(auth_failed.wait())
+    await asyncio.wait({attempt, refused}, return_when=asyncio.FIRST_COMPLETED)
+    refused.cancel()
+    if not attempt.done():  # credentials refused: stop the retry loop, say so once
+        attempt.cancel()
+        with contextlib.suppress(BaseException):
+            await attempt
+        raise NatsAuthError(
+            f"NATS at {config.redacted_url()} refused the credentials of {name} (authorization violation): "
+            "check FLOWKV_NATS_TOKEN / --nats-token (or user and password)"
+        )
+    nc = attempt.result()
+    connected = True
     log.info("connected to nats %s as %s", config.redacted_url(), name)
     return nc
