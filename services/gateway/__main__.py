@@ -15,6 +15,7 @@ from aiohttp import web
 from services.common import config as cfg
 from services.common.lifecycle import install_signal_handlers
 from services.common.logs import setup_logging
+from services.common.nats import NatsAuthError
 from services.common.nats import ENV_PREFIX as NATS_ENV_PREFIX
 from services.common.nats import NatsConfig
 from services.common.tracing import setup_tracing, shutdown_tracing
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_tracing("flowkv-gateway", config.gateway_id)
     try:
         asyncio.run(serve(config, nats_config))
+    except NatsAuthError as exc:  # a clear line, not a traceback: retrying cannot help
+        raise SystemExit(f"error: {exc}") from None
     finally:
         shutdown_tracing()
 

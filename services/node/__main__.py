@@ -17,6 +17,7 @@ import sys
 from services.common import config as cfg
 from services.common.lifecycle import install_signal_handlers
 from services.common.logs import setup_logging
+from services.common.nats import NatsAuthError
 from services.common.nats import ENV_PREFIX as NATS_ENV_PREFIX
 from services.common.nats import NatsConfig, connect
 from services.common.tracing import setup_tracing, shutdown_tracing
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     try:
         asyncio.run(serve(config, nats_config))
+    except NatsAuthError as exc:  # a clear line, not a traceback: retrying cannot help
+        raise SystemExit(f"error: {exc}") from None
     finally:
         shutdown_tracing()
     sys.exit(0)

@@ -17,6 +17,7 @@ from services.common import config as cfg
 from services.common.lifecycle import install_signal_handlers, wait_for_stop
 from services.common.logs import setup_logging
 from services.common.metrics_server import serve_metrics
+from services.common.nats import NatsAuthError
 from services.common.nats import ENV_PREFIX as NATS_ENV, NatsConfig, connect
 from services.common.tracing import setup_tracing, shutdown_tracing
 from services.scheduler.config import ENV_PREFIX, SchedulerConfig
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_tracing("flowkv-scheduler")
     try:
         return asyncio.run(serve(config, nats_config))
+    except NatsAuthError as exc:  # a clear line, not a traceback: retrying cannot help
+        raise SystemExit(f"error: {exc}") from None
     finally:
         shutdown_tracing()
 

@@ -86,6 +86,7 @@ async def test_flowkv_up_with_nats_token_and_api_key_serves_and_never_shows_them
         assert bad.returncode != 0
         out = bad.stdout + bad.stderr
         assert "refused the credentials" in out and "FLOWKV_NATS_TOKEN" in out, out[-2000:]
+        assert "Traceback" not in out, out[-2000:]
         assert WRONG not in out and TOKEN not in out
         print(f"\nwrong token: exit {bad.returncode} after {time.monotonic() - started:.1f}s")
     finally:
