@@ -1,0 +1,155 @@
+"""The experiments of the full-stack benchmark and the per-model settings they run with.
+
+An :class:`Experiment` is a cluster layout (one ``flowkv up``, or K independent colocated
+ones, one per GPU) plus the load runs to drive through it. :func:`catalog` names them for
+a GPU count; :data:`PROFILES` holds the lengths, rates and node settings per model, so the
+same plan runs Llama-3.1-8B on H100s and the tiny preset on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from stack_cluster import Shape
+
+# The role controller on the time scale of 15-30 s runs (its defaults suit hours-long serving).
+SCHED_ENV = {"FLOWKV_SCHEDULER_MIN_DWELL_S": "3", "FLOWKV_SCHEDULER_DEMAND_WINDOW_S": "5",
+             "FLOWKV_SCHEDULER_ROLE_INTERVAL_S": "0.25"}
+
+# A lone hybrid node under ``flowkv`` gets flipped to decode by the demand signal (then 429
+# "no ready prefill node"); the colocated baseline needs a policy without a role controller.
+COLO_POLICY = "least_loaded"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Per-model settings. Lengths: (workload, length_scale); rates in req/s for 2 and 4 GPUs."""
+
+    node_env: dict[str, str]
+    dtype: str
+    long: tuple[str, float]  # the LongBench-like long-prompt mix and its scale
+    synth_scale: dict[str, float]  # 1k / 10k: length_scale (1.0 on GPU: the paper's lengths)
+    rates2: dict[str, list[float]]  # 2-GPU runs: workload -> rates (long first, then low, high)
+    rates4: dict[str, float]  # 4-GPU runs at 4 GPUs (scaled by gpus / 4)
+    shift_lens: tuple[int, int]  # --input-len/--output-len of the shift workload
+    warm_input: int
+    greedy_prompt: int
+    greedy_output: int
+    handoff_min_prompt: float  # the hand-off target is judged on runs with prompts this long
+    duration_s: float
+    shift_duration_s: float
+    tail_s: float  # expected drain after the last arrival (for the time budget)
+    startup_s: float  # expected cluster start (for the time budget)
+    request_timeout_s: float
+
+
+PROFILES: dict[str, Profile] = {
+    # 8B on an 80 GB H100: 16 GB weights, the pool takes 85% of what is left (~46 GB = ~370k tokens);
+    # 8192 batched tokens: a 10k prompt prefills in 2 chunks.
+    "llama-3.1-8b": Profile(
+        node_env={"FLOWKV_NODE_MAX_NUM_SEQS": "64", "FLOWKV_NODE_MAX_NUM_BATCHED_TOKENS": "8192",
+                  "FLOWKV_NODE_MAX_MODEL_LEN": "32768"},
+        dtype="bfloat16", long=("gov_report", 0.5), synth_scale={"1k": 1.0, "10k": 1.0},
+        rates2={"long": [2.0, 4.0], "10k": [1.5], "1k": [8.0]}, rates4={"long": 8.0, "shift": 10.0},
+        shift_lens=(2048, 128), warm_input=8192, greedy_prompt=512, greedy_output=32, handoff_min_prompt=8000,
+        duration_s=15.0, shift_duration_s=30.0, tail_s=12.0, startup_s=60.0, request_timeout_s=120.0),
+    # The CPU dry run: tiny preset (2048 positions), float32, a few seconds a run.
+    "tiny": Profile(
+        node_env={"FLOWKV_NODE_MAX_NUM_SEQS": "64", "FLOWKV_NODE_MAX_NUM_BATCHED_TOKENS": "1024",
+                  "OMP_NUM_THREADS": "1"},
+        dtype="", long=("gov_report", 0.02), synth_scale={"1k": 0.1, "10k": 0.05},
+        rates2={"long": [2.0, 4.0], "10k": [2.0], "1k": [4.0]}, rates4={"long": 4.0, "shift": 4.0},
+        shift_lens=(96, 16), warm_input=256, greedy_prompt=64, greedy_output=16, handoff_min_prompt=400,
+        duration_s=5.0, shift_duration_s=8.0, tail_s=5.0, startup_s=25.0, request_timeout_s=60.0),
+}
+
+
+@dataclass
+class Experiment:
+    """One cluster layout and its runs. ``kind``: ``disagg`` (P/D hand-offs) or ``colo``."""
+
+    name: str
+    kind: str
+    shapes: list[Shape]  # one per ``flowkv up``; several = independent colocated clusters
+    runs: list[dict[str, Any]]
+    kv_transport: str = ""
+    want_roles: tuple[int, int] | None = None  # fixed split: wait for this many P and D
+    sched_env: dict[str, str] = field(default_factory=dict)
+    greedy: bool = True
+
+
+def _run(workload: str, rate: float, scale: float, duration: float, **kw: Any) -> dict[str, Any]:
+    return {"workload": workload, "rate": rate, "length_scale": scale, "duration_s": duration, **kw}
+
+
+def _devices(device: str, n: int) -> list[str]:
+    return [f"cuda:{i}" for i in range(n)] if device == "cuda" else [device] * n
+
+
+def transport(name: str, device: str) -> str:
+    """The forced KV transport: on CPU, ``shm`` stands for cuda_ipc and ``tcp`` for nccl."""
+    if device == "cpu":
+        return {"cuda_ipc": "shm", "nccl": "tcp"}[name]
+    return name
+
+
+def _two_gpu(p: Profile, device: str) -> dict[str, Experiment]:
+    wl, scale = p.long
+    d = p.duration_s
+    long = [_run(wl, r, scale, d) for r in p.rates2["long"]]
+    synth = [_run(w, r, p.synth_scale[w], d) for w in ("10k", "1k") for r in p.rates2[w]]
+    dev2 = _devices(device, 2)
+    return {
+        "1p1d_ipc": Experiment("1p1d_ipc", "disagg", [Shape(1, 1, 0, device, "fixed:1:1")], long + synth,
+                               transport("cuda_ipc", device), want_roles=(1, 1)),
+        "2colo": Experiment("2colo", "colo", [Shape(0, 0, 1, dev, COLO_POLICY) for dev in dev2], long + synth),
+        "1p1d_nccl": Experiment("1p1d_nccl", "disagg", [Shape(1, 1, 0, device, "fixed:1:1")],
+                                [synth[0], long[-1]], transport("nccl", device), want_roles=(1, 1)),
+        "1colo": Experiment("1colo", "colo", [Shape(0, 0, 1, dev2[0], COLO_POLICY)], long[:1]),
+    }
+
+
+def _multi_gpu(p: Profile, device: str, gpus: int) -> dict[str, Experiment]:
+    wl, scale = p.long
+    k = gpus / 4
+    long = _run(wl, p.rates4["long"] * k, scale, p.duration_s)
+    inp, outp = p.shift_lens
+    shift = _run("shift", p.rates4["shift"] * k, 1.0, p.shift_duration_s, input_len=inp, output_len=outp)
+    half, quarter = gpus // 2, gpus // 4
+    out: dict[str, Experiment] = {}
+    sched = f"{half}p{half}d"
+    out[sched] = Experiment(sched, "disagg", [Shape(half, half, 0, device, "flowkv")], [long], sched_env=SCHED_ENV)
+    out["shift"] = Experiment("shift", "disagg", [Shape(half, half, 0, device, "flowkv")], [shift],
+                              sched_env=SCHED_ENV, greedy=False)
+    for np_, nd in ((gpus - quarter, quarter), (quarter, gpus - quarter)):
+        name = f"{np_}p{nd}d"
+        out[name] = Experiment(name, "disagg", [Shape(np_, nd, 0, device, f"fixed:{np_}:{nd}")], [long, shift],
+                               want_roles=(np_, nd), greedy=False)
+    colo = f"{gpus}colo"
+    out[colo] = Experiment(colo, "colo", [Shape(0, 0, 1, dev, COLO_POLICY) for dev in _devices(device, gpus)], [long, shift],
+                           greedy=False)
+    return out
+
+
+def catalog(profile: Profile, device: str, gpus: int) -> dict[str, Experiment]:
+    """Every experiment this GPU count can run, by name (the 2-GPU ones on any count)."""
+    out = _two_gpu(profile, device)
+    if gpus >= 4:
+        out.update(_multi_gpu(profile, device, gpus))
+    return out
+
+
+def default_experiments(gpus: int) -> list[str]:
+    """Most important first: a time budget that runs out skips the tail."""
+    if gpus < 4:
+        return ["1p1d_ipc", "2colo", "1p1d_nccl", "1colo"]
+    half, quarter = gpus // 2, gpus // 4
+    return [f"{half}p{half}d", "shift", f"{gpus - quarter}p{quarter}d", f"{quarter}p{gpus - quarter}d", f"{gpus}colo"]
+
+
+def scheduler_targets(gpus: int) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(workload -> experiment run under the flowkv policy, the fixed-split experiments)."""
+    half, quarter = gpus // 2, gpus // 4
+    return ({"long": f"{half}p{half}d", "shift": "shift"},
+            (f"{gpus - quarter}p{quarter}d", f"{quarter}p{gpus - quarter}d"))

@@ -1,0 +1,267 @@
+"""Pure functions of the full-stack benchmark: run rows, hand-off stats, targets, markdown, plot.
+
+Nothing here starts a process or opens a socket, so ``tests/benchmarks/test_stack_bench.py``
+checks it on hand-made records. A *run row* (:func:`run_row`) is one load run of one
+experiment: the loadgen summary, the workload's lengths and the hand-offs seen during it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# Experiments whose requests are placed on (P, D) pairs and so hand KV off.
+DISAGG_KINDS = ("disagg",)
+EQUAL_THROUGHPUT_TOL = 0.10  # two runs carry "equal throughput" within 10% of each other's req/s
+HANDOFF_SHARE_TARGET = 0.02
+SCHED_TOL = 0.05
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """One KV hand-off seen on NATS: KVAllocRequest sent by P -> KVDone sent by P.
+
+    ``t`` is the KVDone's arrival (perf_counter seconds); ``handoff_s`` covers D's
+    reservation, the transfer and the done message; ``transfer_s`` is the bytes alone.
+    """
+
+    t: float
+    request_id: str
+    prompt_tokens: int
+    handoff_s: float
+    transfer_s: float
+    bytes: int
+    calls: int
+    segments: int
+    transport: str
+    ok: bool
+
+
+def pct(values: list[float], p: float) -> float | None:
+    return float(np.percentile(np.asarray(values, dtype=float), p)) if values else None
+
+
+def handoff_stats(handoffs: list[Handoff], mean_e2e_s: float | None) -> dict[str, Any]:
+    """Aggregate of the hand-offs of one run.
+
+    Args:
+        handoffs: the run's hand-offs (failed ones are counted, not timed).
+        mean_e2e_s: the run's mean end-to-end latency (None: no share).
+
+    Returns:
+        counts, ``handoff_s``/``transfer_s`` mean/p50/p99, bytes and calls per transfer,
+        transports used and ``share_of_e2e`` = mean hand-off / mean E2E.
+    """
+    ok = [h for h in handoffs if h.ok]
+    hs = [h.handoff_s for h in ok]
+    ts = [h.transfer_s for h in ok]
+    mean_h = float(np.mean(hs)) if hs else None
+    return {
+        "count": len(handoffs), "failed": len(handoffs) - len(ok),
+        "handoff_s": {"mean": mean_h, "p50": pct(hs, 50), "p99": pct(hs, 99)},
+        "transfer_s": {"mean": float(np.mean(ts)) if ts else None, "p50": pct(ts, 50), "p99": pct(ts, 99)},
+        "bytes_per_transfer": float(np.mean([h.bytes for h in ok])) if ok else None,
+        "calls_per_transfer": float(np.mean([h.calls for h in ok])) if ok else None,
+        "segments_per_transfer": float(np.mean([h.segments for h in ok])) if ok else None,
+        "mean_prompt_tokens": float(np.mean([h.prompt_tokens for h in ok])) if ok else None,
+        "transports": sorted({h.transport for h in ok}),
+        "share_of_e2e": None if mean_h is None or not mean_e2e_s else mean_h / mean_e2e_s,
+    }
+
+
+def run_row(experiment: str, kind: str, run: dict[str, Any], summary: dict[str, Any], lengths: dict[str, float],
+            handoffs: list[Handoff], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row of results.json: who ran what, the loadgen summary and the hand-off aggregate.
+
+    Args:
+        experiment: e.g. ``1p1d_ipc``.
+        kind: ``disagg`` or ``colo``.
+        run: the run's plan (``workload``, ``rate``, ``length_scale``...).
+        summary: :func:`libs.loadgen.metrics.summarize` of the run.
+        lengths: :func:`libs.loadgen.workloads.describe` of its requests.
+        handoffs: hand-offs seen while it ran.
+        extra: anything else to keep (role flips, exactly-once check).
+    """
+    row = {"experiment": experiment, "kind": kind, **run, **lengths, "summary": summary,
+           "handoff": handoff_stats(handoffs, summary["e2e"]["mean"])}
+    row.update(extra or {})
+    return row
+
+
+def _get(row: dict[str, Any], metric: str, stat: str) -> float | None:
+    value = row["summary"][metric][stat]
+    return None if value is None else float(value)
+
+
+def target_handoff(rows: list[dict[str, Any]], min_prompt: float) -> dict[str, Any]:
+    """Hand-off under 2% of end-to-end latency, on disaggregated runs with prompts >= ``min_prompt``."""
+    name = f"KV hand-off < {HANDOFF_SHARE_TARGET:.0%} of E2E at prompts >= {min_prompt:.0f} tokens"
+    cands = [r for r in rows if r["kind"] in DISAGG_KINDS and r["mean_input_len"] >= min_prompt
+             and r["handoff"]["share_of_e2e"] is not None]
+    if not cands:
+        return {"target": name, "status": "SKIP", "detail": "no disaggregated run with such prompts and hand-offs"}
+    worst = max(cands, key=lambda r: r["handoff"]["share_of_e2e"])
+    share = worst["handoff"]["share_of_e2e"]
+    detail = "; ".join(f"{r['experiment']}/{r['workload']}@{r['rate']:g}: {r['handoff']['share_of_e2e']:.3%} "
+                       f"({r['handoff']['handoff_s']['mean'] * 1000:.1f} ms of {r['summary']['e2e']['mean']:.2f} s)"
+                       for r in cands)
+    return {"target": name, "status": "PASS" if share < HANDOFF_SHARE_TARGET else "FAIL", "value": share,
+            "detail": detail}
+
+
+def equal_throughput(a: dict[str, Any], b: dict[str, Any], tol: float = EQUAL_THROUGHPUT_TOL) -> bool:
+    ta, tb = a["summary"]["request_throughput"], b["summary"]["request_throughput"]
+    return max(ta, tb) > 0 and abs(ta - tb) <= tol * max(ta, tb)
+
+
+def target_tpot(rows: list[dict[str, Any]], workload: str, disagg: str = "1p1d_ipc", colo: str = "2colo") -> dict[str, Any]:
+    """``disagg`` beats ``colo`` on TPOT p99 at equal throughput on ``workload``, at every such rate."""
+    name = f"{disagg} beats {colo} on TPOT p99 at equal throughput ({workload})"
+    pairs = []
+    for d in (r for r in rows if r["experiment"] == disagg and r["workload"] == workload):
+        for c in (r for r in rows if r["experiment"] == colo and r["workload"] == workload and r["rate"] == d["rate"]):
+            pairs.append((d, c))
+    fair = [(d, c) for d, c in pairs if equal_throughput(d, c) and _get(d, "tpot", "p99") is not None
+            and _get(c, "tpot", "p99") is not None]
+    if not fair:
+        why = "no run pair" if not pairs else "no rate where both carried the same throughput"
+        return {"target": name, "status": "SKIP" if not pairs else "FAIL", "detail": why}
+    wins = [_get(d, "tpot", "p99") < _get(c, "tpot", "p99") for d, c in fair]  # type: ignore[operator]
+    detail = "; ".join(f"@{d['rate']:g} req/s: {_get(d, 'tpot', 'p99') * 1000:.1f} vs {_get(c, 'tpot', 'p99') * 1000:.1f} ms"
+                       f" ({d['summary']['request_throughput']:.2f} vs {c['summary']['request_throughput']:.2f} req/s)"
+                       for d, c in fair)
+    return {"target": name, "status": "PASS" if all(wins) else "FAIL", "detail": detail}
+
+
+def target_scheduler(rows: list[dict[str, Any]], sched: dict[str, str], fixed: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The scheduler's output throughput within 5% of the best fixed split, per workload.
+
+    Args:
+        rows: every run row.
+        sched: workload -> the experiment that ran it under the ``flowkv`` policy.
+        fixed: experiments with a pinned split.
+    """
+    out = []
+    for workload, exp in sched.items():
+        name = f"scheduler ({exp}) within {SCHED_TOL:.0%} of the best fixed split ({workload}, output tok/s)"
+        mine = [r for r in rows if r["experiment"] == exp and r["workload"] == workload]
+        others = [r for r in rows if r["experiment"] in fixed and r["workload"] == workload]
+        if not mine or not others:
+            out.append({"target": name, "status": "SKIP", "detail": "missing runs"})
+            continue
+        best = max(others, key=lambda r: r["summary"]["output_throughput"])
+        value = mine[0]["summary"]["output_throughput"]
+        ratio = value / best["summary"]["output_throughput"] if best["summary"]["output_throughput"] else 0.0
+        out.append({"target": name, "status": "PASS" if ratio >= 1 - SCHED_TOL else "FAIL", "value": ratio,
+                    "detail": f"{value:.0f} tok/s vs {best['experiment']} {best['summary']['output_throughput']:.0f} tok/s"
+                              f" ({ratio:.1%})"})
+    return out
+
+
+def greedy_compare(outputs: dict[str, list[list[str]]], reference: str) -> dict[str, Any]:
+    """Compare every experiment's greedy token lists with ``reference``'s, prompt by prompt.
+
+    Returns:
+        experiment -> {"prompts", "equal", "first_diff": [prompt, position] or None}.
+    """
+    ref = outputs.get(reference)
+    result: dict[str, Any] = {}
+    if ref is None:
+        return result
+    for name, toks in outputs.items():
+        if name == reference:
+            continue
+        equal, first = 0, None
+        for i, (a, b) in enumerate(zip(ref, toks)):
+            if a == b:
+                equal += 1
+            elif first is None:
+                pos = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                first = [i, pos]
+        result[name] = {"prompts": len(ref), "equal": equal if len(toks) == len(ref) else 0, "first_diff": first}
+    return result
+
+
+def target_greedy(cmp: dict[str, Any], reference: str) -> dict[str, Any]:
+    name = f"greedy outputs of every cluster equal {reference}'s"
+    if not cmp:
+        return {"target": name, "status": "SKIP", "detail": "fewer than two clusters checked"}
+    bad = {k: v for k, v in cmp.items() if v["equal"] != v["prompts"]}
+    detail = "; ".join(f"{k}: {v['equal']}/{v['prompts']}" + (f" (first diff prompt {v['first_diff'][0]} token "
+                       f"{v['first_diff'][1]})" if v["first_diff"] else "") for k, v in cmp.items())
+    return {"target": name, "status": "FAIL" if bad else "PASS", "detail": detail}
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.1f}"
+
+
+def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]], meta: dict[str, Any],
+             extras: list[str]) -> str:
+    """results.md: the run table, the hand-off table, the targets as PASS/FAIL lines, notes."""
+    out = [f"# FlowKV full-stack benchmark ({meta.get('gpus')} GPUs, {meta.get('model')} on {meta.get('device')})", ""]
+    out += [f"- {k}: {v}" for k, v in meta.items()] + ["", "## Targets", ""]
+    out += [f"- **{t['status']}** {t['target']}: {t.get('detail', '')}" for t in targets]
+    out += ["", "## Runs", "", "| experiment | workload | rate | in/out (mean) | ok/sent | req/s | out tok/s "
+            "| TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | E2E mean (s) |", "|" + " --- |" * 12]
+    for r in rows:
+        s = r["summary"]
+        out.append(f"| {r['experiment']} | {r['workload']} | {r['rate']:g} | {r['mean_input_len']:.0f}/"
+                   f"{r['mean_output_len']:.0f} | {s['completed']}/{s['num_requests']} | {s['request_throughput']:.2f} | "
+                   f"{s['output_throughput']:.0f} | {_ms(s['ttft']['p50'])} | {_ms(s['ttft']['p99'])} | "
+                   f"{_ms(s['tpot']['p50'])} | {_ms(s['tpot']['p99'])} | "
+                   f"{'-' if s['e2e']['mean'] is None else format(s['e2e']['mean'], '.2f')} |")
+    out += ["", "Latencies in ms unless marked.", "", "## KV hand-off (prefill done -> decode holds the KV)", "",
+            "| experiment | workload | rate | hand-offs | transport | MB each | calls each | hand-off p50 | p99 "
+            "| transfer p50 | p99 | share of E2E |", "|" + " --- |" * 12]
+    for r in rows:
+        h = r["handoff"]
+        if not h["count"]:
+            continue
+        mb = "-" if h["bytes_per_transfer"] is None else f"{h['bytes_per_transfer'] / 2**20:.1f}"
+        calls = "-" if h["calls_per_transfer"] is None else f"{h['calls_per_transfer']:.2f}"
+        share = "-" if h["share_of_e2e"] is None else f"{h['share_of_e2e']:.3%}"
+        out.append(f"| {r['experiment']} | {r['workload']} | {r['rate']:g} | {h['count']} ({h['failed']} failed) | "
+                   f"{','.join(h['transports'])} | {mb} | {calls} | {_ms(h['handoff_s']['p50'])} | "
+                   f"{_ms(h['handoff_s']['p99'])} | {_ms(h['transfer_s']['p50'])} | {_ms(h['transfer_s']['p99'])} | {share} |")
+    if extras:
+        out += ["", "## Notes", ""] + [f"- {line}" for line in extras]
+    return "\n".join(out) + "\n"
+
+
+def plot(path: str, rows: list[dict[str, Any]], long_workload: str, timelines: dict[str, Any]) -> bool:
+    """TPOT p99 and TTFT p99 against rate on ``long_workload``, and the shift runs' tok/s over time with flips."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    for exp in dict.fromkeys(r["experiment"] for r in rows if r["workload"] == long_workload):
+        pts = sorted((r["rate"], r["summary"]) for r in rows if r["experiment"] == exp and r["workload"] == long_workload)
+        for ax, metric in ((axes[0], "tpot"), (axes[1], "ttft")):
+            ys = [s[metric]["p99"] for _, s in pts]
+            if all(y is not None for y in ys):
+                ax.plot([p for p, _ in pts], [y * 1000 for y in ys], marker="o", label=exp)
+    for ax, metric in ((axes[0], "TPOT p99 (ms)"), (axes[1], "TTFT p99 (ms)")):
+        ax.set_xlabel(f"request rate (req/s), {long_workload}")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for name, tl in timelines.items():
+        axes[2].plot(tl["t"], tl["tok_s"], drawstyle="steps-post", label=name)
+        for flip in tl.get("flips", []):
+            axes[2].axvline(flip, color="k", alpha=0.3, lw=0.8)
+    axes[2].set_xlabel("time since start (s); vertical lines: role flips")
+    axes[2].set_ylabel("output tokens/s")
+    axes[2].grid(alpha=0.3)
+    if timelines:
+        axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
