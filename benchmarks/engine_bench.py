@@ -11,6 +11,12 @@ loop (scheduling and sampling included). Transformers runs the same shapes with 
 weight tensors: decode steps against a filled ``DynamicCache``, prefill with
 ``logits_to_keep=1``. The floor is the weight bytes one decode step reads over the
 measured device copy rate.
+
+The main rows run the model's fused path (fused QKV and gate/up GEMMs, Triton add +
+RMSNorm, rotary and SiLU * up). Before them, the same engine runs the unfused path
+(``ModelRunner.set_fused_kernels(False)``: separate GEMMs, plain torch ops; graphs
+captured for it, then dropped) at the first context, so the table "fused vs unfused"
+compares both in one run on one device (``--no-unfused`` skips it).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per point")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--no-unfused", action="store_true", help="skip the unfused-path comparison")
     p.add_argument("--reserve-gib", type=float, default=8.0, help="GPU memory kept free of the KV pool")
     p.add_argument("--out", default=None, help="write the JSON results here")
     return p.parse_args(argv)
@@ -95,6 +102,29 @@ def engine_decode(engine: Any, batch: int, context: int, steps: int) -> float | 
         pos[0] += 1
 
     return timed_ms(step, engine.runner.device, iters=steps, warmup=2)
+
+
+def unfused_decode(engine: Any, args: argparse.Namespace, context: int, batches: list[int], cuda: bool) -> list[dict[str, Any]]:
+    """Decode ms/step of the unfused path (eager and graphs) for batches 1 and 32 at ``context``."""
+    runner = engine.runner
+    sizes = [b for b in (1, 32) if b in batches]
+    runner.set_fused_kernels(False)
+    graphs = None
+    try:
+        eager = {b: engine_decode(engine, b, context, args.steps) for b in sizes}
+        graphs = install_graphs(engine, max(batches), use_graphs=cuda)
+        rows = [{"batch": b, "context": context, "step_ms": engine_decode(engine, b, context, args.steps),
+                 "eager_step_ms": eager[b], "prefill_ms": None} for b in sizes]
+        if rows:
+            rows[0]["prefill_ms"] = engine_prefill(engine, args.prefill_tokens)
+    finally:
+        runner.decode_fn = runner.decode_forward
+        runner.set_fused_kernels(True)
+        del graphs  # the unfused graphs and their memory pool
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return rows
 
 
 def engine_prefill(engine: Any, tokens: int) -> float | None:
@@ -178,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     wbytes = weight_bytes_per_decode_step(engine)
     res.update(copy_bandwidth_GBps=bw / 1e9, weight_bytes=wbytes, floor_ms=wbytes / bw * 1e3)
 
+    if not args.no_unfused:
+        res["unfused"] = unfused_decode(engine, args, contexts[0], batches, cuda)
+    engine.runner.set_fused_kernels(True)  # whatever FLOWKV_FUSED_KERNELS says
+    res["fused_kernels"] = engine.runner.fused_kernels
     eager = {b: engine_decode(engine, b, contexts[0], args.steps) for b in (1, 32) if b in batches}
     graphs = install_graphs(engine, max(batches), use_graphs=cuda)
     res["graph_capture_s"] = graphs.capture_seconds
@@ -235,6 +269,10 @@ def ratios(res: dict[str, Any], b32: int) -> dict[str, Any]:
         eng = _lookup(res["engine_decode"], row["batch"], row["context"])
         if row["batch"] == b32 and eng and row["step_ms"]:
             out[f"engine_vs_hf_throughput_b{b32}_ctx{row['context']}"] = row["step_ms"] / eng
+    for row in res.get("unfused", []):
+        fused = _lookup(res["engine_decode"], row["batch"], row["context"])
+        if fused and row["step_ms"]:
+            out[f"fused_speedup_b{row['batch']}_ctx{row['context']}"] = row["step_ms"] / fused
     if res.get("engine_prefill_ms") and res.get("hf_prefill_ms"):
         out["prefill_engine_over_hf"] = res["engine_prefill_ms"] / res["hf_prefill_ms"]
     return out
@@ -261,8 +299,28 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", f"LLMEngine.step decode, batch {loop['batch']} x {loop['context']}: {_fmt(loop['step_ms'])} ms/step",
               f"prefill of one sequence: engine {_fmt(res['engine_prefill_ms'])} ms, HF {_fmt(res.get('hf_prefill_ms'))} ms",
               "", "ratios: " + json.dumps({k: round(v, 3) for k, v in res["ratios"].items()})]
+    lines += _unfused_markdown(res)
     lines += [f"note: {n}" for n in res["notes"]]
     return "\n".join(lines)
+
+
+def _unfused_markdown(res: dict[str, Any]) -> list[str]:
+    rows = res.get("unfused")
+    if not rows:
+        return []
+    lines = ["", "### fused vs unfused layer path (same engine, same run)", "",
+             "| batch | context | unfused ms/step | fused ms/step | speedup | unfused eager | fused eager | fused/floor |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        fused = next((x for x in res["engine_decode"] if x["batch"] == r["batch"] and x["context"] == r["context"]), {})
+        f_ms = fused.get("step_ms")
+        speed = r["step_ms"] / f_ms if f_ms and r["step_ms"] else None
+        lines.append(f"| {r['batch']} | {r['context']} | {_fmt(r['step_ms'])} | {_fmt(f_ms)} | {_fmt(speed)} "
+                     f"| {_fmt(r['eager_step_ms'])} | {_fmt(fused.get('eager_step_ms'))} "
+                     f"| {_fmt(f_ms / res['floor_ms'] if f_ms else None)} |")
+    lines.append(f"prefill of one sequence, unfused: {_fmt(rows[0]['prefill_ms'])} ms "
+                 f"(fused: {_fmt(res['engine_prefill_ms'])} ms)")
+    return lines
 
 
 if __name__ == "__main__":

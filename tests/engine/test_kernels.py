@@ -131,6 +131,7 @@ def _check_attention(job: dict[str, Any], wide: torch.Tensor, tol: float) -> Non
     args = {k: v for k, v in job["args"].items() if k != "wide"}
     want = paged_decode_attention_ref(**args)
     lo, hi = job["out_slice"]
+    wide = wide.to(want.device)  # the job's inputs (and so the reference) are on DEVICE
     out = wide[..., lo:hi]
     assert not torch.isnan(out).any(), "some of out was not written"
     assert torch.isnan(wide[..., :lo]).all() and torch.isnan(wide[..., hi:]).all(), "wrote outside out"
