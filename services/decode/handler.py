@@ -42,6 +42,8 @@ from services.node import metrics
 from services.node.metrics import transfer_attributes
 from services.node.context import NodeContext, resolve
 from services.node.streaming import Streamer, Usage, continuation_params, engine_params
+from services.node.validation import (check_block_ids, check_offsets, check_prompt, check_reply_subject,
+                                      vocab_size)
 
 log = logging.getLogger(__name__)
 _TRACER = tracer("flowkv.node")
@@ -90,6 +92,10 @@ class DecodeHandler:
             peer = msgspec.msgpack.decode(req.sender_info, type=AgentInfo)
             params = engine_params(req.sampling)
             ctx.agent.check_peer(peer)
+            check_prompt(req.prompt_token_ids, vocab_size(ctx.engine), ctx.engine.max_model_len)
+            check_reply_subject(req.reply_subject)
+            check_offsets(req.output_offset, req.num_original_prompt_tokens, len(req.prompt_token_ids))
+            check_block_ids(req.src_block_ids, peer.num_blocks, "source block ids")
             transport = choose_transport(ctx.agent.info(), peer, ctx.agent.force_transport)
             if transport not in ctx.agent.transports:
                 raise ValueError(f"transport {transport} is not enabled on {ctx.node_id}")

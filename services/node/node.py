@@ -47,6 +47,7 @@ from services.node.config import NodeConfig
 from services.node.context import NodeContext
 from services.node.load import build_report, device_info, prefix_hash_sample
 from services.node.streaming import engine_params
+from services.node.validation import check_offsets, check_prompt, check_reply_subject, vocab_size
 from services.prefill.handler import PrefillHandler
 
 log = logging.getLogger(__name__)
@@ -225,8 +226,9 @@ class Node:
         try:
             check_token(req.decode_node, "decode node")
             engine_params(req.sampling)
-            if not req.prompt_token_ids:
-                raise ValueError("empty prompt")
+            check_prompt(req.prompt_token_ids, vocab_size(self.ctx.engine), self.ctx.engine.max_model_len)
+            check_reply_subject(req.reply_subject)
+            check_offsets(req.output_offset, req.num_original_prompt_tokens, len(req.prompt_token_ids))
         except ValueError as exc:
             code, error = ErrorCode.INVALID, str(exc)
         if code is None and self.ctx.was_cancelled(req.request_id):

@@ -25,18 +25,20 @@ from libs.protocol.messages import (
     Ack,
     ClusterQuery,
     ClusterState,
+    ErrorCode,
     EventKind,
     LoadReport,
     NodeBye,
     PlaceRequest,
     Placement,
+    Rejected,
     SchedEvent,
     SetRole,
     encode,
 )
 from services.common.lifecycle import TaskGroup
 from services.common.logs import request_id_var
-from services.common.messaging import request, respond, subscribe
+from services.common.messaging import DROPPED, request, respond, subscribe
 from services.common.tracing import extract_context, tracer
 from services.scheduler import metrics
 from services.scheduler.clock import Clock, SystemClock
@@ -44,6 +46,7 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.policies import make_policy
 from services.scheduler.registry import NodeRegistry
 from services.scheduler.roles import RoleChange
+from services.scheduler.validation import place_problem, report_problem
 
 log = logging.getLogger(__name__)
 _TRACER = tracer("flowkv.scheduler")
@@ -106,6 +109,11 @@ class SchedulerService:
             await self.nc.publish(subjects.sched_events(), encode(ev))
 
     async def _on_load(self, report: LoadReport, msg: Msg) -> None:
+        problem = report_problem(report)
+        if problem:  # never registered: it would be placed on, or poison the cost model
+            DROPPED.labels(msg.subject, "invalid").inc()
+            log.debug("dropped a load report: %s", problem)
+            return
         await self._publish(self.registry.update(report))
 
     async def _on_bye(self, bye: NodeBye, msg: Msg) -> None:
@@ -124,7 +132,9 @@ class SchedulerService:
 
     async def _place(self, req: PlaceRequest, msg: Msg, span: Span) -> None:
         started = time.perf_counter()
-        out = self.policy.place(req)
+        problem = place_problem(req)
+        out = (Rejected(request_id=req.request_id, code=ErrorCode.INVALID, reason=problem) if problem
+               else self.policy.place(req))
         metrics.PLACE_SECONDS.observe(time.perf_counter() - started)
         await respond(msg, out)
         now = self.clock.now()
