@@ -141,8 +141,9 @@ def test_plan_disaggregated_with_token_keeps_secrets_off_command_lines():
         assert plan.child("gateway").env["FLOWKV_GATEWAY_API_KEYS"] == "k3y"
         assert "FLOWKV_GATEWAY_API_KEYS" not in plan.child("prefill-0").env
         assert plan.child("prefill-1").argv[3:] == ["--node-id", "prefill-1", "--role", "prefill", "--model", "tiny",
-                                                     "--device", "cpu", "--log-level", "info"]
-        assert plan.child("scheduler").argv[3:] == ["--log-level", "info", "--policy", "least_loaded"]
+                                                     "--device", "cpu", "--log-level", "info", "--metrics-port", "8126"]
+        assert plan.child("scheduler").argv[3:] == ["--log-level", "info", "--metrics-port", "8124",
+                                                     "--policy", "least_loaded"]
         assert plan.child("gateway").argv[3:] == ["--host", "127.0.0.1", "--port", "8123", "--model", "tiny",
                                                    "--log-level", "info"]
     finally:
@@ -155,7 +156,7 @@ def test_plan_colocated_on_an_external_nats():
     plan = plan_cluster(cfg, base_env={"OMP_NUM_THREADS": "1"})
     assert [c.name for c in plan.children] == ["scheduler", "hybrid-0", "hybrid-1", "gateway"]
     node = plan.child("hybrid-1")
-    assert node.argv[-6:] == ["--device", "cpu", "--log-level", "info", "--dtype", "bfloat16"]
+    assert node.argv[-8:] == ["--device", "cpu", "--log-level", "info", "--metrics-port", "8003", "--dtype", "bfloat16"]
     assert node.argv[node.argv.index("--role") + 1] == "hybrid"
     assert node.env["FLOWKV_NATS_URL"] == "nats://broker:4222"
     assert node.env["OMP_NUM_THREADS"] == "1"  # the operator's setting is kept

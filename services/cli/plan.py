@@ -41,6 +41,7 @@ class ClusterPlan:
     children: list[ChildSpec]
     nats_url: str
     files: list[Path] = field(default_factory=list)  # removed by cleanup()
+    metrics_urls: dict[str, str] = field(default_factory=dict)  # child name -> its /metrics URL
 
     def cleanup(self) -> None:
         for path in self.files:
@@ -116,7 +117,15 @@ def plan_cluster(cfg: UpConfig, base_env: dict[str, str] | None = None) -> Clust
         shared["FLOWKV_NATS_TOKEN"] = cfg.nats_token
     common = ["--log-level", cfg.log_level]
 
-    sched_args = [*common, *(["--policy", cfg.policy] if cfg.policy else [])]
+    metrics_port = iter(range(cfg.first_metrics_port, cfg.first_metrics_port + 1 + cfg.num_nodes))
+    metrics_urls: dict[str, str] = {}
+
+    def metrics_args(name: str) -> list[str]:
+        port = next(metrics_port)
+        metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
+        return ["--metrics-port", str(port)]
+
+    sched_args = [*common, *metrics_args("scheduler"), *(["--policy", cfg.policy] if cfg.policy else [])]
     children.append(ChildSpec("scheduler", _module("services.scheduler", *sched_args), child_env(base, **shared), STAGE_SCHEDULER))
 
     roles = node_roles(cfg)
@@ -126,7 +135,8 @@ def plan_cluster(cfg: UpConfig, base_env: dict[str, str] | None = None) -> Clust
         # Nodes on one CPU share its cores; more threads than cores each only thrash.
         node_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(roles)))
     for (node_id, role), device in zip(roles, devices):
-        argv = ["--node-id", node_id, "--role", role, "--model", cfg.model, "--device", device, *common]
+        argv = ["--node-id", node_id, "--role", role, "--model", cfg.model, "--device", device, *common,
+                *metrics_args(node_id)]
         if cfg.dtype:
             argv += ["--dtype", cfg.dtype]
         children.append(ChildSpec(node_id, _module("services.node", *argv), child_env(base, **node_env), STAGE_NODES))
@@ -136,4 +146,4 @@ def plan_cluster(cfg: UpConfig, base_env: dict[str, str] | None = None) -> Clust
         gw_env["FLOWKV_GATEWAY_API_KEYS"] = cfg.api_key
     gw_args = ["--host", cfg.host, "--port", str(cfg.port), "--model", cfg.model, *common]
     children.append(ChildSpec("gateway", _module("services.gateway", *gw_args), child_env(base, **gw_env), STAGE_GATEWAY))
-    return ClusterPlan(children, nats_url, files)
+    return ClusterPlan(children, nats_url, files, metrics_urls)

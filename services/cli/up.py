@@ -50,6 +50,7 @@ class UpConfig:
     prefill_nodes: int = field(default=1, metadata={"help": "prefill nodes to run"})
     decode_nodes: int = field(default=1, metadata={"help": "decode nodes to run"})
     colocated: int = field(default=0, metadata={"help": "run K hybrid nodes instead of prefill/decode (the colocated baseline)"})
+    metrics_port: int = field(default=0, metadata={"help": "first /metrics port: the scheduler's, then one per node in order (0: gateway port + 1)"})
     nats_url: str = field(default="", metadata={"help": "use this NATS server instead of starting one"})
     nats_token: str = field(default="", metadata={"help": "NATS auth token (the embedded server requires it)", "secret": True})
     nats_port: int = field(default=0, metadata={"help": "port of the embedded NATS server (0: a free port)"})
@@ -64,6 +65,8 @@ class UpConfig:
             raise ValueError("node counts must be >= 0")
         if self.colocated == 0 and (self.prefill_nodes < 1 or self.decode_nodes < 1):
             raise ValueError("a disaggregated cluster needs at least one prefill and one decode node (or use --colocated K)")
+        if not 0 <= self.metrics_port < 65536 or self.first_metrics_port + self.num_nodes >= 65536:
+            raise ValueError(f"metrics ports {self.first_metrics_port}..{self.first_metrics_port + self.num_nodes} are out of range")
         if not 0 <= self.nats_port < 65536:
             raise ValueError(f"nats_port must be in 0..65535, got {self.nats_port}")
         if self.ready_timeout_s <= 0 or self.stop_timeout_s <= 0:
@@ -72,6 +75,10 @@ class UpConfig:
     @property
     def num_nodes(self) -> int:
         return self.colocated or self.prefill_nodes + self.decode_nodes
+
+    @property
+    def first_metrics_port(self) -> int:
+        return self.metrics_port or self.port + 1
 
     @property
     def local_url(self) -> str:
@@ -120,7 +127,7 @@ def wait_ready(url: str, num_nodes: int, sup: Supervisor, stop: threading.Event,
     return False
 
 
-def banner(cfg: UpConfig, nats_url: str = "") -> str:
+def banner(cfg: UpConfig, nats_url: str = "", metrics_urls: dict[str, str] | None = None) -> str:
     """What to print once the cluster serves: the URL and a curl line to try."""
     shape = f"{cfg.colocated} colocated node(s)" if cfg.colocated else f"{cfg.prefill_nodes} prefill + {cfg.decode_nodes} decode"
     auth = " -H \"Authorization: Bearer $FLOWKV_UP_API_KEY\"" if cfg.api_key else ""
@@ -132,6 +139,9 @@ def banner(cfg: UpConfig, nats_url: str = "") -> str:
         f"FlowKV is ready at {cfg.local_url} (model {cfg.model} on {cfg.device}, {shape}). Ctrl-C stops it.\n"
         f"  curl {cfg.local_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
         + (f"\n  cluster view: flowkv status --nats-url {redact(nats_url)}" if nats_url else "")
+        + f"\n  dashboard: {cfg.local_url}/dashboard" + ("#key=$FLOWKV_UP_API_KEY" if cfg.api_key else "")
+        + f"\n  metrics: gateway {cfg.local_url}/metrics"
+        + "".join(f", {name} {url}" for name, url in (metrics_urls or {}).items())
     )
 
 
@@ -155,7 +165,7 @@ def serve(cfg: UpConfig, out=sys.stdout) -> int:
         start_cluster(sup, cluster.children)
         if not wait_ready(cfg.local_url + "/ready", cfg.num_nodes, sup, stop, cfg.ready_timeout_s):
             return _failed(sup, sink, stop, cfg)
-        sink.line("flowkv", banner(cfg, cluster.nats_url))
+        sink.line("flowkv", banner(cfg, cluster.nats_url, cluster.metrics_urls))
         while not stop.wait(0.25):
             dead = sup.first_dead()
             if dead is not None:
