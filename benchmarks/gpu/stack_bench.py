@@ -22,6 +22,8 @@ import asyncio
 import json
 import math
 import platform
+import signal
+import subprocess
 import sys
 import time
 import zlib
@@ -64,6 +66,7 @@ class Bench:
         self.notes: list[str] = []
         self.skipped: list[str] = []
         self.clusters_info: dict[str, Any] = {}
+        self.gpu_names = gpu_names(args.device)
 
     def say(self, line: str) -> None:
         stamp = f"[{time.monotonic() - self.budget.t0:6.1f}s] {line}"
@@ -128,7 +131,7 @@ class Bench:
 
     async def _warm_up(self, clusters: list[Cluster]) -> None:
         """Every node sees a long prefill and some decode before timing starts (kernels, graphs, allocator)."""
-        specs = make_workload("fixed", 4 * clusters[0].shape.num_nodes, 99,
+        specs = make_workload("fixed", 4 * sum(c.shape.num_nodes for c in clusters), 99,
                               WorkloadOptions(input_len=self.p.warm_input, output_len=8))
         await drive(specs, clusters, math.inf, self.client_opts(""), seed=99)
 
@@ -193,7 +196,7 @@ class Bench:
         return {"gpus": self.args.gpus, "model": self.args.model, "device": self.args.device,
                 "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
                 "python": platform.python_version(), "command": " ".join(sys.argv),
-                "elapsed_s": round(time.monotonic() - self.budget.t0, 1), "gpu_names": gpu_names(self.args.device)}
+                "elapsed_s": round(time.monotonic() - self.budget.t0, 1), "gpu_names": self.gpu_names}
 
     def write(self) -> None:
         out = Path(self.args.out)
@@ -257,11 +260,15 @@ def fmt_ms(v: float | None) -> str:
 
 
 def gpu_names(device: str) -> list[str]:
+    """From nvidia-smi, not torch: a CUDA context in this process would take GPU memory the nodes sized."""
     if device == "cpu":
         return []
-    import torch
-
-    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -297,7 +304,13 @@ def plan(args: argparse.Namespace, profile: Profile) -> list[Experiment]:
     return exps
 
 
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    # `timeout` sends SIGTERM: unwind so every cluster is stopped and the results written.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = parse(argv)
     profile = PROFILES[args.model]
     exps = plan(args, profile)
@@ -306,9 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(out / "stack.log", "a", buffering=1) as log:
         bench = Bench(args, profile, log)
         bench.say(f"plan: {[e.name for e in exps]} within {args.time_budget_s:.0f}s")
-        for exp in exps:
-            bench.run_experiment(exp)
-        bench.write()
+        try:
+            for exp in exps:
+                bench.run_experiment(exp)
+        finally:
+            bench.write()
         for t in bench.targets():
             bench.say(f"{t['status']}: {t['target']} -- {t.get('detail', '')}")
         bench.say(f"done; results in {out}/results.md")

@@ -16,6 +16,7 @@ nothing, so the hand-off is not slowed beyond NATS's fan-out.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import subprocess
@@ -37,6 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stack_report import Handoff  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    # flowkv up runs in its own session (a Ctrl-C reaches only us, and we stop it in order);
+    # if we are killed instead, SIGTERM still reaches it and it stops its children.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 @dataclass
@@ -92,7 +102,8 @@ class Cluster:
         self.log.write(f"\n===== {self.name}: {' '.join(self.command()[1:])}\n")
         self.log.flush()
         self.proc = subprocess.Popen(self.command(), cwd=ROOT, env={**os.environ, **self.env}, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
     def ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:

@@ -127,8 +127,8 @@ def _multi_gpu(p: Profile, device: str, gpus: int) -> dict[str, Experiment]:
         out[name] = Experiment(name, "disagg", [Shape(np_, nd, 0, device, f"fixed:{np_}:{nd}")], [long, shift],
                                want_roles=(np_, nd), greedy=False)
     colo = f"{gpus}colo"
-    out[colo] = Experiment(colo, "colo", [Shape(0, 0, 1, dev, COLO_POLICY) for dev in _devices(device, gpus)], [long, shift],
-                           greedy=False)
+    out[colo] = Experiment(colo, "colo", [Shape(0, 0, 1, dev, COLO_POLICY) for dev in _devices(device, gpus)],
+                           [long, shift])
     return out
 
 
