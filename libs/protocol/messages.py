@@ -133,6 +133,14 @@ class LoadReport(Message, tag="load"):
     cached_prefix_hashes: list[int] = []  # a bounded sample of prefix-cache block hashes
     kv_transports: list[str] = []
     host_id: str = ""
+    # Hand-offs since the node process started (the dashboard shows them; a rate comes
+    # from two reports).
+    kv_sent_transfers: int = 0
+    kv_sent_bytes: int = 0
+    kv_sent_calls: int = 0
+    kv_sent_seconds: float = 0.0
+    kv_received_transfers: int = 0
+    kv_received_bytes: int = 0
     max_num_seqs: int = 0  # the engine's decode batch cap; 0 = not reported (scheduler assumes a default)
 
 

@@ -244,7 +244,7 @@ class DecodeHandler:
         except TransferError as exc:
             return exc.reason
         if res.received is not None:
-            metrics.record_receive(res.received)
+            metrics.record_receive(res.received, self.ctx.transfers)
         return None
 
     def _span_attributes(self, res: Reservation) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from nats.aio.client import Client
 
 from libs.kvtransfer.agent import KVAgent
 from services.node.config import NodeConfig
+from services.node.metrics import TransferTotals
 
 _MAX_CANCELLED = 4096  # cancelled request ids remembered (a message may trail its Cancel)
 
@@ -35,6 +36,7 @@ class NodeContext:
     engine: Any
     agent: KVAgent
     config: NodeConfig
+    transfers: TransferTotals = field(default_factory=TransferTotals)
     _cancelled: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     @property

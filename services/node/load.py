@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from libs.protocol.messages import LoadReport, NodeState, Role
+from services.node.metrics import TransferTotals
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ def prefix_hash_sample(engine: Any, limit: int) -> list[int]:
 def build_report(
     *, node_id: str, role: Role, state: NodeState, seq: int, started_at: float, engine: Any,
     device: DeviceInfo, hashes: list[int], transports: list[str], host_id: str, max_num_seqs: int,
+    transfers: TransferTotals,
 ) -> LoadReport:
     """One ``LoadReport`` from the engine's latest stats snapshot.
 
@@ -66,4 +68,7 @@ def build_report(
         num_held=stats.num_held + stats.num_remote_pending, prefill_tokens_per_s=stats.prefill_tokens_per_s,
         decode_step_s=stats.decode_step_time_s, cached_prefix_hashes=hashes, kv_transports=transports,
         host_id=host_id, max_num_seqs=max_num_seqs,
+        kv_sent_transfers=transfers.sent_transfers, kv_sent_bytes=transfers.sent_bytes,
+        kv_sent_calls=transfers.sent_calls, kv_sent_seconds=transfers.sent_seconds,
+        kv_received_transfers=transfers.received_transfers, kv_received_bytes=transfers.received_bytes,
     )

@@ -6,6 +6,8 @@ report, so a scrape shows what the scheduler last saw.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -71,16 +73,38 @@ def observe_report(report: LoadReport) -> None:
         ROLE.labels(role.value).set(1 if role is report.role else 0)
 
 
-def record_send(stats: TransferStats) -> None:
+@dataclasses.dataclass
+class TransferTotals:
+    """One node's hand-offs since it started, for its load reports.
+
+    The Prometheus counters above are per process; these are per node, which differs
+    when several nodes share a process (the tests).
+    """
+
+    sent_transfers: int = 0
+    sent_bytes: int = 0
+    sent_calls: int = 0
+    sent_seconds: float = 0.0
+    received_transfers: int = 0
+    received_bytes: int = 0
+
+
+def record_send(stats: TransferStats, totals: TransferTotals) -> None:
     """Count one finished hand-off on the sender."""
+    totals.sent_transfers += 1
+    totals.sent_bytes += stats.bytes
+    totals.sent_calls += stats.calls
+    totals.sent_seconds += stats.duration_s
     TRANSFERS.labels(stats.transport).inc()
     TRANSFER_BYTES.labels(stats.transport).inc(stats.bytes)
     TRANSFER_CALLS.labels(stats.transport).inc(stats.calls)
     TRANSFER_SECONDS.labels(stats.transport).observe(stats.duration_s)
 
 
-def record_receive(stats: TransferStats) -> None:
+def record_receive(stats: TransferStats, totals: TransferTotals) -> None:
     """Count one hand-off that landed on the receiver."""
+    totals.received_transfers += 1
+    totals.received_bytes += stats.bytes
     RECEIVED.labels(stats.transport).inc()
     RECEIVED_BYTES.labels(stats.transport).inc(stats.bytes)
 

@@ -314,7 +314,7 @@ class Node:
         report = build_report(
             node_id=self.node_id, role=self.role, state=self.state, seq=self._seq, started_at=self.started_at,
             engine=self.engine, device=self._device, hashes=hashes, transports=sorted(self.agent.transports),
-            host_id=self.agent.host_id, max_num_seqs=self.config.max_num_seqs,
+            host_id=self.agent.host_id, max_num_seqs=self.config.max_num_seqs, transfers=self.ctx.transfers,
         )
         metrics.observe_report(report)
         await self.nc.publish(node_load(), messages.encode(report))

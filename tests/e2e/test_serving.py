@@ -160,8 +160,11 @@ async def test_disaggregated_completions_equal_one_engine(served) -> None:  # ty
             text, events = await sse_tokens(http, base + "/v1/completions", body)
             assert text == out["choices"][0]["text"]
             assert events[-1]["choices"][0]["finish_reason"] == "length"
-    # Every request went P -> D and left no block behind.
+    # Every request went P -> D and left no block behind; what P sent, D received.
     await wait_until(lambda: all(f == t for f, t in c.free_blocks().values()))
+    sent, got = c.nodes["p0"].ctx.transfers, c.nodes["d0"].ctx.transfers
+    assert sent.sent_transfers > 0 and sent.sent_calls == sent.sent_transfers  # fresh pools: one call each
+    assert (sent.sent_transfers, sent.sent_bytes) == (got.received_transfers, got.received_bytes)
 
 
 async def test_openai_client_both_endpoints(served) -> None:  # type: ignore[no-untyped-def]
