@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 _REF = "#/components/schemas/"
+_INT32 = 2**31 - 1  # the integer bounds of services.gateway.schemas
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -33,11 +34,11 @@ _ERRORS = {
 def _sampling_properties(model: str) -> dict[str, Any]:
     return {
         "model": {"type": "string", "enum": [model]},
-        "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": _INT32},
         "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
         "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
-        "top_k": {"type": ["integer", "null"], "minimum": -1},
-        "seed": {"type": ["integer", "null"]},
+        "top_k": {"type": ["integer", "null"], "minimum": -1, "maximum": _INT32},
+        "seed": {"type": ["integer", "null"], "minimum": -(2**63), "maximum": 2**63 - 1},
         "stop": {"oneOf": [{"type": "string", "minLength": 1},
                            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}, {"type": "null"}]},
         "n": {"type": ["integer", "null"], "enum": [1, None]},
@@ -48,7 +49,7 @@ def _sampling_properties(model: str) -> dict[str, Any]:
         "ignore_eos": {"type": ["boolean", "null"]},
         "flowkv_timing": {"type": ["boolean", "null"],
                           "description": "add `flowkv: {ttft_s, prefill_s, control_plane_s}` to the response (last chunk when streaming)"},
-        "min_tokens": {"type": ["integer", "null"], "minimum": 0},
+        "min_tokens": {"type": ["integer", "null"], "minimum": 0, "maximum": _INT32},
         "user": {"type": "string"},
     }
 
@@ -90,7 +91,7 @@ def _schemas(model: str) -> dict[str, Any]:
             "properties": {
                 **_sampling_properties(model),
                 "messages": {"type": "array", "items": _ref("ChatMessage"), "minItems": 1},
-                "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+                "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": _INT32},
                 "logprobs": {"type": ["boolean", "null"]},
                 "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
             },

@@ -17,6 +17,7 @@ from services.gateway.errors import ApiError, invalid
 from services.gateway.tokenizer import ModelTokenizer
 
 MAX_STOP_STRINGS = 4
+MAX_INT32 = 2**31 - 1
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
@@ -126,9 +127,10 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingParams:
     top_p = _opt_number(body, "top_p", 1.0)
     if not 0.0 < top_p <= 1.0:
         raise invalid(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
-    top_k = _opt_int(body, "top_k", lo=-1)
-    seed = _opt_int(body, "seed")
-    min_tokens = _opt_int(body, "min_tokens", lo=0) or 0
+    # Bounded so every value fits the wire's 64-bit integers (a larger one was a 500).
+    top_k = _opt_int(body, "top_k", lo=-1, hi=MAX_INT32)
+    seed = _opt_int(body, "seed", lo=-(2**63), hi=2**63 - 1)
+    min_tokens = _opt_int(body, "min_tokens", lo=0, hi=MAX_INT32) or 0
     return SamplingParams(
         max_tokens=max_tokens or 1,
         temperature=temperature,
@@ -150,9 +152,9 @@ def _common(body: Any, endpoint: Endpoint, served_model: str) -> GenerationReque
     if model != served_model:
         raise ApiError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
     _unsupported(body)
-    max_tokens = _opt_int(body, "max_tokens", lo=1)
+    max_tokens = _opt_int(body, "max_tokens", lo=1, hi=MAX_INT32)
     if endpoint is Endpoint.CHAT:
-        max_tokens = _opt_int(body, "max_completion_tokens", lo=1) or max_tokens
+        max_tokens = _opt_int(body, "max_completion_tokens", lo=1, hi=MAX_INT32) or max_tokens
     stream = _opt_bool(body, "stream")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):

@@ -110,12 +110,14 @@ class Cluster:
                     child.proc.wait()
 
 
-def scrape(url: str, name: str) -> float:
-    """Sum of every sample of metric ``name`` on a Prometheus ``/metrics`` page (0 if absent)."""
+def scrape(url: str, name: str, labels: str = "") -> float:
+    """Sum of the samples of metric ``name`` on a Prometheus ``/metrics`` page whose labels
+    contain ``labels`` (e.g. ``transport="tcp"``); 0 if there is none."""
     with urllib.request.urlopen(url, timeout=5) as resp:
         text = resp.read().decode()
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        metric, _, rest = line.partition("{") if "{" in line.split(" ")[0] else (line.split(" ")[0], "", line)
+        if metric == name and labels in rest.rsplit("}", 1)[0]:
             total += float(line.rsplit(" ", 1)[1])
     return total
