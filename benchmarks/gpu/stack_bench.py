@@ -150,11 +150,14 @@ class Bench:
         t1 = time.perf_counter()
         await asyncio.sleep(0.2)  # the last KVDone copies are in flight with the last tokens
         handoffs = [h for tap in taps for h in tap.handoffs_between(t0, t1 + 0.2)]
-        flips = [(t - t0, e) for t, e in taps[0].flips_between(t0, t1)]
+        # The scheduler reports a flip when it asks ("requested: ...") and when it is "done" (or failed).
+        events = [(t - t0, e) for t, e in taps[0].flips_between(t0, t1)]
+        flips = [(t, e) for t, e in events if e.detail == "done"]
         summary = summarize(records, duration)
         extra = {"roles_before": roles_before, "roles_after": await taps[0].roles(),
                  "role_flips": [{"t": round(t, 2), "node": e.node_id, "from": e.old_role.value if e.old_role else "",
                                  "to": e.new_role.value if e.new_role else ""} for t, e in flips],
+                 "role_events": [{"t": round(t, 2), "node": e.node_id, "detail": e.detail} for t, e in events],
                  "exactly_once": exactly_once(specs, records), "errors": sorted({r.error[:200] for r in records if r.error})[:5],
                  "requests": compact(records)}
         row = rep.run_row(exp.name, exp.kind, dict(run), summary, describe(specs), handoffs, extra)

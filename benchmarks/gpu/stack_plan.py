@@ -59,9 +59,9 @@ PROFILES: dict[str, Profile] = {
         node_env={"FLOWKV_NODE_MAX_NUM_SEQS": "64", "FLOWKV_NODE_MAX_NUM_BATCHED_TOKENS": "1024",
                   "OMP_NUM_THREADS": "1"},
         dtype="", long=("gov_report", 0.02), synth_scale={"1k": 0.1, "10k": 0.05},
-        rates2={"long": [2.0, 4.0], "10k": [2.0], "1k": [4.0]}, rates4={"long": 4.0, "shift": 4.0},
-        shift_lens=(96, 16), warm_input=256, greedy_prompt=64, greedy_output=16, handoff_min_prompt=400,
-        duration_s=5.0, shift_duration_s=8.0, tail_s=5.0, startup_s=25.0, request_timeout_s=60.0),
+        rates2={"long": [2.0, 4.0], "10k": [2.0], "1k": [4.0]}, rates4={"long": 4.0, "shift": 10.0},
+        shift_lens=(450, 16), warm_input=256, greedy_prompt=64, greedy_output=16, handoff_min_prompt=400,
+        duration_s=5.0, shift_duration_s=20.0, tail_s=5.0, startup_s=25.0, request_timeout_s=60.0),
 }
 
 
