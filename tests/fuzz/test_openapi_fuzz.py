@@ -64,11 +64,13 @@ def test_no_server_error_or_hang_on_any_operation(gateway_url, mode) -> None:
     statuses: dict[str, list[int]] = {}
     for result in schema.get_all_operations():
         operation = result.ok()
+        if mode is GenerationMode.NEGATIVE and operation.method.upper() != "POST":
+            continue  # no parameters and no body: nothing can break the schema
         seen = statuses.setdefault(operation.label, [])
         _fuzz(operation.as_strategy(generation_mode=mode), gateway_url, mode, seen)
     # Every operation was exercised, and generation did get through (positive) or got refused (negative).
-    assert set(statuses) == {"GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions", "GET /health",
-                             "GET /ready", "GET /metrics"}
+    gets = {"GET /v1/models", "GET /health", "GET /ready", "GET /metrics"} if mode is GenerationMode.POSITIVE else set()
+    assert set(statuses) == {"POST /v1/completions", "POST /v1/chat/completions"} | gets
     print({label: sorted(seen) for label, seen in statuses.items()})
     assert all(statuses.values())
     generation = statuses["POST /v1/completions"] + statuses["POST /v1/chat/completions"]
