@@ -228,6 +228,9 @@ class NcclTransport(Transport):
                 ok = exp is not None and exp[0] == header.ops and exp[1].value == header.mode
                 pieces = expand(exp[0], self.pool.layout, exp[1]) if ok and exp is not None else None
                 await asyncio.to_thread(self._recv_pieces, comm, pieces, header.nbytes)
+                # Forget the expectation before resolving it: the loop's next wait must
+                # not see it and post a receive for a transfer that already landed.
+                self._expected_from.pop(header.transfer_id, None)
                 if exp is not None and not exp[2].done():
                     if ok:
                         exp[2].set_result(None)
