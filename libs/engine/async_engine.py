@@ -259,6 +259,10 @@ class AsyncEngine:
     def _run(self) -> None:
         engine, loop = self._engine, self._loop
         assert loop is not None
+        # The current CUDA device is per thread, and Triton launches on it: without this a
+        # node on cuda:1 launched its kernels against cuda:0 (seen on 2xH100).
+        if engine.pool.device.type == "cuda":
+            torch.cuda.set_device(engine.pool.device)
         idle_wait: float | None = None
         while True:
             with self._cond:

@@ -59,6 +59,9 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        if config.device_type == "cuda" and torch.device(config.device).index is not None:
+            # Per thread: the thread that builds the engine also captures its graphs.
+            torch.cuda.set_device(torch.device(config.device))
         dtype = KVLayout(config.dtype, 1, 1, 1, 1).torch_dtype
         loaded = load_model(config.model, dtype, config.device, config.seed)
         self.model_config = loaded.config
