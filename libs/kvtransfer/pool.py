@@ -34,6 +34,42 @@ def _open_untracked(name: str) -> shared_memory.SharedMemory:
         return shm
 
 
+_SHM_DIR = "/dev/shm"
+_SHM_PREFIX = "flowkv-"
+
+
+def sweep_stale_segments() -> list[str]:
+    """Unlink shared pools left by FlowKV processes that died without cleaning up.
+
+    A pool's segment is named ``flowkv-<pid>-<random>``; a SIGKILLed node cannot unlink
+    its own, and the memory stays taken until someone does. Called before a new shared
+    pool is made. Returns the names removed.
+    """
+    removed = []
+    try:
+        names = os.listdir(_SHM_DIR)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(_SHM_PREFIX):
+            continue
+        try:
+            pid = int(name[len(_SHM_PREFIX) :].split("-", 1)[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(_SHM_DIR, name))
+                removed.append(name)
+            except OSError:
+                pass
+        except PermissionError:
+            pass  # alive, another user's
+    return removed
+
+
 class KVPool:
     """A pre-allocated ``[num_blocks, layers, 2, block_size, kv_heads, head_dim]`` tensor.
 
@@ -83,7 +119,8 @@ class KVPool:
             if device.type != "cpu":
                 raise ValueError("shared=True is for CPU pools; CUDA pools are shared through CUDA IPC")
             nbytes = num_blocks * layout.block_bytes
-            name = f"flowkv-{os.getpid()}-{secrets.token_hex(4)}"
+            sweep_stale_segments()
+            name = f"{_SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
             shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
             tensor = torch.frombuffer(shm.buf, dtype=layout.torch_dtype, count=nbytes // layout.itemsize)
             tensor = tensor.view(shape)
