@@ -137,6 +137,8 @@ class RoleController:
             return None, events
         nodes = self.registry.nodes()
         change = self._decide_target(nodes) if self.target is not None else self._decide(nodes)
+        if change is not None and self.target is None and not keeps_both_sides(nodes, change):
+            change = None  # e.g. a lone hybrid node must not become decode-only
         if change is not None:
             self.in_flight = change
             events.append(self._event(change, f"requested: {change.reason}"))
@@ -286,6 +288,18 @@ class RoleController:
         """The node whose current work drains fastest (queued prompt tokens, then sequences)."""
         return min(group, key=lambda n: (n.queued_prefill_tokens() + n.report.num_held, n.num_decode_seqs(),
                                          n.node_id))
+
+
+def keeps_both_sides(nodes: list[NodeEntry], change: RoleChange) -> bool:
+    """Whether the cluster still has a READY node able to prefill and one able to decode
+    after ``change``: no flip may leave requests with nowhere to go."""
+    def role_of(n: NodeEntry) -> Role:
+        return change.new_role if n.node_id == change.node_id else n.role
+
+    ready = [n for n in nodes if n.ready]
+    prefill = any(role_of(n) in (Role.PREFILL, Role.HYBRID) for n in ready)
+    decode = any(role_of(n) in (Role.DECODE, Role.HYBRID) for n in ready)
+    return prefill and decode
 
 
 def _prefill_part(role: Role) -> float:

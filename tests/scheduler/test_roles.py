@@ -138,3 +138,14 @@ def test_fixed_split_pins_roles() -> None:
     assert pol.roles.step()[0] is None
     assert make_policy("fixed:1:1", reg).target_roles(reg.nodes()) == {
         "n0": Role.PREFILL, "n1": Role.PREFILL, "n2": Role.DECODE, "n3": Role.DECODE}
+
+
+def test_a_lone_hybrid_node_keeps_both_roles() -> None:
+    # One colocated node with no load: the "load fell" rule would give it a single role,
+    # which would leave the cluster with no prefill (or no decode) node at all.
+    clock, reg, ctl = _setup(report("h1", Role.HYBRID))
+    assert ctl.step() == (None, [])
+    # With a second node that can prefill, the hybrid may become decode-only.
+    _, reg2, ctl2 = _setup(report("h1", Role.HYBRID), report("p1"))
+    change, _ = ctl2.step()
+    assert change is not None and (change.node_id, change.new_role) == ("h1", Role.DECODE)
