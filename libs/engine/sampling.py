@@ -26,6 +26,9 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         # Keep a token if the mass before it is below top_p (so the first is always kept).
         drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        # The most likely token always stays: a top_p that rounds to 0 in float32 (5e-324
+        # did, from the fuzzer) would otherwise drop every token and sample from NaNs.
+        drop_sorted[0] = False
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

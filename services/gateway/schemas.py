@@ -131,8 +131,11 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingParams:
     top_k = _opt_int(body, "top_k", lo=-1, hi=MAX_INT32)
     seed = _opt_int(body, "seed", lo=-(2**63), hi=2**63 - 1)
     min_tokens = _opt_int(body, "min_tokens", lo=0, hi=MAX_INT32) or 0
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise invalid(f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' ({max_tokens})", "min_tokens")
     return SamplingParams(
-        max_tokens=max_tokens or 1,
+        # Without max_tokens the real value is set once the prompt's length is known.
+        max_tokens=max_tokens or max(1, min_tokens),
         temperature=temperature,
         top_p=top_p,
         top_k=max(top_k or 0, 0),
@@ -252,6 +255,10 @@ def tokenize(req: GenerationRequest, mt: ModelTokenizer) -> None:
     room = mt.max_model_len - len(ids)
     if not req.max_tokens_given:
         req.sampling.max_tokens = min(req.sampling.max_tokens, room) if req.endpoint is Endpoint.COMPLETIONS else room
+    if req.sampling.min_tokens > req.sampling.max_tokens:
+        raise invalid(
+            f"'min_tokens' ({req.sampling.min_tokens}) must not exceed the {req.sampling.max_tokens} output "
+            "tokens this request may produce", "min_tokens")
     if room < 1 or req.sampling.max_tokens > room:
         raise invalid(
             f"This model's maximum context length is {mt.max_model_len} tokens; the prompt has {len(ids)} tokens "

@@ -84,3 +84,14 @@ def test_params_travel_on_the_wire() -> None:
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError):
         SamplingParams(top_p=0.0)
+
+
+def test_a_vanishing_top_p_keeps_the_most_likely_token() -> None:
+    """top_p = 5e-324 is 0 in float32: the nucleus must still hold the top token."""
+    import torch
+
+    from libs.engine.sampling import sample_row
+
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.0])
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=5e-324)
+    assert sample_row(logits, params, torch.Generator().manual_seed(0), []) == 1

@@ -32,6 +32,8 @@ CASES = [
     (C, {**OK_C, "top_p": 0}, 400, "invalid_value", "top_p"),
     (C, {**OK_C, "top_p": 1.5}, 400, "invalid_value", "top_p"),
     (C, {**OK_C, "top_k": -2}, 400, "invalid_value", "top_k"),
+    (C, {**OK_C, "max_tokens": 2, "min_tokens": 5}, 400, "invalid_value", "min_tokens"),  # was a 500 (fuzzer)
+    (C, {k: v for k, v in OK_C.items() if k != "max_tokens"} | {"min_tokens": 20}, 400, "invalid_value", "min_tokens"),
     (C, {**OK_C, "seed": 1.5}, 400, "invalid_type", "seed"),
     (C, {**OK_C, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "stop"),
     (C, {**OK_C, "stop": [1]}, 400, "invalid_type", "stop"),
