@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -44,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.cli.up import is_ready  # noqa: E402
+from services.cli.launch import start_cluster, stop_cluster  # noqa: E402
 from services.common.natsserver import NatsServer, free_port  # noqa: E402
 
 SHAPES = {"disaggregated": [], "colocated": ["--colocated", "1"]}
@@ -57,29 +56,8 @@ def pct(values: list[float]) -> dict[str, float]:
 
 
 def launch(nats_url: str, port: int, extra: list[str], model: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "services.cli", "up", "--model", model, "--nats-url", nats_url, "--port", str(port),
-           "--log-level", "warning", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    num_nodes = 1 if extra else 2
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"flowkv up exited with {proc.returncode}")
-        if is_ready(f"http://127.0.0.1:{port}/ready", num_nodes):
-            return proc
-        time.sleep(0.5)
-    stop(proc)
-    raise SystemExit("the cluster was not ready in 300 s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    up_args = ["--model", model, "--nats-url", nats_url, "--log-level", "warning", *extra]
+    return start_cluster(up_args, port=port, num_nodes=1 if extra else 2, env={"OMP_NUM_THREADS": "1"})
 
 
 async def sequential(url: str, model: str, n: int, prompt_len: int, seed: int) -> list[dict[str, Any]]:
@@ -131,7 +109,7 @@ def run_shape(name: str, nats_url: str, args: argparse.Namespace) -> dict[str, A
         asyncio.run(sequential(url, args.model, args.warmup, args.prompt_len, seed=1))
         rows = asyncio.run(sequential(url, args.model, args.requests, args.prompt_len, seed=2))
     finally:
-        stop(proc)
+        stop_cluster(proc)
     return {
         "control_plane": pct([r["control_plane_s"] for r in rows]),
         "ttft": pct([r["ttft_s"] for r in rows]),

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._engine_gpu import (  # noqa: E402
-    copy_bandwidth, hf_twin, install_graphs, sync, timed_ms, weight_bytes_per_decode_step,
+    copy_bandwidth, hf_twin, install_graphs, timed_ms, weight_bytes_per_decode_step,
 )
 
 DEFAULTS = {  # preset -> (contexts, prefill tokens)

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -44,7 +43,7 @@ from libs.loadgen.workloads import RequestSpec  # noqa: E402
 from libs.protocol import messages  # noqa: E402
 from libs.protocol.messages import ClusterQuery  # noqa: E402
 from libs.protocol.subjects import sched_cluster  # noqa: E402
-from services.cli.up import is_ready  # noqa: E402
+from services.cli.launch import start_cluster, stop_cluster  # noqa: E402
 from services.common.natsserver import NatsServer, free_port  # noqa: E402
 
 POLICIES = ["flowkv", "round_robin", "fixed:1:1", "fixed:1:3", "fixed:3:1"]
@@ -114,28 +113,9 @@ async def roles(nats_url: str) -> list[str]:
 
 
 def launch(nats_url: str, port: int, policy: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "services.cli", "up", "--model", "tiny", "--nats-url", nats_url, "--port", str(port),
-           "--prefill-nodes", "2", "--decode-nodes", "2", "--policy", policy, "--log-level", "warning"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", **SCHED_ENV)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"flowkv up exited with {proc.returncode}")
-        if is_ready(f"http://127.0.0.1:{port}/ready", 4):
-            return proc
-        time.sleep(0.5)
-    stop(proc)
-    raise SystemExit("the cluster was not ready in 300 s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    up_args = ["--model", "tiny", "--nats-url", nats_url, "--prefill-nodes", "2", "--decode-nodes", "2",
+               "--policy", policy, "--log-level", "warning"]
+    return start_cluster(up_args, port=port, num_nodes=4, env={"OMP_NUM_THREADS": "1", **SCHED_ENV})
 
 
 def wanted(policy: str) -> list[str] | None:
@@ -168,7 +148,7 @@ def run_policy(policy: str, nats_url: str, scenarios: list[str], seed: int) -> l
             out.append(s)
             time.sleep(2.0)
     finally:
-        stop(proc)
+        stop_cluster(proc)
     return out
 
 

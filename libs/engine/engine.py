@@ -24,7 +24,6 @@ one prefill forward and one decode forward, sampling, stop checks, outputs.
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 

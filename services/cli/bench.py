@@ -14,10 +14,7 @@ import asyncio
 import datetime
 import math
 import shlex
-import signal
 import subprocess
-import sys
-import time
 import urllib.parse
 from typing import Any
 
@@ -26,6 +23,7 @@ from libs.loadgen.client import ClientOptions
 from libs.loadgen.metrics import Slo, summarize
 from libs.loadgen.runner import run_benchmark
 from libs.loadgen.workloads import DEFAULT_TOKEN_ID_RANGE, Workload, WorkloadOptions, describe, make_workload
+from services.cli.launch import start_cluster, stop_cluster
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,28 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _launch(args: argparse.Namespace) -> subprocess.Popen[bytes]:
     """Start ``flowkv up`` on the port of ``--base-url`` and wait for its /ready."""
     port = urllib.parse.urlparse(args.base_url).port or 8000
-    cmd = [sys.executable, "-m", "services.cli", "up", "--port", str(port), *shlex.split(args.launch_args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from services.cli.up import is_ready
-
-    deadline = time.monotonic() + args.launch_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"flowkv bench: `{shlex.join(cmd)}` exited with {proc.returncode}")
-        if is_ready(args.base_url.rstrip("/") + "/ready", 1):
-            return proc
-        time.sleep(0.5)
-    _stop(proc)
-    raise SystemExit(f"flowkv bench: the launched cluster was not ready within {args.launch_timeout:.0f}s")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    return start_cluster(shlex.split(args.launch_args), port=port, num_nodes=1, timeout=args.launch_timeout)
 
 
 def _meta(args: argparse.Namespace, specs_info: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                                            args.seed, progress=not args.no_progress))
     finally:
         if proc is not None:
-            _stop(proc)
+            stop_cluster(proc)
     summary = summarize(result.records, result.duration_s, slo)
     print(report.table(summary, f"flowkv bench: {args.workload}"))
     if args.out_json:

@@ -10,7 +10,6 @@ import signal
 
 import msgspec
 import pytest
-import torch
 
 from libs.kvtransfer.agent import KVAgent
 from libs.kvtransfer.align import align

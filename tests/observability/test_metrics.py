@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from services.cli.plan import plan_cluster
 from services.cli.up import UpConfig
-from tests.observability.cluster import BLOCK_SIZE, NUM_BLOCKS, prompt_of, sample, wait_for
+from tests.observability.cluster import NUM_BLOCKS, prompt_of, sample, wait_for
 from tests.observability.test_tracing import LAYOUT
 
 N = 3
