@@ -65,6 +65,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, asyncio.Queue[TokenOutput | BaseException]] = {}
         self._stats: EngineStats | None = None
+        self._held: dict[str, list[int]] = {}  # prefilled request -> its held blocks, set by the engine thread
 
     # ------------------------------------------------------------- life cycle
 
@@ -157,7 +158,10 @@ class AsyncEngine:
         async for out in self._drain(request_id, queue):
             final = out
         assert final is not None
-        block_ids = [] if final.error or final.finish_reason == "abort" else await self._call(lambda e: _held_synced(e, request_id))
+        block_ids = self._held.pop(request_id, None)
+        if block_ids is None:  # it ended at its first token (or failed): nothing was handed over
+            failed = final.error or final.finish_reason == "abort"
+            block_ids = [] if failed else await self._call(lambda e: _held_synced(e, request_id))
         return PrefillResult(final, block_ids)
 
     async def allocate_remote(self, request_id: str, prompt_token_ids: list[int]) -> RemoteAllocation:
@@ -178,9 +182,11 @@ class AsyncEngine:
             yield out
 
     async def release(self, request_id: str) -> None:
+        self._held.pop(request_id, None)
         await self._call(lambda e: e.release(request_id))
 
     async def abort(self, request_id: str) -> bool:
+        self._held.pop(request_id, None)
         return await self._call(lambda e: e.abort(request_id))
 
     async def run(self, fn: Callable[[LLMEngine], T]) -> T:
@@ -288,6 +294,14 @@ class AsyncEngine:
             loop.call_soon_threadsafe(self._fail, victims, exc)
             return None
         if outputs:
+            prefilled = [o.request_id for o in outputs if o.prefilled]
+            if prefilled:
+                # Hand the held blocks over with the first token (no second round trip to
+                # this thread), once the device has finished writing them.
+                if engine.pool.device.type == "cuda":
+                    torch.cuda.synchronize(engine.pool.device)
+                for rid in prefilled:
+                    self._held[rid] = engine.held_block_ids(rid)
             loop.call_soon_threadsafe(self._deliver, outputs)
             return None
         return _IDLE_RETRY_S
