@@ -89,6 +89,7 @@ class LLMEngine:
         self._seed_gen = torch.Generator().manual_seed(config.seed)
         self._prefill_tps = 0.0
         self._decode_step_s = 0.0
+        self.last_step_ran = False  # whether the last step computed anything (a chunk counts)
 
     def _capture_decode_graphs(self) -> None:
         """Replace the eager decode forward by CUDA graphs, one per batch-size bucket."""
@@ -274,6 +275,7 @@ class LLMEngine:
         """Run one scheduling iteration; returns the outputs of every request that advanced."""
         outputs, self._pending = self._pending, []
         plan = self.scheduler.schedule()
+        self.last_step_ran = bool(plan.prefills or plan.decodes)
         for req, reason in plan.failed:
             self._requests.pop(req.request_id, None)
             outputs.append(self._final(req, FinishReason.ERROR, error=reason))
