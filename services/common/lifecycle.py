@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on uvloop where it is installed (a faster event loop for every hop).
+
+    Set ``FLOWKV_EVENT_LOOP=asyncio`` to use the standard loop.
+    """
+    if os.environ.get("FLOWKV_EVENT_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

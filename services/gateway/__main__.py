@@ -13,6 +13,7 @@ import logging
 from aiohttp import web
 
 from services.common import config as cfg
+from services.common import lifecycle
 from services.common.lifecycle import install_signal_handlers
 from services.common.logs import setup_logging
 from services.common.nats import NatsAuthError
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging("gateway", config.log_level, config.json_logs)
     setup_tracing("flowkv-gateway", config.gateway_id)
     try:
-        asyncio.run(serve(config, nats_config))
+        lifecycle.run(serve(config, nats_config))
     except NatsAuthError as exc:  # a clear line, not a traceback: retrying cannot help
         raise SystemExit(f"error: {exc}") from None
     finally:

@@ -14,6 +14,7 @@ import sys
 from contextlib import AsyncExitStack
 
 from services.common import config as cfg
+from services.common import lifecycle
 from services.common.lifecycle import install_signal_handlers, wait_for_stop
 from services.common.logs import setup_logging
 from services.common.metrics_server import serve_metrics
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("scheduler", config.log_level, config.json_logs)
     setup_tracing("flowkv-scheduler")
     try:
-        return asyncio.run(serve(config, nats_config))
+        return lifecycle.run(serve(config, nats_config))
     except NatsAuthError as exc:  # a clear line, not a traceback: retrying cannot help
         raise SystemExit(f"error: {exc}") from None
     finally:
