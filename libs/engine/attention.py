@@ -44,6 +44,8 @@ class DecodeMetadata:
     slot_mapping: torch.Tensor  # [B] int64
     block_tables: torch.Tensor  # [B, M] int32
     context_lens: torch.Tensor  # [B] int32, including the token being decoded
+    # CPU only: the key mask of this step, built by the first layer and shared by the rest.
+    cpu_mask: torch.Tensor | None = None
 
 
 AttentionMetadata = PrefillMetadata | DecodeMetadata
@@ -97,9 +99,15 @@ def prefill_attention(
     return out
 
 
+def decode_key_mask(context_lens: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """True where key position >= the row's context length, shaped [B, 1, 1, num_keys]."""
+    key_pos = torch.arange(num_keys, device=context_lens.device)
+    return (key_pos[None, :] >= context_lens[:, None])[:, None, None, :]
+
+
 def decode_attention_torch(
     q: torch.Tensor, pool: torch.Tensor, layer: int, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, scale: float,
+    context_lens: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Paged decode off CUDA: gather each sequence's blocks, masked softmax; [B, Hq, D] -> [B, Hq, D].
 
@@ -116,8 +124,7 @@ def decode_attention_torch(
     v = gathered[:, :, 1].flatten(1, 2).transpose(1, 2).float()  # [B, Hkv, S, D]
     qg = q.reshape(num_seqs, num_kv_heads, group, head_dim).float()
     scores = torch.matmul(qg, k).mul_(scale)  # [B, Hkv, G, S]
-    key_pos = torch.arange(max_blocks * block_size, device=q.device)
-    masked = (key_pos[None, :] >= context_lens[:, None])[:, None, None, :]
+    masked = mask if mask is not None else decode_key_mask(context_lens, max_blocks * block_size)
     probs = torch.softmax(scores.masked_fill_(masked, float("-inf")), dim=-1).nan_to_num_(0.0)
     return torch.matmul(probs, v).reshape(num_seqs, num_kv_heads * group, head_dim).to(q.dtype)
 
@@ -130,4 +137,6 @@ def decode_attention(
         from libs.engine.kernels import paged_decode_attention
 
         return paged_decode_attention(q, pool, layer, meta.block_tables, meta.context_lens, scale)
-    return decode_attention_torch(q, pool, layer, meta.block_tables, meta.context_lens, scale)
+    if meta.cpu_mask is None:
+        meta.cpu_mask = decode_key_mask(meta.context_lens, meta.block_tables.shape[1] * pool.shape[3])
+    return decode_attention_torch(q, pool, layer, meta.block_tables, meta.context_lens, scale, meta.cpu_mask)

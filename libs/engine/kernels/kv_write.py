@@ -49,6 +49,12 @@ def write_kv_ref(
 ) -> None:
     """Torch version of :func:`write_kv` (boolean mask: not for CUDA-graph capture)."""
     block_size = kv_pool.shape[3]
+    if slot_mapping.device.type == "cpu" and int(slot_mapping.min()) >= 0:
+        # No padding (the CPU engine never pads): plain indexing, no boolean-mask gathers.
+        blocks, offs = slot_mapping // block_size, slot_mapping % block_size
+        kv_pool[blocks, layer, 0, offs] = k.to(kv_pool.dtype)
+        kv_pool[blocks, layer, 1, offs] = v.to(kv_pool.dtype)
+        return
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     blocks, offs = slots // block_size, slots % block_size
