@@ -93,6 +93,22 @@ def table(cls: type, env_prefix: str, flag_prefix: str) -> list[str]:
     return rows
 
 
+OTHER_ENV = """## Other environment variables
+
+Read once at start-up, outside the config dataclasses above.
+
+| variable | default | meaning |
+| --- | --- | --- |
+| `FLOWKV_CACHE_DIR` | `~/.cache/flowkv` | where converted models and extracted tokenizers are kept |
+| `FLOWKV_EVENT_LOOP` | `uvloop` | `asyncio` runs the services on the standard event loop instead of uvloop |
+| `FLOWKV_FUSED_KERNELS` | `1` | `0` runs the engine's unfused layer path (separate projections, plain torch ops) |
+| `FLOWKV_KV_TRANSPORT` | (unset) | force one KV transport (`shm`, `tcp`, `cuda_ipc`, `nccl`) instead of choosing by where the pools live |
+| `OTEL_TRACES_EXPORTER` | `none` | `console`, `otlp` or `file` (see [observability.md](observability.md)) |
+| `FLOWKV_TRACE_FILE` | `flowkv-traces.jsonl` | where the `file` trace exporter appends spans |
+| `FLOWKV_FAULT_INJECT` | (unset) | tests only: `kv_send_fail[:N]`, `kv_done_drop[:N]` make a prefill node fail hand-offs |
+"""
+
+
 def render() -> str:
     out = [INTRO]
     for title, command, module_name, class_name, env_prefix, flag_prefix in SOURCES:
@@ -108,6 +124,7 @@ def render() -> str:
         if doc:
             out += [doc[0].replace("``", "`"), ""]
         out += table(cls, env_prefix, flag_prefix) + [""]
+    out.append(OTHER_ENV)
     return "\n".join(out).rstrip() + "\n"
 
 

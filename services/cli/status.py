@@ -17,7 +17,7 @@ import msgspec
 
 from libs.protocol import messages, subjects
 from libs.protocol.messages import ClusterState, NodeState, SchedEvent
-from services.cli.options import add_nats_arguments, build_nats
+from services.common.nats import add_nats_arguments, nats_config_from
 from services.common.messaging import request
 from services.common.nats import NatsConfig, connect
 
@@ -122,7 +122,7 @@ def health(state: ClusterState, node_id: str | None) -> tuple[int, str]:
 def run(args: argparse.Namespace) -> int:
     # The connection's own warnings (e.g. "disconnected" as we close it) are noise in a CLI.
     logging.getLogger("services.common.nats").setLevel(logging.ERROR)
-    nats = build_nats(args)
+    nats = nats_config_from(args)
     try:
         state = asyncio.run(query(nats, args.timeout))
     except (TimeoutError, asyncio.TimeoutError, OSError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import argparse
 import dataclasses
 import logging
 import ssl
@@ -13,6 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 import nats
 import nats.errors
 from nats.aio.client import Client
+
+from services.common import config as cfg
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,32 @@ class NatsConfig:
                 shown[name] = "***"
         shown["url"] = self.redacted_url()
         return f"NatsConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+_DEST = "nats_"
+
+
+def add_nats_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--nats-<field>`` for every field of :class:`NatsConfig` (unset: env, then default).
+
+    Every service and the CLI take the broker's settings this way, apart from their own.
+    """
+    group = parser.add_argument_group("NATS")
+    for f in dataclasses.fields(NatsConfig):
+        env = cfg.env_name(ENV_PREFIX, f.name)
+        shown = "(secret)" if f.metadata.get("secret") else repr(f.default)
+        group.add_argument(
+            "--nats-" + f.name.replace("_", "-"),
+            dest=_DEST + f.name,
+            default=None,
+            help=f"{f.metadata.get('help', '')} [env {env}; default {shown}]",
+        )
+
+
+def nats_config_from(args: argparse.Namespace) -> NatsConfig:
+    """The :class:`NatsConfig` from ``--nats-*`` flags, then ``FLOWKV_NATS_*``, then defaults."""
+    picked = argparse.Namespace(**{f.name: getattr(args, _DEST + f.name, None) for f in dataclasses.fields(NatsConfig)})
+    return cfg.build(NatsConfig, ENV_PREFIX, picked)
 
 
 def redact(url: str) -> str:

@@ -16,8 +16,7 @@ from services.common import config as cfg
 from services.common import lifecycle
 from services.common.lifecycle import install_signal_handlers
 from services.common.logs import setup_logging
-from services.common.nats import NatsAuthError
-from services.common.nats import ENV_PREFIX as NATS_ENV_PREFIX
+from services.common.nats import NatsAuthError, add_nats_arguments, nats_config_from
 from services.common.nats import NatsConfig
 from services.common.tracing import setup_tracing, shutdown_tracing
 from services.gateway.app import create_app, make_runner
@@ -30,17 +29,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, NatsConfig
     """Both configs from flags, then ``FLOWKV_GATEWAY_*`` / ``FLOWKV_NATS_*``, then defaults."""
     parser = argparse.ArgumentParser(prog="python -m services.gateway", description="FlowKV OpenAI-compatible gateway")
     cfg.add_arguments(parser, GatewayConfig, ENV_PREFIX)
-    nats_parser = argparse.ArgumentParser(add_help=False)
-    cfg.add_arguments(nats_parser, NatsConfig, NATS_ENV_PREFIX)
-    # The NATS flags are --nats-<field> to keep them apart from the gateway's own.
-    group = parser.add_argument_group("NatsConfig")
-    for action in nats_parser._actions:
-        if action.option_strings:
-            group.add_argument("--nats-" + action.option_strings[0][2:], dest="nats_" + action.dest, type=str, default=None, help=action.help)
+    add_nats_arguments(parser)
     args = parser.parse_args(argv)
-    nats_args = argparse.Namespace(**{k[5:]: v for k, v in vars(args).items() if k.startswith("nats_")})
     try:
-        return cfg.build(GatewayConfig, ENV_PREFIX, args), cfg.build(NatsConfig, NATS_ENV_PREFIX, nats_args)
+        return cfg.build(GatewayConfig, ENV_PREFIX, args), nats_config_from(args)
     except ValueError as exc:
         raise SystemExit(f"invalid configuration: {exc}") from None
 

@@ -17,8 +17,7 @@ import sys
 from services.common import config as cfg
 from services.common.lifecycle import install_signal_handlers
 from services.common.logs import setup_logging
-from services.common.nats import NatsAuthError
-from services.common.nats import ENV_PREFIX as NATS_ENV_PREFIX
+from services.common.nats import NatsAuthError, add_nats_arguments, nats_config_from
 from services.common.nats import NatsConfig, connect
 from services.common.tracing import setup_tracing, shutdown_tracing
 from services.node.config import ENV_PREFIX, NodeConfig
@@ -30,18 +29,10 @@ def parse(argv: list[str] | None = None) -> tuple[NodeConfig, NatsConfig]:
     """Both configs from flags, then env variables, then defaults."""
     parser = argparse.ArgumentParser(prog="python -m services.node", description="A FlowKV node")
     cfg.add_arguments(parser, NodeConfig, ENV_PREFIX)
-    nats_parser = argparse.ArgumentParser(add_help=False)
-    cfg.add_arguments(nats_parser, NatsConfig, NATS_ENV_PREFIX)
-    # NatsConfig's fields are prefixed on the command line (--nats-url), not bare (--url).
-    group = parser.add_argument_group("NatsConfig")
-    for action in nats_parser._actions:
-        for flag in action.option_strings:
-            group.add_argument("--nats-" + flag[2:], dest="nats_" + action.dest, type=str, default=None,
-                               help=action.help)
+    add_nats_arguments(parser)
     args = parser.parse_args(argv)
-    nats_args = argparse.Namespace(**{k[5:]: v for k, v in vars(args).items() if k.startswith("nats_")})
     try:
-        return cfg.build(NodeConfig, ENV_PREFIX, args), cfg.build(NatsConfig, NATS_ENV_PREFIX, nats_args)
+        return cfg.build(NodeConfig, ENV_PREFIX, args), nats_config_from(args)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import sys
 from contextlib import AsyncExitStack
@@ -18,8 +17,8 @@ from services.common import lifecycle
 from services.common.lifecycle import install_signal_handlers, wait_for_stop
 from services.common.logs import setup_logging
 from services.common.metrics_server import serve_metrics
-from services.common.nats import NatsAuthError
-from services.common.nats import ENV_PREFIX as NATS_ENV, NatsConfig, connect
+from services.common.nats import NatsAuthError, add_nats_arguments, nats_config_from
+from services.common.nats import NatsConfig, connect
 from services.common.tracing import setup_tracing, shutdown_tracing
 from services.scheduler.config import ENV_PREFIX, SchedulerConfig
 from services.scheduler.service import SchedulerService
@@ -30,15 +29,10 @@ log = logging.getLogger("services.scheduler")
 def parse_args(argv: list[str] | None = None) -> tuple[SchedulerConfig, NatsConfig]:
     parser = argparse.ArgumentParser(prog="flowkv scheduler", description="FlowKV scheduler: placement and roles")
     cfg.add_arguments(parser, SchedulerConfig, ENV_PREFIX)
-    group = parser.add_argument_group("NATS")
-    for f in dataclasses.fields(NatsConfig):
-        env = cfg.env_name(NATS_ENV, f.name)
-        group.add_argument(f"--nats-{f.name.replace('_', '-')}", dest=f"nats_{f.name}", default=None,
-                           help=f"{f.metadata.get('help', '')} [env {env}]")
+    add_nats_arguments(parser)
     args = parser.parse_args(argv)
-    nats_args = argparse.Namespace(**{f.name: getattr(args, f"nats_{f.name}") for f in dataclasses.fields(NatsConfig)})
     try:
-        return cfg.build(SchedulerConfig, ENV_PREFIX, args), cfg.build(NatsConfig, NATS_ENV, nats_args)
+        return cfg.build(SchedulerConfig, ENV_PREFIX, args), nats_config_from(args)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
