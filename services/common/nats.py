@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import ssl
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import nats
@@ -16,6 +17,8 @@ import nats.errors
 from nats.aio.client import Client
 
 from services.common import config as cfg
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,22 @@ def nats_config_from(args: argparse.Namespace) -> NatsConfig:
     """The :class:`NatsConfig` from ``--nats-*`` flags, then ``FLOWKV_NATS_*``, then defaults."""
     picked = argparse.Namespace(**{f.name: getattr(args, _DEST + f.name, None) for f in dataclasses.fields(NatsConfig)})
     return cfg.build(NatsConfig, ENV_PREFIX, picked)
+
+
+def parse_service_args(
+    cls: type[T], env_prefix: str, prog: str, description: str, argv: list[str] | None = None,
+) -> tuple[T, NatsConfig]:
+    """A service's config (``cls``, env ``<env_prefix>_*``) and its NATS settings, from
+    flags, then environment variables, then defaults; bad values exit with a usage error."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    cfg.add_arguments(parser, cls, env_prefix)
+    add_nats_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cfg.build(cls, env_prefix, args), nats_config_from(args)
+    except ValueError as exc:
+        parser.error(f"invalid configuration: {exc}")
+        raise  # unreachable: parser.error exits
 
 
 def redact(url: str) -> str:

@@ -6,17 +6,15 @@ Shutdown: stop accepting connections, let open streams finish within
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 
 from aiohttp import web
 
-from services.common import config as cfg
 from services.common import lifecycle
 from services.common.lifecycle import install_signal_handlers
 from services.common.logs import setup_logging
-from services.common.nats import NatsAuthError, add_nats_arguments, nats_config_from
+from services.common.nats import NatsAuthError, parse_service_args
 from services.common.nats import NatsConfig
 from services.common.tracing import setup_tracing, shutdown_tracing
 from services.gateway.app import create_app, make_runner
@@ -27,14 +25,7 @@ log = logging.getLogger("services.gateway")
 
 def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, NatsConfig]:
     """Both configs from flags, then ``FLOWKV_GATEWAY_*`` / ``FLOWKV_NATS_*``, then defaults."""
-    parser = argparse.ArgumentParser(prog="python -m services.gateway", description="FlowKV OpenAI-compatible gateway")
-    cfg.add_arguments(parser, GatewayConfig, ENV_PREFIX)
-    add_nats_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cfg.build(GatewayConfig, ENV_PREFIX, args), nats_config_from(args)
-    except ValueError as exc:
-        raise SystemExit(f"invalid configuration: {exc}") from None
+    return parse_service_args(GatewayConfig, ENV_PREFIX, "python -m services.gateway", "FlowKV OpenAI-compatible gateway", argv)
 
 
 async def serve(config: GatewayConfig, nats_config: NatsConfig) -> None:

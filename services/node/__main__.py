@@ -7,17 +7,15 @@ SIGTERM: NodeBye, drain in-flight requests (bounded), stop the engine, close the
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import os
 import sys
 
-from services.common import config as cfg
 from services.common.lifecycle import install_signal_handlers
 from services.common.logs import setup_logging
-from services.common.nats import NatsAuthError, add_nats_arguments, nats_config_from
+from services.common.nats import NatsAuthError, parse_service_args
 from services.common.nats import NatsConfig, connect
 from services.common.tracing import setup_tracing, shutdown_tracing
 from services.node.config import ENV_PREFIX, NodeConfig
@@ -26,16 +24,8 @@ log = logging.getLogger("services.node")
 
 
 def parse(argv: list[str] | None = None) -> tuple[NodeConfig, NatsConfig]:
-    """Both configs from flags, then env variables, then defaults."""
-    parser = argparse.ArgumentParser(prog="python -m services.node", description="A FlowKV node")
-    cfg.add_arguments(parser, NodeConfig, ENV_PREFIX)
-    add_nats_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cfg.build(NodeConfig, ENV_PREFIX, args), nats_config_from(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-        raise  # unreachable
+    """Both configs from flags, then ``FLOWKV_NODE_*`` / ``FLOWKV_NATS_*``, then defaults."""
+    return parse_service_args(NodeConfig, ENV_PREFIX, "python -m services.node", "A FlowKV node", argv)
 
 
 async def serve(config: NodeConfig, nats_config: NatsConfig) -> None:

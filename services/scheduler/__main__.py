@@ -6,18 +6,16 @@ from ``--nats-url``/``FLOWKV_NATS_URL`` and the other ``--nats-*``/``FLOWKV_NATS
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import sys
 from contextlib import AsyncExitStack
 
-from services.common import config as cfg
 from services.common import lifecycle
 from services.common.lifecycle import install_signal_handlers, wait_for_stop
 from services.common.logs import setup_logging
 from services.common.metrics_server import serve_metrics
-from services.common.nats import NatsAuthError, add_nats_arguments, nats_config_from
+from services.common.nats import NatsAuthError, parse_service_args
 from services.common.nats import NatsConfig, connect
 from services.common.tracing import setup_tracing, shutdown_tracing
 from services.scheduler.config import ENV_PREFIX, SchedulerConfig
@@ -27,15 +25,8 @@ log = logging.getLogger("services.scheduler")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[SchedulerConfig, NatsConfig]:
-    parser = argparse.ArgumentParser(prog="flowkv scheduler", description="FlowKV scheduler: placement and roles")
-    cfg.add_arguments(parser, SchedulerConfig, ENV_PREFIX)
-    add_nats_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cfg.build(SchedulerConfig, ENV_PREFIX, args), nats_config_from(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-        raise  # unreachable: parser.error exits
+    """Both configs from flags, then ``FLOWKV_SCHEDULER_*`` / ``FLOWKV_NATS_*``, then defaults."""
+    return parse_service_args(SchedulerConfig, ENV_PREFIX, "flowkv scheduler", "FlowKV scheduler: placement and roles", argv)
 
 
 async def serve(config: SchedulerConfig, nats_config: NatsConfig) -> int:
