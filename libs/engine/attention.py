@@ -137,6 +137,20 @@ def decode_attention(
         from libs.engine.kernels import paged_decode_attention
 
         return paged_decode_attention(q, pool, layer, meta.block_tables, meta.context_lens, scale)
+    if q.shape[0] == 1:
+        return _decode_one_cpu(q, pool, layer, meta.block_tables[0], int(meta.context_lens[0]), scale)
     if meta.cpu_mask is None:
         meta.cpu_mask = decode_key_mask(meta.context_lens, meta.block_tables.shape[1] * pool.shape[3])
     return decode_attention_torch(q, pool, layer, meta.block_tables, meta.context_lens, scale, meta.cpu_mask)
+
+
+def _decode_one_cpu(
+    q: torch.Tensor, pool: torch.Tensor, layer: int, block_ids: torch.Tensor, length: int, scale: float,
+) -> torch.Tensor:
+    """One sequence off CUDA: its exact context, so SDPA runs without a mask (half the
+    cost of the masked batch path; batch 1 is the common case on CPU)."""
+    k, v = _gather_context(pool, layer, block_ids.long(), length)  # [S, Hkv, D]
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), scale=scale, enable_gqa=True,
+    )
+    return o.squeeze(2)
