@@ -367,3 +367,13 @@ def test_flowkv_up_exits_1_naming_the_child_that_died():
     )
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "hybrid-0 exited with status" in proc.stdout
+
+
+def test_launch_waits_for_every_node_up_starts():
+    # flowkv bench --launch used to wait for one node: with only the decode node reported,
+    # the scheduler answered 429 to every request (seen in CI).
+    from services.cli.launch import num_nodes_of
+
+    assert num_nodes_of(["--model", "tiny"]) == 2
+    assert num_nodes_of(["--colocated", "3", "--log-level", "warning"]) == 3
+    assert num_nodes_of(["--prefill-nodes", "2", "--decode-nodes", "3"]) == 5

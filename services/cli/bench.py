@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _launch(args: argparse.Namespace) -> subprocess.Popen[bytes]:
     """Start ``flowkv up`` on the port of ``--base-url`` and wait for its /ready."""
     port = urllib.parse.urlparse(args.base_url).port or 8000
-    return start_cluster(shlex.split(args.launch_args), port=port, num_nodes=1, timeout=args.launch_timeout)
+    return start_cluster(shlex.split(args.launch_args), port=port, timeout=args.launch_timeout)
 
 
 def _meta(args: argparse.Namespace, specs_info: dict[str, Any]) -> dict[str, Any]:

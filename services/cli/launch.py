@@ -6,6 +6,7 @@ one of them starts, waits for and stops a cluster the same way.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -14,16 +15,25 @@ import time
 from pathlib import Path
 from typing import IO
 
+from services.cli import up
 from services.cli.up import is_ready
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def num_nodes_of(up_args: list[str]) -> int:
+    """How many nodes ``flowkv up *up_args`` starts (flags and ``FLOWKV_UP_*`` as up reads them)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    up.add_arguments(parser)
+    known, _ = parser.parse_known_args(up_args)
+    return up.build_config(known).num_nodes
 
 
 def start_cluster(
     up_args: list[str],
     *,
     port: int,
-    num_nodes: int,
+    num_nodes: int | None = None,
     timeout: float = 300.0,
     env: dict[str, str] | None = None,
     output: int | IO[bytes] | None = subprocess.DEVNULL,
@@ -33,11 +43,14 @@ def start_cluster(
     Args:
         up_args: further ``flowkv up`` flags.
         port: the gateway's port.
-        num_nodes: nodes the cluster must report before it counts as ready.
+        num_nodes: nodes the cluster must report before it counts as ready (default: all
+            that ``up_args`` start; a cluster with only some of them can answer 429).
         timeout: seconds to wait; the cluster is stopped and SystemExit raised after.
         env: extra environment for the cluster's processes.
         output: where the cluster's output goes (default: discarded).
     """
+    if num_nodes is None:
+        num_nodes = num_nodes_of(up_args)
     cmd = [sys.executable, "-m", "services.cli", "up", "--port", str(port), *up_args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=output, stderr=output)
     deadline = time.monotonic() + timeout
