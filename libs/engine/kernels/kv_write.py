@@ -49,6 +49,13 @@ def write_kv_ref(
 ) -> None:
     """Torch version of :func:`write_kv` (boolean mask: not for CUDA-graph capture)."""
     block_size = kv_pool.shape[3]
+    if slot_mapping.device.type == "cpu" and slot_mapping.numel() == 1:
+        # One token (a batch-1 decode step): a plain slice copy, no advanced indexing.
+        slot = int(slot_mapping[0])
+        if slot >= 0:
+            kv_pool[slot // block_size, layer, 0, slot % block_size].copy_(k[0])
+            kv_pool[slot // block_size, layer, 1, slot % block_size].copy_(v[0])
+        return
     if slot_mapping.device.type == "cpu" and int(slot_mapping.min()) >= 0:
         # No padding (the CPU engine never pads): plain indexing, no boolean-mask gathers.
         blocks, offs = slot_mapping // block_size, slot_mapping % block_size
