@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -133,17 +134,7 @@ def smollm2_tokenizer_dir() -> str:
     folder, fname = os.path.split(smollm2_gguf_path())
     log.info("extracting the SmolLM2 tokenizer to %s (once)", target)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(target))
-    try:
-        tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            pass  # another process extracted it first
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _publish_dir(target, tok.save_pretrained)
 
 
 def smollm2_dir() -> str:
@@ -162,9 +153,8 @@ def gguf_to_hf_dir(gguf_path: str, target: str) -> str:
     folder, fname = os.path.split(os.path.abspath(gguf_path))
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(target))
-    try:
+
+    def fill(tmp: str) -> None:
         hf.config.quantization_config = None
         if hasattr(hf.config, "quantization_config"):
             del hf.config.quantization_config
@@ -174,10 +164,22 @@ def gguf_to_hf_dir(gguf_path: str, target: str) -> str:
             sd.pop("lm_head.weight", None)
         save_file(sd, os.path.join(tmp, "model.safetensors"))
         tok.save_pretrained(tmp)
+
+    return _publish_dir(target, fill)
+
+
+def _publish_dir(target: str, fill: Callable[[str], Any]) -> str:
+    """Build a cache directory once: ``fill`` a temporary one beside ``target``, then rename
+    it into place, so no process ever sees a half-written directory. If another process
+    got there first, its directory stays and ours is dropped."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(target))
+    try:
+        fill(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
-            pass  # another process converted it first
+            pass  # another process built it first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
