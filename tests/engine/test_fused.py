@@ -10,8 +10,6 @@ with the unfused torch path of this process.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,9 @@ import torch
 
 from libs.engine.kernels.fused import add_rms_norm_ref, rotary_ref, silu_mul_ref
 from libs.engine.rope import RotaryEmbedding
+from tests.engine.interpreter import CUDA, run_jobs
 
-CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-_REPO = Path(__file__).resolve().parents[2]
 NAN = float("nan")
 PAD = 3  # NaN columns right of every output
 
@@ -90,17 +87,7 @@ def _qk_views(qkv: torch.Tensor, hq: int, hkv: int, d: int) -> tuple[torch.Tenso
 
 
 def _run_jobs(jobs: list[dict[str, Any]], tmp_path: Path) -> list[Any]:
-    if CUDA:
-        return _execute(jobs)
-    pytest.importorskip("triton")
-    src, dst = tmp_path / "jobs.pt", tmp_path / "results.pt"
-    torch.save(jobs, src)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(_REPO), OMP_NUM_THREADS="2")
-    proc = subprocess.run(
-        [sys.executable, __file__, str(src), str(dst)], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(dst)
+    return run_jobs(jobs, tmp_path, __file__, _execute)
 
 
 def _norm_job(seed: int, rows: int, n: int, dtype: torch.dtype, has_residual: bool) -> dict[str, Any]:

@@ -9,8 +9,6 @@ outputs. Without triton the kernel tests skip.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,10 +18,9 @@ import torch
 
 from libs.engine.kernels.kv_write import write_kv_ref
 from libs.engine.kernels.paged_attention import choose_num_splits, paged_decode_attention_ref
+from tests.engine.interpreter import CUDA, run_jobs
 
-CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-_REPO = Path(__file__).resolve().parents[2]
 
 
 def _execute(jobs: list[dict[str, Any]]) -> list[torch.Tensor]:
@@ -49,17 +46,7 @@ def _execute(jobs: list[dict[str, Any]]) -> list[torch.Tensor]:
 
 
 def _run_jobs(jobs: list[dict[str, Any]], tmp_path: Path) -> list[torch.Tensor]:
-    if CUDA:
-        return _execute(jobs)
-    pytest.importorskip("triton")
-    src, dst = tmp_path / "jobs.pt", tmp_path / "results.pt"
-    torch.save(jobs, src)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(_REPO), OMP_NUM_THREADS="2")
-    proc = subprocess.run(
-        [sys.executable, __file__, str(src), str(dst)], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(dst)
+    return run_jobs(jobs, tmp_path, __file__, _execute)
 
 
 def _make_case(
