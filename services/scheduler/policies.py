@@ -184,9 +184,14 @@ class FixedSplit(FlowKV):
         return min(max(round(n * self.p / (self.p + self.d)), 1), n - 1)
 
     def target_roles(self, nodes: list[NodeEntry]) -> dict[str, Role]:
-        ids = sorted(n.node_id for n in nodes)
-        k = self.num_prefill(len(ids))
-        return {nid: (Role.PREFILL if i < k else Role.DECODE) for i, nid in enumerate(ids)}
+        """The first ``k`` nodes prefill, the rest decode, in an order that keeps nodes in
+        the role they have (prefill, then hybrid, then decode; by id within a role): a
+        cluster launched with the right split is left as it is, and no pinning flips a
+        node that another node could take the role from without a flip."""
+        rank = {Role.PREFILL: 0, Role.HYBRID: 1, Role.DECODE: 2}
+        ordered = sorted(nodes, key=lambda n: (rank.get(n.role, 1), n.node_id))
+        k = self.num_prefill(len(ordered))
+        return {n.node_id: (Role.PREFILL if i < k else Role.DECODE) for i, n in enumerate(ordered)}
 
 
 def make_policy(

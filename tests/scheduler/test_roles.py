@@ -140,6 +140,23 @@ def test_fixed_split_pins_roles() -> None:
         "n0": Role.PREFILL, "n1": Role.PREFILL, "n2": Role.DECODE, "n3": Role.DECODE}
 
 
+def test_fixed_split_keeps_a_launched_split() -> None:
+    # `flowkv up --prefill-nodes 1 --decode-nodes 1` names its nodes decode-0 and
+    # prefill-0; pinning by id alone would swap both roles (two needless flips).
+    clock = ManualClock(0.0)
+    reg = NodeRegistry(clock)
+    reg.update(report("decode-0", Role.DECODE))
+    reg.update(report("prefill-0", Role.PREFILL))
+    pol = make_policy("fixed:1:1", reg)
+    assert pol.target_roles(reg.nodes()) == {"prefill-0": Role.PREFILL, "decode-0": Role.DECODE}
+    assert pol.roles.step()[0] is None
+    # Prefill places go to prefill nodes first, then hybrids, then decode nodes by id.
+    for nid in ("decode-1", "hybrid-0"):
+        reg.update(report(nid, Role.DECODE if nid.startswith("decode") else Role.HYBRID))
+    assert make_policy("fixed:3:1", reg).target_roles(reg.nodes()) == {
+        "prefill-0": Role.PREFILL, "hybrid-0": Role.PREFILL, "decode-0": Role.PREFILL, "decode-1": Role.DECODE}
+
+
 def test_a_lone_hybrid_node_keeps_both_roles() -> None:
     # One colocated node with no load: the "load fell" rule would give it a single role,
     # which would leave the cluster with no prefill (or no decode) node at all.
