@@ -78,7 +78,7 @@ class Bench:
 
     def run_experiment(self, exp: Experiment) -> None:
         first = exp.runs[0]
-        need = self.p.startup_s + first["duration_s"] + self.p.tail_s
+        need = self.p.startup_s + exp.lead_in_s + first["duration_s"] + self.p.tail_s
         if self.budget.left() < need:
             self.skip(f"{exp.name}: whole experiment ({self.budget.left():.0f}s left, needs ~{need:.0f}s)")
             return
@@ -117,6 +117,8 @@ class Bench:
             if exp.greedy:
                 self.greedy[exp.name] = await greedy_outputs(clusters[0].url, self.args.model, self.p)
                 self.greedy_kind[exp.name] = exp.kind
+            if exp.lead_in_s > 0 and exp.runs:
+                await self._lead_in(exp, clusters, taps[0])
             for run in exp.runs:
                 need = run["duration_s"] + self.p.tail_s + 10
                 if self.budget.left() < need:
@@ -134,6 +136,25 @@ class Bench:
         specs = make_workload("fixed", 4 * sum(c.shape.num_nodes for c in clusters), 99,
                               WorkloadOptions(input_len=self.p.warm_input, output_len=8))
         await drive(specs, clusters, math.inf, self.client_opts(""), seed=99)
+
+    async def _lead_in(self, exp: Experiment, clusters: list[Cluster], tap: Tap) -> None:
+        """``exp.lead_in_s`` of the first run's workload (other requests: another seed),
+        driven to the end and not measured; the roles it leaves are logged."""
+        run = exp.runs[0]
+        n = max(1, round(run["rate"] * exp.lead_in_s))
+        wopts = WorkloadOptions(input_len=run.get("input_len", 128), output_len=run.get("output_len", 128),
+                                length_scale=run["length_scale"])
+        specs = make_workload(run["workload"], n, 7, wopts)
+        before = await tap.roles()
+        t0 = time.perf_counter()
+        records, _ = await drive(specs, clusters, run["rate"], self.client_opts(""), seed=7)
+        flips = [e for _, e in tap.flips_between(t0, time.perf_counter()) if e.detail == "done"]
+        self.say(f"{exp.name}: lead-in {exp.lead_in_s:g}s of {run['workload']}@{run['rate']:g}: "
+                 f"{sum(r.ok for r in records)}/{len(records)} ok, {len(flips)} flips, roles {before} -> {await tap.roles()}")
+        self.clusters_info.setdefault(exp.name, {})["lead_in"] = {
+            "seconds": exp.lead_in_s, "workload": run["workload"], "rate": run["rate"], "requests": len(records),
+            "ok": sum(r.ok for r in records), "roles_before": before, "roles_after": await tap.roles(),
+            "flips": [{"node": e.node_id, "to": e.new_role.value if e.new_role else ""} for e in flips]}
 
     def client_opts(self, url: str) -> ClientOptions:
         return ClientOptions(url, self.args.model, server_timing=True, timeout_s=self.p.request_timeout_s)

@@ -187,13 +187,13 @@ class Tap:
         return {n.node_id: n.role.value for n in state.nodes}
 
     async def wait_roles(self, prefill: int, timeout: float) -> dict[str, str]:
-        """Wait until a fixed split has pinned its roles: the first ``prefill`` node ids (sorted) are
-        prefill, the rest decode (``fixed:P:D``'s rule), so no flip happens once timing starts."""
+        """Wait until a fixed split has pinned its roles (``prefill`` prefill nodes, the rest
+        decode, no flip in flight), so no flip happens once timing starts."""
         deadline = time.monotonic() + timeout
         roles = await self.roles()
         while time.monotonic() < deadline:
-            wanted = {nid: "prefill" if i < prefill else "decode" for i, nid in enumerate(sorted(roles))}
-            if roles == wanted:
+            values = list(roles.values())
+            if values.count("prefill") == prefill and values.count("decode") == len(values) - prefill:
                 break
             await asyncio.sleep(0.5)
             roles = await self.roles()

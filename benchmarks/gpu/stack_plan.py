@@ -40,6 +40,7 @@ class Profile:
     duration_s: float
     shift_duration_s: float
     tail_s: float  # expected drain after the last arrival (for the time budget)
+    lead_in_s: float  # the scheduler's un-measured lead-in before its first run
     startup_s: float  # expected cluster start (for the time budget)
     request_timeout_s: float
 
@@ -51,9 +52,9 @@ PROFILES: dict[str, Profile] = {
         node_env={"FLOWKV_NODE_MAX_NUM_SEQS": "64", "FLOWKV_NODE_MAX_NUM_BATCHED_TOKENS": "8192",
                   "FLOWKV_NODE_MAX_MODEL_LEN": "32768"},
         dtype="bfloat16", long=("gov_report", 0.5), synth_scale={"1k": 1.0, "10k": 1.0},
-        rates2={"long": [2.0, 4.0], "10k": [1.5], "1k": [8.0]}, rates4={"long": 8.0, "shift": 10.0},
-        shift_lens=(2048, 128), warm_input=8192, greedy_prompt=512, greedy_output=32, handoff_min_prompt=8000,
-        duration_s=15.0, shift_duration_s=30.0, tail_s=12.0, startup_s=60.0, request_timeout_s=120.0),
+        rates2={"long": [2.0, 4.0], "10k": [1.5], "1k": [8.0]}, rates4={"long": 8.0, "shift": 5.0},
+        shift_lens=(2048, 256), warm_input=8192, greedy_prompt=512, greedy_output=32, handoff_min_prompt=8000,
+        duration_s=15.0, shift_duration_s=30.0, tail_s=12.0, lead_in_s=12.0, startup_s=60.0, request_timeout_s=120.0),
     # The CPU dry run: tiny preset (2048 positions), float32, a few seconds a run.
     "tiny": Profile(
         node_env={"FLOWKV_NODE_MAX_NUM_SEQS": "64", "FLOWKV_NODE_MAX_NUM_BATCHED_TOKENS": "1024",
@@ -61,7 +62,7 @@ PROFILES: dict[str, Profile] = {
         dtype="", long=("gov_report", 0.02), synth_scale={"1k": 0.1, "10k": 0.05},
         rates2={"long": [2.0, 4.0], "10k": [2.0], "1k": [4.0]}, rates4={"long": 4.0, "shift": 10.0},
         shift_lens=(450, 16), warm_input=256, greedy_prompt=64, greedy_output=16, handoff_min_prompt=400,
-        duration_s=5.0, shift_duration_s=20.0, tail_s=5.0, startup_s=25.0, request_timeout_s=60.0),
+        duration_s=5.0, shift_duration_s=20.0, tail_s=5.0, lead_in_s=5.0, startup_s=25.0, request_timeout_s=60.0),
 }
 
 
@@ -77,6 +78,10 @@ class Experiment:
     want_roles: tuple[int, int] | None = None  # fixed split: wait for this many P and D
     sched_env: dict[str, str] = field(default_factory=dict)
     greedy: bool = True
+    # Seconds of the first run's workload, driven and drained before it and not measured:
+    # a policy with a role controller is measured at the split it settles on, as it would
+    # serve a steady load; how fast it gets there is what the shift run shows.
+    lead_in_s: float = 0.0
 
 
 def _run(workload: str, rate: float, scale: float, duration: float, **kw: Any) -> dict[str, Any]:
@@ -111,21 +116,25 @@ def _two_gpu(p: Profile, device: str) -> dict[str, Experiment]:
 
 
 def _multi_gpu(p: Profile, device: str, gpus: int) -> dict[str, Experiment]:
+    """The scheduler (``flowkv``, launched half P, half D) against every fixed split and
+    ``gpus`` colocated nodes, each on the long-prompt mix and on the shifting workload."""
     wl, scale = p.long
     k = gpus / 4
     long = _run(wl, p.rates4["long"] * k, scale, p.duration_s)
     inp, outp = p.shift_lens
     shift = _run("shift", p.rates4["shift"] * k, 1.0, p.shift_duration_s, input_len=inp, output_len=outp)
-    half, quarter = gpus // 2, gpus // 4
-    out: dict[str, Experiment] = {}
-    sched = f"{half}p{half}d"
-    out[sched] = Experiment(sched, "disagg", [Shape(half, half, 0, device, "flowkv")], [long], sched_env=SCHED_ENV)
-    out["shift"] = Experiment("shift", "disagg", [Shape(half, half, 0, device, "flowkv")], [shift],
-                              sched_env=SCHED_ENV, greedy=False)
-    for np_, nd in ((gpus - quarter, quarter), (quarter, gpus - quarter)):
+    half = gpus // 2
+    out: dict[str, Experiment] = {
+        "flowkv": Experiment("flowkv", "disagg", [Shape(half, half, 0, device, "flowkv")], [long, shift],
+                             sched_env=SCHED_ENV, greedy=False, lead_in_s=p.lead_in_s),
+    }
+    for np_ in range(1, gpus):
+        nd = gpus - np_
+        if gpus > 4 and np_ not in (gpus // 4, half, gpus - gpus // 4):
+            continue  # 8 GPUs: the 2:6, 4:4 and 6:2 splits
         name = f"{np_}p{nd}d"
         out[name] = Experiment(name, "disagg", [Shape(np_, nd, 0, device, f"fixed:{np_}:{nd}")], [long, shift],
-                               want_roles=(np_, nd), greedy=False)
+                               want_roles=(np_, nd), greedy=np_ == half)
     colo = f"{gpus}colo"
     out[colo] = Experiment(colo, "colo", [Shape(0, 0, 1, dev, COLO_POLICY) for dev in _devices(device, gpus)],
                            [long, shift])
@@ -140,16 +149,20 @@ def catalog(profile: Profile, device: str, gpus: int) -> dict[str, Experiment]:
     return out
 
 
+def fixed_splits(gpus: int) -> list[str]:
+    """The fixed-split experiments of the multi-GPU set, most prefill first."""
+    quarter, half = gpus // 4, gpus // 2
+    splits = range(gpus - 1, 0, -1) if gpus <= 4 else (gpus - quarter, half, quarter)
+    return [f"{np_}p{gpus - np_}d" for np_ in splits]
+
+
 def default_experiments(gpus: int) -> list[str]:
     """Most important first: a time budget that runs out skips the tail."""
     if gpus < 4:
         return ["1p1d_ipc", "2colo", "1p1d_nccl", "1colo"]
-    half, quarter = gpus // 2, gpus // 4
-    return [f"{half}p{half}d", "shift", f"{gpus - quarter}p{quarter}d", f"{quarter}p{gpus - quarter}d", f"{gpus}colo"]
+    return ["flowkv", f"{gpus}colo", *fixed_splits(gpus)]
 
 
 def scheduler_targets(gpus: int) -> tuple[dict[str, str], tuple[str, ...]]:
     """(workload -> experiment run under the flowkv policy, the fixed-split experiments)."""
-    half, quarter = gpus // 2, gpus // 4
-    return ({"long": f"{half}p{half}d", "shift": "shift"},
-            (f"{gpus - quarter}p{quarter}d", f"{quarter}p{gpus - quarter}d"))
+    return ({"long": "flowkv", "shift": "flowkv"}, tuple(fixed_splits(gpus)))

@@ -135,7 +135,7 @@ def test_exactly_once_flags_lost_and_wrong_length():
     assert sb.exactly_once(specs, recs) == {"ok": False, "sent": 3, "lost": 1, "wrong_length": 1}
 
 
-@pytest.mark.parametrize("gpus, first, colo", [(2, "1p1d_ipc", "2colo"), (4, "2p2d", "4colo"), (8, "4p4d", "8colo")])
+@pytest.mark.parametrize("gpus, first, colo", [(2, "1p1d_ipc", "2colo"), (4, "flowkv", "4colo"), (8, "flowkv", "8colo")])
 def test_plan_per_gpu_count(gpus, first, colo):
     sb = _bench_module()
     args = sb.parse(["--gpus", str(gpus), "--device", "cuda", "--model", "llama-3.1-8b"])
@@ -144,6 +144,16 @@ def test_plan_per_gpu_count(gpus, first, colo):
     by = {e.name: e for e in exps}
     assert [s.device for s in by[colo].shapes] == [f"cuda:{i}" for i in range(gpus)]
     assert all(s.policy == "least_loaded" for s in by[colo].shapes)
+    if gpus >= 4:
+        # The scheduler against every fixed split (three at 8 GPUs), each on both workloads.
+        fixed = {4: ["3p1d", "2p2d", "1p3d"], 8: ["6p2d", "4p4d", "2p6d"]}[gpus]
+        assert [e.name for e in exps] == ["flowkv", colo, *fixed]
+        assert sb.scheduler_targets(gpus) == ({"long": "flowkv", "shift": "flowkv"}, tuple(fixed))
+        assert by["flowkv"].lead_in_s > 0 and by["flowkv"].shapes[0].policy == "flowkv"
+        for name in fixed:
+            p = int(name.split("p")[0])
+            assert by[name].want_roles == (p, gpus - p)
+            assert [r["workload"] for r in by[name].runs] == ["gov_report", "shift"]
 
 
 def test_plan_rates_and_cpu_transports():
