@@ -106,6 +106,18 @@ class TokenLogprob(msgspec.Struct, array_like=True, omit_defaults=True):
 # ---------------------------------------------------------------- nodes -> scheduler
 
 
+class KVLink(msgspec.Struct, kw_only=True):
+    """What this node's KV hand-offs to one decode node took, measured on the sender.
+
+    A transfer of ``n`` bytes is predicted to take ``latency_s + n / bandwidth_bytes_per_s``.
+    """
+
+    peer: str  # the decode node's id
+    bandwidth_bytes_per_s: float  # moving figure, recent transfers weigh most
+    latency_s: float  # fixed cost per transfer; 0 until transfers of different sizes tell it apart
+    transfers: int  # hand-offs to this peer since the node started
+
+
 class LoadReport(Message, tag="load"):
     """A node's heartbeat and load, on ``node_load()`` a few times a second."""
 
@@ -142,6 +154,7 @@ class LoadReport(Message, tag="load"):
     kv_received_transfers: int = 0
     kv_received_bytes: int = 0
     max_num_seqs: int = 0  # the engine's decode batch cap; 0 = not reported (scheduler assumes a default)
+    kv_links: list[KVLink] = []  # per decode peer, the most recently used (at most 64)
 
 
 class NodeBye(Message, tag="bye"):

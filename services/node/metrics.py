@@ -14,6 +14,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from libs.kvtransfer.base import TransferStats
 from libs.protocol.messages import LoadReport, Role
+from services.node.links import KVLinkTable
 
 REQUESTS = Counter(
     "flowkv_node_requests_total",
@@ -87,10 +88,12 @@ class TransferTotals:
     sent_seconds: float = 0.0
     received_transfers: int = 0
     received_bytes: int = 0
+    links: KVLinkTable = dataclasses.field(default_factory=KVLinkTable)  # sent, by decode peer
 
 
-def record_send(stats: TransferStats, totals: TransferTotals) -> None:
-    """Count one finished hand-off on the sender."""
+def record_send(stats: TransferStats, totals: TransferTotals, peer: str) -> None:
+    """Count one finished hand-off to the decode node ``peer`` on the sender."""
+    totals.links.record(peer, stats.bytes, stats.duration_s)
     totals.sent_transfers += 1
     totals.sent_bytes += stats.bytes
     totals.sent_calls += stats.calls

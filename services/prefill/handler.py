@@ -259,7 +259,7 @@ class PrefillHandler:
         if faults.fire("kv_send_fail"):  # test-only (FLOWKV_FAULT_INJECT); off by default
             raise TransferError("injected fault kv_send_fail")
         stats = await ctx.agent.send(job.transfer_id, peer, src, dst, timeout=ctx.config.transfer_timeout_s)
-        metrics.record_send(stats, ctx.transfers)
+        metrics.record_send(stats, ctx.transfers, peer=job.req.decode_node)
         return stats
 
     async def _notify_done(self, req: SubmitRequest, done: KVDone, headers: Mapping[str, str] | None) -> None:

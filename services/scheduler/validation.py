@@ -2,9 +2,9 @@
 
 A load report with a node id that is not one subject token would be placed on and then
 break every subject built from it; negative or non-finite load figures would poison the
-cost model (a negative predicted TTFT wins every placement). Such reports are dropped and
-counted, and placement requests with absurd sizes are rejected as ``invalid`` (found by
-tests/fuzz).
+cost model (a negative predicted TTFT wins every placement; so would a negative measured
+KV link bandwidth). Such reports are dropped and counted, and placement requests with
+absurd sizes are rejected as ``invalid`` (found by tests/fuzz).
 """
 
 from __future__ import annotations
@@ -35,6 +35,16 @@ def report_problem(report: LoadReport) -> str | None:
     bad = [name for name in _RATES if not math.isfinite(getattr(report, name)) or getattr(report, name) < 0]
     if bad:
         return f"{', '.join(bad)} must be finite and >= 0"
+    return link_problem(report)
+
+
+def link_problem(report: LoadReport) -> str | None:
+    """Why one of ``report``'s measured KV links cannot be trusted, or None."""
+    for link in report.kv_links:
+        if not (math.isfinite(link.bandwidth_bytes_per_s) and link.bandwidth_bytes_per_s > 0):
+            return f"kv link to {link.peer!r}: bandwidth must be finite and > 0"
+        if not (math.isfinite(link.latency_s) and link.latency_s >= 0) or link.transfers < 0:
+            return f"kv link to {link.peer!r}: latency and transfers must be finite and >= 0"
     return None
 
 

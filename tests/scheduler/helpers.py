@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from libs.protocol.messages import LoadReport, NodeState, Role
+from libs.protocol.messages import KVLink, LoadReport, NodeState, Role
 
 _seq: dict[str, int] = {}
 
@@ -10,7 +10,8 @@ _seq: dict[str, int] = {}
 def report(node_id: str, role: Role = Role.PREFILL, *, state: NodeState = NodeState.READY, waiting_tokens: int = 0,
            running: int = 0, free_blocks: int = 1000, total_blocks: int = 1000, rate: float = 10000.0,
            step_s: float = 0.02, cached: list[int] | None = None, held: int = 0, max_num_seqs: int = 64,
-           host: str = "h1", device: str = "cuda:0", model: str = "m", started_at: float = 1.0) -> LoadReport:
+           host: str = "h1", device: str = "cuda:0", model: str = "m", started_at: float = 1.0,
+           links: list[KVLink] | None = None, transports: list[str] | None = None) -> LoadReport:
     """A LoadReport with a fresh seq each call (block size 16, 1 MB blocks)."""
     _seq[node_id] = _seq.get(node_id, 0) + 1
     return LoadReport(
@@ -19,5 +20,6 @@ def report(node_id: str, role: Role = Role.PREFILL, *, state: NodeState = NodeSt
         kv_block_bytes=1_000_000, total_blocks=total_blocks, free_blocks=free_blocks, largest_free_segment=free_blocks,
         num_waiting=1 if waiting_tokens else 0, waiting_prefill_tokens=waiting_tokens, num_running=running,
         num_held=held, prefill_tokens_per_s=rate, decode_step_s=step_s, cached_prefix_hashes=cached or [],
-        kv_transports=["cuda_ipc"], host_id=host, max_num_seqs=max_num_seqs,
+        kv_transports=["cuda_ipc"] if transports is None else transports, host_id=host, max_num_seqs=max_num_seqs,
+        kv_links=links or [],
     )

@@ -302,10 +302,12 @@ async def test_garbage_on_every_subject_does_not_crash_the_node(nats_server, eng
 
 async def test_hand_off_over_tcp(nats_server, engines):
     p_llm, d_llm, refs = engines
+    reports: list[LoadReport] = []
     async with running_node(nats_server.url, p_llm, "p0", Role.PREFILL, kv_transport="tcp") as p, \
             running_node(nats_server.url, d_llm, "d0", Role.DECODE, kv_transport="tcp") as d:
         before = {t: _sent_bytes(t) for t in ("tcp", "shm")}
         gw = await Gateway(await nats.connect(nats_server.url)).start()
+        await gw.nc.subscribe(node_load(), cb=collect_into(reports))
         assert (await gw.submit("p0", "t1", decode_node="d0", prompt=PROMPT[:30])).ok
         assert (await gw.submit("p0", "t2", decode_node="d0")).ok
         assert tokens(await gw.result("t2")) == refs["greedy"]
@@ -315,6 +317,15 @@ async def test_hand_off_over_tcp(nats_server, engines):
         assert tcp_bytes > 0 and tcp_bytes % p.engine.layout.block_bytes == 0
         assert _sent_bytes("shm") == before["shm"]
         await eventually(lambda: idle(p, d), "blocks free on both nodes")
+        # P reports the link it measured to d0, from the transfers it made.
+        sent = p.ctx.transfers
+        await eventually(lambda: any(r.node_id == "p0" and r.kv_sent_transfers == sent.sent_transfers
+                                     for r in reports), "a report after the hand-offs")
+        r = next(r for r in reversed(reports) if r.node_id == "p0")
+        assert sent.sent_transfers == 2 and r.kv_links == sent.links.snapshot()
+        (link,) = r.kv_links
+        assert (link.peer, link.transfers) == ("d0", 2)
+        assert link.bandwidth_bytes_per_s > 0 and link.latency_s >= 0
         await gw.nc.drain()
 
 
