@@ -4,11 +4,15 @@ For a request on prefill node P handing off to decode node D:
 
   TTFT(P, D) = queued prefill tokens of P / rate(P)          (its backlog)
              + (prompt tokens - P's cached prefix) / rate(P)  (this prompt)
+             + latency(P, D)
              + KV blocks x kv_block_bytes / bandwidth(P, D)   (the hand-off; 0 when P == D)
 
 ``rate`` is the node's measured prefill tokens/s (a default before its first prefill),
-so nodes of different device kinds are weighed by what they actually do. D is scored by
-its decode load (sequences x step time) and must have room for the request's KV.
+so nodes of different device kinds are weighed by what they actually do. Likewise
+``bandwidth`` and ``latency`` are what P's own hand-offs to D measured (``kv_links`` of
+P's load report) once P has sent D anything, and a planning figure of the pair's
+transport class before. D is scored by its decode load (sequences x step time) and must
+have room for the request's KV.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from libs.protocol.messages import PlaceRequest
+from libs.protocol.messages import KVLink, PlaceRequest
 from services.scheduler.registry import NodeEntry
 
 GB = 1e9
@@ -28,7 +32,8 @@ class CostModel:
 
     Bandwidths are per transport class: same-host GPU (CUDA IPC over NVLink; 367 GiB/s
     was measured here, 300 GB/s is the planning figure), same-host CPU shared memory,
-    cross-host NCCL, and TCP.
+    cross-host NCCL, and TCP. They and ``transfer_latency_s`` stand in for a pair until
+    the prefill node reports a measured link to that decode node.
     """
 
     default_prefill_tokens_per_s: float = 8000.0
@@ -47,10 +52,21 @@ class CostModel:
         step = node.report.decode_step_s
         return step if step > 0 else self.default_decode_step_s
 
+    def measured_link(self, p: NodeEntry, d: NodeEntry) -> KVLink | None:
+        """What ``p``'s hand-offs to ``d`` measured, or None before the first one."""
+        link = p.kv_links.get(d.node_id)
+        if link is None or link.transfers < 1 or not link.bandwidth_bytes_per_s > 0:
+            return None
+        return link
+
     def bandwidth(self, p: NodeEntry, d: NodeEntry) -> float:
-        """Bytes/s of a KV hand-off from ``p`` to ``d`` (``inf`` when they are one node)."""
+        """Bytes/s of a KV hand-off from ``p`` to ``d`` (``inf`` when they are one node):
+        the pair's measured figure, else the planning figure of its transport class."""
         if p.node_id == d.node_id:
             return math.inf
+        link = self.measured_link(p, d)
+        if link is not None:
+            return link.bandwidth_bytes_per_s
         pr, dr = p.report, d.report
         both_gpu = pr.device.startswith("cuda") and dr.device.startswith("cuda")
         if pr.host_id and pr.host_id == dr.host_id:
@@ -60,9 +76,12 @@ class CostModel:
         return self.bw_tcp
 
     def transfer_s(self, p: NodeEntry, d: NodeEntry, blocks: int) -> float:
+        """Predicted seconds to hand ``blocks`` KV blocks from ``p`` to ``d`` (0 on one node)."""
         if p.node_id == d.node_id or blocks <= 0:
             return 0.0
-        return self.transfer_latency_s + blocks * p.report.kv_block_bytes / self.bandwidth(p, d)
+        link = self.measured_link(p, d)
+        latency = self.transfer_latency_s if link is None else link.latency_s
+        return latency + blocks * p.report.kv_block_bytes / self.bandwidth(p, d)
 
 
 def cached_prefix_blocks(prefix_hashes: list[int], cached: frozenset[int]) -> int:

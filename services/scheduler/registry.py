@@ -2,7 +2,8 @@
 
 A node's life in the registry:
   1. its first LoadReport (or one from a restarted process) adds it: NODE_UP event;
-  2. every newer report replaces its load; stale or out-of-order reports are ignored;
+  2. every newer report replaces its load (and its measured KV links to decode peers);
+     stale or out-of-order reports are ignored;
   3. placements made since its last report are kept as in-flight work, so a burst of
      requests between two reports is spread instead of piling on one node;
   4. a NodeBye, or ``node_timeout_s`` without a report, removes it: NODE_DOWN event.
@@ -12,7 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from libs.protocol.messages import EventKind, LoadReport, NodeState, Role, SchedEvent
+from libs.protocol.messages import (
+    EventKind,
+    KVLink,
+    LoadReport,
+    NodeState,
+    Role,
+    SchedEvent,
+)
 from services.scheduler.clock import Clock
 
 # Engines that do not report their decode batch cap are assumed to have this one.
@@ -39,6 +47,7 @@ class NodeEntry:
     role_since: float  # when the node was first seen in its current role (dwell time)
     inflight: list[Inflight] = field(default_factory=list)
     cached_hashes: frozenset[int] = frozenset()
+    kv_links: dict[str, KVLink] = field(default_factory=dict)  # the report's links by decode peer id
 
     @property
     def node_id(self) -> str:
@@ -132,6 +141,7 @@ class NodeRegistry:
             )
         if report.cached_prefix_hashes or entry.cached_hashes:
             entry.cached_hashes = frozenset(report.cached_prefix_hashes)
+        entry.kv_links = {link.peer: link for link in report.kv_links}
         return events
 
     def remove(self, node_id: str, reason: str) -> list[SchedEvent]:

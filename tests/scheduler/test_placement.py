@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from libs.protocol.messages import ErrorCode, PlaceRequest, Placement, Rejected, Role
+from libs.protocol.messages import ErrorCode, KVLink, PlaceRequest, Placement, Rejected, Role
 from services.scheduler.clock import ManualClock
+from services.scheduler.placement import CostModel
 from services.scheduler.policies import PlacementConfig, make_policy
 from services.scheduler.registry import NodeRegistry
 from tests.scheduler.helpers import report
@@ -90,6 +91,48 @@ def test_faster_device_wins_by_measured_rate() -> None:
     pol = _cluster(report("p1", rate=2000.0), report("p2", rate=40000.0, waiting_tokens=4000),
                    report("d1", Role.DECODE))
     assert pol.place(_req()).prefill_node == "p2"
+
+
+def _link(peer: str, bandwidth: float, latency_s: float = 0.0, transfers: int = 3) -> KVLink:
+    return KVLink(peer=peer, bandwidth_bytes_per_s=bandwidth, latency_s=latency_s, transfers=transfers)
+
+
+def test_measured_slow_link_moves_the_pair() -> None:
+    nodes = (report("p2"), report("d1", Role.DECODE), report("d2", Role.DECODE))
+    # All on one host, both GPU: by the class figures every pair ties and ids decide.
+    out = _cluster(report("p1"), *nodes).place(_req())
+    assert (out.prefill_node, out.decode_node) == ("p1", "d1")
+    # p1 measured 100 MB/s to d1 (100 blocks of 1 MB take a second there) and nothing to d2 yet.
+    slow = report("p1", links=[_link("d1", 1e8, latency_s=0.002)])
+    out = _cluster(slow, *nodes).place(_req())
+    assert (out.prefill_node, out.decode_node) == ("p1", "d2")
+    assert out.predicted_ttft_s == pytest.approx(0.16 + 0.001 + 1e8 / 300e9)  # d2: the class default
+
+
+def test_measured_fast_link_beats_the_class_figure() -> None:
+    # Across hosts over TCP the planning figure is 1 GB/s; p1 measured 20 GB/s to d2.
+    p1 = report("p1", host="h1", transports=["tcp"], links=[_link("d2", 20e9, latency_s=0.0005)])
+    d1 = report("d1", Role.DECODE, host="h2", transports=["tcp"])
+    d2 = report("d2", Role.DECODE, host="h3", transports=["tcp"])
+    out = _cluster(p1, d1, d2).place(_req())
+    assert (out.prefill_node, out.decode_node) == ("p1", "d2")
+    assert out.predicted_ttft_s == pytest.approx(0.16 + 0.0005 + 1e8 / 20e9)
+
+
+def test_cost_model_uses_a_link_only_once_measured() -> None:
+    reg = NodeRegistry(ManualClock(0.0))
+    for r in (report("p1", links=[_link("d1", 2e9, latency_s=0.003), _link("d2", 5e9, transfers=0)]),
+              report("d1", Role.DECODE), report("d2", Role.DECODE)):
+        reg.update(r)
+    p1, d1, d2 = reg.get("p1"), reg.get("d1"), reg.get("d2")
+    cost = CostModel()
+    assert cost.bandwidth(p1, d1) == 2e9 and cost.transfer_s(p1, d1, 10) == pytest.approx(0.003 + 1e7 / 2e9)
+    assert cost.bandwidth(p1, d2) == 300e9  # no transfer yet: the class figure
+    assert cost.transfer_s(p1, d2, 10) == pytest.approx(0.001 + 1e7 / 300e9)
+    assert cost.bandwidth(d1, p1) == 300e9  # links are directed: d1 reported none
+    assert cost.transfer_s(p1, p1, 10) == 0.0
+    reg.update(report("p1"))  # a newer report without links forgets them
+    assert cost.bandwidth(reg.get("p1"), d1) == 300e9
 
 
 def test_round_robin_and_least_loaded() -> None:
