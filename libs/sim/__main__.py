@@ -2,6 +2,7 @@
 
   python -m libs.sim --nodes 8 --scenario imbalance --policy flowkv --out DIR
   python -m libs.sim --nodes 4 --sweep --out DIR      # every policy x every scenario
+  python -m libs.sim --mix h100:4,a100:4 --sweep      # 8 nodes of two device kinds (n00-n03 H100)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from libs.sim.calibration import DEVICE_KINDS, parse_mix
 from libs.sim.cluster import SimConfig
 from libs.sim.metrics import SLO
 from libs.sim.sweep import run_one, sweep_policies, write
@@ -19,7 +21,9 @@ from libs.sim.workload import SCENARIOS
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m libs.sim", description=__doc__.splitlines()[0])
-    ap.add_argument("--nodes", type=int, default=4, help="cluster size (4 to 64)")
+    ap.add_argument("--nodes", type=int, default=None, help="cluster size (4 to 64; default 4, or the --mix total)")
+    ap.add_argument("--mix", default="", help=f"device kinds in node order, KIND:COUNT,... (kinds: "
+                    f"{', '.join(DEVICE_KINDS)}; default all h100), e.g. h100:4,a100:4")
     ap.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     ap.add_argument("--policy", default="flowkv", help="round_robin, least_loaded, fixed:P:D or flowkv")
     ap.add_argument("--sweep", action="store_true", help="every policy and fixed split")
@@ -31,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="nodes take no new work until their old role's work is done (default: switch at once)")
     ap.add_argument("--out", type=Path, default=Path("sim-out"))
     args = ap.parse_args(argv)
+    try:
+        costs = parse_mix(args.mix) if args.mix else None
+    except ValueError as e:
+        ap.error(str(e))
+    if args.nodes is None:
+        args.nodes = len(costs) if costs else 4
+    if costs and len(costs) != args.nodes:
+        ap.error(f"--mix has {len(costs)} nodes, --nodes {args.nodes}")
     if not 1 <= args.nodes <= 64:
         ap.error("--nodes must be 1..64")
     config = replace(SimConfig(), strict_drain=args.strict_drain)
@@ -40,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     results, clusters = [], {}
     for sc in scenarios:
         for pol in policies:
-            m, cl = run_one(args.nodes, sc, pol, args.seed, args.scale, config, slo)
+            m, cl = run_one(args.nodes, sc, pol, args.seed, args.scale, config, slo, costs)
             results.append(m)
             clusters[(sc, pol)] = cl
             print(f"{sc:10s} {pol:14s} {m.throughput_rps:7.2f} req/s {m.throughput_tok_s:8.0f} tok/s "

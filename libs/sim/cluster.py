@@ -46,11 +46,16 @@ class Cluster:
         requests: the workload (sorted by arrival).
         horizon_s: simulated time at which the run stops.
         config: simulation knobs.
-        costs: one NodeCosts per node (default: all H100 8B).
+        costs: one NodeCosts per node, n00 first (default: all H100 8B).
+
+    Raises:
+        ValueError: ``costs`` does not have one entry per node.
     """
 
     def __init__(self, num_nodes: int, policy: str, requests: list[SimRequest], horizon_s: float,
                  config: SimConfig | None = None, costs: list[NodeCosts] | None = None) -> None:
+        if costs is not None and len(costs) != num_nodes:
+            raise ValueError(f"{len(costs)} node costs for {num_nodes} nodes")
         self.config = config or SimConfig()
         self.clock = ManualClock(0.0)
         self.registry = NodeRegistry(self.clock, node_timeout_s=3.0)
@@ -62,6 +67,7 @@ class Cluster:
         self.num_rejections = 0
         self.flips: list[tuple[float, str, Role, Role]] = []
         self.role_timeline: list[tuple[float, int, int, int]] = []  # (t, #prefill, #decode, #hybrid)
+        self.role_seconds: dict[str, dict[Role, float]] = {}  # node id -> role -> seconds, at role ticks
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._tie = itertools.count()
         costs = costs or [H100_8B] * num_nodes
@@ -152,6 +158,9 @@ class Cluster:
             if change is not None:
                 self.flips.append((now, change.node_id, change.old_role, change.new_role))
                 self.nodes[change.node_id].set_role(change.new_role)
+        for node in self.nodes.values():
+            seconds = self.role_seconds.setdefault(node.node_id, {})
+            seconds[node.role] = seconds.get(node.role, 0.0) + self.config.role_interval_s
         counts = [sum(1 for n in self.nodes.values() if n.role == r) for r in (Role.PREFILL, Role.DECODE, Role.HYBRID)]
         if not self.role_timeline or self.role_timeline[-1][1:] != tuple(counts):
             self.role_timeline.append((now, *counts))

@@ -1,9 +1,11 @@
-"""Metrics of a simulation run: throughput, TTFT/TPOT percentiles, SLO attainment."""
+"""Metrics of a simulation run: throughput, TTFT/TPOT percentiles, SLO attainment, and
+(for clusters of mixed device kinds) the work each kind did."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from libs.protocol.messages import Role
 from libs.sim.cluster import Cluster
 
 
@@ -65,3 +67,47 @@ def summarize(cluster: Cluster, policy: str, scenario: str, window_s: float, slo
         tpot_p50=percentile(tpot, 50), tpot_p90=percentile(tpot, 90), tpot_p99=percentile(tpot, 99),
         slo_attainment=ok / n if n else 0.0,
     )
+
+
+@dataclass(frozen=True)
+class DeviceShare:
+    """The work the nodes of one device kind did in a run, per node of that kind."""
+
+    device_name: str
+    num_nodes: int
+    prefill_tokens_per_node: float  # prompt tokens placed on its nodes for prefill (the scheduler's choice)
+    output_tokens_per_node: float  # output tokens of requests finished within the window, on their decode node
+    prefill_role_share: float  # share of node-time in the prefill role (hybrid counts half)
+
+    @property
+    def prefill_tokens_per_prefill_node(self) -> float:
+        """Prompt tokens per node of this kind, per run-length in the prefill role (as if the
+        node prefilled the whole run); 0 when none of them ever was in that role."""
+        return self.prefill_tokens_per_node / self.prefill_role_share if self.prefill_role_share else 0.0
+
+
+def by_device(cluster: Cluster, window_s: float) -> list[DeviceShare]:
+    """Per device kind, in node order: how much prefill work placement gave its nodes, how
+    much decode work they finished within the window, and their time in the prefill role."""
+    prefill: dict[str, int] = {}
+    output: dict[str, int] = {}
+    for j in cluster.jobs:
+        if j.prefill_node:
+            prefill[j.prefill_node] = prefill.get(j.prefill_node, 0) + j.req.num_prompt_tokens
+        if 0 <= j.finish_s <= window_s:
+            output[j.decode_node] = output.get(j.decode_node, 0) + j.req.max_tokens
+    kinds: dict[str, list[str]] = {}
+    for nid, node in cluster.nodes.items():
+        kinds.setdefault(node.costs.device_name, []).append(nid)
+    out = []
+    for name, ids in kinds.items():
+        role_s = [cluster.role_seconds.get(nid, {}) for nid in ids]
+        total = sum(sum(r.values()) for r in role_s)
+        p_time = sum(r.get(Role.PREFILL, 0.0) + 0.5 * r.get(Role.HYBRID, 0.0) for r in role_s)
+        out.append(DeviceShare(
+            device_name=name, num_nodes=len(ids),
+            prefill_tokens_per_node=sum(prefill.get(nid, 0) for nid in ids) / len(ids),
+            output_tokens_per_node=sum(output.get(nid, 0) for nid in ids) / len(ids),
+            prefill_role_share=p_time / total if total else 0.0,
+        ))
+    return out

@@ -1,20 +1,25 @@
-"""Run one simulation, or sweep policies x scenarios, and write JSON, a markdown table and PNGs."""
+"""Run one simulation, or sweep policies x scenarios, and write JSON, a markdown table and PNGs
+(and, for a cluster of mixed device kinds, what work each kind took)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
+from libs.sim.calibration import NodeCosts
 from libs.sim.cluster import Cluster, SimConfig
-from libs.sim.metrics import SLO, RunMetrics, summarize
+from libs.sim.metrics import SLO, RunMetrics, by_device, summarize
 from libs.sim.workload import SCENARIOS, duration, generate
 
 
 def run_one(num_nodes: int, scenario: str, policy: str, seed: int = 0, scale: float = 1.0,
-            config: SimConfig | None = None, slo: SLO | None = None) -> tuple[RunMetrics, Cluster]:
-    """Simulate ``policy`` on ``scenario``; the same seed gives the same requests for every policy."""
+            config: SimConfig | None = None, slo: SLO | None = None,
+            costs: list[NodeCosts] | None = None) -> tuple[RunMetrics, Cluster]:
+    """Simulate ``policy`` on ``scenario``; the same seed gives the same requests for every policy.
+    ``costs`` gives each node its device kind (default: all H100)."""
     window = duration(scenario, scale)
-    cluster = Cluster(num_nodes, policy, generate(scenario, num_nodes, seed, scale), window, config).run()
+    cluster = Cluster(num_nodes, policy, generate(scenario, num_nodes, seed, scale), window, config, costs).run()
     return summarize(cluster, policy, scenario, window, slo or SLO()), cluster
 
 
@@ -34,6 +39,22 @@ def markdown(results: list[RunMetrics]) -> str:
         for m in results
     ]
     return head + "\n".join(rows) + "\n"
+
+
+def device_markdown(clusters: dict[tuple[str, str], Cluster]) -> str:
+    """Per run and device kind: prefill and decode work per node, and time in the prefill role."""
+    head = ("| scenario | policy | device | nodes | prefill ktok/node | per prefill node | output ktok/node | "
+            "prefill-role time |\n|---|---|---|---|---|---|---|---|\n")
+    rows = [
+        f"| {sc} | {pol} | {d.device_name} | {d.num_nodes} | {d.prefill_tokens_per_node / 1e3:.0f} | "
+        f"{d.prefill_tokens_per_prefill_node / 1e3:.0f} | {d.output_tokens_per_node / 1e3:.0f} | {d.prefill_role_share:.0%} |"
+        for (sc, pol), cl in clusters.items() for d in by_device(cl, cl.horizon_s)
+    ]
+    return head + "\n".join(rows) + "\n"
+
+
+def is_mixed(clusters: dict[tuple[str, str], Cluster]) -> bool:
+    return any(len({n.costs.device_name for n in cl.nodes.values()}) > 1 for cl in clusters.values())
 
 
 def targets(results: list[RunMetrics]) -> list[str]:
@@ -109,6 +130,12 @@ def write(results: list[RunMetrics], clusters: dict[tuple[str, str], Cluster], o
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps([m.as_dict() for m in results], indent=1))
     text = markdown(results) + "\n" + "\n".join(targets(results)) + "\n"
+    if is_mixed(clusters):
+        text += "\nWork per device kind:\n\n" + device_markdown(clusters)
+        shares = [{"scenario": sc, "policy": pol, **asdict(d),
+                   "prefill_tokens_per_prefill_node": d.prefill_tokens_per_prefill_node}
+                  for (sc, pol), cl in clusters.items() for d in by_device(cl, cl.horizon_s)]
+        (out / "devices.json").write_text(json.dumps(shares, indent=1))
     (out / "results.md").write_text(text)
     plot(results, clusters, out)
     return text

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from libs.sim.__main__ import main
-from libs.sim.calibration import H100_8B
-from libs.sim.metrics import percentile
+from libs.sim.calibration import A100_80G_8B, H100_8B, parse_mix
+from libs.sim.metrics import by_device, percentile
 from libs.sim.sweep import run_one, sweep_policies
 from libs.sim.workload import generate
 from services.scheduler.policies import FlowKV
@@ -63,3 +63,43 @@ def test_cli_writes_table_json_and_plots(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md", "roles_normal.png",
                                                           "slo.png", "throughput.png"]
     assert "| normal | flowkv |" in (tmp_path / "results.md").read_text()
+
+
+def test_a100_is_the_h100_scaled_by_phase() -> None:
+    assert H100_8B.prefill_s([8192]) / A100_80G_8B.prefill_s([8192]) == pytest.approx(0.32)
+    assert H100_8B.decode_step_s(64, 64_000) / A100_80G_8B.decode_step_s(64, 64_000) == pytest.approx(0.61)
+    assert A100_80G_8B.total_blocks == H100_8B.total_blocks
+    assert H100_8B.scaled(1.0, H100_8B.device_name) == H100_8B
+    assert [c.device_name for c in parse_mix("h100:1,a100:2")] == [
+        H100_8B.device_name, A100_80G_8B.device_name, A100_80G_8B.device_name]
+    for bad in ("v100:2", "h100", "h100:0", "h100:x"):
+        with pytest.raises(ValueError):
+            parse_mix(bad)
+
+
+def test_mixed_cluster_places_prefill_by_capability() -> None:
+    # Slow nodes first, so ties on node id favour them; n00, n01 start as prefill, n02, n03 as decode.
+    costs = parse_mix("a100:1,h100:1,a100:1,h100:1")
+    per_node = {}
+    for policy in ("flowkv", "least_loaded", "round_robin"):
+        m, cl = run_one(4, "imbalance", policy, scale=0.1, costs=costs)
+        assert m.num_completed > 0
+        assert {n.report.device_name for n in cl.registry.nodes()} == {H100_8B.device_name, A100_80G_8B.device_name}
+        shares = {d.device_name: d for d in by_device(cl, cl.horizon_s)}
+        assert [d.num_nodes for d in shares.values()] == [2, 2]
+        per_node[policy] = (shares[H100_8B.device_name].prefill_tokens_per_node
+                            / shares[A100_80G_8B.device_name].prefill_tokens_per_node)
+    # Load-aware placement gives an H100 far more prompt tokens than an A100; round robin does not.
+    assert per_node["flowkv"] > 1.5
+    assert per_node["least_loaded"] > 1.5
+    assert per_node["round_robin"] < 1.1
+
+
+def test_cli_mix_writes_device_table(tmp_path) -> None:
+    assert main(["--mix", "h100:1,a100:1", "--scenario", "normal", "--policy", "least_loaded", "--scale", "0.05",
+                 "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert "| normal | least_loaded | NVIDIA A100-SXM4-80GB (simulated) | 1 |" in text
+    assert (tmp_path / "devices.json").exists()
+    with pytest.raises(SystemExit):
+        main(["--mix", "h100:1,a100:1", "--nodes", "4"])
