@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import platform
@@ -36,6 +37,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
 import aiohttp  # noqa: E402
 
 import stack_report as rep  # noqa: E402
+from libs.loadgen.arrivals import intervals  # noqa: E402
 from libs.loadgen.client import ClientOptions  # noqa: E402
 from libs.loadgen.metrics import RequestRecord, summarize, throughput_timeline  # noqa: E402
 from libs.loadgen.runner import run_benchmark  # noqa: E402
@@ -235,16 +237,19 @@ class Bench:
 
 async def drive(specs: list[RequestSpec], clusters: list[Cluster], rate: float, opts: ClientOptions,
                 seed: int) -> tuple[list[RequestRecord], float]:
-    """Send ``specs`` at ``rate``; with K clusters, request i goes to cluster i mod K at rate/K each
-    (a round-robin load balancer in front of independent servers; Poisson split stays Poisson)."""
+    """Send ``specs`` at ``rate``; with K clusters, request i goes to cluster i mod K at the time
+    it would be sent to one (a round-robin load balancer in front of independent servers): every
+    configuration sees the same arrival schedule, so their durations and throughputs compare."""
     k = len(clusters)
-    parts = [specs[i::k] for i in range(k)]
-    results = await asyncio.gather(*(
-        run_benchmark(part, ClientOptions(c.url, opts.model, server_timing=opts.server_timing, timeout_s=opts.timeout_s),
-                      rate / k, seed=seed + i)
-        for i, (part, c) in enumerate(zip(parts, clusters)) if part))
-    records = sorted((r for res in results for r in res.records), key=lambda r: r.index)
-    return records, max(res.duration_s for res in results)
+    times = list(itertools.accumulate(intervals(len(specs), rate, 1.0, seed)))
+    runs = []
+    for i, c in enumerate(clusters[:len(specs)]):
+        mine = times[i::k]
+        client = ClientOptions(c.url, opts.model, server_timing=opts.server_timing, timeout_s=opts.timeout_s)
+        runs.append(run_benchmark(specs[i::k], client, gaps=[b - a for a, b in zip([0.0, *mine], mine)]))
+    done = await asyncio.gather(*runs)
+    records = sorted((r for res in done for r in res.records), key=lambda r: r.index)
+    return records, max(res.duration_s for res in done)
 
 
 async def greedy_outputs(url: str, model: str, p: Profile, n: int = 8) -> list[list[str]]:

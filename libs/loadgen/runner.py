@@ -24,7 +24,7 @@ class RunResult:
 
 async def run_benchmark(specs: list[RequestSpec], client: ClientOptions, request_rate: float = float("inf"),
                         burstiness: float = 1.0, max_concurrency: int | None = None, seed: int = 0,
-                        progress: bool = False) -> RunResult:
+                        progress: bool = False, gaps: list[float] | None = None) -> RunResult:
     """Send ``specs`` on a Poisson/gamma schedule and wait for every answer.
 
     A request's arrival time is fixed by the schedule; with ``max_concurrency`` it may be
@@ -38,13 +38,19 @@ async def run_benchmark(specs: list[RequestSpec], client: ClientOptions, request
         max_concurrency: requests in flight at most (None: no cap).
         seed: seeds the arrival schedule.
         progress: show a tqdm bar on stderr.
+        gaps: seconds to wait before each request (the first included), instead of drawing
+            them from ``request_rate``/``burstiness``/``seed``: one arrival schedule split
+            over several servers keeps every request's send time.
 
     Returns:
         The records and the duration (first send -> last completion).
     """
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-    gaps = intervals(len(specs), request_rate, burstiness, seed)
+    if gaps is None:
+        gaps = intervals(len(specs), request_rate, burstiness, seed)
+    elif len(gaps) != len(specs) or any(g < 0 for g in gaps):
+        raise ValueError("gaps must be one non-negative gap per request")
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     bar = None
     if progress:

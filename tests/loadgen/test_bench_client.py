@@ -110,6 +110,19 @@ async def test_fixed_rate_run_counts_times_and_failures(fake_gateway) -> None:
     assert 0 < result.duration_s <= wall
 
 
+async def test_explicit_gaps_set_the_send_times(fake_gateway) -> None:
+    # One arrival schedule split over several servers: each part is sent on its own gaps.
+    _, url = fake_gateway
+    specs = make_workload("fixed", 4, opts=WorkloadOptions(input_len=4, output_len=2))
+    result = await run_benchmark(specs, ClientOptions(url, "m"), gaps=[0.0, 0.2, 0.0, 0.1])
+    starts = [r.start for r in result.records]
+    assert starts[1] >= 0.2 and starts[2] >= 0.2 and starts[3] >= 0.3
+    assert all(r.ok for r in result.records)
+    for bad in ([0.1], [0.0, -1.0, 0.0, 0.0]):
+        with pytest.raises(ValueError):
+            await run_benchmark(specs, ClientOptions(url, "m"), gaps=bad)
+
+
 async def test_max_concurrency_caps_in_flight(fake_gateway) -> None:
     fake, url = fake_gateway
     specs = make_workload("fixed", 6, opts=WorkloadOptions(input_len=4, output_len=5))
