@@ -13,9 +13,9 @@ run at once; else one after another (``--sequential``; ``--parallel`` forces sha
    as loaded as later); what the fixed:1:1 (2:2) cluster carried sets the rates;
 2. scenarios, every cluster at once, the same requests (seed) for each:
    normal     100-400 in, 16-48 out at ``--normal-mult`` (0.5) x its 2:2 capacity, 20 s
-   imbalance  prompt-heavy (1200-1800 in, 2-4 out) at ``--imbalance-mult`` (1.35) x the 2:2
-              capacity for it, then output-heavy (32-64 in, 96-160 out) likewise, 25 s each,
-              ``--pairs`` (2) times
+   imbalance_prefill  prompt-heavy (1200-1800 in, 2-4 out) at ``--imbalance-mult`` (1.4) x
+              the 2:2 capacity for it, sustained for ``--phase-s`` (30 s)
+   imbalance_decode   output-heavy (32-64 in, 96-160 out) likewise
    overload   both kinds half/half at ``--overload-mult`` (2.0) x the 2:2 capacity for it, 20 s
 3. ``results.json`` (meta with the CPU plan and calibration; a row per policy and scenario:
    summarize(), window throughput, roles before/after and over time, flips, the answer
@@ -183,8 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--imbalance-mult", type=float, default=Multipliers.imbalance)
     ap.add_argument("--overload-mult", type=float, default=Multipliers.overload)
     ap.add_argument("--normal-s", type=float, default=Durations.normal_s)
-    ap.add_argument("--phase-s", type=float, default=Durations.phase_s, help="each imbalance phase")
-    ap.add_argument("--pairs", type=int, default=Durations.imbalance_pairs, help="imbalance phase pairs")
+    ap.add_argument("--phase-s", type=float, default=Durations.phase_s, help="each imbalance scenario")
     ap.add_argument("--overload-s", type=float, default=Durations.overload_s)
     ap.add_argument("--drain-s", type=float, default=30.0, help="wait this long past a window for answers")
     ap.add_argument("--deadline-s", type=float, default=None,
@@ -195,7 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.policies = args.policies or ",".join(QUICK_POLICIES)
         args.parallel = True if args.parallel is None else args.parallel
         args.burst_s, args.burst_warm_s = 4.0, 1.5
-        args.normal_s, args.phase_s, args.pairs, args.overload_s, args.drain_s = 4.0, 3.0, 1, 4.0, 15.0
+        args.normal_s, args.phase_s, args.overload_s, args.drain_s = 4.0, 3.0, 4.0, 15.0
         args.bursts = {mix: max(2, n // 8) for mix, n in BURSTS.items()}
     else:
         args.bursts = dict(BURSTS)
@@ -215,7 +214,7 @@ class Run:
         self.args, self.meta, self.shown = args, meta, shown
         self.scenarios = [s for s in args.scenarios.split(",") if s]
         self.mult = Multipliers(args.normal_mult, args.imbalance_mult, args.overload_mult)
-        self.dur = Durations(args.normal_s, args.phase_s, args.pairs, args.overload_s)
+        self.dur = Durations(args.normal_s, args.phase_s, args.overload_s)
         self.rows: list[dict[str, Any]] = []
         self.phases: dict[str, list[plan.Phase]] = {}
         self.started = time.monotonic()

@@ -72,11 +72,12 @@ CAPACITY = {"prefill": 40.0, "decode": 20.0, "normal": 60.0, "mixed": 24.0}
 
 
 def test_scenario_rates_are_multiples_of_the_2_2_capacity():
-    ph = plan.scenario_phases(CAPACITY, Multipliers(0.5, 1.35, 2.0), Durations(20.0, 25.0, 2, 15.0))
+    ph = plan.scenario_phases(CAPACITY, Multipliers(0.5, 1.4, 2.0), Durations(20.0, 25.0, 15.0))
     assert ph["normal"] == [Phase(20.0, 30.0, "normal")]
-    assert ph["imbalance"] == [Phase(25.0, 54.0, "prefill"), Phase(25.0, 27.0, "decode")] * 2
+    assert ph["imbalance_prefill"] == [Phase(25.0, 56.0, "prefill")]
+    assert ph["imbalance_decode"] == [Phase(25.0, 28.0, "decode")]
     assert ph["overload"] == [Phase(15.0, 48.0, "mixed")]
-    assert plan.window_s(ph["imbalance"]) == 100.0
+    assert list(ph) == list(plan.SCENARIOS) and plan.window_s(ph["imbalance_prefill"]) == 25.0
     with pytest.raises(ValueError, match="decode"):
         plan.scenario_phases({**CAPACITY, "decode": 0.0}, Multipliers(), Durations())
 
@@ -96,9 +97,9 @@ def test_streams_are_deterministic_and_follow_the_phases():
 
 
 def test_imbalance_bound():
-    # 2 pairs at 1.35x of 40 and 20 req/s: 162 offered per unit time, 2:2 loses 0.35 x 20 of the last phase.
-    assert report.imbalance_bound(CAPACITY, 1.35, 2) == pytest.approx(162.0 / 155.0)
-    assert report.imbalance_bound(CAPACITY, 1.0, 2) == 1.0
+    # 2:2 carries 1.0x of the side in demand, a flipped 3:1 / 1:3 split up to 1.5x.
+    assert report.imbalance_bound(1.4) == pytest.approx(1.4)
+    assert report.imbalance_bound(2.0) == 1.5 and report.imbalance_bound(0.8) == 1.0
 
 
 def _rec(i: int, start: float, e2e: float, out: int, ttft: float = 0.1, ok: bool = True) -> RequestRecord:
@@ -142,15 +143,15 @@ def _row(sc: str, pol: str, rps: float, late: float | None = None) -> dict:
 
 
 def test_targets_pass_and_fail():
-    rows = [_row("imbalance", "flowkv", 12.0), _row("imbalance", "round_robin", 9.0),
-            _row("imbalance", "fixed:1:1", 10.0), _row("imbalance", "fixed:3:1", 11.0),
-            _row("imbalance", "fixed:1:3", 8.0),
+    rows = [_row("imbalance_prefill", "flowkv", 12.0), _row("imbalance_prefill", "round_robin", 9.0),
+            _row("imbalance_prefill", "fixed:1:1", 10.0), _row("imbalance_prefill", "fixed:3:1", 11.0),
+            _row("imbalance_prefill", "fixed:1:3", 8.0),
             _row("overload", "flowkv", 9.4), _row("overload", "fixed:1:1", 10.0), _row("overload", "fixed:3:1", 9.0)]
     got = {t.name: t for t in report.targets(rows)}
-    gain = got["imbalance: flowkv / fixed:1:1"]
+    gain = got["imbalance_prefill: flowkv / fixed:1:1"]
     assert gain.ratio == pytest.approx(1.2) and gain.verdict == "PASS"
-    assert got["imbalance: flowkv / best fixed (fixed:3:1)"].verdict == "PASS"
-    assert got["imbalance: flowkv / round_robin"].verdict == "info"
+    assert got["imbalance_prefill: flowkv / best fixed (fixed:3:1)"].verdict == "PASS"
+    assert got["imbalance_prefill: flowkv / round_robin"].verdict == "info"
     over = got["overload: flowkv / best fixed (fixed:1:1)"]
     assert over.ratio == pytest.approx(0.94) and over.verdict == "FAIL"
     assert got["overload: flowkv / round_robin"].verdict == "n/a"
@@ -159,16 +160,15 @@ def test_targets_pass_and_fail():
 
 def test_markdown_has_a_row_per_run_and_the_verdicts():
     stat = {"mean": None, "p50": 0.1, "p90": None, "p99": 0.2}
-    rows = [{**_row("imbalance", p, r), "output_throughput": 100.0, "ttft": stat, "tpot": stat, "flips": 0,
+    rows = [{**_row("imbalance_prefill", p, r), "output_throughput": 100.0, "ttft": stat, "tpot": stat, "flips": 0,
              "roles_before": ["decode", "decode", "prefill", "prefill"], "roles_after": ["decode"] + ["prefill"] * 3,
              "answers": {"answered_in_full": 5, "requests": 5, "all_once_in_full": True}}
             for p, r in (("flowkv", 12.0), ("fixed:1:1", 10.0))]
-    meta = {"date": "d", "calibration": {"capacity": CAPACITY}, "multipliers": {"imbalance": 1.35},
-            "durations": {"imbalance_pairs": 2}}
+    meta = {"date": "d", "calibration": {"capacity": CAPACITY}, "multipliers": {"imbalance": 1.4}}
     md = report.markdown(meta, rows)
-    assert "| imbalance | flowkv | 12.00 |" in md and "2P 2D -> 3P 1D" in md
-    assert "**PASS** imbalance: flowkv / fixed:1:1 = 1.200" in md
+    assert "| imbalance_prefill | flowkv | 12.00 |" in md and "2P 2D -> 3P 1D" in md
+    assert "**PASS** imbalance_prefill: flowkv / fixed:1:1 = 1.200" in md
     assert "answered once in full: yes" in md
-    assert "could reach flowkv / fixed:1:1 = 1.045" in md and "Busy processes" not in md
+    assert "could reach flowkv / fixed:1:1 = 1.400" in md and "Busy processes" not in md
     rows[0]["cpu_util"] = {"gateway": 0.93, "decode-0": 2.0}
-    assert report.busy_processes(rows) == ["imbalance/flowkv: gateway 0.93"]
+    assert report.busy_processes(rows) == ["imbalance_prefill/flowkv: gateway 0.93"]
