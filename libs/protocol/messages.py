@@ -172,6 +172,9 @@ class PlaceRequest(Message, tag="place"):
     max_tokens: int
     prefix_hashes: list[int] = []  # chained hashes of the prompt's full blocks
     exclude_nodes: list[str] = []  # nodes that just failed this request
+    # Set by a prefill node whose decode node refused the hand-off (it flipped role, or is
+    # full): the prompt is prefilled there already, so only a decode node is chosen.
+    prefill_node: str = ""
 
 
 class Placement(Message, tag="placement"):
@@ -299,6 +302,9 @@ class TokenChunk(Message, tag="tokens"):
     code: ErrorCode | None = None
     error: str = ""
     prefill_s: float = 0.0
+    # From the prefill node, without tokens: the hand-off moved to this decode node (the
+    # placed one refused it); its chunks belong to the request from now on.
+    handoff_to: str = ""
 
 
 # ---------------------------------------------------------------- scheduler -> nodes

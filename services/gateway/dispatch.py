@@ -186,12 +186,12 @@ class Dispatcher:
             item = await asyncio.wait_for(stream.queue.get(), self.config.stall_timeout_s)
         except asyncio.TimeoutError:
             # Before the first token the prefill node is the one to blame, after it the decode node.
-            node = placement.prefill_node if got == 0 else placement.decode_node
+            node = placement.prefill_node if got == 0 else stream.moved_to or placement.decode_node
             raise AttemptFailed(node, f"no token for {self.config.stall_timeout_s:g}s") from None
         if item.error_code is ErrorCode.INVALID:
             raise ApiError(400, f"the node rejected the request: {item.error}", code="invalid_request")
         if item.error_code is not None:
-            node = item.node_id or (placement.prefill_node if got == 0 else placement.decode_node)
+            node = item.node_id or (placement.prefill_node if got == 0 else stream.moved_to or placement.decode_node)
             raise AttemptFailed(node, item.error)
         return item
 

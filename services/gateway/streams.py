@@ -4,7 +4,8 @@ Life of a chunk:
 1. a node publishes a ``TokenChunk`` on ``stream(gateway_id)``;
 2. the router finds the open :class:`RequestStream` by ``request_id`` (unknown ids are dropped:
    a request that already ended, or an earlier attempt of a retried one);
-3. the stream drops chunks from nodes not serving the current attempt, then orders the
+3. the stream drops chunks from nodes not serving the current attempt (a ``handoff_to``
+   notice from one of them adds the decode node the hand-off moved to), then orders the
    rest by ``index``: tokens it already delivered are dropped, chunks from the future wait
    in a bounded buffer until the gap before them is filled;
 4. the ordered tokens (and the end, or a node error) go to the request's queue, which the
@@ -52,7 +53,8 @@ class RequestStream:
 
     Args:
         request_id: the wire id of this attempt.
-        node_ids: nodes serving this attempt; chunks from others are ignored.
+        node_ids: nodes serving this attempt; chunks from others are ignored. A chunk with
+            ``handoff_to`` from one of them adds that node (the hand-off moved there).
         next_index: index of the first output token this attempt must deliver.
     """
 
@@ -60,12 +62,17 @@ class RequestStream:
     node_ids: frozenset[str]
     next_index: int = 0
     queue: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
+    moved_to: str = ""  # the decode node a refused hand-off moved to (``TokenChunk.handoff_to``)
     _pending: dict[int, TokenChunk] = field(default_factory=dict)
     _done: bool = False
 
     def push(self, chunk: TokenChunk) -> None:
         """Take one chunk off the wire (any order, duplicates allowed)."""
         if self._done or (self.node_ids and chunk.node_id not in self.node_ids):
+            return
+        if chunk.handoff_to:
+            self.node_ids = self.node_ids | {chunk.handoff_to}
+            self.moved_to = chunk.handoff_to
             return
         if chunk.code is not None:
             self._finish(Delivery([], error_code=chunk.code, error=chunk.error or chunk.code.value, node_id=chunk.node_id))

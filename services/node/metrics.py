@@ -32,6 +32,8 @@ TRANSFER_SECONDS = Histogram(
 )
 RECEIVED_BYTES = Counter("flowkv_node_kv_received_bytes_total", "KV bytes received, by transport", ["transport"])
 RECEIVED = Counter("flowkv_node_kv_received_total", "KV hand-offs received (one per request), by transport", ["transport"])
+HANDOFF_MOVES = Counter("flowkv_node_handoff_moves_total",
+                        "Hand-offs moved to another decode node after the placed one refused the reservation")
 RECOMPUTES = Counter("flowkv_node_recomputes_total", "Requests decoded by recomputing their prompt", ["reason"])
 LEASES_EXPIRED = Counter("flowkv_node_leases_expired_total", "KV reservations released because KVDone never came")
 ROLE_FLIPS = Counter("flowkv_node_role_flips_total", "Role switches", ["old", "new"])

@@ -42,8 +42,19 @@ from opentelemetry.trace import Span, StatusCode
 
 from libs.kvtransfer.base import AgentInfo, TransferError, TransferStats
 from libs.protocol import messages
-from libs.protocol.messages import ErrorCode, KVAllocReply, KVAllocRequest, KVDone, SubmitRequest, TransferReport
-from libs.protocol.subjects import NodeVerb, node
+from libs.protocol.messages import (
+    ErrorCode,
+    KVAllocReply,
+    KVAllocRequest,
+    KVDone,
+    PlaceRequest,
+    Placement,
+    SubmitRequest,
+    TokenChunk,
+    TransferReport,
+)
+from libs.protocol.subjects import NodeVerb, node, sched_place
+from services.common.messaging import request
 from services.common import faults
 from services.common.logs import request_id_var
 from services.common.tracing import extract_context, inject_headers, tracer
@@ -53,6 +64,8 @@ from services.node.context import NodeContext, resolve
 from services.node.streaming import Streamer, Usage, chunk_of, continuation_params, engine_params, error_chunk
 
 log = logging.getLogger(__name__)
+# A refused hand-off is re-placed on another decode node this many times, then computed here.
+MAX_DECODE_REPLACEMENTS = 2
 _TRACER = tracer("flowkv.node")
 
 
@@ -199,6 +212,11 @@ class PrefillHandler:
         job.transfer_id = f"{req.request_id}.{uuid.uuid4().hex[:12]}"
         span.set_attribute("flowkv.transfer_id", job.transfer_id)
         reply = await self._reserve(job, src_ids, headers)
+        for _ in range(MAX_DECODE_REPLACEMENTS):
+            if reply is not None or job.cancelled or not await self._move_hand_off(job, streamer):
+                break
+            reply = await self._reserve(job, src_ids, headers)
+        req = job.req
         if reply is None:
             if job.cancelled:
                 return "cancelled"
@@ -226,6 +244,32 @@ class PrefillHandler:
                 span.set_status(StatusCode.ERROR, exc.reason)
         await self._notify_done(req, done, headers)
         return "ok" if done.ok else ("cancelled" if job.cancelled else "transfer_failed")
+
+    async def _move_hand_off(self, job: PrefillJob, streamer: Streamer) -> bool:
+        """The placed decode node refused the hand-off (a role flip got there first, or it
+        is full): ask the scheduler for another decode node, tell the gateway the hand-off
+        moved, and point the job at it. False if there is none (the caller computes the
+        rest here, as after any failed reservation)."""
+        req, ctx = job.req, self.ctx
+        place = PlaceRequest(request_id=req.request_id, model=ctx.engine.model_name,
+                             num_prompt_tokens=len(req.prompt_token_ids), max_tokens=req.sampling.max_tokens,
+                             exclude_nodes=[req.decode_node], prefill_node=ctx.node_id)
+        try:
+            reply = await request(ctx.nc, sched_place(), place, ctx.config.kv_alloc_timeout_s)
+        except Exception as exc:  # timeout, no scheduler, garbage: fall back to computing it here
+            log.warning("no new decode node for %s: %r", req.request_id, exc)
+            return False
+        if not isinstance(reply, Placement) or reply.decode_node in ("", req.decode_node, ctx.node_id):
+            log.warning("no new decode node for %s: %s", req.request_id, getattr(reply, "reason", reply))
+            return False
+        log.info("hand-off of %s moves from %s to %s", req.request_id, req.decode_node, reply.decode_node)
+        metrics.HANDOFF_MOVES.inc()
+        # The gateway takes the new node's chunks only once it has heard of it (and NATS keeps
+        # this node's messages in order: this notice reaches it before the KV does the node).
+        await streamer.publish(TokenChunk(request_id=req.request_id, node_id=ctx.node_id, index=req.output_offset + 1,
+                                          token_ids=[], handoff_to=reply.decode_node))
+        job.req = msgspec.structs.replace(req, decode_node=reply.decode_node)
+        return True
 
     async def _reserve(self, job: PrefillJob, src_ids: list[int], headers: dict[str, str] | None) -> KVAllocReply | None:
         """Ask D for blocks; returns its reply, or None if it refused or did not answer."""

@@ -25,6 +25,7 @@ from services.scheduler.placement import (
     decode_has_room,
     decode_load,
     estimate,
+    prompt_blocks,
 )
 from services.scheduler.registry import Inflight, NodeEntry, NodeRegistry
 from services.scheduler.roles import RoleConfig, RoleController
@@ -80,6 +81,8 @@ class Policy:
             return Rejected(request_id=req.request_id, code=ErrorCode.NO_NODES,
                             reason=f"no live node serves model {req.model!r}" if req.model else "no live nodes")
         ready = [n for n in live if n.ready]
+        if req.prefill_node:
+            return self._place_decode(req, ready)
         if self.roles is not None and self.roles.demand is not None:
             # Offered load, counted before admission (retries are recognised by id).
             self.roles.demand.record(self.registry.clock.now(), req.request_id, req.num_prompt_tokens, req.max_tokens,
@@ -101,6 +104,29 @@ class Policy:
         self._record(req, p, d, est.uncached_tokens, est.ttft_s)
         return Placement(request_id=req.request_id, prefill_node=p.node_id, decode_node=d.node_id,
                          predicted_ttft_s=est.ttft_s)
+
+    def _place_decode(self, req: PlaceRequest, ready: list[NodeEntry]) -> Placement | Rejected:
+        """A decode node for a request already prefilled on ``req.prefill_node`` (its placed
+        decode node refused the hand-off): the least decode load plus transfer time, among
+        ready decode nodes with room, the excluded ones and the prefill node left out. Not
+        counted as new demand; only the decode side's in-flight work is recorded."""
+        ds = [n for n in ready if n.can_decode and decode_has_room(req, n) and n.node_id != req.prefill_node]
+        if not ds:
+            return Rejected(request_id=req.request_id, code=ErrorCode.OVERLOADED, retry_after_s=1.0,
+                            reason="no ready decode node with room for the KV")
+        cost = self.config.cost
+        p = self.registry.get(req.prefill_node)
+        blocks = prompt_blocks(req.num_prompt_tokens, (p.report.block_size if p else 0) or 16)
+
+        def score(d: NodeEntry) -> tuple[float, str]:
+            move = cost.transfer_s(p, d, blocks) if p is not None else 0.0
+            return decode_load(cost, d) + move, d.node_id
+
+        d = min(ds, key=score)
+        now = self.registry.clock.now()
+        self.registry.add_inflight(d.node_id, Inflight(req.request_id, now + self.config.inflight_grace_s, decode_seqs=1,
+                                                       blocks=decode_blocks_needed(req, d)))
+        return Placement(request_id=req.request_id, prefill_node=req.prefill_node, decode_node=d.node_id)
 
     def _record(self, req: PlaceRequest, p: NodeEntry, d: NodeEntry, uncached: int, ttft_s: float) -> None:
         now = self.registry.clock.now()

@@ -152,3 +152,24 @@ def test_policy_names() -> None:
     for bad in ("fixed:0:1", "fixed:1", "fixed:a:b", "nope"):
         with pytest.raises(ValueError):
             make_policy(bad, reg)
+
+
+@pytest.mark.parametrize("policy", ["flowkv", "round_robin", "least_loaded", "fixed:1:2"])
+def test_decode_only_placement_for_a_refused_hand_off(policy: str) -> None:
+    # p1 prefilled the request; its decode node d1 refused (flipped to prefill). A decode
+    # node is chosen among the others, p1 stays the prefill node, p2 gets no prefill work.
+    pol = _cluster(report("p1"), report("p2"), report("d1", Role.PREFILL), report("d2", Role.DECODE, running=9),
+                   report("d3", Role.DECODE, running=1), report("h1", Role.HYBRID, running=30), policy=policy)
+    if pol.roles is not None and pol.roles.demand is not None:
+        before = len(pol.roles.demand)
+    out = pol.place(_req(exclude_nodes=["d1"], prefill_node="p1"))
+    assert isinstance(out, Placement)
+    assert (out.prefill_node, out.decode_node) == ("p1", "d3")  # least decode load
+    reg = pol.registry
+    assert reg.get("p1").queued_prefill_tokens() == 0 and reg.get("p2").queued_prefill_tokens() == 0
+    assert reg.get("d3").num_decode_seqs() == 2
+    if pol.roles is not None and pol.roles.demand is not None:
+        assert len(pol.roles.demand) == before  # not new demand
+    # The prefill node itself is never the answer, nor an excluded one; none left: overloaded.
+    out = pol.place(_req(rid="r2", exclude_nodes=["d2", "d3", "h1"], prefill_node="p1"))
+    assert isinstance(out, Rejected) and out.code is ErrorCode.OVERLOADED

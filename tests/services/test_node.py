@@ -15,6 +15,7 @@ import msgspec
 import nats
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from libs.engine.async_engine import AsyncEngine
 from libs.engine.config import EngineConfig
@@ -29,6 +30,8 @@ from libs.protocol.messages import (
 from libs.protocol.subjects import NodeVerb, all_subjects_of, node, node_load, request_cancel, stream
 from services.node.config import NodeConfig
 from services.node.node import Node
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.service import SchedulerService
 
 BLOCKS = 48
 BS = 4
@@ -329,9 +332,35 @@ async def test_hand_off_over_tcp(nats_server, engines):
         await gw.nc.drain()
 
 
-def _sent_bytes(transport: str) -> float:
-    from prometheus_client import REGISTRY
+async def test_refused_hand_off_moves_to_another_decode_node(nats_server, engines):
+    # The placed decode node is gone (or flipped to prefill) when P asks it for blocks: P
+    # asks the scheduler for another, tells the gateway, and hands the KV off there.
+    p_llm, d_llm, refs = engines
+    sched_nc = await nats.connect(nats_server.url)
+    sched = SchedulerService(SchedulerConfig(policy="least_loaded", role_interval_s=0.05), sched_nc)
+    await sched.start()
+    moves = REGISTRY.get_sample_value("flowkv_node_handoff_moves_total") or 0.0
+    try:
+        async with running_node(nats_server.url, p_llm, "p0", Role.PREFILL) as p, \
+                running_node(nats_server.url, d_llm, "d0", Role.DECODE) as d:
+            await eventually(lambda: len(sched.registry) == 2, "the scheduler knows both nodes")
+            gw = await Gateway(await nats.connect(nats_server.url)).start()
+            assert (await gw.submit("p0", "m1", decode_node="gone")).ok
+            chunks = await gw.result("m1")
+            notice = [c for c in chunks if c.handoff_to]
+            assert [(c.node_id, c.handoff_to, c.token_ids) for c in notice] == [("p0", "d0", [])]
+            toks = [c for c in chunks if not c.handoff_to]
+            assert tokens(toks) == refs["greedy"]
+            assert toks[0].node_id == "p0" and {c.node_id for c in toks[1:]} == {"d0"}
+            assert REGISTRY.get_sample_value("flowkv_node_handoff_moves_total") == moves + 1
+            await eventually(lambda: idle(p, d), "blocks free on both nodes")
+            await gw.nc.drain()
+    finally:
+        await sched.close()
+        await sched_nc.drain()
 
+
+def _sent_bytes(transport: str) -> float:
     return REGISTRY.get_sample_value("flowkv_node_kv_transfer_bytes_total", {"transport": transport}) or 0.0
 
 
