@@ -35,7 +35,8 @@ class SchedulerConfig:
     decode_low: float = field(default=0.6, metadata=_h("decode utilisation below which decode has room"))
     demand_window_s: float = field(default=10.0, metadata=_h("placements of this many recent seconds set the target P:D split (0: off)"))
     demand_busy: float = field(default=0.5, metadata=_h("demand flips only while the busier side's utilisation is above this"))
-    demand_margin: float = field(default=0.1, metadata=_h("a flip must cut that utilisation by more than this fraction"))
+    demand_margin: float = field(default=0.05, metadata=_h("the move a demand flip starts must cut that utilisation by more than this fraction"))
+    demand_confidence: float = field(default=1.0, metadata=_h("and must still pay with each need this many standard errors against it (window sampling noise)"))
     allow_hybrid: bool = field(default=True, metadata=_h("turn nodes hybrid when both sides are saturated"))
     set_role_timeout_s: float = field(default=5.0, metadata=_h("timeout of the SetRole request to a node"))
     max_events: int = field(default=200, metadata=_h("recent events kept for cluster queries"))
@@ -61,4 +62,4 @@ class SchedulerConfig:
                           prefill_high_s=self.prefill_high_s, prefill_low_s=self.prefill_low_s,
                           decode_high=self.decode_high, decode_low=self.decode_low, allow_hybrid=self.allow_hybrid,
                           demand_window_s=self.demand_window_s, demand_busy=self.demand_busy,
-                          demand_margin=self.demand_margin)
+                          demand_margin=self.demand_margin, demand_confidence=self.demand_confidence)

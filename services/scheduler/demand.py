@@ -4,23 +4,29 @@ The role controller's queue signals (prefill backlog, hand-offs waiting) only fi
 a side is already short, and they fire one node at a time. The demand signal sets the
 split directly: over the last ``window_s`` of placements,
 
-  prefill need = placed prompt tokens/s / measured prefill tokens/s of a node
+  prefill need = placed prompt tokens/s / prefill tokens/s of a busy node
   decode need  = placed output tokens/s / decode tokens/s of a node at a full batch
 
-A full batch is the batch cap or what the KV blocks hold of the recent requests,
-whichever is smaller; its step time comes from a line fitted through the (batch, step)
-pairs the nodes report (the step grows with the batch and the context), so the decode
-capacity is what a busy node does, not what a half-idle one measures. Both needs are in
-units of "the cluster's mean node", so they compare, and the same rule holds for 4 or 64
-nodes: the controller moves nodes so that the busier side's utilisation
-(need / nodes on that side) drops.
+Both capacities are what a busy node does, not what a half-idle one measures. A node's
+prefill rate is the best it reported while it had a backlog (full batches; a trickle of
+short prompts in small batches reports a fraction of it). A full decode batch is the
+batch cap or what the KV blocks hold of the recent requests, each counted for the steps
+it stays in the batch (its output tokens), whichever is smaller; its step time comes
+from a line fitted through the (batch, step) pairs the nodes of its device kind report
+(the step grows with the batch and the context). Each need is in units of "the
+cluster's mean node" on its side, and each node has a speed on each side (its capacity
+in mean nodes: device kinds rank differently in prefill and decode), so the same rule
+holds for 4 or 64 nodes of one or several kinds: the controller moves nodes so that the
+busier side's utilisation (need / capacity on that side) drops. Each need comes with
+its standard error (the window is a sample of Poisson arrivals), so the controller can
+tell a shift in the load from a window that by chance held more of one kind.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from services.scheduler.placement import CostModel
 from services.scheduler.registry import NodeEntry
@@ -39,16 +45,32 @@ class Placed:
 
 @dataclass(frozen=True)
 class Demand:
-    """Recent demand in node-equivalents (1.0 = one mean node kept fully busy)."""
+    """Recent demand in node-equivalents (1.0 = one mean node kept fully busy), each side
+    in its own unit: prefill in the mean node's prefill rate, decode in its full-batch
+    decode rate (device kinds rank differently in the two)."""
 
     prefill_nodes: float
     decode_nodes: float
+    # Standard errors of the two needs: a window of Poisson arrivals with spread-out
+    # sizes holds by chance more or less than the load it samples.
+    prefill_se: float = 0.0
+    decode_se: float = 0.0
+    # Node id -> its capacity in mean nodes on each side (absent: 1.0).
+    prefill_speed: dict[str, float] = field(default_factory=dict, compare=False)
+    decode_speed: dict[str, float] = field(default_factory=dict, compare=False)
 
     def utilisation(self, prefill_capacity: float, decode_capacity: float) -> float:
         """The busier side's utilisation with this much capacity (in mean nodes) on each side."""
         up = self.prefill_nodes / prefill_capacity if prefill_capacity > 0 else math.inf
         ud = self.decode_nodes / decode_capacity if decode_capacity > 0 else math.inf
         return max(up, ud)
+
+    def against(self, to_prefill: bool, k: float) -> Demand:
+        """The demand ``k`` standard errors against a move of capacity to prefill
+        (``to_prefill``) or to decode: the side gaining less busy, the other busier."""
+        sp, sd = (-k, k) if to_prefill else (k, -k)
+        return replace(self, prefill_nodes=max(self.prefill_nodes + sp * self.prefill_se, 0.0),
+                       decode_nodes=max(self.decode_nodes + sd * self.decode_se, 0.0))
 
 
 class StepFit:
@@ -77,23 +99,31 @@ class StepFit:
 
 
 class DemandTracker:
-    """A sliding window of placements and a fit of the decode step.
+    """A sliding window of placements, fits of the decode step and busy prefill rates.
 
     Args:
         window_s: how far back placements count.
         min_placements: fewer placements than this in the window say nothing (``None``).
+        busy_backlog_s: a node with this many seconds of prompts queued (at its rate) is
+            backlogged: its batches are full and its reported rate is its capacity.
+        busy_fade: a node's best backlogged rate fades by this factor per backlogged report.
     """
 
-    def __init__(self, window_s: float = 5.0, min_placements: int = 8) -> None:
+    def __init__(self, window_s: float = 5.0, min_placements: int = 8, busy_backlog_s: float = 1.0,
+                 busy_fade: float = 0.99) -> None:
         if window_s <= 0:
             raise ValueError("window_s must be positive")
         self.window_s = window_s
         self.min_placements = min_placements
-        self.fit = StepFit()
+        self.busy_backlog_s = busy_backlog_s
+        self.busy_fade = busy_fade
+        self.fit = StepFit()  # every node's reports
+        self.kind_fits: dict[str, StepFit] = {}  # device name -> its nodes' reports
         self._placed: deque[Placed] = deque()  # within the window
         self._old: deque[Placed] = deque()  # out of the window, ids still remembered
         self._ids: set[str] = set()
-        self._seen: dict[str, int] = {}  # node id -> seq of the last report fitted
+        self._seen: dict[str, int] = {}  # node id -> seq of the last report observed
+        self._busy_rate: dict[str, float] = {}  # node id -> prefill tokens/s measured while backlogged
 
     def record(self, t: float, request_id: str, prompt_tokens: int, output_tokens: int, blocks: int) -> None:
         """Count one request asked for at time ``t``, once: a retry of a rejected request
@@ -106,12 +136,33 @@ class DemandTracker:
         self._placed.append(Placed(t, request_id, prompt_tokens, output_tokens, blocks))
 
     def observe(self, nodes: list[NodeEntry]) -> None:
-        """Feed the decode steps of reports not seen yet into the step fit."""
+        """Take in the reports not seen yet: decode steps into the step fits, and the
+        prefill rate of a backlogged node as what it does when busy."""
         for n in nodes:
             r = n.report
-            if r.num_running > 0 and r.decode_step_s > 0 and self._seen.get(r.node_id) != r.seq:
-                self._seen[r.node_id] = r.seq
+            if self._seen.get(r.node_id) == r.seq:
+                continue
+            self._seen[r.node_id] = r.seq
+            if r.num_running > 0 and r.decode_step_s > 0:
                 self.fit.add(r.num_running, r.decode_step_s)
+                self.kind_fits.setdefault(r.device_name, StepFit()).add(r.num_running, r.decode_step_s)
+            rate, busy = r.prefill_tokens_per_s, self._busy_rate.get(r.node_id, 0.0)
+            if rate > 0 and r.waiting_prefill_tokens >= max(rate, busy) * self.busy_backlog_s:
+                # The rate is an average over recent batches, which lags when a backlog
+                # starts after small ones: the best seen wins, fading so that a node that
+                # got slower is believed after some backlogged reports.
+                self._busy_rate[r.node_id] = max(rate, busy * self.busy_fade)
+
+    def prefill_rates(self, nodes: list[NodeEntry]) -> dict[str, float]:
+        """Node id -> prefill tokens/s a node does when busy (0: never measured).
+
+        The engine's rate is tokens over time of its recent prefill batches. Fed a trickle
+        of short prompts, a node runs small batches whose fixed cost dominates and reports
+        a fraction of what it does with full ones; with a backlog its batches are full.
+        So a node's rate is the best it reported while backlogged, or its current one if
+        that is higher or it never was.
+        """
+        return {n.node_id: max(self._busy_rate.get(n.node_id, 0.0), n.report.prefill_tokens_per_s) for n in nodes}
 
     def _trim(self, now: float) -> None:
         # Ids are kept twice the window: a retry after a long Retry-After is not new demand.
@@ -133,23 +184,65 @@ class DemandTracker:
         self._trim(now)
         if len(self._placed) < self.min_placements or not nodes:
             return None
-        n, w = len(self._placed), self.window_s
-        prompt_rate = sum(p.prompt_tokens for p in self._placed) / w
-        output_rate = sum(p.output_tokens for p in self._placed) / w
-        slots = sum(x.max_num_seqs for x in nodes) / len(nodes)
-        blocks = sum(x.report.total_blocks for x in nodes) / len(nodes)
-        mean_blocks = sum(p.blocks for p in self._placed) / n
-        batch = min(slots, blocks / mean_blocks) if blocks > 0 and mean_blocks > 0 else slots
-        step = self.fit.predict(batch) or mean_decode_step_s(nodes, cost)
-        return Demand(prefill_nodes=prompt_rate / mean_prefill_rate(nodes, cost),
-                      decode_nodes=output_rate * step / max(batch, 1.0))
+        held = held_blocks_per_seq(self._placed)
+        prefill_rates = self.prefill_rates(nodes)
+        decode_rates = {n.node_id: self.decode_rate(n, held, nodes, cost) for n in nodes}
+        mean_decode = sum(decode_rates.values()) / len(nodes)
+        # Mean-node seconds per prompt token and per output token, over the window.
+        per_prompt = 1.0 / mean_prefill_rate(nodes, cost, prefill_rates) / self.window_s
+        per_output = 1.0 / mean_decode / self.window_s
+        prompts = [p.prompt_tokens for p in self._placed]
+        outputs = [p.output_tokens for p in self._placed]
+        # Standard error of a sum of Poisson arrivals: the root of the sum of squares.
+        return Demand(prefill_nodes=sum(prompts) * per_prompt, decode_nodes=sum(outputs) * per_output,
+                      prefill_se=math.sqrt(sum(x * x for x in prompts)) * per_prompt,
+                      decode_se=math.sqrt(sum(x * x for x in outputs)) * per_output,
+                      prefill_speed={n.node_id: node_speed(n, nodes, cost, prefill_rates) for n in nodes},
+                      decode_speed={i: r / mean_decode for i, r in decode_rates.items()})
+
+    def decode_rate(self, node: NodeEntry, held_blocks: float, nodes: list[NodeEntry], cost: CostModel) -> float:
+        """Output tokens/s of ``node`` at a full batch: its batch cap or what its KV blocks
+        hold at ``held_blocks`` a sequence, at the step its device kind's fit predicts for
+        that batch (every node's fit for a kind that has not decoded yet)."""
+        slots, blocks = node.max_num_seqs, node.report.total_blocks
+        batch = max(min(slots, blocks / held_blocks) if blocks > 0 and held_blocks > 0 else slots, 1.0)
+        fit = self.kind_fits.get(node.report.device_name)
+        step = (fit.predict(batch) if fit else None) or self.fit.predict(batch) or mean_decode_step_s(nodes, cost)
+        return batch / step
 
 
-def mean_prefill_rate(nodes: list[NodeEntry], cost: CostModel) -> float:
+def held_blocks_per_seq(placed: deque[Placed] | list[Placed]) -> float:
+    """Mean KV blocks of a sequence in a decode batch fed by ``placed``.
+
+    A request holds its blocks for as many steps as it has output tokens, so a batch is
+    made of its requests in proportion to their output tokens, not one each (Little's
+    law): a short-answer request with a long prompt passes through in a few steps, while
+    a long-answer one stays. Weighting each placement equally instead counts the big,
+    brief ones as if they stayed, which makes the full batch look KV-bound and small,
+    and the decode need too high.
+    """
+    steps = sum(p.output_tokens for p in placed)
+    if steps <= 0:
+        return sum(p.blocks for p in placed) / len(placed) if placed else 0.0
+    return sum(p.blocks * p.output_tokens for p in placed) / steps
+
+
+def mean_prefill_rate(nodes: list[NodeEntry], cost: CostModel, rates: dict[str, float] | None = None) -> float:
     """Mean measured prefill tokens/s of the nodes that measured one (any role: a decode
-    node keeps the rate it measured as prefill), else the cost model's default."""
-    rates = [n.report.prefill_tokens_per_s for n in nodes if n.report.prefill_tokens_per_s > 0]
-    return sum(rates) / len(rates) if rates else cost.default_prefill_tokens_per_s
+    node keeps the rate it measured as prefill), else the cost model's default.
+
+    Args:
+        rates: node id -> rate to use (:meth:`DemandTracker.prefill_rates`); default: the
+            rates the nodes report now.
+    """
+    got = [r for r in (_rates(nodes, rates)[n.node_id] for n in nodes) if r > 0]
+    return sum(got) / len(got) if got else cost.default_prefill_tokens_per_s
+
+
+def _rates(nodes: list[NodeEntry], rates: dict[str, float] | None) -> dict[str, float]:
+    if rates is not None:
+        return rates
+    return {n.node_id: n.report.prefill_tokens_per_s for n in nodes}
 
 
 def mean_decode_step_s(nodes: list[NodeEntry], cost: CostModel) -> float:
@@ -164,16 +257,18 @@ def mean_decode_step_s(nodes: list[NodeEntry], cost: CostModel) -> float:
     return sum(steps) / len(steps) if steps else cost.default_decode_step_s
 
 
-def node_speed(node: NodeEntry, nodes: list[NodeEntry], cost: CostModel) -> float:
-    """A node's capacity relative to the cluster's mean node (1.0 = average).
+def node_speed(node: NodeEntry, nodes: list[NodeEntry], cost: CostModel,
+               rates: dict[str, float] | None = None) -> float:
+    """A node's prefill capacity relative to the cluster's mean node (1.0 = average).
 
     Its measured prefill rate against the mean; a node that has not measured one (it has
     only decoded so far) takes the mean rate of the nodes of its device kind that have,
-    else it counts as average.
+    else it counts as average. ``rates`` as for :func:`mean_prefill_rate`.
     """
-    mean_rate = mean_prefill_rate(nodes, cost)
-    if node.report.prefill_tokens_per_s > 0:
-        return node.report.prefill_tokens_per_s / mean_rate
-    kin = [n.report.prefill_tokens_per_s for n in nodes
-           if n.report.device_name == node.report.device_name and n.report.prefill_tokens_per_s > 0]
+    rates = _rates(nodes, rates)
+    mean_rate = mean_prefill_rate(nodes, cost, rates)
+    if rates[node.node_id] > 0:
+        return rates[node.node_id] / mean_rate
+    kin = [rates[n.node_id] for n in nodes
+           if n.report.device_name == node.report.device_name and rates[n.node_id] > 0]
     return (sum(kin) / len(kin)) / mean_rate if kin else 1.0

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from libs.protocol.messages import EventKind, Role, SchedEvent
-from services.scheduler.demand import Demand, DemandTracker, node_speed
+from services.scheduler.demand import Demand, DemandTracker
 from services.scheduler.placement import CostModel, decode_utilisation
 from services.scheduler.registry import NodeEntry, NodeRegistry
 
@@ -43,8 +43,11 @@ class RoleConfig:
             (:mod:`~services.scheduler.demand`); 0 turns the demand signal off.
         demand_busy: the demand signal flips only while the busier side's utilisation
             (need / capacity, :mod:`~services.scheduler.demand`) is above this.
-        demand_margin: a demand flip must lower that utilisation by more than this fraction
-            (the demand signal's hysteresis).
+        demand_margin: the move a demand flip starts (it and the flips after it toward the
+            best split) must lower that utilisation by more than this fraction (the demand
+            signal's hysteresis).
+        demand_confidence: that move must still pay with each need this many standard
+            errors against it (a window's sampling noise is no reason to flip).
     """
 
     min_dwell_s: float = 10.0
@@ -57,11 +60,14 @@ class RoleConfig:
     reverse_cooldown_s: float = 30.0
     demand_window_s: float = 10.0
     demand_busy: float = 0.5
-    demand_margin: float = 0.1
+    demand_margin: float = 0.05
+    demand_confidence: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.demand_window_s < 0 or self.demand_busy < 0 or not 0 <= self.demand_margin < 1:
-            raise ValueError("demand_window_s and demand_busy must be >= 0, demand_margin in [0, 1)")
+        if self.demand_window_s < 0 or self.demand_busy < 0 or self.demand_confidence < 0:
+            raise ValueError("demand_window_s, demand_busy and demand_confidence must be >= 0")
+        if not 0 <= self.demand_margin < 1:
+            raise ValueError("demand_margin must be in [0, 1)")
         if not (self.prefill_low_s < self.prefill_high_s and self.decode_low < self.decode_high):
             raise ValueError("each low threshold must be below its high threshold (hysteresis)")
 
@@ -205,9 +211,12 @@ class RoleController:
             return by_demand
         if p_short and d_short:
             if c.allow_hybrid and (prefills or decodes):
-                # Both sides saturated: let a node do both rather than idle between phases.
+                # Both sides saturated: let a node do both rather than idle between phases,
+                # unless the demand says the half of it that changes sides is better where it is.
                 group = prefills if len(prefills) > len(decodes) else decodes or prefills
-                return self._change(self._least_busy(group), Role.HYBRID, f"overload ({why})")
+                node = self._least_busy(group)
+                if self._demand_allows(nodes, node, Role.HYBRID):
+                    return self._change(node, Role.HYBRID, f"overload ({why})")
             return None
         if hybrids and (p_room or d_idle):
             # Load fell on one side (below the low threshold: the gap keeps it from
@@ -232,12 +241,12 @@ class RoleController:
 
     def _decide_by_demand(self, nodes: list[NodeEntry], free: list[NodeEntry]) -> RoleChange | None:
         """Flip one node from the less busy side to the busier one, by the recent demand, when
-        the busier side is above ``demand_busy`` and the flip lowers its utilisation by more
-        than ``demand_margin`` (a fraction)."""
+        the busier side is above ``demand_busy`` and the move it starts is worth making
+        (:meth:`_move_pays`)."""
         view = self._demand_view(nodes)
         if view is None:
             return None
-        demand, speed, cap_p, cap_d = view
+        demand, cap_p, cap_d = view
         now_u = demand.utilisation(cap_p, cap_d)
         if now_u < self.config.demand_busy:
             return None
@@ -245,44 +254,62 @@ class RoleController:
         to, src = (Role.PREFILL, Role.DECODE) if up > ud else (Role.DECODE, Role.PREFILL)
         if sum(1 for n in nodes if n.ready and (n.can_decode if src == Role.DECODE else n.can_prefill)) < 2:
             return None
-        fits = []
-        for n in free:
-            if n.role != src:
-                continue
-            s = speed[n.node_id]
-            after = demand.utilisation(cap_p + s, cap_d - s) if to == Role.PREFILL else demand.utilisation(cap_p - s, cap_d + s)
-            if after < now_u * (1.0 - self.config.demand_margin):
-                fits.append(n)
+        if not self._move_pays(view, to, [n for n in nodes if n.ready and n.role == src]):
+            return None
+        fits = [n for n in free
+                if n.role == src and demand.utilisation(*_moved(demand, cap_p, cap_d, n, to)) < now_u]
         if not fits:
             return None
         why = (f"demand: prefill {demand.prefill_nodes:.2f} / decode {demand.decode_nodes:.2f} node-equivalents "
                f"on {cap_p:.2f} / {cap_d:.2f}, utilisation {now_u:.2f}")
         return self._change(self._least_busy(fits), to, why)
 
-    def _demand_view(self, nodes: list[NodeEntry]) -> tuple[Demand, dict[str, float], float, float] | None:
-        """(demand, node speeds, prefill capacity, decode capacity), capacities in mean nodes."""
+    def _move_pays(self, view: tuple[Demand, float, float], to: Role, movers: list[NodeEntry]) -> bool:
+        """Whether moving ``movers`` to ``to``, one at a time while each lowers the busier
+        side's utilisation, lowers it by more than ``demand_margin``, with each need
+        ``demand_confidence`` standard errors against the move.
+
+        The whole move is weighed, not one flip: with many nodes on a side one flip changes
+        its capacity by little, so a margin per flip would stop short of the split the
+        demand asks for. The standard errors keep a window that by chance holds more of
+        one kind of request from starting a move that the next window undoes.
+        """
+        demand, cap_p, cap_d = view
+        d = demand.against(to == Role.PREFILL, self.config.demand_confidence)
+        now_u = best = d.utilisation(cap_p, cap_d)
+        left = list(movers)
+        while len(left) > 1:  # the side losing nodes keeps one
+            u, i = min((d.utilisation(*_moved(d, cap_p, cap_d, n, to)), i) for i, n in enumerate(left))
+            if u >= best:
+                break
+            cap_p, cap_d = _moved(d, cap_p, cap_d, left.pop(i), to)
+            best = u
+        return best < now_u * (1.0 - self.config.demand_margin)
+
+    def _demand_view(self, nodes: list[NodeEntry]) -> tuple[Demand, float, float] | None:
+        """(demand, prefill capacity, decode capacity), each capacity in mean nodes of its side."""
         ready = [n for n in nodes if n.ready]
         if self.demand is None or len(ready) < 2:
             return None
         demand = self.demand.demand(self.registry.clock.now(), ready, self.cost)
         if demand is None:
             return None
-        speed = {n.node_id: node_speed(n, ready, self.cost) for n in ready}
-        cap_p = sum(speed[n.node_id] * _prefill_part(n.role) for n in ready)
-        cap_d = sum(speed[n.node_id] * (1.0 - _prefill_part(n.role)) for n in ready)
-        return demand, speed, cap_p, cap_d
+        cap_p = sum(demand.prefill_speed.get(n.node_id, 1.0) * _prefill_part(n.role) for n in ready)
+        cap_d = sum(demand.decode_speed.get(n.node_id, 1.0) * (1.0 - _prefill_part(n.role)) for n in ready)
+        return demand, cap_p, cap_d
 
     def _demand_allows(self, nodes: list[NodeEntry], node: NodeEntry, to: Role) -> bool:
-        """A queue-signal flip of ``node`` to ``to`` may go ahead unless the demand signal
-        says it leaves the busier side busier."""
+        """A queue-signal flip of ``node`` to ``to`` (a hybrid has half its capacity on each
+        side) may go ahead unless the demand signal says it leaves the busier side busier
+        or starts a move that does not pay (:meth:`_move_pays`)."""
         view = self._demand_view(nodes)
         if view is None:
             return True
-        demand, speed, cap_p, cap_d = view
-        s = speed[node.node_id]
-        before = demand.utilisation(cap_p, cap_d)
-        after = demand.utilisation(cap_p + s, cap_d - s) if to == Role.PREFILL else demand.utilisation(cap_p - s, cap_d + s)
-        return after < before * (1.0 - self.config.demand_margin)
+        demand, cap_p, cap_d = view
+        if demand.utilisation(*_moved(demand, cap_p, cap_d, node, to)) >= demand.utilisation(cap_p, cap_d):
+            return False
+        side = Role.PREFILL if _prefill_part(to) > _prefill_part(node.role) else Role.DECODE
+        return self._move_pays(view, side, [n for n in nodes if n.ready and n.role == node.role])
 
     def _least_busy(self, group: list[NodeEntry]) -> NodeEntry:
         """The node whose current work drains fastest (queued prompt tokens, then sequences)."""
@@ -300,6 +327,13 @@ def keeps_both_sides(nodes: list[NodeEntry], change: RoleChange) -> bool:
     prefill = any(role_of(n) in (Role.PREFILL, Role.HYBRID) for n in ready)
     decode = any(role_of(n) in (Role.DECODE, Role.HYBRID) for n in ready)
     return prefill and decode
+
+
+def _moved(demand: Demand, cap_p: float, cap_d: float, node: NodeEntry, to: Role) -> tuple[float, float]:
+    """(prefill, decode) capacity after ``node`` takes role ``to``."""
+    shift = _prefill_part(to) - _prefill_part(node.role)
+    return (cap_p + shift * demand.prefill_speed.get(node.node_id, 1.0),
+            cap_d - shift * demand.decode_speed.get(node.node_id, 1.0))
 
 
 def _prefill_part(role: Role) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from libs.protocol.messages import Role
@@ -101,3 +102,103 @@ def test_decode_heavy_demand_flips_a_prefill_node_and_fixed_split_ignores_demand
     assert (change.node_id, change.new_role) == ("p1", Role.DECODE)  # p1 has no queue: it drains first
     pinned = RoleController(reg, RoleConfig(), CostModel(), target=lambda nodes: None)
     assert pinned.demand is None
+
+
+def test_full_batch_counts_requests_by_the_steps_they_stay() -> None:
+    # Half long prompts with short answers (400 blocks, 20 steps), half short prompts with
+    # long answers (40 blocks, 700 steps). A batch holds them in proportion to the steps
+    # they stay: (10 x 400 x 20 + 10 x 40 x 700) / 7200 = 50 blocks a sequence, so 200
+    # sequences fit in 10,000 blocks. Counting each request once (220 blocks) made the full
+    # batch 45 sequences and the decode need 4.4 times too high.
+    big = {"total_blocks": 10_000, "free_blocks": 5000, "max_num_seqs": 256}
+    _, reg = _registry(report("p1", rate=10_000.0, step_s=0.0, **big),
+                       report("d1", Role.DECODE, running=100, step_s=0.04, **big))
+    tr = DemandTracker(window_s=10.0, min_placements=2)
+    for i in range(10):
+        tr.record(1.0, f"a{i}", 6000, 20, 400)
+        tr.record(1.0, f"b{i}", 200, 700, 40)
+    d = tr.demand(5.0, reg.nodes(), CostModel())
+    assert d.decode_nodes == pytest.approx(7200 / 10 * 0.04 / 200)  # 0.144 (was 0.634)
+    assert d.prefill_nodes == pytest.approx(62_000 / 10 / 10_000)
+    # Standard errors of the sums: the root of the sum of squares, in the same units.
+    assert d.decode_se == pytest.approx((10 * 20**2 + 10 * 700**2) ** 0.5 / 10 * 0.04 / 200)
+    assert d.prefill_se == pytest.approx((10 * 6000**2 + 10 * 200**2) ** 0.5 / 10 / 10_000)
+
+
+def test_prefill_rate_is_the_one_measured_while_backlogged() -> None:
+    # p1 measured 30k tok/s with 2 s of prompts queued (full batches); then a trickle of
+    # short prompts in small batches brought its reported rate to 10k. Its capacity is
+    # still 30k: the need is 3000 tok/s on a mean of 20k (p1 30k, d1 10k), not on 10k.
+    clock, reg = _registry(report("p1", rate=30_000.0, waiting_tokens=60_000), report("d1", Role.DECODE))
+    tr = DemandTracker(window_s=10.0, min_placements=2)
+    tr.observe(reg.nodes())
+    reg.update(report("p1", rate=10_000.0, waiting_tokens=2_000))  # 0.2 s queued: not backlogged
+    for i in range(30):
+        tr.record(clock.now() - 1.0, f"r{i}", 1000, 10, 10)
+    d = tr.demand(clock.now(), reg.nodes(), CostModel())
+    rates = tr.prefill_rates(reg.nodes())
+    assert rates == {"p1": 30_000.0, "d1": 10_000.0}
+    assert d.prefill_nodes == pytest.approx(0.15)
+    assert {n.node_id: node_speed(n, reg.nodes(), CostModel(), rates) for n in reg.nodes()} == {"p1": 1.5, "d1": 0.5}
+    assert d.prefill_speed == {"p1": 1.5, "d1": 0.5}
+    # Backlogged again at a lower rate (its average still holds the small batches): the
+    # best rate wins, fading by busy_fade a report.
+    reg.update(report("p1", rate=20_000.0, waiting_tokens=40_000))
+    tr.observe(reg.nodes())
+    assert tr.prefill_rates(reg.nodes())["p1"] == pytest.approx(30_000 * tr.busy_fade)
+
+
+def test_decode_capacity_by_device_kind() -> None:
+    # Two kinds, each with its own line: "fast" steps 0.01 + 0.0001 b, "slow" twice that.
+    # At a full batch of 64 they do 3902 and 1951 tokens/s: decode speeds 4/3 and 2/3 of
+    # the mean node, whatever their prefill rates (equal here).
+    clock, reg = _registry(report("f1", Role.DECODE), report("s1", Role.DECODE))
+    tr = DemandTracker(window_s=10.0, min_placements=2)
+    for b in (8, 16, 32, 48):
+        reg.update(report("f1", Role.DECODE, running=b, step_s=0.01 + 0.0001 * b))
+        reg.update(msgspec.structs.replace(report("s1", Role.DECODE, running=b, step_s=0.02 + 0.0002 * b),
+                                           device_name="slow"))
+        tr.observe(reg.nodes())
+    for i in range(10):
+        tr.record(clock.now() - 1.0, f"r{i}", 100, 1000, 10)
+    d = tr.demand(clock.now(), reg.nodes(), CostModel())
+    fast, slow = 64 / (0.01 + 0.0064), 64 / (0.02 + 0.0128)
+    assert d.decode_speed == pytest.approx({"f1": 2 * fast / (fast + slow), "s1": 2 * slow / (fast + slow)})
+    assert d.decode_nodes == pytest.approx(10_000 / 10 / ((fast + slow) / 2))
+
+
+def _cluster(num_prefill: int, num_decode: int) -> tuple[ManualClock, NodeRegistry]:
+    reports = [report(f"p{i:02d}") for i in range(num_prefill)]
+    reports += [report(f"d{i:02d}", Role.DECODE) for i in range(num_decode)]
+    return _registry(*reports)
+
+
+def test_a_move_of_several_flips_pays_where_each_flip_is_below_the_margin() -> None:
+    # 6 prefill, 10 decode; needs: prefill 0.95, decode 12.9 (100 x 4128 tokens / 10 s x
+    # 0.02 s / 64 sequences). One flip takes decode from 1.29 to 1.17 (9%, under the 10%
+    # margin), the move to 2:14 takes it to 0.92 (29%): the first flip of it goes ahead.
+    clock, reg = _cluster(6, 10)
+    ctl = _controller(reg, demand_margin=0.1, demand_confidence=0.0)
+    for i in range(100):
+        ctl.demand.record(clock.now() - 1.0, f"r{i}", 950, 4128, 10)
+    change, events = ctl.step()
+    assert (change.old_role, change.new_role) == (Role.PREFILL, Role.DECODE)
+    assert "prefill 0.95 / decode 12.90 node-equivalents on 6.00 / 10.00" in events[0].detail
+
+
+def test_a_window_too_small_to_tell_does_not_flip() -> None:
+    # 2:2; eight 40k-token prompts: prefill 3.2 nodes on 2 (1.6), decode 1.2 (8 x 4800
+    # tokens / 10 s x 0.02 s / 64). By the point estimate 3:1 lowers the busier side to 1.2
+    # (25%), but the prefill need's standard error is 1.13 nodes (8 requests): one standard
+    # error against the move (prefill 2.07, decode 1.62) and 3:1 is the worse split.
+    clock, reg = _cluster(2, 2)
+    careful = _controller(reg, demand_confidence=1.0)
+    sure = _controller(reg, demand_confidence=0.0)
+    for ctl in (careful, sure):
+        for i in range(8):
+            ctl.demand.record(clock.now() - 1.0, f"r{i}", 40_000, 4800, 10)
+    d = careful.demand.demand(clock.now(), reg.nodes(), CostModel())
+    assert (d.prefill_nodes, d.decode_nodes, d.prefill_se) == pytest.approx((3.2, 1.2, 8**0.5 * 0.4))
+    assert careful.step() == (None, [])
+    change, _ = sure.step()
+    assert (change.node_id, change.new_role) == ("d00", Role.PREFILL)

@@ -166,3 +166,14 @@ def test_a_lone_hybrid_node_keeps_both_roles() -> None:
     _, reg2, ctl2 = _setup(report("h1", Role.HYBRID), report("p1"))
     change, _ = ctl2.step()
     assert change is not None and (change.node_id, change.new_role) == ("h1", Role.DECODE)
+
+
+def test_overload_does_not_go_hybrid_when_the_demand_is_balanced() -> None:
+    # Both queues say short, as in test_overload_goes_hybrid_and_back, but the demand is
+    # 3.0 prefill and 3.0 decode nodes on 2 + 2 (utilisation 1.5 each): d1 hybrid would
+    # leave decode at 3.0 / 1.5 = 2.0. Half a node on the other side only moves the bottleneck.
+    clock, _, ctl = _setup(report("p1", waiting_tokens=40_000, held=4), report("p2", waiting_tokens=40_000),
+                           report("d1", Role.DECODE, running=60), report("d2", Role.DECODE, running=63))
+    for i in range(30):  # 30 x 10k prompt tokens / 10 s / 10k tok/s; 30 x 3200 / 10 s x 0.02 s / 64
+        ctl.demand.record(clock.now() - 1.0, f"r{i}", 10_000, 3200, 10)
+    assert ctl.step() == (None, [])
