@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgspec
 import pytest
 
@@ -139,8 +141,14 @@ def test_prefill_rate_is_the_one_measured_while_backlogged() -> None:
     rates = tr.prefill_rates(reg.nodes())
     assert rates == {"p1": 30_000.0, "d1": 10_000.0}
     assert d.prefill_nodes == pytest.approx(0.15)
-    assert {n.node_id: node_speed(n, reg.nodes(), CostModel(), rates) for n in reg.nodes()} == {"p1": 1.5, "d1": 0.5}
-    assert d.prefill_speed == {"p1": 1.5, "d1": 0.5}
+    # One device kind: one capability, whatever batches each node happened to run.
+    assert {n.node_id: node_speed(n, reg.nodes(), CostModel(), rates) for n in reg.nodes()} == {"p1": 1.0, "d1": 1.0}
+    assert d.prefill_speed == {"p1": 1.0, "d1": 1.0}
+    # Two kinds: each node is as fast as its kind.
+    other = {n.node_id: n for n in reg.nodes()}
+    other["d1"] = dataclasses.replace(other["d1"], report=msgspec.structs.replace(other["d1"].report,
+                                                                                  device_name="slower gpu"))
+    assert {i: node_speed(n, list(other.values()), CostModel(), rates) for i, n in other.items()} == {"p1": 1.5, "d1": 0.5}
     # Backlogged again at a lower rate (its average still holds the small batches): the
     # best rate wins, fading by busy_fade a report.
     reg.update(report("p1", rate=20_000.0, waiting_tokens=40_000))
