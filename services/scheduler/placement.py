@@ -45,8 +45,13 @@ class CostModel:
     transfer_latency_s: float = 0.001
 
     def prefill_rate(self, node: NodeEntry) -> float:
-        rate = node.report.prefill_tokens_per_s
-        return rate if rate > 0 else self.default_prefill_tokens_per_s
+        """The node's measured prefill tokens/s; before its first prefill, the mean of its
+        device kind's (a node flipped from decode is as fast as its kind, not as the default:
+        a default far below the real rate kept such a node idle while its peer queued)."""
+        for rate in (node.report.prefill_tokens_per_s, node.kind_prefill_rate):
+            if rate > 0:
+                return rate
+        return self.default_prefill_tokens_per_s
 
     def decode_step_s(self, node: NodeEntry) -> float:
         step = node.report.decode_step_s

@@ -47,6 +47,9 @@ class NodeEntry:
     role_since: float  # when the node was first seen in its current role (dwell time)
     inflight: list[Inflight] = field(default_factory=list)
     cached_hashes: frozenset[int] = frozenset()
+    # Mean measured prefill tokens/s of the live nodes of this device kind: the rate of a
+    # node that has not prefilled yet (one launched as decode and flipped to prefill).
+    kind_prefill_rate: float = 0.0
     kv_links: dict[str, KVLink] = field(default_factory=dict)  # the report's links by decode peer id
 
     @property
@@ -142,7 +145,15 @@ class NodeRegistry:
         if report.cached_prefix_hashes or entry.cached_hashes:
             entry.cached_hashes = frozenset(report.cached_prefix_hashes)
         entry.kv_links = {link.peer: link for link in report.kv_links}
+        self._refresh_kind_rate(report.device_name)
         return events
+
+    def _refresh_kind_rate(self, device_name: str) -> None:
+        kin = [e for e in self._nodes.values() if e.report.device_name == device_name]
+        rates = [e.report.prefill_tokens_per_s for e in kin if e.report.prefill_tokens_per_s > 0]
+        mean = sum(rates) / len(rates) if rates else 0.0
+        for e in kin:
+            e.kind_prefill_rate = mean
 
     def remove(self, node_id: str, reason: str) -> list[SchedEvent]:
         """Forget a node (NodeBye, or dead). Returns ``[NODE_DOWN]`` if it was known."""

@@ -173,3 +173,13 @@ def test_decode_only_placement_for_a_refused_hand_off(policy: str) -> None:
     # The prefill node itself is never the answer, nor an excluded one; none left: overloaded.
     out = pol.place(_req(rid="r2", exclude_nodes=["d2", "d3", "h1"], prefill_node="p1"))
     assert isinstance(out, Rejected) and out.code is ErrorCode.OVERLOADED
+
+
+def test_a_node_that_never_prefilled_is_as_fast_as_its_kind() -> None:
+    # d1 launched as decode and flipped to prefill: no rate of its own yet. It is rated at
+    # its kind's measured 30k tok/s (not the 8k default), so it shares the prompts with p1.
+    pol = _cluster(report("p1", rate=30_000.0, waiting_tokens=20_000), report("d1", Role.PREFILL, rate=0.0),
+                   report("d2", Role.DECODE, rate=0.0))
+    assert CostModel().prefill_rate(pol.registry.get("d1")) == 30_000.0
+    out = pol.place(_req(tokens=6000))
+    assert isinstance(out, Placement) and out.prefill_node == "d1"
