@@ -1,8 +1,9 @@
 """Per-request KV blocks over the segment allocator, with prefix caching.
 
 A request's blocks are allocated in as few runs as possible: a prompt in one
-``allocate`` call (continuing the run of its last prefix-cache hit), decode growth one
-block at a time with ``hint=last_block + 1`` so the run keeps extending.
+``allocate`` call (continuing the run of its last prefix-cache hit if the free run there
+holds all of it), decode growth one block at a time with ``hint=last_block + 1`` so the
+run keeps extending.
 
 Prefix caching: a *full* block whose KV is computed is registered under a chained hash
 (parent block's hash + the block's token ids; the token ids are stored too, so a hash
@@ -10,15 +11,33 @@ collision can never hand out wrong KV). Blocks carry reference counts; a registe
 block whose count drops to 0 stays cached and *evictable* (LRU) until space is needed.
 Only full, registered blocks are ever shared, and a request writes only past its
 cached prefix, so a shared block is never written while in use.
+
+Eviction keeps allocations contiguous. Once the pool is full of cached blocks (after
+about one pool's worth of traffic), evicting exactly the shortfall in LRU order would
+hand a new request exactly the LRU victims, wherever they lie: the previous requests'
+scattered decode blocks, their prompts' tails, the odd free block, i.e. one KV hand-off
+split into dozens of copies. So an allocation of ``n`` blocks evicts the shortfall
+(LRU first) as before, and then, if no free run holds ``n`` blocks, looks through the
+next ``EVICTION_HORIZON * n`` least recently used cached blocks, oldest first, for the
+first place where they and free blocks make a run of ``n``, and evicts only the cached
+blocks in that window. A cached block is thus never evicted while more than
+``shortfall + EVICTION_HORIZON * n`` cached blocks are older than it. If no such place
+exists, ``n`` more LRU blocks are evicted (free space then builds up where the oldest
+blocks are, for the next time) and the request takes the largest free runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from libs.kvtransfer.allocator import NoFreeBlocks, SegmentAllocator, ids_to_runs
+
+# How far past the shortfall an allocation of n blocks may look, in LRU order, for cached
+# blocks to evict so that its blocks form one run (in units of n).
+EVICTION_HORIZON = 16
 
 
 @dataclasses.dataclass
@@ -49,6 +68,7 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # LRU first
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
+        self.num_evicted_blocks = 0
 
     # ----------------------------------------------------------------- queries
 
@@ -193,18 +213,57 @@ class BlockManager:
         return hits
 
     def _take(self, n: int, hint: int | None) -> list[int]:
-        """Allocate ``n`` blocks, evicting least recently used cached blocks as needed."""
-        short = n - self._alloc.num_free_blocks
-        if short > 0:
-            victims = [self._evictable.popitem(last=False)[0] for _ in range(short)]
-            for b in victims:
-                del self._block_by_hash[self._hash_of_block.pop(b)]
-                del self._tokens_of_block[b]
-            self._alloc.free(victims)
-        try:
-            ids = self._alloc.allocate(n, hint=hint)
-        except NoFreeBlocks:  # pragma: no cover - guarded by the callers' counts
-            raise
+        """Allocate ``n`` blocks in as few runs as possible, evicting cached blocks as needed.
+
+        If the free run at ``hint`` holds all ``n`` blocks, they come from there (a request
+        growing in place). Otherwise the hint is dropped (one run elsewhere moves in one
+        copy, where a short extension plus the rest would take two) and eviction goes as
+        the module docstring says.
+        """
+        alloc = self._alloc
+        if hint is not None and (run := alloc.free_run(hint)) is not None and run[0] + run[1] - hint >= n:
+            ids = alloc.allocate(n, hint=hint)
+        else:
+            self._evict(self._pop_lru(n - alloc.num_free_blocks))
+            start = None
+            if alloc.largest_free_segment < n:
+                window = self._find_window(n)
+                if window is None:
+                    self._evict(self._pop_lru(n))
+                else:
+                    start, victims = window
+                    for b in victims:
+                        del self._evictable[b]
+                    self._evict(victims)
+            # Where a window was found, [start, start + n) is free now: the hint takes it whole.
+            ids = alloc.allocate(n, hint=start)
         for b in ids:
             self._ref[b] = 1
         return ids
+
+    def _find_window(self, n: int) -> tuple[int, list[int]] | None:
+        """The first place where free blocks and the least recently used cached blocks (at
+        most ``EVICTION_HORIZON * n``, oldest first) make a run of ``n``.
+
+        Returns:
+            The run's first block and the cached blocks in ``[start, start + n)``, or None.
+            Nothing changes.
+        """
+        found = self._alloc.find_run(n, itertools.islice(self._evictable, EVICTION_HORIZON * n))
+        if found is None:
+            return None
+        start, count = found
+        return start, [b for b in itertools.islice(self._evictable, count) if start <= b < start + n]
+
+    def _pop_lru(self, count: int) -> list[int]:
+        """Take up to ``count`` least recently used blocks off the evictable list (still cached)."""
+        return [self._evictable.popitem(last=False)[0] for _ in range(min(count, len(self._evictable)))]
+
+    def _evict(self, blocks: list[int]) -> None:
+        """Drop cached blocks (already off the evictable list) from the prefix cache and free them."""
+        for b in blocks:
+            del self._block_by_hash[self._hash_of_block.pop(b)]
+            del self._tokens_of_block[b]
+        if blocks:
+            self._alloc.free(blocks)
+            self.num_evicted_blocks += len(blocks)

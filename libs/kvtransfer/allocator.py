@@ -9,7 +9,10 @@ contiguous, so the allocator hands out *runs*, never single scattered ids:
   if no single run is long enough it takes the largest runs first, so the request gets
   the fewest segments, and the remainder by best fit;
 - ``allocate(n, hint=h)`` first extends from block ``h`` if it is free, which lets a
-  growing request continue its last run (decode appends blocks one at a time).
+  growing request continue its last run (decode appends blocks one at a time);
+- ``find_run(n, candidates)`` only looks: where a run of ``n`` would appear if some
+  allocated blocks were freed in a given order (the block manager asks it which cached
+  blocks to evict, see :mod:`libs.engine.block_manager`).
 
 Runs are indexed twice, by start (to find neighbours) and by (length, start) (best fit),
 in sorted lists searched with :mod:`bisect`: O(log n) searches, O(n) memmove inserts of
@@ -90,6 +93,45 @@ class SegmentAllocator:
 
     def is_free(self, block_id: int) -> bool:
         return self._run_containing(block_id) is not None
+
+    def free_run(self, block_id: int) -> tuple[int, int] | None:
+        """The free run ``(start, length)`` that holds ``block_id``, or None if it is not free."""
+        start = self._run_containing(block_id)
+        return None if start is None else (start, self._length[start])
+
+    def find_run(self, n: int, candidates: Iterable[int]) -> tuple[int, int] | None:
+        """Where a free run of ``n`` blocks first appears if allocated ``candidates`` are freed in order.
+
+        Args:
+            n: the run length wanted.
+            candidates: distinct allocated block ids (the block manager's cached blocks,
+                least recently used first); read lazily, up to the first that completes a run.
+
+        Returns:
+            ``(start, count)``: ``[start, start + n)`` is free once the first ``count``
+            candidates are; None if freeing all of them gives no such run. Nothing changes.
+        """
+        starts, length = self._starts, self._length
+        start_of: dict[int, int] = {}  # end -> start of the runs of free and candidate blocks so far
+        end_of: dict[int, int] = {}  # start -> end
+        for count, b in enumerate(candidates, 1):
+            lo, hi = b, b + 1
+            if b in start_of:
+                lo = start_of.pop(b)
+                del end_of[lo]
+            elif b:  # a free run ending at b?
+                i = bisect_right(starts, b - 1) - 1
+                if i >= 0 and starts[i] + length[starts[i]] == b:
+                    lo = starts[i]
+            if hi in end_of:
+                hi = end_of.pop(hi)
+                del start_of[hi]
+            elif hi in length:  # a free run starting at b + 1
+                hi += length[hi]
+            if hi - lo >= n:
+                return lo, count
+            start_of[hi], end_of[lo] = lo, hi
+        return None
 
     # ---------------------------------------------------------------- changes
 

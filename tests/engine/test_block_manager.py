@@ -59,6 +59,102 @@ def test_prefix_cache_refcounts_and_lru_eviction() -> None:
     assert bm.block_ids("d")[:2] == [0, 1]
 
 
+def _one_block_requests(bm: BlockManager, free_order: list[int]) -> None:
+    """Fill a 1-token-block pool with cached one-block requests; free some in the given order."""
+    for i in range(bm.num_total_blocks):
+        bm.allocate(f"r{i}", [1000 + i], 1, 1)
+        bm.register_computed(f"r{i}", [1000 + i], 1)
+        assert bm.block_ids(f"r{i}") == [i]
+    for i in free_order:
+        bm.free(f"r{i}")
+
+
+def test_eviction_finds_one_run_among_older_cached_blocks() -> None:
+    bm = BlockManager(16, 1)
+    # LRU order 0, 8, 1, 9, 2, 10, 3, ...: the 4 oldest alone are two runs of 2.
+    _one_block_requests(bm, [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15])
+    bm.allocate("x", [1, 2, 3, 4], 4, 4)
+    # Evicting the 4 oldest (0, 8, 1, 9) gave [0, 1] + [8, 9]; with the next oldest, 2, 10
+    # and 3, [0, 4) is one run: 2 and 3 are evicted, 10 was only looked at; 8, 9 are free.
+    assert bm.segments("x") == [(0, 4)]
+    assert bm.num_evicted_blocks == 6 and bm.num_evictable_blocks == 10 and bm.num_free_blocks == 12
+    assert bm.is_cached(10) and not bm.is_cached(8) and not bm.is_cached(9)
+    # 10 is still the least recently used block: the next shortfall evicts it first.
+    bm.allocate("y", [5, 6, 7], 3, 3)
+    assert bm.segments("y") == [(8, 3)] and not bm.is_cached(10) and bm.is_cached(11)
+    # A cached block still hits and is never handed out while it is cached.
+    assert bm.allocate("z", [1011], 1, 1) == 1 and bm.block_ids("z") == [11]
+
+
+def test_eviction_without_a_run_in_reach_evicts_n_more_and_takes_largest_runs() -> None:
+    bm = BlockManager(16, 1)
+    _one_block_requests(bm, [0, 2, 4, 6, 8, 10, 12, 14])  # odd blocks stay held
+    bm.allocate("x", [1, 2], 2, 2)
+    # No two free blocks can ever be adjacent: the two oldest are evicted (the shortfall)
+    # and, as no run of 2 is in reach, two more (4, 6): free space builds up where the oldest were.
+    assert bm.block_ids("x") == [0, 2]
+    assert bm.num_evicted_blocks == 4 and [bm.is_cached(b) for b in (4, 6, 8, 14)] == [False, False, True, True]
+    assert bm.num_free_blocks == 6 and bm.num_evictable_blocks == 4
+
+
+def _check_consistent(bm: BlockManager) -> None:
+    free = {b for s, n in bm._alloc.free_runs() for b in range(s, s + n)}
+    evictable = set(bm._evictable)
+    held = {b for b in range(bm.num_total_blocks) if bm.ref_count(b) > 0}
+    assert len(free) + len(evictable) + len(held) == bm.num_total_blocks  # disjoint and complete
+    cached = set(bm._hash_of_block)
+    assert evictable <= cached and not free & cached
+    assert all(bm._block_by_hash[h] == b for b, h in bm._hash_of_block.items())
+
+
+def test_random_churn_keeps_pool_and_cache_consistent() -> None:
+    rng = random.Random(5)
+    bm = BlockManager(64, 2)
+    heads = [[rng.randrange(3, 99) for _ in range(rng.randint(2, 20))] for _ in range(4)]
+    live: dict[str, list[int]] = {}
+    for step in range(3000):
+        if live and (rng.random() < 0.4 or bm.num_free_blocks < 16):
+            rid = rng.choice(sorted(live))
+            if rng.random() < 0.5:
+                bm.free(rid)
+                del live[rid]
+            else:  # decode growth
+                live[rid].append(rng.randrange(3, 99))
+                if bm.append_slots(rid, len(live[rid])):
+                    bm.register_computed(rid, live[rid], len(live[rid]) - 1)
+                else:
+                    live[rid].pop()
+        else:
+            prompt = rng.choice(heads) + [rng.randrange(3, 99) for _ in range(rng.randint(1, 24))]
+            rid = f"r{step}"
+            try:
+                hit = bm.allocate(rid, prompt, len(prompt), len(prompt) // 2)
+            except NoFreeBlocks:
+                continue
+            ids = bm.block_ids(rid)
+            assert len(ids) == bm.blocks_for(len(prompt)) and len(set(ids)) == len(ids)
+            # Hits hand out only blocks holding exactly these tokens.
+            assert all(bm._tokens_of_block[b] == tuple(prompt[2 * i : 2 * i + 2]) for i, b in enumerate(ids[: hit // 2]))
+            bm.register_computed(rid, prompt, len(prompt))
+            live[rid] = prompt
+        _check_consistent(bm)
+    assert bm.num_evicted_blocks > 500 and bm.num_hit_tokens > 0
+
+
+def test_prompt_ignores_a_hint_run_too_short_for_it() -> None:
+    bm = BlockManager(16, 1)
+    bm.allocate("a", [1, 2, 3, 4], 4, 4)
+    bm.register_computed("a", [1, 2, 3, 4], 2)  # blocks 0, 1 cached; 2, 3 go back free
+    bm.allocate("pad", [9], 1, 0)  # block 4: free runs [2, 4) and [5, 16) once a is freed
+    bm.free("a")
+    # Past the 2-block hit, [2, 4) cannot hold 3 blocks: one run elsewhere, not 2 + 1.
+    assert bm.allocate("b", [1, 2, 7, 7, 7], 5, 5) == 2
+    assert bm.segments("b") == [(0, 2), (5, 3)]
+    # Where the run after the last block holds the rest, it continues there.
+    assert bm.allocate("c", [1, 2, 8], 3, 3) == 2 and bm.block_ids("c") == [0, 1, 2]
+    assert bm.append_slots("b", 9) and bm.segments("b") == [(0, 2), (5, 7)]
+
+
 def test_same_hash_different_tokens_never_hits() -> None:
     bm = BlockManager(8, 2)
     bm.allocate("a", [1, 2, 3, 4], 4, 2)

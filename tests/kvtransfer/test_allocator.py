@@ -92,6 +92,27 @@ def test_hint_partial_then_rest() -> None:
     assert a.free_runs() == [(0, 1), (3, 1), (12, 2)]
 
 
+def test_free_run_of_a_block() -> None:
+    a = SegmentAllocator(20)
+    a.allocate(20)
+    a.free([2, 3, 4, 5, 9, 10, 19])
+    assert [a.free_run(b) for b in (2, 5, 6, 10, 19, 0)] == [(2, 4), (2, 4), None, (9, 2), (19, 1), None]
+
+
+def test_find_run_as_candidates_would_be_freed() -> None:
+    a = SegmentAllocator(20)
+    a.allocate(20)
+    a.free([2, 3, 9, 10, 19])  # free runs (2, 2), (9, 2), (19, 1)
+    # 4 joins (2, 2) into a run of 3; 8 then joins (9, 2) into (8, 3); 7 makes (7, 4).
+    assert a.find_run(4, iter([4, 8, 15, 7, 6])) == (7, 4)
+    assert a.find_run(3, [4, 8]) == (2, 1)
+    # 12 alone, 11 joins it to (9, 2), 13 bridges to (14, 1): (9, 6) after 3 candidates.
+    a.free([14])
+    assert a.find_run(6, [12, 11, 13]) == (9, 3) and a.find_run(7, [12, 11, 13]) is None
+    assert a.find_run(2, [0]) is None and a.find_run(2, [1]) == (1, 1) and a.find_run(2, [18]) == (18, 1)
+    assert a.free_runs() == [(2, 2), (9, 2), (14, 1), (19, 1)]  # nothing changed
+
+
 def test_errors() -> None:
     a = SegmentAllocator(8)
     ids = a.allocate(4)
