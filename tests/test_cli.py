@@ -151,6 +151,26 @@ def test_plan_disaggregated_with_token_keeps_secrets_off_command_lines():
     assert not conf.exists()
 
 
+def test_plan_moves_a_derived_metrics_port_that_is_taken():
+    # gateway port + 1.. are a default, not a request: a port another process holds is
+    # replaced by a free one (a node that cannot bind its /metrics port dies at start).
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        taken = held.getsockname()[1]
+        cfg = up.UpConfig(model="tiny", port=taken - 2, prefill_nodes=1, decode_nodes=1, nats_url="nats://b:4222")
+        plan = plan_cluster(cfg, base_env={})
+        ports = {c.name: int(c.argv[c.argv.index("--metrics-port") + 1]) for c in plan.children
+                 if "--metrics-port" in c.argv}
+        assert ports["prefill-0"] != taken and len(set(ports.values())) == 3
+        # Asked for explicitly: kept as asked (the service then fails loudly on it).
+        cfg = up.UpConfig(model="tiny", port=8000, metrics_port=taken - 1, prefill_nodes=1, decode_nodes=1,
+                          nats_url="nats://b:4222")
+        argv = plan_cluster(cfg, base_env={}).child("prefill-0").argv
+        assert argv[argv.index("--metrics-port") + 1] == str(taken)
+
+
 def test_plan_colocated_on_an_external_nats():
     cfg = up.UpConfig(colocated=2, nats_url="nats://broker:4222", dtype="bfloat16")
     plan = plan_cluster(cfg, base_env={"OMP_NUM_THREADS": "1"})

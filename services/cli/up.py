@@ -50,7 +50,7 @@ class UpConfig:
     prefill_nodes: int = field(default=1, metadata={"help": "prefill nodes to run"})
     decode_nodes: int = field(default=1, metadata={"help": "decode nodes to run"})
     colocated: int = field(default=0, metadata={"help": "run K hybrid nodes instead of prefill/decode (the colocated baseline)"})
-    metrics_port: int = field(default=0, metadata={"help": "first /metrics port: the scheduler's, then one per node in order (0: gateway port + 1)"})
+    metrics_port: int = field(default=0, metadata={"help": "first /metrics port: the scheduler's, then one per node in order (0: gateway port + 1, a taken one replaced by a free one)"})
     nats_url: str = field(default="", metadata={"help": "use this NATS server instead of starting one"})
     nats_token: str = field(default="", metadata={"help": "NATS auth token (the embedded server requires it)", "secret": True})
     nats_port: int = field(default=0, metadata={"help": "port of the embedded NATS server (0: a free port)"})
