@@ -19,8 +19,8 @@ run at once; else one after another (``--sequential``; ``--parallel`` forces sha
    overload   both kinds half/half at ``--overload-mult`` (2.0) x the 2:2 capacity for it, 20 s
 3. ``results.json`` (meta with the CPU plan and calibration; a row per policy and scenario:
    summarize(), window throughput, roles before/after and over time, flips, the answer
-   check, CPU use per process) and ``results.md`` (the same-run table and issue #5's targets,
-   PASS/FAIL) in ``--out``, rewritten after every step; cluster logs in ``--out/logs``.
+   check, CPU use per process), ``results.md`` (the same-run table and issue #5's targets,
+   PASS/FAIL) and ``throughput.png`` in ``--out``, rewritten after every step; cluster logs in ``--out/logs``.
    Target throughput is the simulator's: requests completed within the arrival window.
 
 Scheduler timescale for every policy: FLOWKV_SCHEDULER_MIN_DWELL_S=3, DEMAND_WINDOW_S=4,
@@ -223,6 +223,7 @@ class Run:
         out = self.args.out
         (out / "results.json").write_text(json.dumps({"meta": self.meta, "results": self.rows}, indent=1))
         (out / "results.md").write_text(report.markdown(self.meta, self.rows))
+        report.plot(str(out / "throughput.png"), self.rows)
 
     def calibrate(self, fleet: Fleet) -> None:
         """Every burst on every cluster at once; the first time, the 2:2 cluster's figures set the rates."""

@@ -221,3 +221,32 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if meta.get("skipped"):
         lines += ["", "Skipped (deadline): " + ", ".join(meta["skipped"])]
     return "\n".join(lines) + "\n"
+
+
+def plot(path: str, rows: list[dict[str, Any]], key: str = "window_rps") -> bool:
+    """Grouped bars: ``key`` per scenario, one bar per policy. False without matplotlib or rows."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    if not scenarios or not policies:
+        return False
+    by = {(r["scenario"], r["policy"]): r.get(key) or 0.0 for r in rows}
+    width = 0.8 / len(policies)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, pol in enumerate(policies):
+        xs = [j + (i - (len(policies) - 1) / 2) * width for j in range(len(scenarios))]
+        ax.bar(xs, [by.get((sc, pol), 0.0) for sc in scenarios], width, label=pol)
+    ax.set_xticks(range(len(scenarios)), scenarios)
+    ax.set_ylabel("requests/s completed in the window")
+    ax.set_title("Real 4-node CPU clusters, same run")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

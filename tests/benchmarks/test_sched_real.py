@@ -172,3 +172,11 @@ def test_markdown_has_a_row_per_run_and_the_verdicts():
     assert "could reach flowkv / fixed:1:1 = 1.400" in md and "Busy processes" not in md
     rows[0]["cpu_util"] = {"gateway": 0.93, "decode-0": 2.0}
     assert report.busy_processes(rows) == ["imbalance_prefill/flowkv: gateway 0.93"]
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [_row(sc, p, r) for sc in ("normal", "overload") for p, r in (("flowkv", 3.0), ("fixed:1:1", 2.0))]
+    assert report.plot(str(tmp_path / "t.png"), rows)
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    assert not report.plot(str(tmp_path / "empty.png"), [])
