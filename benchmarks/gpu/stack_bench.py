@@ -182,6 +182,8 @@ class Bench:
                                  "to": e.new_role.value if e.new_role else ""} for t, e in flips],
                  "role_events": [{"t": round(t, 2), "node": e.node_id, "detail": e.detail} for t, e in events],
                  "exactly_once": exactly_once(specs, records), "errors": sorted({r.error[:200] for r in records if r.error})[:5],
+                 # One cluster's nodes (K colocated clusters would mix K nodes of one name).
+                 "nodes": rep.node_summary(taps[0].samples_between(t0, t1), handoffs) if len(taps) == 1 else {},
                  "requests": compact(records)}
         row = rep.run_row(exp.name, exp.kind, dict(run), summary, describe(specs), handoffs, extra)
         self.rows.append(row)

@@ -29,13 +29,13 @@ from typing import IO, Any
 import nats
 
 from libs.protocol import messages
-from libs.protocol.messages import ClusterQuery, EventKind, KVAllocRequest, KVDone, SchedEvent
-from libs.protocol.subjects import PREFIX, sched_cluster, sched_events
+from libs.protocol.messages import ClusterQuery, EventKind, KVAllocRequest, KVDone, LoadReport, SchedEvent
+from libs.protocol.subjects import PREFIX, node_load, sched_cluster, sched_events
 from services.cli.up import is_ready
 from services.common.natsserver import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack_report import Handoff  # noqa: E402
+from stack_report import Handoff, NodeSample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -141,8 +141,9 @@ class Tap:
 
     def __init__(self) -> None:
         self.nc: Any = None
-        self._alloc: dict[str, tuple[float, int]] = {}  # transfer id -> (seen at, prompt tokens)
+        self._alloc: dict[str, tuple[float, int, str, str]] = {}  # transfer id -> (seen at, prompt tokens, P, D)
         self.handoffs: list[Handoff] = []
+        self.samples: list[NodeSample] = []
         self.events: list[tuple[float, SchedEvent]] = []  # (perf_counter at arrival, event)
 
     async def start(self, nats_url: str) -> None:
@@ -150,24 +151,39 @@ class Tap:
         await self.nc.subscribe(f"{PREFIX}.node.*.kv_alloc", cb=self._on_alloc)
         await self.nc.subscribe(f"{PREFIX}.node.*.kv_done", cb=self._on_done)
         await self.nc.subscribe(sched_events(), cb=self._on_event)
+        await self.nc.subscribe(node_load(), cb=self._on_load)
         await self.nc.flush()
 
     async def _on_alloc(self, msg: Any) -> None:
         m = messages.decode(msg.data)
         if isinstance(m, KVAllocRequest):
-            self._alloc[m.transfer_id] = (time.perf_counter(), len(m.prompt_token_ids))
+            decode_node = msg.subject.split(".")[-2]  # flowkv.v1.node.<id>.kv_alloc
+            self._alloc[m.transfer_id] = (time.perf_counter(), len(m.prompt_token_ids), m.prefill_node, decode_node)
 
     async def _on_done(self, msg: Any) -> None:
         now = time.perf_counter()
         m = messages.decode(msg.data)
         if not isinstance(m, KVDone):
             return
-        seen, tokens = self._alloc.pop(m.transfer_id, (now, 0))
+        seen, tokens, p, d = self._alloc.pop(m.transfer_id, (now, 0, "", ""))
         st = m.stats
         self.handoffs.append(Handoff(
             t=now, request_id=m.request_id, prompt_tokens=tokens, handoff_s=now - seen,
             transfer_s=st.duration_s if st else 0.0, bytes=st.bytes if st else 0, calls=st.calls if st else 0,
-            segments=st.segments if st else 0, transport=st.transport if st else "none", ok=m.ok))
+            segments=st.segments if st else 0, transport=st.transport if st else "none", ok=m.ok,
+            prefill_node=p, decode_node=d))
+
+    async def _on_load(self, msg: Any) -> None:
+        try:
+            m = messages.decode(msg.data)
+        except Exception:  # a report this tap cannot read says nothing about the run
+            return
+        if isinstance(m, LoadReport):
+            self.samples.append(NodeSample(time.perf_counter(), m.node_id, m.role.value, m.waiting_prefill_tokens,
+                                           m.prefill_tokens_per_s, m.num_running, m.decode_step_s))
+
+    def samples_between(self, t0: float, t1: float) -> list[NodeSample]:
+        return [s for s in self.samples if t0 <= s.t <= t1]
 
     async def _on_event(self, msg: Any) -> None:
         m = messages.decode(msg.data)

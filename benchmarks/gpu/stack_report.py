@@ -37,6 +37,44 @@ class Handoff:
     segments: int
     transport: str
     ok: bool
+    prefill_node: str = ""
+    decode_node: str = ""
+
+
+@dataclass
+class NodeSample:
+    """One node's LoadReport as the tap saw it (``t``: perf_counter seconds at arrival)."""
+
+    t: float
+    node_id: str
+    role: str
+    waiting_prefill_tokens: int
+    prefill_tokens_per_s: float
+    num_running: int
+    decode_step_s: float
+
+
+def node_summary(samples: list[NodeSample], handoffs: list[Handoff]) -> dict[str, dict[str, Any]]:
+    """Per node over a run: its roles, mean queued prompt tokens, mean reported prefill rate
+    and decode batch, and the hand-offs it sent (as P) and received (as D), with their mean
+    prompt length: where a cluster's prefill work went, and how each node did with it."""
+    out: dict[str, dict[str, Any]] = {}
+    for node in sorted({s.node_id for s in samples} | {h.prefill_node for h in handoffs if h.prefill_node}
+                       | {h.decode_node for h in handoffs if h.decode_node}):
+        mine = [s for s in samples if s.node_id == node]
+        sent = [h for h in handoffs if h.prefill_node == node]
+        rates = [s.prefill_tokens_per_s for s in mine if s.prefill_tokens_per_s > 0]
+        out[node] = {
+            "roles": list(dict.fromkeys(s.role for s in mine)),
+            "reports": len(mine),
+            "mean_waiting_prefill_tokens": sum(s.waiting_prefill_tokens for s in mine) / len(mine) if mine else None,
+            "mean_prefill_tokens_per_s": sum(rates) / len(rates) if rates else None,
+            "mean_running": sum(s.num_running for s in mine) / len(mine) if mine else None,
+            "handoffs_sent": len(sent),
+            "mean_prompt_tokens_sent": sum(h.prompt_tokens for h in sent) / len(sent) if sent else None,
+            "handoffs_received": sum(1 for h in handoffs if h.decode_node == node),
+        }
+    return out
 
 
 def pct(values: list[float], p: float) -> float | None:
@@ -226,9 +264,24 @@ def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]], meta: di
         out.append(f"| {r['experiment']} | {r['workload']} | {r['rate']:g} | {h['count']} ({h['failed']} failed) | "
                    f"{','.join(h['transports'])} | {mb} | {calls} | {_ms(h['handoff_s']['p50'])} | "
                    f"{_ms(h['handoff_s']['p99'])} | {_ms(h['transfer_s']['p50'])} | {_ms(h['transfer_s']['p99'])} | {share} |")
+    out += ["", "## Per node (LoadReports and hand-offs during each disaggregated run)", "",
+            "| experiment | workload | rate | node | roles | queued prompt tokens (mean) | prefill tok/s (mean reported) "
+            "| decode batch (mean) | hand-offs sent | mean prompt sent | hand-offs received |", "|" + " --- |" * 11]
+    for r in rows:
+        if not r["handoff"]["count"]:
+            continue
+        for node, n in (r.get("nodes") or {}).items():
+            out.append(f"| {r['experiment']} | {r['workload']} | {r['rate']:g} | {node} | {'/'.join(n['roles'])} | "
+                       f"{_num(n['mean_waiting_prefill_tokens'])} | {_num(n['mean_prefill_tokens_per_s'])} | "
+                       f"{_num(n['mean_running'], 1)} | {n['handoffs_sent']} | {_num(n['mean_prompt_tokens_sent'])} | "
+                       f"{n['handoffs_received']} |")
     if extras:
         out += ["", "## Notes", ""] + [f"- {line}" for line in extras]
     return "\n".join(out) + "\n"
+
+
+def _num(v: float | None, digits: int = 0) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def plot(path: str, rows: list[dict[str, Any]], long_workload: str, timelines: dict[str, Any]) -> bool:

@@ -167,3 +167,19 @@ def test_plan_rates_and_cpu_transports():
     args = sb.parse(["--gpus", "2", "--experiments", "1colo,bogus"])
     with pytest.raises(SystemExit):
         sb.plan(args, sb.PROFILES["llama-3.1-8b"])
+
+
+def test_node_summary_shows_where_the_prefill_work_went():
+    samples = [rep.NodeSample(t, n, role, q, rate, run, 0.01)
+               for t, n, role, q, rate, run in ((1.0, "p0", "prefill", 8000, 20000.0, 0), (2.0, "p0", "prefill", 4000, 0.0, 0),
+                                                (1.0, "p1", "decode", 0, 0.0, 3), (2.0, "p1", "prefill", 0, 30000.0, 0),
+                                                (1.0, "d0", "decode", 0, 0.0, 5))]
+    hs = [rep.Handoff(t=0.0, request_id="r", prompt_tokens=n, handoff_s=0.01, transfer_s=0.001, bytes=1, calls=1,
+                      segments=1, transport="cuda_ipc", ok=True, prefill_node=p, decode_node="d0")
+          for n, p in ((6000, "p0"), (2000, "p0"), (1000, "p1"))]
+    got = rep.node_summary(samples, hs)
+    assert list(got) == ["d0", "p0", "p1"]
+    assert got["p0"]["mean_waiting_prefill_tokens"] == 6000 and got["p0"]["mean_prefill_tokens_per_s"] == 20000.0
+    assert (got["p0"]["handoffs_sent"], got["p0"]["mean_prompt_tokens_sent"]) == (2, 4000)
+    assert got["p1"]["roles"] == ["decode", "prefill"] and got["p1"]["handoffs_sent"] == 1
+    assert (got["d0"]["handoffs_received"], got["d0"]["mean_running"], got["d0"]["handoffs_sent"]) == (3, 5, 0)
