@@ -47,21 +47,28 @@ from libs.protocol.messages import (
     KVAllocReply,
     KVAllocRequest,
     KVDone,
-    PlaceRequest,
     Placement,
+    PlaceRequest,
     SubmitRequest,
     TokenChunk,
     TransferReport,
 )
 from libs.protocol.subjects import NodeVerb, node, sched_place
-from services.common.messaging import request
 from services.common import faults
 from services.common.logs import request_id_var
+from services.common.messaging import request
 from services.common.tracing import extract_context, inject_headers, tracer
 from services.node import metrics
-from services.node.metrics import transfer_attributes
 from services.node.context import NodeContext, resolve
-from services.node.streaming import Streamer, Usage, chunk_of, continuation_params, engine_params, error_chunk
+from services.node.metrics import transfer_attributes
+from services.node.streaming import (
+    Streamer,
+    Usage,
+    chunk_of,
+    continuation_params,
+    engine_params,
+    error_chunk,
+)
 
 log = logging.getLogger(__name__)
 # A refused hand-off is re-placed on another decode node this many times, then computed here.
@@ -212,10 +219,12 @@ class PrefillHandler:
         job.transfer_id = f"{req.request_id}.{uuid.uuid4().hex[:12]}"
         span.set_attribute("flowkv.transfer_id", job.transfer_id)
         reply = await self._reserve(job, src_ids, headers)
+        refused = [req.decode_node]
         for _ in range(MAX_DECODE_REPLACEMENTS):
-            if reply is not None or job.cancelled or not await self._move_hand_off(job, streamer):
+            if reply is not None or job.cancelled or not await self._move_hand_off(job, streamer, refused):
                 break
             reply = await self._reserve(job, src_ids, headers)
+            refused.append(job.req.decode_node)
         req = job.req
         if reply is None:
             if job.cancelled:
@@ -245,21 +254,21 @@ class PrefillHandler:
         await self._notify_done(req, done, headers)
         return "ok" if done.ok else ("cancelled" if job.cancelled else "transfer_failed")
 
-    async def _move_hand_off(self, job: PrefillJob, streamer: Streamer) -> bool:
+    async def _move_hand_off(self, job: PrefillJob, streamer: Streamer, refused: list[str]) -> bool:
         """The placed decode node refused the hand-off (a role flip got there first, or it
-        is full): ask the scheduler for another decode node, tell the gateway the hand-off
-        moved, and point the job at it. False if there is none (the caller computes the
-        rest here, as after any failed reservation)."""
+        is full): ask the scheduler for another decode node (none of ``refused``), tell the
+        gateway the hand-off moved, and point the job at it. False if there is none (the
+        caller computes the rest here, as after any failed reservation)."""
         req, ctx = job.req, self.ctx
         place = PlaceRequest(request_id=req.request_id, model=ctx.engine.model_name,
                              num_prompt_tokens=len(req.prompt_token_ids), max_tokens=req.sampling.max_tokens,
-                             exclude_nodes=[req.decode_node], prefill_node=ctx.node_id)
+                             exclude_nodes=list(refused), prefill_node=ctx.node_id)
         try:
             reply = await request(ctx.nc, sched_place(), place, ctx.config.kv_alloc_timeout_s)
         except Exception as exc:  # timeout, no scheduler, garbage: fall back to computing it here
             log.warning("no new decode node for %s: %r", req.request_id, exc)
             return False
-        if not isinstance(reply, Placement) or reply.decode_node in ("", req.decode_node, ctx.node_id):
+        if not isinstance(reply, Placement) or reply.decode_node in ("", ctx.node_id, *refused):
             log.warning("no new decode node for %s: %s", req.request_id, getattr(reply, "reason", reply))
             return False
         log.info("hand-off of %s moves from %s to %s", req.request_id, req.decode_node, reply.decode_node)

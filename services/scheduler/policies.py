@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from libs.protocol.messages import ErrorCode, PlaceRequest, Placement, Rejected, Role
+from libs.protocol.messages import ErrorCode, Placement, PlaceRequest, Rejected, Role
 from services.scheduler.placement import (
     CostModel,
     decode_blocks_needed,

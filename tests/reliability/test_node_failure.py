@@ -85,8 +85,18 @@ async def test_no_node_left_ends_the_stream_with_an_error_not_a_hang(tmp_path):
             assert status == 200 and killed == ["decode-0", "prefill-0"]
             err = events[-1].get("error")
             assert err is not None, events[-1]
-            assert err["code"] in ("no_nodes", "node_failed"), err
-            # A new request is refused at once with a clear status, not left hanging.
-            status, body, _ = await c.complete(s, {"prompt": PROMPT, "max_tokens": 4}, timeout=60)
+            # Which error depends on which dead node the scheduler forgets first (each
+            # after its own report timeout): none left, the retries used up, or the
+            # prefill node still listed with no decode node beside it ("overloaded").
+            assert err["code"] in ("no_nodes", "node_failed", "overloaded"), err
+            # A new request is refused with a clear status, not left hanging: 429 while the
+            # scheduler still lists the dead prefill node, then, once it has forgotten both
+            # (a report timeout), 502/503.
+            for _ in range(30):
+                status, body, _ = await c.complete(s, {"prompt": PROMPT, "max_tokens": 4}, timeout=60)
+                if status != 429:
+                    break
+                assert body["error"]["code"] == "overloaded", body
+                await asyncio.sleep(0.5)
             assert status in (502, 503), (status, body)
             assert body["error"]["code"] in ("no_nodes", "node_failed", "scheduler_unavailable"), body
