@@ -7,7 +7,6 @@ checked without starting anything.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.cli.supervisor import child_env
-from services.common.natsserver import find_binary, free_port, wait_for_port
+from services.common.natsserver import find_binary, free_port, port_is_free, wait_for_port
 
 if TYPE_CHECKING:
     from services.cli.up import UpConfig
@@ -51,16 +50,6 @@ class ClusterPlan:
     def child(self, name: str) -> ChildSpec:
         return next(c for c in self.children if c.name == name)
 
-
-
-def port_is_free(port: int, host: str = "0.0.0.0") -> bool:
-    """Whether ``port`` can be bound on ``host`` now (the services bind their /metrics on 0.0.0.0)."""
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 def _module(name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", name, *args]
@@ -133,9 +122,9 @@ def plan_cluster(cfg: UpConfig, base_env: dict[str, str] | None = None) -> Clust
 
     def metrics_args(name: str) -> list[str]:
         port = next(metrics_port)
-        if not cfg.metrics_port and not port_is_free(port):
+        if not cfg.metrics_port and not port_is_free(port, "0.0.0.0"):
             # Derived from the gateway's port, not asked for: another process may hold it
-            # (a node that cannot bind its /metrics port dies at start). Take a free one.
+            # (a node that cannot bind its /metrics port, on 0.0.0.0, dies at start). Take a free one.
             port = free_port("0.0.0.0")
         metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
         return ["--metrics-port", str(port)]

@@ -185,14 +185,11 @@ class Dispatcher:
         try:
             item = await asyncio.wait_for(stream.queue.get(), self.config.stall_timeout_s)
         except asyncio.TimeoutError:
-            # Before the first token the prefill node is the one to blame, after it the decode node.
-            node = placement.prefill_node if got == 0 else stream.moved_to or placement.decode_node
-            raise AttemptFailed(node, f"no token for {self.config.stall_timeout_s:g}s") from None
+            raise AttemptFailed(_serving(placement, stream, got), f"no token for {self.config.stall_timeout_s:g}s") from None
         if item.error_code is ErrorCode.INVALID:
             raise ApiError(400, f"the node rejected the request: {item.error}", code="invalid_request")
         if item.error_code is not None:
-            node = item.node_id or (placement.prefill_node if got == 0 else stream.moved_to or placement.decode_node)
-            raise AttemptFailed(node, item.error)
+            raise AttemptFailed(item.node_id or _serving(placement, stream, got), item.error)
         return item
 
     async def _place(self, job: Job, wire_id: str, num_prompt: int, max_tokens: int, excluded: list[str]) -> Placement:
@@ -244,6 +241,12 @@ class Dispatcher:
             await self.nc.publish(subjects.request_cancel(), encode(Cancel(request_id=wire_id, reason=reason)))
         except Exception:  # a closed connection must not hide the request's own outcome
             log.warning("could not publish the cancel of %s", wire_id, exc_info=True)
+
+
+def _serving(placement: Placement, stream: RequestStream, got: int) -> str:
+    """The node an attempt waits on: the prefill node before the first token, after it the
+    decode node (the one the hand-off moved to, if it moved)."""
+    return placement.prefill_node if got == 0 else stream.moved_to or placement.decode_node
 
 
 def _reason_label(reason: str) -> str:

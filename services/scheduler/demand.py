@@ -197,7 +197,7 @@ class DemandTracker:
         return Demand(prefill_nodes=sum(prompts) * per_prompt, decode_nodes=sum(outputs) * per_output,
                       prefill_se=math.sqrt(sum(x * x for x in prompts)) * per_prompt,
                       decode_se=math.sqrt(sum(x * x for x in outputs)) * per_output,
-                      prefill_speed={n.node_id: node_speed(n, nodes, cost, prefill_rates) for n in nodes},
+                      prefill_speed=prefill_speeds(nodes, cost, prefill_rates),
                       decode_speed={i: r / mean_decode for i, r in decode_rates.items()})
 
     def decode_rate(self, node: NodeEntry, held_blocks: float, nodes: list[NodeEntry], cost: CostModel) -> float:
@@ -257,9 +257,8 @@ def mean_decode_step_s(nodes: list[NodeEntry], cost: CostModel) -> float:
     return sum(steps) / len(steps) if steps else cost.default_decode_step_s
 
 
-def node_speed(node: NodeEntry, nodes: list[NodeEntry], cost: CostModel,
-               rates: dict[str, float] | None = None) -> float:
-    """A node's prefill capacity relative to the cluster's mean node (1.0 = average).
+def prefill_speeds(nodes: list[NodeEntry], cost: CostModel, rates: dict[str, float] | None = None) -> dict[str, float]:
+    """Node id -> prefill capacity relative to the cluster's mean node (1.0 = average).
 
     The mean measured rate of the nodes of its device kind against the cluster's mean:
     capability is the device's, while one node's rate moves with the batches it happened
@@ -269,6 +268,9 @@ def node_speed(node: NodeEntry, nodes: list[NodeEntry], cost: CostModel,
     """
     rates = _rates(nodes, rates)
     mean_rate = mean_prefill_rate(nodes, cost, rates)
-    kin = [rates[n.node_id] for n in nodes
-           if n.report.device_name == node.report.device_name and rates[n.node_id] > 0]
-    return (sum(kin) / len(kin)) / mean_rate if kin else 1.0
+    by_kind: dict[str, list[float]] = {}
+    for n in nodes:
+        if rates[n.node_id] > 0:
+            by_kind.setdefault(n.report.device_name, []).append(rates[n.node_id])
+    kind_speed = {kind: sum(r) / len(r) / mean_rate for kind, r in by_kind.items()}
+    return {n.node_id: kind_speed.get(n.report.device_name, 1.0) for n in nodes}

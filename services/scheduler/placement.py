@@ -72,6 +72,10 @@ class CostModel:
         link = self.measured_link(p, d)
         if link is not None:
             return link.bandwidth_bytes_per_s
+        return self._class_bandwidth(p, d)
+
+    def _class_bandwidth(self, p: NodeEntry, d: NodeEntry) -> float:
+        """The planning figure of the pair's transport class."""
         pr, dr = p.report, d.report
         both_gpu = pr.device.startswith("cuda") and dr.device.startswith("cuda")
         if pr.host_id and pr.host_id == dr.host_id:
@@ -84,9 +88,11 @@ class CostModel:
         """Predicted seconds to hand ``blocks`` KV blocks from ``p`` to ``d`` (0 on one node)."""
         if p.node_id == d.node_id or blocks <= 0:
             return 0.0
+        nbytes = blocks * p.report.kv_block_bytes
         link = self.measured_link(p, d)
-        latency = self.transfer_latency_s if link is None else link.latency_s
-        return latency + blocks * p.report.kv_block_bytes / self.bandwidth(p, d)
+        if link is not None:
+            return link.latency_s + nbytes / link.bandwidth_bytes_per_s
+        return self.transfer_latency_s + nbytes / self._class_bandwidth(p, d)
 
 
 def cached_prefix_blocks(prefix_hashes: list[int], cached: frozenset[int]) -> int:

@@ -9,7 +9,7 @@ import pytest
 
 from libs.protocol.messages import Role
 from services.scheduler.clock import ManualClock
-from services.scheduler.demand import DemandTracker, StepFit, node_speed
+from services.scheduler.demand import DemandTracker, StepFit, prefill_speeds
 from services.scheduler.placement import CostModel
 from services.scheduler.registry import NodeRegistry
 from services.scheduler.roles import RoleConfig, RoleController
@@ -50,13 +50,13 @@ def test_demand_counts_each_request_once_in_node_equivalents() -> None:
     assert tr.demand(11.5, reg.nodes(), CostModel()) is None  # "a" left the window
 
 
-def test_node_speed_by_measured_rate_and_device_kind() -> None:
+def test_prefill_speed_by_measured_rate_and_device_kind() -> None:
     _, reg = _registry(report("f1", rate=20_000.0), report("s1", rate=10_000.0),
                        report("s2", Role.DECODE, rate=0.0), report("x1", Role.DECODE, rate=0.0))
     nodes = reg.nodes()
     nodes[2].report = nodes[2].report.__class__(**{**{f: getattr(nodes[2].report, f) for f in nodes[2].report.__struct_fields__}, "device_name": "slow"})
     nodes[1].report = nodes[1].report.__class__(**{**{f: getattr(nodes[1].report, f) for f in nodes[1].report.__struct_fields__}, "device_name": "slow"})
-    speeds = [round(node_speed(n, nodes, CostModel()), 3) for n in nodes]
+    speeds = [round(prefill_speeds(nodes, CostModel())[n.node_id], 3) for n in nodes]
     assert speeds == [1.333, 0.667, 0.667, 1.333]  # x1 is of f1's kind ("gpu")
 
 
@@ -142,13 +142,13 @@ def test_prefill_rate_is_the_one_measured_while_backlogged() -> None:
     assert rates == {"p1": 30_000.0, "d1": 10_000.0}
     assert d.prefill_nodes == pytest.approx(0.15)
     # One device kind: one capability, whatever batches each node happened to run.
-    assert {n.node_id: node_speed(n, reg.nodes(), CostModel(), rates) for n in reg.nodes()} == {"p1": 1.0, "d1": 1.0}
+    assert prefill_speeds(reg.nodes(), CostModel(), rates) == {"p1": 1.0, "d1": 1.0}
     assert d.prefill_speed == {"p1": 1.0, "d1": 1.0}
     # Two kinds: each node is as fast as its kind.
     other = {n.node_id: n for n in reg.nodes()}
     other["d1"] = dataclasses.replace(other["d1"], report=msgspec.structs.replace(other["d1"].report,
                                                                                   device_name="slower gpu"))
-    assert {i: node_speed(n, list(other.values()), CostModel(), rates) for i, n in other.items()} == {"p1": 1.5, "d1": 0.5}
+    assert prefill_speeds(list(other.values()), CostModel(), rates) == {"p1": 1.5, "d1": 0.5}
     # Backlogged again at a lower rate (its average still holds the small batches): the
     # best rate wins, fading by busy_fade a report.
     reg.update(report("p1", rate=20_000.0, waiting_tokens=40_000))
