@@ -184,6 +184,7 @@ class Bench:
                  "exactly_once": exactly_once(specs, records), "errors": sorted({r.error[:200] for r in records if r.error})[:5],
                  # One cluster's nodes (K colocated clusters would mix K nodes of one name).
                  "nodes": rep.node_summary(taps[0].samples_between(t0, t1), handoffs) if len(taps) == 1 else {},
+                 "trace": rep.run_trace(taps[0].samples_between(t0, t1), handoffs, t0) if len(taps) == 1 else {},
                  "requests": compact(records)}
         row = rep.run_row(exp.name, exp.kind, dict(run), summary, describe(specs), handoffs, extra)
         self.rows.append(row)
@@ -309,6 +310,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda", help="cuda (nodes on cuda:0..N-1) or cpu (dry run)")
     ap.add_argument("--experiments", default="", help="comma list (default: the set for --gpus, most important first)")
     ap.add_argument("--duration-s", type=float, default=None, help="seconds of arrivals per run (default: the profile's)")
+    ap.add_argument("--lead-in-s", type=float, default=None,
+                    help="seconds of un-measured load before each multi-GPU experiment's runs (default: the profile's; 0: none)")
     ap.add_argument("--rates", default="", help="comma list: replaces the long-prompt mix's rates (2-GPU set)")
     ap.add_argument("--time-budget-s", type=float, default=480.0, help="start nothing that would end past this")
     ap.add_argument("--ready-timeout-s", type=float, default=240.0, help="give up on a cluster's start after this")
@@ -329,6 +332,8 @@ def plan(args: argparse.Namespace, profile: Profile) -> list[Experiment]:
             template = next(r for r in exp.runs if r["workload"] == profile.long[0])
             exp.runs = [{**template, "rate": r} for r in rates] + [
                 r for r in exp.runs if r["workload"] != profile.long[0]]
+        if args.lead_in_s is not None and exp.lead_in_s > 0:
+            exp.lead_in_s = args.lead_in_s
         if args.duration_s is not None:
             for run in exp.runs:
                 run["duration_s"] = args.duration_s * (2 if run["workload"] == "shift" else 1)

@@ -40,7 +40,7 @@ class Profile:
     duration_s: float
     shift_duration_s: float
     tail_s: float  # expected drain after the last arrival (for the time budget)
-    lead_in_s: float  # the scheduler's un-measured lead-in before its first run
+    lead_in_s: float  # every multi-GPU cluster's un-measured lead-in before its first run
     startup_s: float  # expected cluster start (for the time budget)
     request_timeout_s: float
 
@@ -54,7 +54,7 @@ PROFILES: dict[str, Profile] = {
         dtype="bfloat16", long=("gov_report", 0.5), synth_scale={"1k": 1.0, "10k": 1.0},
         rates2={"long": [2.0, 4.0], "10k": [1.5], "1k": [8.0]}, rates4={"long": 8.0, "shift": 5.0},
         shift_lens=(2048, 256), warm_input=8192, greedy_prompt=512, greedy_output=32, handoff_min_prompt=8000,
-        duration_s=15.0, shift_duration_s=30.0, tail_s=12.0, lead_in_s=12.0, startup_s=60.0, request_timeout_s=120.0),
+        duration_s=15.0, shift_duration_s=30.0, tail_s=12.0, lead_in_s=10.0, startup_s=60.0, request_timeout_s=120.0),
     # The CPU dry run: tiny preset (2048 positions), float32, a few seconds a run.
     "tiny": Profile(
         node_env={"FLOWKV_NODE_MAX_NUM_SEQS": "64", "FLOWKV_NODE_MAX_NUM_BATCHED_TOKENS": "1024",
@@ -80,7 +80,9 @@ class Experiment:
     greedy: bool = True
     # Seconds of the first run's workload, driven and drained before it and not measured:
     # a policy with a role controller is measured at the split it settles on, as it would
-    # serve a steady load; how fast it gets there is what the shift run shows.
+    # serve a steady load (how fast it gets there is what the shift run shows), and every
+    # cluster it is compared with gets the same lead-in, so that all are measured with
+    # pools that have served a pool's worth of prompts (prefix cache full, evicting).
     lead_in_s: float = 0.0
 
 
@@ -117,7 +119,8 @@ def _two_gpu(p: Profile, device: str) -> dict[str, Experiment]:
 
 def _multi_gpu(p: Profile, device: str, gpus: int) -> dict[str, Experiment]:
     """The scheduler (``flowkv``, launched half P, half D) against every fixed split and
-    ``gpus`` colocated nodes, each on the long-prompt mix and on the shifting workload."""
+    ``gpus`` colocated nodes, each on the long-prompt mix and on the shifting workload,
+    each after the same lead-in."""
     wl, scale = p.long
     k = gpus / 4
     long = _run(wl, p.rates4["long"] * k, scale, p.duration_s)
@@ -134,10 +137,10 @@ def _multi_gpu(p: Profile, device: str, gpus: int) -> dict[str, Experiment]:
             continue  # 8 GPUs: the 2:6, 4:4 and 6:2 splits
         name = f"{np_}p{nd}d"
         out[name] = Experiment(name, "disagg", [Shape(np_, nd, 0, device, f"fixed:{np_}:{nd}")], [long, shift],
-                               want_roles=(np_, nd), greedy=np_ == half)
+                               want_roles=(np_, nd), greedy=np_ == half, lead_in_s=p.lead_in_s)
     colo = f"{gpus}colo"
     out[colo] = Experiment(colo, "colo", [Shape(0, 0, 1, dev, COLO_POLICY) for dev in _devices(device, gpus)],
-                           [long, shift])
+                           [long, shift], lead_in_s=p.lead_in_s)
     return out
 
 

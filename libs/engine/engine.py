@@ -38,6 +38,7 @@ from libs.engine.outputs import EngineStats, FinishReason, RemoteAllocation, Tok
 from libs.engine.request import Request, RequestStatus
 from libs.engine.sampling import SamplingParams, sample_row, token_logprob, token_seed
 from libs.engine.scheduler import Scheduler, StepPlan
+from libs.engine.step_clock import StepClock
 from libs.kvtransfer.allocator import NoFreeBlocks
 from libs.kvtransfer.layout import KVLayout
 from libs.kvtransfer.pool import KVPool
@@ -87,7 +88,7 @@ class LLMEngine:
         self._remote: dict[str, list[int]] = {}  # allocate_remote'd, not committed: prompt ids
         self._pending: list[TokenOutput] = []
         self._seed_gen = torch.Generator().manual_seed(config.seed)
-        self._prefill_tps = 0.0
+        self._prefill_clock = StepClock(self._pool.device, _EMA)
         self._decode_step_s = 0.0
         self.last_step_ran = False  # whether the last step computed anything (a chunk counts)
 
@@ -287,6 +288,7 @@ class LLMEngine:
 
     def _run_prefills(self, plan: StepPlan) -> list[TokenOutput]:
         t0 = time.perf_counter()
+        mark = self._prefill_clock.start()
         chunks = []
         for req, n in plan.prefills:
             if req.prefill_started_at is None:
@@ -305,9 +307,7 @@ class LLMEngine:
         if done:
             logits = self.runner.logits(hidden[done_rows])
             outputs = self._sample(done, logits)
-        dt = time.perf_counter() - t0
-        tokens = sum(n for _, n in plan.prefills)
-        self._prefill_tps = _ema(self._prefill_tps, tokens / max(dt, 1e-9))
+        self._prefill_clock.stop(mark, sum(n for _, n in plan.prefills))
         return outputs
 
     def _run_decodes(self, plan: StepPlan) -> list[TokenOutput]:
@@ -427,7 +427,7 @@ class LLMEngine:
             largest_free_segment=b.largest_free_segment, fragmentation=b.fragmentation(),
             prefix_cache_queries=b.num_query_tokens, prefix_cache_hits=b.num_hit_tokens,
             prefix_cache_hit_rate=b.num_hit_tokens / b.num_query_tokens if b.num_query_tokens else 0.0,
-            prefill_tokens_per_s=self._prefill_tps, decode_step_time_s=self._decode_step_s,
+            prefill_tokens_per_s=self._prefill_clock.rate, decode_step_time_s=self._decode_step_s,
             num_preemptions=s.num_preemptions,
         )
 

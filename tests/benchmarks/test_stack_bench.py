@@ -149,11 +149,24 @@ def test_plan_per_gpu_count(gpus, first, colo):
         fixed = {4: ["3p1d", "2p2d", "1p3d"], 8: ["6p2d", "4p4d", "2p6d"]}[gpus]
         assert [e.name for e in exps] == ["flowkv", colo, *fixed]
         assert sb.scheduler_targets(gpus) == ({"long": "flowkv", "shift": "flowkv"}, tuple(fixed))
-        assert by["flowkv"].lead_in_s > 0 and by["flowkv"].shapes[0].policy == "flowkv"
+        assert by["flowkv"].shapes[0].policy == "flowkv"
+        # Every cluster is measured after the same lead-in (pools past their first fill).
+        assert {e.lead_in_s for e in exps} == {sb.PROFILES[args.model].lead_in_s} and exps[0].lead_in_s > 0
         for name in fixed:
             p = int(name.split("p")[0])
             assert by[name].want_roles == (p, gpus - p)
             assert [r["workload"] for r in by[name].runs] == ["gov_report", "shift"]
+
+
+def test_plan_lead_in_override():
+    sb = _bench_module()
+    args = sb.parse(["--gpus", "4", "--device", "cpu", "--model", "tiny", "--lead-in-s", "0"])
+    assert {e.lead_in_s for e in sb.plan(args, sb.PROFILES["tiny"])} == {0.0}
+    args = sb.parse(["--gpus", "4", "--device", "cpu", "--model", "tiny", "--lead-in-s", "3",
+                     "--experiments", "flowkv,2p2d,4colo,1p1d_ipc"])
+    by = {e.name: e.lead_in_s for e in sb.plan(args, sb.PROFILES["tiny"])}
+    assert by["flowkv"] == by["2p2d"] == by["4colo"] == 3.0
+    assert by["1p1d_ipc"] == 0.0  # the 2-GPU set has no lead-in to override
 
 
 def test_plan_rates_and_cpu_transports():
@@ -177,6 +190,9 @@ def test_node_summary_shows_where_the_prefill_work_went():
     hs = [rep.Handoff(t=0.0, request_id="r", prompt_tokens=n, handoff_s=0.01, transfer_s=0.001, bytes=1, calls=1,
                       segments=1, transport="cuda_ipc", ok=True, prefill_node=p, decode_node="d0")
           for n, p in ((6000, "p0"), (2000, "p0"), (1000, "p1"))]
+    trace = rep.run_trace(samples, hs, t0=0.5)
+    assert trace["samples"][0] == [0.5, "p0", "prefill", 8000, 20000, 0]
+    assert trace["handoffs"][2] == [-0.5, 1000, "p1", "d0", 10.0, 1]
     got = rep.node_summary(samples, hs)
     assert list(got) == ["d0", "p0", "p1"]
     assert got["p0"]["mean_waiting_prefill_tokens"] == 6000 and got["p0"]["mean_prefill_tokens_per_s"] == 20000.0

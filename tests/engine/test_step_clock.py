@@ -1,0 +1,73 @@
+"""StepClock: prefill tokens/s from device time, folded in only once a step has completed."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pytest
+import torch
+
+from libs.engine import step_clock
+from libs.engine.step_clock import StepClock
+
+
+class FakeEvent:
+    """A CUDA event on a fake timeline: ``record`` stamps the next scripted time,
+    ``query`` says whether the device has reached it."""
+
+    now_ms = 0.0  # how far the fake device has run
+    script: ClassVar[list[float]] = []
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing
+        self.at: float | None = None
+
+    def record(self) -> None:
+        self.at = FakeEvent.script.pop(0)
+
+    def query(self) -> bool:
+        assert self.at is not None
+        return self.at <= FakeEvent.now_ms
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        assert self.query() and end.query(), "elapsed_time of an event not completed would block"
+        return end.at - self.at  # type: ignore[operator]
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> type[FakeEvent]:
+    FakeEvent.now_ms = 0.0
+    FakeEvent.script = []
+    monkeypatch.setattr(step_clock.torch.cuda, "Event", FakeEvent)
+    return FakeEvent
+
+
+def test_cuda_step_counts_device_time_once_done_not_launch_time(fake_cuda: type[FakeEvent]) -> None:
+    clock = StepClock(torch.device("cuda", 0), alpha=0.5)
+    # Step 1: 8000 tokens from t=0 to t=400 ms on the device; its Python returned long before.
+    fake_cuda.script = [0.0, 400.0]
+    mark = clock.start()
+    clock.stop(mark, 8000)
+    assert clock.rate == 0.0  # not done: nothing folded, and nothing waited for
+    fake_cuda.now_ms = 400.0
+    assert clock.rate == pytest.approx(20_000.0)
+    # Step 2 (2000 tokens, 400 -> 600 ms) and step 3 (4000 tokens, 600 -> 1000 ms): folded in order.
+    fake_cuda.script = [400.0, 600.0, 600.0, 1000.0]
+    for tokens in (2000, 4000):
+        clock.stop(clock.start(), tokens)
+    fake_cuda.now_ms = 700.0
+    assert clock.rate == pytest.approx(0.5 * 20_000 + 0.5 * 10_000)  # step 3 still running
+    fake_cuda.now_ms = 1000.0
+    assert clock.rate == pytest.approx(0.5 * 15_000 + 0.5 * 10_000)
+
+
+def test_cpu_step_is_folded_at_once() -> None:
+    clock = StepClock(torch.device("cpu"), alpha=0.2)
+    assert clock.rate == 0.0
+    mark = clock.start()
+    sum(range(10_000))
+    clock.stop(mark, 1000)
+    first = clock.rate
+    assert first > 0
+    clock.stop(clock.start(), 0)  # a step of no tokens pulls the average down by alpha
+    assert clock.rate == pytest.approx(0.8 * first)
