@@ -81,11 +81,11 @@ def run_trace(samples: list[NodeSample], handoffs: list[Handoff], t0: float) -> 
     """A run's node reports and hand-offs, compact, with times from the run's start: where
     each prompt went and what every node reported meanwhile (to trace a slow cluster).
 
-    ``samples``: [t, node, role, waiting prompt tokens, reported prefill tok/s, running];
+    ``samples``: [t, node, role, waiting prompt tokens, reported prefill tok/s, running, decode step ms];
     ``handoffs``: [t, prompt tokens, prefill node, decode node, hand-off ms, calls]."""
     return {
         "samples": [[round(s.t - t0, 3), s.node_id, s.role, s.waiting_prefill_tokens, round(s.prefill_tokens_per_s),
-                     s.num_running] for s in samples],
+                     s.num_running, round(s.decode_step_s * 1e3, 2)] for s in samples],
         "handoffs": [[round(h.t - t0, 3), h.prompt_tokens, h.prefill_node, h.decode_node, round(h.handoff_s * 1e3, 1),
                       h.calls] for h in handoffs],
     }

@@ -7,8 +7,8 @@ For a request on prefill node P handing off to decode node D:
              + latency(P, D)
              + KV blocks x kv_block_bytes / bandwidth(P, D)   (the hand-off; 0 when P == D)
 
-``rate`` is the node's measured prefill tokens/s (a default before its first prefill),
-so nodes of different device kinds are weighed by what they actually do. Likewise
+``rate`` is the measured prefill tokens/s of the node's device kind (a default before
+any prefill), so nodes of different device kinds are weighed by what they actually do. Likewise
 ``bandwidth`` and ``latency`` are what P's own hand-offs to D measured (``kv_links`` of
 P's load report) once P has sent D anything, and a planning figure of the pair's
 transport class before. D is scored by its decode load (sequences x step time) and must
@@ -45,10 +45,17 @@ class CostModel:
     transfer_latency_s: float = 0.001
 
     def prefill_rate(self, node: NodeEntry) -> float:
-        """The node's measured prefill tokens/s; before its first prefill, the mean of its
-        device kind's (a node flipped from decode is as fast as its kind, not as the default:
-        a default far below the real rate kept such a node idle while its peer queued)."""
-        for rate in (node.report.prefill_tokens_per_s, node.kind_prefill_rate):
+        """The node's prefill tokens/s: the mean measured rate of its device kind; its own
+        while no node of its kind has reported one; the default before any prefill.
+
+        A node's own rate is an average over its recent steps, and a step's tokens/s
+        depends on its mix (one short prompt, or a full chunk deep into a long one): on
+        4 x H100, two prefill nodes of one kind reported 21k and 28k tok/s for the same
+        work, and placement by those sent a 16k-token prompt to the one with twice the
+        queue. Nodes of one kind are equally fast; the kind's mean keeps the real
+        difference between kinds (an H100 still takes about twice an A100's prompts) and
+        rates a node flipped from decode, which has not prefilled yet, as its kind."""
+        for rate in (node.kind_prefill_rate, node.report.prefill_tokens_per_s):
             if rate > 0:
                 return rate
         return self.default_prefill_tokens_per_s

@@ -191,7 +191,7 @@ def test_node_summary_shows_where_the_prefill_work_went():
                       segments=1, transport="cuda_ipc", ok=True, prefill_node=p, decode_node="d0")
           for n, p in ((6000, "p0"), (2000, "p0"), (1000, "p1"))]
     trace = rep.run_trace(samples, hs, t0=0.5)
-    assert trace["samples"][0] == [0.5, "p0", "prefill", 8000, 20000, 0]
+    assert trace["samples"][0] == [0.5, "p0", "prefill", 8000, 20000, 0, 10.0]
     assert trace["handoffs"][2] == [-0.5, 1000, "p1", "d0", 10.0, 1]
     got = rep.node_summary(samples, hs)
     assert list(got) == ["d0", "p0", "p1"]

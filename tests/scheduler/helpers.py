@@ -10,13 +10,13 @@ _seq: dict[str, int] = {}
 def report(node_id: str, role: Role = Role.PREFILL, *, state: NodeState = NodeState.READY, waiting_tokens: int = 0,
            running: int = 0, free_blocks: int = 1000, total_blocks: int = 1000, rate: float = 10000.0,
            step_s: float = 0.02, cached: list[int] | None = None, held: int = 0, max_num_seqs: int = 64,
-           host: str = "h1", device: str = "cuda:0", model: str = "m", started_at: float = 1.0,
+           host: str = "h1", device: str = "cuda:0", device_name: str = "gpu", model: str = "m", started_at: float = 1.0,
            links: list[KVLink] | None = None, transports: list[str] | None = None) -> LoadReport:
     """A LoadReport with a fresh seq each call (block size 16, 1 MB blocks)."""
     _seq[node_id] = _seq.get(node_id, 0) + 1
     return LoadReport(
         node_id=node_id, role=role, state=state, seq=_seq[node_id], started_at=started_at, model=model,
-        device=device, device_name="gpu", device_memory_bytes=80 << 30, max_model_len=32768, block_size=16,
+        device=device, device_name=device_name, device_memory_bytes=80 << 30, max_model_len=32768, block_size=16,
         kv_block_bytes=1_000_000, total_blocks=total_blocks, free_blocks=free_blocks, largest_free_segment=free_blocks,
         num_waiting=1 if waiting_tokens else 0, waiting_prefill_tokens=waiting_tokens, num_running=running,
         num_held=held, prefill_tokens_per_s=rate, decode_step_s=step_s, cached_prefix_hashes=cached or [],

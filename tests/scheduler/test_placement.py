@@ -87,10 +87,21 @@ def test_hybrid_node_colocates() -> None:
 
 
 def test_faster_device_wins_by_measured_rate() -> None:
-    # p1 is slow (2k tok/s) with an empty queue; p2 is fast (40k tok/s) with 4000 queued.
-    pol = _cluster(report("p1", rate=2000.0), report("p2", rate=40000.0, waiting_tokens=4000),
-                   report("d1", Role.DECODE))
+    # p1 is a slow kind (2k tok/s) with an empty queue; p2 a fast one (40k tok/s) with 4000 queued.
+    pol = _cluster(report("p1", rate=2000.0, device_name="slow"),
+                   report("p2", rate=40000.0, waiting_tokens=4000, device_name="fast"), report("d1", Role.DECODE))
     assert pol.place(_req()).prefill_node == "p2"
+
+
+def test_nodes_of_one_kind_are_rated_alike() -> None:
+    # One kind: p2's higher report (its last steps were full chunks) does not outweigh its
+    # queue; both are rated at the kind's mean, 20k tok/s, so the emptier p1 takes the prompt.
+    pol = _cluster(report("p1", rate=12000.0, waiting_tokens=2000), report("p2", rate=28000.0, waiting_tokens=6000),
+                   report("d1", Role.DECODE, rate=20000.0))
+    out = pol.place(_req())
+    assert out.prefill_node == "p1"
+    p1 = pol.registry.get("p1")
+    assert p1 is not None and pol.config.cost.prefill_rate(p1) == pytest.approx(20000.0)
 
 
 def _link(peer: str, bandwidth: float, latency_s: float = 0.0, transfers: int = 3) -> KVLink:
