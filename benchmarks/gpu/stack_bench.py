@@ -312,6 +312,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--duration-s", type=float, default=None, help="seconds of arrivals per run (default: the profile's)")
     ap.add_argument("--lead-in-s", type=float, default=None,
                     help="seconds of un-measured load before each multi-GPU experiment's runs (default: the profile's; 0: none)")
+    ap.add_argument("--workloads", default="", help="comma list: keep only these workloads' runs (default: all)")
     ap.add_argument("--rates", default="", help="comma list: replaces the long-prompt mix's rates (2-GPU set)")
     ap.add_argument("--time-budget-s", type=float, default=480.0, help="start nothing that would end past this")
     ap.add_argument("--ready-timeout-s", type=float, default=240.0, help="give up on a cluster's start after this")
@@ -332,12 +333,14 @@ def plan(args: argparse.Namespace, profile: Profile) -> list[Experiment]:
             template = next(r for r in exp.runs if r["workload"] == profile.long[0])
             exp.runs = [{**template, "rate": r} for r in rates] + [
                 r for r in exp.runs if r["workload"] != profile.long[0]]
+        if args.workloads:
+            exp.runs = [r for r in exp.runs if r["workload"] in args.workloads.split(",")]
         if args.lead_in_s is not None and exp.lead_in_s > 0:
             exp.lead_in_s = args.lead_in_s
         if args.duration_s is not None:
             for run in exp.runs:
                 run["duration_s"] = args.duration_s * (2 if run["workload"] == "shift" else 1)
-    return exps
+    return [e for e in exps if e.runs]  # --workloads may leave an experiment nothing to run
 
 
 def _exit_on_sigterm(signum: int, _frame: Any) -> None:

@@ -177,6 +177,10 @@ def test_plan_rates_and_cpu_transports():
         ("gov_report", 1.0), ("gov_report", 3.0), ("10k", 2.0), ("1k", 4.0)]
     assert all(r["duration_s"] == 2 for r in by["2colo"].runs)
     assert (by["1p1d_ipc"].kv_transport, by["1p1d_nccl"].kv_transport) == ("shm", "tcp")
+    args = sb.parse(["--gpus", "2", "--device", "cpu", "--model", "tiny", "--rates", "1.5,2", "--workloads", "gov_report"])
+    by = {e.name: e for e in sb.plan(args, sb.PROFILES["tiny"])}
+    assert [(r["workload"], r["rate"]) for r in by["1p1d_ipc"].runs] == [("gov_report", 1.5), ("gov_report", 2.0)]
+    assert [r["workload"] for r in by["1p1d_nccl"].runs] == ["gov_report"]
     args = sb.parse(["--gpus", "2", "--experiments", "1colo,bogus"])
     with pytest.raises(SystemExit):
         sb.plan(args, sb.PROFILES["llama-3.1-8b"])
