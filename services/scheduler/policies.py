@@ -191,10 +191,10 @@ class FlowKV(Policy):
 
 
 class FixedSplit(FlowKV):
-    """``fixed:P:D``: the first P/(P+D) of the nodes by id are prefill, the rest decode.
+    """``fixed:P:D``: P of every P+D nodes prefill, the rest decode.
 
-    With exactly P+D nodes that is the first P nodes; with more or fewer, the ratio is kept
-    (rounded, at least one of each when there are two nodes or more).
+    With exactly P+D nodes that is P nodes; with more, the ratio is kept (rounded, at
+    least one of each); with fewer, nodes keep their roles unless one side has none.
     """
 
     def __init__(self, p: int, d: int, registry: NodeRegistry, config: PlacementConfig | None = None) -> None:
@@ -213,7 +213,17 @@ class FixedSplit(FlowKV):
         """The first ``k`` nodes prefill, the rest decode, in an order that keeps nodes in
         the role they have (prefill, then hybrid, then decode; by id within a role): a
         cluster launched with the right split is left as it is, and no pinning flips a
-        node that another node could take the role from without a flip."""
+        node that another node could take the role from without a flip.
+
+        With fewer than P + D live nodes, every node keeps its role while some node can
+        prefill and some can decode (or while there is only one): a cluster registers one
+        node at a time, and pinning the ratio of the first few flipped nodes that the
+        later ones made wrong again (``flowkv up`` with fixed:1:3 turned decode-0 into a
+        prefill node when it reported first, then prefill-0 into a decode node).
+        """
+        short = len(nodes) < self.p + self.d
+        if short and (len(nodes) < 2 or (any(n.can_prefill for n in nodes) and any(n.can_decode for n in nodes))):
+            return {n.node_id: n.role for n in nodes}
         rank = {Role.PREFILL: 0, Role.HYBRID: 1, Role.DECODE: 2}
         ordered = sorted(nodes, key=lambda n: (rank.get(n.role, 1), n.node_id))
         k = self.num_prefill(len(ordered))

@@ -157,6 +157,24 @@ def test_fixed_split_keeps_a_launched_split() -> None:
         "prefill-0": Role.PREFILL, "hybrid-0": Role.PREFILL, "decode-0": Role.PREFILL, "decode-1": Role.DECODE}
 
 
+def test_fixed_split_does_not_flip_a_cluster_still_registering() -> None:
+    # flowkv up --prefill-nodes 1 --decode-nodes 3 under fixed:1:3; the nodes report one
+    # at a time, decode-0 first. No flip at any point: each is in its launched role.
+    clock = ManualClock(0.0)
+    reg = NodeRegistry(clock)
+    pol = make_policy("fixed:1:3", reg)
+    for nid in ("decode-0", "prefill-0", "decode-1", "decode-2"):
+        reg.update(report(nid, Role.PREFILL if nid.startswith("prefill") else Role.DECODE))
+        clock.advance(1.0)
+        assert pol.roles.step()[0] is None, nid
+    # Short of nodes with one side empty (both prefill nodes of a fixed:2:2 up first): one flips.
+    reg2 = NodeRegistry(clock)
+    for nid in ("prefill-0", "prefill-1"):
+        reg2.update(report(nid, Role.PREFILL))
+    change, _ = make_policy("fixed:2:2", reg2).roles.step()
+    assert change is not None and (change.node_id, change.new_role) == ("prefill-1", Role.DECODE)
+
+
 def test_a_lone_hybrid_node_keeps_both_roles() -> None:
     # One colocated node with no load: the "load fell" rule would give it a single role,
     # which would leave the cluster with no prefill (or no decode) node at all.
