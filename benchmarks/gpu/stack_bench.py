@@ -312,6 +312,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--duration-s", type=float, default=None, help="seconds of arrivals per run (default: the profile's)")
     ap.add_argument("--lead-in-s", type=float, default=None,
                     help="seconds of un-measured load before each multi-GPU experiment's runs (default: the profile's; 0: none)")
+    ap.add_argument("--synth", action="append", default=[], metavar="W=R1,R2",
+                    help="the paper's synthetic set W (1k, 5k, 10k) at these rates in the 2-GPU set's 1P1D and "
+                         "colocated runs, replacing its default rates (repeatable)")
     ap.add_argument("--workloads", default="", help="comma list: keep only these workloads' runs (default: all)")
     ap.add_argument("--rates", default="", help="comma list: replaces the long-prompt mix's rates (2-GPU set)")
     ap.add_argument("--time-budget-s", type=float, default=480.0, help="start nothing that would end past this")
@@ -328,11 +331,22 @@ def plan(args: argparse.Namespace, profile: Profile) -> list[Experiment]:
         raise SystemExit(f"unknown experiments {unknown}; known for --gpus {args.gpus}: {sorted(cat)}")
     exps = [cat[n] for n in names]
     rates = [float(x) for x in args.rates.split(",") if x]
+    synth: dict[str, list[float]] = {}
+    for spec in args.synth:
+        workload, _, values = spec.partition("=")
+        if workload not in profile.synth_scale or not values:
+            raise SystemExit(f"--synth {spec!r}: want W=R1,R2 with W one of {sorted(profile.synth_scale)}")
+        synth[workload] = [float(x) for x in values.split(",") if x]
     for exp in exps:
         if rates and exp.name in ("1p1d_ipc", "2colo"):
             template = next(r for r in exp.runs if r["workload"] == profile.long[0])
             exp.runs = [{**template, "rate": r} for r in rates] + [
                 r for r in exp.runs if r["workload"] != profile.long[0]]
+        if exp.name in ("1p1d_ipc", "2colo"):
+            for workload, synth_rates in synth.items():
+                exp.runs = [r for r in exp.runs if r["workload"] != workload] + [
+                    {"workload": workload, "rate": r, "length_scale": profile.synth_scale[workload],
+                     "duration_s": profile.duration_s} for r in synth_rates]
         if args.workloads:
             exp.runs = [r for r in exp.runs if r["workload"] in args.workloads.split(",")]
         if args.lead_in_s is not None and exp.lead_in_s > 0:

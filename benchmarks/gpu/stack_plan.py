@@ -29,7 +29,7 @@ class Profile:
     node_env: dict[str, str]
     dtype: str
     long: tuple[str, float]  # the LongBench-like long-prompt mix and its scale
-    synth_scale: dict[str, float]  # 1k / 10k: length_scale (1.0 on GPU: the paper's lengths)
+    synth_scale: dict[str, float]  # 1k / 5k / 10k: length_scale (1.0 on GPU: the paper's lengths)
     rates2: dict[str, list[float]]  # 2-GPU runs: workload -> rates (long first, then low, high)
     rates4: dict[str, float]  # 4-GPU runs at 4 GPUs (scaled by gpus / 4)
     shift_lens: tuple[int, int]  # --input-len/--output-len of the shift workload
@@ -51,7 +51,7 @@ PROFILES: dict[str, Profile] = {
     "llama-3.1-8b": Profile(
         node_env={"FLOWKV_NODE_MAX_NUM_SEQS": "64", "FLOWKV_NODE_MAX_NUM_BATCHED_TOKENS": "8192",
                   "FLOWKV_NODE_MAX_MODEL_LEN": "32768"},
-        dtype="bfloat16", long=("gov_report", 0.5), synth_scale={"1k": 1.0, "10k": 1.0},
+        dtype="bfloat16", long=("gov_report", 0.5), synth_scale={"1k": 1.0, "5k": 1.0, "10k": 1.0},
         rates2={"long": [2.0, 4.0], "10k": [1.5], "1k": [8.0]}, rates4={"long": 8.0, "shift": 5.0},
         shift_lens=(2048, 256), warm_input=8192, greedy_prompt=512, greedy_output=32, handoff_min_prompt=8000,
         duration_s=15.0, shift_duration_s=30.0, tail_s=12.0, lead_in_s=10.0, startup_s=60.0, request_timeout_s=120.0),
@@ -59,7 +59,7 @@ PROFILES: dict[str, Profile] = {
     "tiny": Profile(
         node_env={"FLOWKV_NODE_MAX_NUM_SEQS": "64", "FLOWKV_NODE_MAX_NUM_BATCHED_TOKENS": "1024",
                   "OMP_NUM_THREADS": "1"},
-        dtype="", long=("gov_report", 0.02), synth_scale={"1k": 0.1, "10k": 0.05},
+        dtype="", long=("gov_report", 0.02), synth_scale={"1k": 0.1, "5k": 0.06, "10k": 0.05},
         rates2={"long": [2.0, 4.0], "10k": [2.0], "1k": [4.0]}, rates4={"long": 4.0, "shift": 10.0},
         shift_lens=(450, 16), warm_input=256, greedy_prompt=64, greedy_output=16, handoff_min_prompt=400,
         duration_s=5.0, shift_duration_s=20.0, tail_s=5.0, lead_in_s=5.0, startup_s=25.0, request_timeout_s=60.0),

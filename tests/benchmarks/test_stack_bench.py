@@ -181,6 +181,14 @@ def test_plan_rates_and_cpu_transports():
     by = {e.name: e for e in sb.plan(args, sb.PROFILES["tiny"])}
     assert [(r["workload"], r["rate"]) for r in by["1p1d_ipc"].runs] == [("gov_report", 1.5), ("gov_report", 2.0)]
     assert [r["workload"] for r in by["1p1d_nccl"].runs] == ["gov_report"]
+    args = sb.parse(["--gpus", "2", "--device", "cpu", "--model", "tiny", "--experiments", "1p1d_ipc,1p1d_nccl",
+                     "--synth", "5k=1,2.5", "--synth", "10k=3", "--workloads", "5k,10k"])
+    by = {e.name: e for e in sb.plan(args, sb.PROFILES["tiny"])}
+    assert [(r["workload"], r["rate"]) for r in by["1p1d_ipc"].runs] == [("5k", 1.0), ("5k", 2.5), ("10k", 3.0)]
+    assert by["1p1d_ipc"].runs[0]["length_scale"] == sb.PROFILES["tiny"].synth_scale["5k"]
+    assert [(r["workload"], r["rate"]) for r in by["1p1d_nccl"].runs] == [("10k", 2.0)]  # only 1P1D ipc and 2colo
+    with pytest.raises(SystemExit):
+        sb.plan(sb.parse(["--gpus", "2", "--synth", "7k=1"]), sb.PROFILES["tiny"])
     args = sb.parse(["--gpus", "2", "--experiments", "1colo,bogus"])
     with pytest.raises(SystemExit):
         sb.plan(args, sb.PROFILES["llama-3.1-8b"])
