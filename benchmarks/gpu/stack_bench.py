@@ -323,6 +323,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+# The 2-GPU experiments whose rates --rates and --synth set (the TPOT comparison's pair).
+SWEPT = ("1p1d_ipc", "2colo")
+
+
 def plan(args: argparse.Namespace, profile: Profile) -> list[Experiment]:
     cat = catalog(profile, args.device, args.gpus)
     names = [n for n in (args.experiments.split(",") if args.experiments else default_experiments(args.gpus)) if n]
@@ -338,11 +342,11 @@ def plan(args: argparse.Namespace, profile: Profile) -> list[Experiment]:
             raise SystemExit(f"--synth {spec!r}: want W=R1,R2 with W one of {sorted(profile.synth_scale)}")
         synth[workload] = [float(x) for x in values.split(",") if x]
     for exp in exps:
-        if rates and exp.name in ("1p1d_ipc", "2colo"):
+        if rates and exp.name in SWEPT:
             template = next(r for r in exp.runs if r["workload"] == profile.long[0])
             exp.runs = [{**template, "rate": r} for r in rates] + [
                 r for r in exp.runs if r["workload"] != profile.long[0]]
-        if exp.name in ("1p1d_ipc", "2colo"):
+        if exp.name in SWEPT:
             for workload, synth_rates in synth.items():
                 exp.runs = [r for r in exp.runs if r["workload"] != workload] + [
                     {"workload": workload, "rate": r, "length_scale": profile.synth_scale[workload],

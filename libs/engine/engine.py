@@ -38,7 +38,7 @@ from libs.engine.outputs import EngineStats, FinishReason, RemoteAllocation, Tok
 from libs.engine.request import Request, RequestStatus
 from libs.engine.sampling import SamplingParams, sample_row, token_logprob, token_seed
 from libs.engine.scheduler import Scheduler, StepPlan
-from libs.engine.step_clock import StepClock
+from libs.engine.step_clock import StepClock, ema
 from libs.kvtransfer.allocator import NoFreeBlocks
 from libs.kvtransfer.layout import KVLayout
 from libs.kvtransfer.pool import KVPool
@@ -318,7 +318,7 @@ class LLMEngine:
             req.num_computed_tokens += 1
             self.blocks.register_computed(req.request_id, req.token_ids, req.num_computed_tokens)
         outputs = self._sample(plan.decodes, logits)
-        self._decode_step_s = _ema(self._decode_step_s, time.perf_counter() - t0)
+        self._decode_step_s = ema(self._decode_step_s, time.perf_counter() - t0, _EMA)
         return outputs
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[TokenOutput]:
@@ -430,7 +430,3 @@ class LLMEngine:
             prefill_tokens_per_s=self._prefill_clock.rate, decode_step_time_s=self._decode_step_s,
             num_preemptions=s.num_preemptions,
         )
-
-
-def _ema(old: float, new: float) -> float:
-    return new if old == 0.0 else (1 - _EMA) * old + _EMA * new

@@ -69,5 +69,9 @@ class StepClock:
         return self._rate
 
     def _fold(self, tokens: int, seconds: float) -> None:
-        new = tokens / max(seconds, 1e-9)
-        self._rate = new if self._rate == 0.0 else (1 - self._alpha) * self._rate + self._alpha * new
+        self._rate = ema(self._rate, tokens / max(seconds, 1e-9), self._alpha)
+
+
+def ema(old: float, new: float, alpha: float) -> float:
+    """An exponential moving average step; ``old == 0`` means no sample yet."""
+    return new if old == 0.0 else (1 - alpha) * old + alpha * new
