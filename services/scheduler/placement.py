@@ -50,9 +50,9 @@ class CostModel:
 
         A node's own rate is an average over its recent steps, and a step's tokens/s
         depends on its mix (one short prompt, or a full chunk deep into a long one): on
-        4 x H100, two prefill nodes of one kind reported 21k and 28k tok/s for the same
-        work, and placement by those sent a 16k-token prompt to the one with twice the
-        queue. Nodes of one kind are equally fast; the kind's mean keeps the real
+        4 x H100, two prefill nodes reported 26k and 21k tok/s, and placement by those
+        sent a 16k-token prompt to the one with 7k tokens queued rather than 4k. Nodes
+        of one kind are equally fast; the kind's mean keeps the real
         difference between kinds (an H100 still takes about twice an A100's prompts) and
         rates a node flipped from decode, which has not prefilled yet, as its kind."""
         for rate in (node.kind_prefill_rate, node.report.prefill_tokens_per_s):
