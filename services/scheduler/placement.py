@@ -8,8 +8,8 @@ For a request on prefill node P handing off to decode node D:
              + KV blocks x kv_block_bytes / bandwidth(P, D)   (the hand-off; 0 when P == D)
 
 ``rate`` is the measured prefill tokens/s of the node's device kind (a default before
-any prefill), so nodes of different device kinds are weighed by what they actually do. Likewise
-``bandwidth`` and ``latency`` are what P's own hand-offs to D measured (``kv_links`` of
+any prefill), so nodes of different device kinds are weighed by what they actually do.
+Likewise ``bandwidth`` and ``latency`` are what P's own hand-offs to D measured (``kv_links`` of
 P's load report) once P has sent D anything, and a planning figure of the pair's
 transport class before. D is scored by its decode load (sequences x step time) and must
 have room for the request's KV.
@@ -52,9 +52,9 @@ class CostModel:
         depends on its mix (one short prompt, or a full chunk deep into a long one): on
         4 x H100, two prefill nodes reported 26k and 21k tok/s, and placement by those
         sent a 16k-token prompt to the one with 7k tokens queued rather than 4k. Nodes
-        of one kind are equally fast; the kind's mean keeps the real
-        difference between kinds (an H100 still takes about twice an A100's prompts) and
-        rates a node flipped from decode, which has not prefilled yet, as its kind."""
+        of one kind are equally fast; the kind's mean keeps the real difference between
+        kinds (an H100 still takes about twice an A100's prompts) and rates a node
+        flipped from decode, which has not prefilled yet, as its kind."""
         for rate in (node.kind_prefill_rate, node.report.prefill_tokens_per_s):
             if rate > 0:
                 return rate
@@ -76,10 +76,14 @@ class CostModel:
         the pair's measured figure, else the planning figure of its transport class."""
         if p.node_id == d.node_id:
             return math.inf
+        return self._link_figures(p, d)[1]
+
+    def _link_figures(self, p: NodeEntry, d: NodeEntry) -> tuple[float, float]:
+        """(latency s, bandwidth bytes/s) of ``p`` -> ``d``: measured, else planned."""
         link = self.measured_link(p, d)
         if link is not None:
-            return link.bandwidth_bytes_per_s
-        return self._class_bandwidth(p, d)
+            return link.latency_s, link.bandwidth_bytes_per_s
+        return self.transfer_latency_s, self._class_bandwidth(p, d)
 
     def _class_bandwidth(self, p: NodeEntry, d: NodeEntry) -> float:
         """The planning figure of the pair's transport class."""
@@ -95,11 +99,8 @@ class CostModel:
         """Predicted seconds to hand ``blocks`` KV blocks from ``p`` to ``d`` (0 on one node)."""
         if p.node_id == d.node_id or blocks <= 0:
             return 0.0
-        nbytes = blocks * p.report.kv_block_bytes
-        link = self.measured_link(p, d)
-        if link is not None:
-            return link.latency_s + nbytes / link.bandwidth_bytes_per_s
-        return self.transfer_latency_s + nbytes / self._class_bandwidth(p, d)
+        latency, bandwidth = self._link_figures(p, d)
+        return latency + blocks * p.report.kv_block_bytes / bandwidth
 
 
 def cached_prefix_blocks(prefix_hashes: list[int], cached: frozenset[int]) -> int:
