@@ -151,11 +151,12 @@ class Bench:
         t0 = time.perf_counter()
         records, _ = await drive(specs, clusters, run["rate"], self.client_opts(""), seed=7)
         flips = [e for _, e in tap.flips_between(t0, time.perf_counter()) if e.detail == "done"]
+        after = await tap.roles()
         self.say(f"{exp.name}: lead-in {exp.lead_in_s:g}s of {run['workload']}@{run['rate']:g}: "
-                 f"{sum(r.ok for r in records)}/{len(records)} ok, {len(flips)} flips, roles {before} -> {await tap.roles()}")
+                 f"{sum(r.ok for r in records)}/{len(records)} ok, {len(flips)} flips, roles {before} -> {after}")
         self.clusters_info.setdefault(exp.name, {})["lead_in"] = {
             "seconds": exp.lead_in_s, "workload": run["workload"], "rate": run["rate"], "requests": len(records),
-            "ok": sum(r.ok for r in records), "roles_before": before, "roles_after": await tap.roles(),
+            "ok": sum(r.ok for r in records), "roles_before": before, "roles_after": after,
             "flips": [{"node": e.node_id, "to": e.new_role.value if e.new_role else ""} for e in flips]}
 
     def client_opts(self, url: str) -> ClientOptions:
@@ -175,6 +176,7 @@ class Bench:
         handoffs = [h for tap in taps for h in tap.handoffs_between(t0, t1 + 0.2)]
         # The scheduler reports a flip when it asks ("requested: ...") and when it is "done" (or failed).
         events = [(t - t0, e) for t, e in taps[0].flips_between(t0, t1)]
+        samples = taps[0].samples_between(t0, t1) if len(taps) == 1 else None
         flips = [(t, e) for t, e in events if e.detail == "done"]
         summary = summarize(records, duration)
         extra = {"roles_before": roles_before, "roles_after": await taps[0].roles(),
@@ -183,8 +185,8 @@ class Bench:
                  "role_events": [{"t": round(t, 2), "node": e.node_id, "detail": e.detail} for t, e in events],
                  "exactly_once": exactly_once(specs, records), "errors": sorted({r.error[:200] for r in records if r.error})[:5],
                  # One cluster's nodes (K colocated clusters would mix K nodes of one name).
-                 "nodes": rep.node_summary(taps[0].samples_between(t0, t1), handoffs) if len(taps) == 1 else {},
-                 "trace": rep.run_trace(taps[0].samples_between(t0, t1), handoffs, t0) if len(taps) == 1 else {},
+                 "nodes": rep.node_summary(samples, handoffs) if samples is not None else {},
+                 "trace": rep.run_trace(samples, handoffs, t0) if samples is not None else {},
                  "requests": compact(records)}
         row = rep.run_row(exp.name, exp.kind, dict(run), summary, describe(specs), handoffs, extra)
         self.rows.append(row)
