@@ -325,8 +325,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-# The 2-GPU experiments whose rates --rates and --synth set (the TPOT comparison's pair).
-SWEPT = ("1p1d_ipc", "2colo")
+# The 2-GPU set's experiments whose rates --rates and --synth set (the TPOT comparison's pair and one colocated node).
+SWEPT = ("1p1d_ipc", "2colo", "1colo")
 
 
 def plan(args: argparse.Namespace, profile: Profile) -> list[Experiment]:
