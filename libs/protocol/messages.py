@@ -175,6 +175,9 @@ class PlaceRequest(Message, tag="place"):
     # Set by a prefill node whose decode node refused the hand-off (it flipped role, or is
     # full): the prompt is prefilled there already, so only a decode node is chosen.
     prefill_node: str = ""
+    # How long the scheduler may hold the request for a node with room before it answers
+    # OVERLOADED (0: answer at once); the scheduler caps it (services/scheduler/queue.py).
+    queue_timeout_s: float = 0.0
 
 
 class Placement(Message, tag="placement"):
@@ -182,6 +185,7 @@ class Placement(Message, tag="placement"):
     prefill_node: str
     decode_node: str  # equal to prefill_node when one node does both
     predicted_ttft_s: float = 0.0
+    queued_s: float = 0.0  # time the request waited in the scheduler's queue
 
 
 class Rejected(Message, tag="rejected"):
@@ -356,6 +360,7 @@ class ClusterState(Message, tag="cluster"):
     policy: str
     nodes: list[LoadReport]
     events: list[SchedEvent]
+    num_waiting: int = 0  # requests held in the scheduler's queue for capacity
 
 
 AnyMessage = (

@@ -2,6 +2,8 @@
 
 Life cycle of one request (one *attempt* per placement):
 1. ``PlaceRequest`` to the scheduler -> ``Placement`` (or ``Rejected``: 429 / 503 to the client);
+   when no node can take it now, the scheduler holds it up to ``queue_timeout_s`` for one
+   that can (a client that leaves meanwhile gets its place dropped by a ``Cancel``);
 2. the router opens the attempt's stream, then ``SubmitRequest`` goes to the prefill node,
    which acks;
 3. ordered tokens are yielded to the HTTP handler as they arrive;
@@ -174,6 +176,8 @@ class Dispatcher:
             got = 0
             while True:
                 item = await self._next(stream, placement, got)
+                if got == 0:
+                    item.queued_s = placement.queued_s
                 got += len(item.token_ids)
                 yield item
                 if item.finished:
@@ -202,14 +206,20 @@ class Dispatcher:
 
     async def _place_traced(self, job: Job, wire_id: str, num_prompt: int, max_tokens: int,
                             excluded: list[str]) -> Placement:
+        wait = self.config.queue_timeout_s
         place = PlaceRequest(
             request_id=wire_id, model=job.model, num_prompt_tokens=num_prompt, max_tokens=max_tokens, exclude_nodes=list(excluded),
+            queue_timeout_s=wait,
         )
         try:
-            reply = await request(self.nc, subjects.sched_place(), place, self.config.place_timeout_s)
+            reply = await request(self.nc, subjects.sched_place(), place, self.config.place_timeout_s + wait)
         except (NatsTimeoutError, NoRespondersError, asyncio.TimeoutError):
             metrics.REJECTED.labels("scheduler_unavailable").inc()
             raise ApiError(503, "the scheduler did not answer", type="server_error", code="scheduler_unavailable", retry_after_s=1.0) from None
+        except asyncio.CancelledError:
+            if wait > 0:  # the client left: free its place in the scheduler's queue
+                await self._publish_cancel(wire_id, "cancelled while waiting for placement")
+            raise
         if isinstance(reply, Rejected) and excluded and reply.code is not ErrorCode.INVALID:
             # Exclusion is a preference: a node that is really dead has left the scheduler's
             # registry already, so what is left failed this request for a passing reason
@@ -221,7 +231,10 @@ class Dispatcher:
             raise from_code(reply.code, reply.reason or reply.code.value, reply.retry_after_s or (1.0 if reply.code is ErrorCode.OVERLOADED else 0.0))
         if not isinstance(reply, Placement):
             raise ApiError(502, f"unexpected scheduler reply {type(reply).__name__}", type="server_error", code="bad_gateway")
-        log.info("placed on prefill=%s decode=%s", reply.prefill_node, reply.decode_node)
+        if reply.queued_s:
+            metrics.QUEUED_SECONDS.observe(reply.queued_s)
+        log.info("placed on prefill=%s decode=%s%s", reply.prefill_node, reply.decode_node,
+                 f" after {reply.queued_s:.2f}s in the scheduler's queue" if reply.queued_s else "")
         return reply
 
     async def _submit(self, node_id: str, submit: SubmitRequest) -> None:

@@ -38,6 +38,7 @@ class Generation:
         self.first_token_ns = 0  # wall clock (the stream span's start)
         self.last_token_ns = 0
         self.prefill_s = 0.0  # the engine's prefill time reported with the first token (0: not reported)
+        self.queued_s = 0.0  # time in the scheduler's queue before the first token
         self.num_output = 0
         self.num_cached = 0
         self.finished = False
@@ -50,6 +51,8 @@ class Generation:
         finished with reason ``stop``.
         """
         now = time.monotonic()
+        if self.first_token_at is None:
+            self.queued_s += item.queued_s  # every attempt's wait before the first token
         if item.token_ids:
             self.last_token_ns = time.time_ns()
         if item.token_ids and self.first_token_at is None:
@@ -58,7 +61,7 @@ class Generation:
             metrics.TTFT.observe(now - self.started)
             self.prefill_s = item.prefill_s
             if item.prefill_s > 0:
-                metrics.CONTROL_PLANE.observe(max(0.0, now - self.started - item.prefill_s))
+                metrics.CONTROL_PLANE.observe(max(0.0, now - self.started - item.prefill_s - self.queued_s))
         self.num_cached = max(self.num_cached, item.num_cached_tokens)
         used: list[int] = []
         for tid in item.token_ids:
@@ -79,14 +82,16 @@ class Generation:
         return text, lp
 
     def timing(self) -> dict[str, float | None]:
-        """The ``flowkv`` extension object: TTFT, the engine's prefill time and their difference.
+        """The ``flowkv`` extension object: TTFT, the engine's prefill time, the wait in the
+        scheduler's queue, and what is left of TTFT without those two.
 
         ``ttft_s`` is the gateway's arrival -> first token received; ``control_plane_s`` is
-        ``ttft_s - prefill_s`` (None while no token came or the node reported no prefill time).
+        ``ttft_s - prefill_s - queued_s`` (None while no token came or the node reported no
+        prefill time).
         """
         ttft = None if self.first_token_at is None else self.first_token_at - self.started
-        overhead = None if ttft is None or self.prefill_s <= 0 else ttft - self.prefill_s
-        return {"ttft_s": ttft, "prefill_s": self.prefill_s, "control_plane_s": overhead}
+        overhead = None if ttft is None or self.prefill_s <= 0 else ttft - self.prefill_s - self.queued_s
+        return {"ttft_s": ttft, "prefill_s": self.prefill_s, "queued_s": self.queued_s, "control_plane_s": overhead}
 
     def record_stream_span(self, request_id: str) -> None:
         """Emit the ``stream`` span (first token -> last token) under the current span; nothing

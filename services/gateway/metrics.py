@@ -21,8 +21,12 @@ TPOT = Histogram(
 )
 CONTROL_PLANE = Histogram(
     "flowkv_gateway_control_plane_seconds",
-    "request arrival to first token received, minus the engine's own prefill time (TokenChunk.prefill_s)",
+    "request arrival to first token received, minus the engine's own prefill time (TokenChunk.prefill_s) and the wait in the scheduler's queue",
     buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+QUEUED_SECONDS = Histogram(
+    "flowkv_gateway_scheduler_queue_seconds", "wait in the scheduler's queue of the requests that waited (Placement.queued_s)",
+    buckets=_LATENCY_BUCKETS,
 )
 E2E = Histogram("flowkv_gateway_e2e_request_latency_seconds", "request arrival to its last token", buckets=_LATENCY_BUCKETS)
 PROMPT_TOKENS = Counter("flowkv_gateway_prompt_tokens_total", "prompt tokens of finished requests")

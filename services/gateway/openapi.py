@@ -48,7 +48,7 @@ def _sampling_properties(model: str) -> dict[str, Any]:
         "frequency_penalty": {"type": ["number", "null"], "enum": [0, None]},
         "ignore_eos": {"type": ["boolean", "null"]},
         "flowkv_timing": {"type": ["boolean", "null"],
-                          "description": "add `flowkv: {ttft_s, prefill_s, control_plane_s}` to the response (last chunk when streaming)"},
+                          "description": "add `flowkv: {ttft_s, prefill_s, queued_s, control_plane_s}` to the response (last chunk when streaming)"},
         "min_tokens": {"type": ["integer", "null"], "minimum": 0, "maximum": _INT32},
         "user": {"type": "string"},
     }

@@ -45,6 +45,7 @@ class Delivery:
     error: str = ""
     node_id: str = ""
     prefill_s: float = 0.0  # the engine's prefill time, on the delivery of the first token (TokenChunk.prefill_s)
+    queued_s: float = 0.0  # on an attempt's first delivery: its wait in the scheduler's queue (Placement.queued_s)
 
 
 @dataclass

@@ -25,6 +25,8 @@ class SchedulerConfig:
     node_timeout_s: float = field(default=3.0, metadata=_h("a node is dead after this long without a load report"))
     max_ttft_s: float = field(default=30.0, metadata=_h("reject (429) when the best predicted TTFT exceeds this"))
     max_retry_after_s: float = field(default=30.0, metadata=_h("cap on Retry-After of a rejection"))
+    queue_limit: int = field(default=1024, metadata=_h("requests held waiting for a node with room; past it, 429 at once"))
+    max_queue_wait_s: float = field(default=60.0, metadata=_h("cap on the wait a PlaceRequest may ask for (0: never hold one)"))
     inflight_grace_s: float = field(default=0.5, metadata=_h("how long a placement counts before reports show it"))
     role_interval_s: float = field(default=0.5, metadata=_h("how often the role controller runs"))
     min_dwell_s: float = field(default=10.0, metadata=_h("minimum time a node keeps a role"))
@@ -48,6 +50,8 @@ class SchedulerConfig:
         for name in ("node_timeout_s", "max_ttft_s", "role_interval_s", "set_role_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.queue_limit < 0 or self.max_queue_wait_s < 0:
+            raise ValueError("queue_limit and max_queue_wait_s must not be negative")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         self.role_config()  # validates the thresholds

@@ -146,8 +146,14 @@ def estimate(model: CostModel, req: PlaceRequest, p: NodeEntry, d: NodeEntry) ->
 
 
 def decode_blocks_needed(req: PlaceRequest, d: NodeEntry) -> int:
-    """Blocks the request's KV takes on ``d`` at its longest (prompt plus every output token)."""
-    return prompt_blocks(req.num_prompt_tokens + req.max_tokens, d.report.block_size or 16)
+    """Blocks the request's KV takes on ``d`` at its longest: prompt plus every output token,
+    up to ``d``'s ``max_model_len``, where its engine ends the sequence. (Uncapped, a request
+    that leaves ``max_tokens`` to default to the gateway's context length would need more
+    than a pool the node's engine capped ``max_model_len`` to, and never find room.)"""
+    tokens = req.num_prompt_tokens + req.max_tokens
+    if d.report.max_model_len > 0:
+        tokens = min(tokens, d.report.max_model_len)
+    return prompt_blocks(tokens, d.report.block_size or 16)
 
 
 def decode_has_room(req: PlaceRequest, d: NodeEntry) -> bool:

@@ -73,20 +73,22 @@ class Policy:
 
         Returns:
             Placement, or Rejected(NO_NODES) when no live node serves the model (after
-            ``exclude_nodes``), Rejected(OVERLOADED, retry_after_s) when none can take it now.
+            ``exclude_nodes``), Rejected(INVALID) when the prompt fits no node's
+            ``max_model_len``, Rejected(OVERLOADED, retry_after_s) when none can take it now.
         """
-        live = [n for n in self.registry.nodes() if not req.model or n.report.model == req.model]
-        live = [n for n in live if n.node_id not in req.exclude_nodes]
+        live = [n for n in self._serving(req) if n.node_id not in req.exclude_nodes]
         if not live:
             return Rejected(request_id=req.request_id, code=ErrorCode.NO_NODES,
                             reason=f"no live node serves model {req.model!r}" if req.model else "no live nodes")
         ready = [n for n in live if n.ready]
         if req.prefill_node:
             return self._place_decode(req, ready)
-        if self.roles is not None and self.roles.demand is not None:
-            # Offered load, counted before admission (retries are recognised by id).
-            self.roles.demand.record(self.registry.clock.now(), req.request_id, req.num_prompt_tokens, req.max_tokens,
-                                     decode_blocks_needed(req, live[0]))
+        longest = max(n.report.max_model_len for n in live)
+        if req.num_prompt_tokens >= longest:  # what each node's own check would refuse
+            return Rejected(request_id=req.request_id, code=ErrorCode.INVALID,
+                            reason=f"a prompt of {req.num_prompt_tokens} tokens does not fit the nodes' "
+                                   f"max_model_len (at most {longest})")
+        self._offer(req, live)
         ps = [n for n in ready if n.can_prefill]
         ds = [n for n in ready if n.can_decode and decode_has_room(req, n)]
         if not ps or not ds:
@@ -104,6 +106,23 @@ class Policy:
         self._record(req, p, d, est.uncached_tokens, est.ttft_s)
         return Placement(request_id=req.request_id, prefill_node=p.node_id, decode_node=d.node_id,
                          predicted_ttft_s=est.ttft_s)
+
+    def offer(self, req: PlaceRequest) -> None:
+        """Count ``req`` as demand without placing it (it waits behind others in the
+        scheduler's queue: the role controller must see the load it brings meanwhile)."""
+        live = self._serving(req)
+        if live and not req.prefill_node:
+            self._offer(req, live)
+
+    def _serving(self, req: PlaceRequest) -> list[NodeEntry]:
+        """The live nodes of the request's model."""
+        return [n for n in self.registry.nodes() if not req.model or n.report.model == req.model]
+
+    def _offer(self, req: PlaceRequest, live: list[NodeEntry]) -> None:
+        if self.roles is not None and self.roles.demand is not None:
+            # Offered load, counted before admission (retries and waits are recognised by id).
+            self.roles.demand.record(self.registry.clock.now(), req.request_id, req.num_prompt_tokens, req.max_tokens,
+                                     decode_blocks_needed(req, live[0]))
 
     def _place_decode(self, req: PlaceRequest, ready: list[NodeEntry]) -> Placement | Rejected:
         """A decode node for a request already prefilled on ``req.prefill_node`` (its placed

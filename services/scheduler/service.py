@@ -1,7 +1,10 @@
 """The scheduler service: the pure core (registry, policy, role controller) on NATS.
 
   1. node_load / node_bye update the registry (NODE_UP / NODE_DOWN events);
-  2. sched_place answers each PlaceRequest with a Placement or Rejected;
+  2. sched_place answers each PlaceRequest with a Placement or Rejected; one that no node
+     can take now and that asks to wait is held in the wait queue (``queue.py``) and
+     answered when a load report, an expired reservation or a role flip makes room, or
+     when its wait runs out; a Cancel on request_cancel drops a held request;
   3. sched_cluster answers a ClusterQuery with the live nodes and recent events;
   4. a housekeeping task expires silent nodes and runs the role controller, sending
      SetRole to ``node(id, ROLE)``;
@@ -16,13 +19,15 @@ import logging
 import time
 from collections import deque
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span, SpanKind, use_span
 
 from libs.protocol import subjects
 from libs.protocol.messages import (
     Ack,
+    Cancel,
     ClusterQuery,
     ClusterState,
     ErrorCode,
@@ -44,6 +49,7 @@ from services.scheduler import metrics
 from services.scheduler.clock import Clock, SystemClock
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.policies import make_policy
+from services.scheduler.queue import WaitQueue
 from services.scheduler.registry import NodeRegistry
 from services.scheduler.roles import RoleChange
 from services.scheduler.validation import place_problem, report_problem
@@ -68,6 +74,7 @@ class SchedulerService:
         self.registry = NodeRegistry(self.clock, config.node_timeout_s)
         self.policy = make_policy(config.policy, self.registry, config.placement_config(), config.role_config())
         self.events: deque[SchedEvent] = deque(maxlen=config.max_events)
+        self.queue = WaitQueue(config.queue_limit, config.max_queue_wait_s)
         self.tasks = TaskGroup("scheduler")
         self._subs: list = []
         self.num_placed = 0
@@ -80,6 +87,7 @@ class SchedulerService:
             await subscribe(self.nc, subjects.node_bye(), self._on_bye, (NodeBye,)),
             await subscribe(self.nc, subjects.sched_place(), self._on_place, (PlaceRequest,)),
             await subscribe(self.nc, subjects.sched_cluster(), self._on_cluster, (ClusterQuery,)),
+            await subscribe(self.nc, subjects.request_cancel(), self._on_cancel, (Cancel,)),
         ]
         await self.nc.flush()
         self.tasks.spawn(self._housekeeping(), "housekeeping")
@@ -98,6 +106,7 @@ class SchedulerService:
     def refresh_metrics(self) -> None:
         """Refresh the gauges read from live state (called before each ``/metrics`` scrape)."""
         metrics.refresh_nodes(self.registry)
+        metrics.WAITING.set(len(self.queue))
 
     async def _publish(self, events: list[SchedEvent]) -> None:
         metrics.observe_events(events)
@@ -115,50 +124,108 @@ class SchedulerService:
             log.debug("dropped a load report: %s", problem)
             return
         await self._publish(self.registry.update(report))
+        await self._drain()
 
     async def _on_bye(self, bye: NodeBye, msg: Msg) -> None:
         await self._publish(self.registry.remove(bye.node_id, bye.reason or "bye"))
+        await self._drain()
 
     async def _on_place(self, req: PlaceRequest, msg: Msg) -> None:
+        # The span stays open while the request waits: it ends when the answer goes out.
+        span = _TRACER.start_span("scheduler.place", context=extract_context(msg.headers), kind=SpanKind.SERVER)
+        span.set_attributes({"flowkv.request_id": req.request_id, "flowkv.policy": self.policy.name,
+                             "flowkv.tokens.prompt": req.num_prompt_tokens})
         token = request_id_var.set(req.request_id)
         try:
-            with _TRACER.start_as_current_span("scheduler.place", context=extract_context(msg.headers),
-                                               kind=SpanKind.SERVER) as span:
-                span.set_attributes({"flowkv.request_id": req.request_id, "flowkv.policy": self.policy.name,
-                                     "flowkv.tokens.prompt": req.num_prompt_tokens})
+            with use_span(span, end_on_exit=False):
                 await self._place(req, msg, span)
+        except BaseException:
+            if span.is_recording():  # not answered: the span ends here
+                span.end()
+            raise
         finally:
             request_id_var.reset(token)
 
     async def _place(self, req: PlaceRequest, msg: Msg, span: Span) -> None:
         started = time.perf_counter()
         problem = place_problem(req)
-        out = (Rejected(request_id=req.request_id, code=ErrorCode.INVALID, reason=problem) if problem
-               else self.policy.place(req))
-        metrics.PLACE_SECONDS.observe(time.perf_counter() - started)
-        await respond(msg, out)
-        now = self.clock.now()
-        if isinstance(out, Placement):
-            outcome = "colocated" if out.prefill_node == out.decode_node else "disaggregated"
-            metrics.PLACEMENTS.labels(self.policy.name, outcome).inc()
-            span.set_attributes({"flowkv.outcome": outcome, "flowkv.prefill_node": out.prefill_node,
-                                 "flowkv.decode_node": out.decode_node})
-            self.num_placed += 1
-            ev = SchedEvent(kind=EventKind.PLACEMENT, ts=now, request_id=req.request_id,
-                            prefill_node=out.prefill_node, decode_node=out.decode_node,
-                            detail=f"predicted ttft {out.predicted_ttft_s:.3f}s")
+        waits = not problem and self.queue.wants(req)
+        if problem:
+            out: Placement | Rejected = Rejected(request_id=req.request_id, code=ErrorCode.INVALID, reason=problem)
+        elif waits and len(self.queue):
+            # Others wait already: behind them, untried (first come, first served).
+            self.policy.offer(req)
+            out = Rejected(request_id=req.request_id, code=ErrorCode.OVERLOADED, retry_after_s=1.0,
+                           reason=f"behind {len(self.queue)} waiting request(s)")
         else:
-            metrics.PLACEMENTS.labels(self.policy.name, "rejected").inc()
-            metrics.REJECTIONS.labels(out.code.value).inc()
-            span.set_attributes({"flowkv.outcome": "rejected", "flowkv.reject_reason": out.code.value})
-            self.num_rejected += 1
-            ev = SchedEvent(kind=EventKind.REJECTED, ts=now, request_id=req.request_id,
-                            detail=f"{out.code.value}: {out.reason}")
-        await self._publish([ev])
+            out = self.policy.place(req)
+        metrics.PLACE_SECONDS.observe(time.perf_counter() - started)
+        if waits and isinstance(out, Rejected) and out.code is ErrorCode.OVERLOADED:
+            if self.queue.add(req, (msg, span), out, self.clock.now()):
+                span.set_attribute("flowkv.queued", True)
+                metrics.WAITING.set(len(self.queue))
+                return
+            out = msgspec.structs.replace(out, reason=f"{out.reason}; the scheduler's queue is full "
+                                                      f"({self.queue.limit} waiting)")
+        await self._answer(req, msg, span, out)
+
+    async def _drain(self) -> None:
+        """Answer the waiting requests that can be answered now (see ``WaitQueue.drain``)."""
+        if not len(self.queue):
+            return
+        now = self.clock.now()
+        for w, out in self.queue.drain(self.policy.place, now):
+            msg, span = w.handle
+            timed_out = isinstance(out, Rejected) and out.code is ErrorCode.OVERLOADED
+            outcome = "placed" if isinstance(out, Placement) else "timeout" if timed_out else "rejected"
+            metrics.WAIT_SECONDS.labels(outcome).observe(now - w.since)
+            if isinstance(out, Placement):
+                out = msgspec.structs.replace(out, queued_s=now - w.since)
+            span.set_attribute("flowkv.queued_s", now - w.since)
+            await self._answer(w.req, msg, span, out)
+        metrics.WAITING.set(len(self.queue))
+
+    async def _answer(self, req: PlaceRequest, msg: Msg, span: Span, out: Placement | Rejected) -> None:
+        """Send the answer, count it, publish its event and end the request's span."""
+        try:
+            await respond(msg, out)
+            now = self.clock.now()
+            if isinstance(out, Placement):
+                outcome = "colocated" if out.prefill_node == out.decode_node else "disaggregated"
+                metrics.PLACEMENTS.labels(self.policy.name, outcome).inc()
+                span.set_attributes({"flowkv.outcome": outcome, "flowkv.prefill_node": out.prefill_node,
+                                     "flowkv.decode_node": out.decode_node})
+                self.num_placed += 1
+                waited = f", queued {out.queued_s:.3f}s" if out.queued_s else ""
+                ev = SchedEvent(kind=EventKind.PLACEMENT, ts=now, request_id=req.request_id,
+                                prefill_node=out.prefill_node, decode_node=out.decode_node,
+                                detail=f"predicted ttft {out.predicted_ttft_s:.3f}s{waited}")
+            else:
+                metrics.PLACEMENTS.labels(self.policy.name, "rejected").inc()
+                metrics.REJECTIONS.labels(out.code.value).inc()
+                span.set_attributes({"flowkv.outcome": "rejected", "flowkv.reject_reason": out.code.value})
+                self.num_rejected += 1
+                ev = SchedEvent(kind=EventKind.REJECTED, ts=now, request_id=req.request_id,
+                                detail=f"{out.code.value}: {out.reason}")
+            await self._publish([ev])
+        finally:
+            span.end()
+
+    async def _on_cancel(self, cancel: Cancel, msg: Msg) -> None:
+        w = self.queue.cancel(cancel.request_id)
+        if w is None:
+            return
+        _, span = w.handle
+        waited = self.clock.now() - w.since
+        metrics.WAIT_SECONDS.labels("cancelled").observe(waited)
+        metrics.WAITING.set(len(self.queue))
+        span.set_attributes({"flowkv.outcome": "cancelled", "flowkv.queued_s": waited})
+        span.end()
+        log.info("dropped waiting request %s after %.2fs: %s", cancel.request_id, waited, cancel.reason or "cancelled")
 
     async def _on_cluster(self, query: ClusterQuery, msg: Msg) -> None:
         state = ClusterState(policy=self.policy.name, nodes=[n.report for n in self.registry.nodes()],
-                             events=list(self.events))
+                             events=list(self.events), num_waiting=len(self.queue))
         await respond(msg, state)
 
     async def _housekeeping(self) -> None:
@@ -168,14 +235,14 @@ class SchedulerService:
             await self.tick()
 
     async def tick(self) -> None:
-        """One round: expire silent nodes, advance the role controller."""
+        """One round: expire silent nodes, advance the role controller, answer what waits."""
         await self._publish(self.registry.expire())
-        if self.policy.roles is None:
-            return
-        change, events = self.policy.roles.step()
-        await self._publish(events)
-        if change is not None:
-            self.tasks.spawn(self._send_role(change), f"set-role-{change.node_id}")
+        if self.policy.roles is not None:
+            change, events = self.policy.roles.step()
+            await self._publish(events)
+            if change is not None:
+                self.tasks.spawn(self._send_role(change), f"set-role-{change.node_id}")
+        await self._drain()  # deadlines, and reservations that expired since the last report
 
     async def _send_role(self, change: RoleChange) -> None:
         msg = SetRole(node_id=change.node_id, role=change.new_role, reason=change.reason)

@@ -47,6 +47,10 @@ class FakeCluster:
         announce_death: publish NODE_DOWN on ``sched_events()`` when a node dies.
         reject: answer every placement with this instead.
         hold: don't stream anything after the ack (for cancel tests) until released.
+        hold_place: never answer a placement (a request waiting in the scheduler's queue).
+        queued_s: wait this long before answering a placement, and report it as the
+            Placement's ``queued_s`` (a request held in a real scheduler's queue).
+        prefill_s: the engine prefill time the first token reports (``TokenChunk.prefill_s``).
         eos_token_id: finish with reason "stop" when this token is produced.
     """
 
@@ -59,6 +63,9 @@ class FakeCluster:
     announce_death: bool = True
     reject: Rejected | None = None
     hold: bool = False
+    hold_place: bool = False
+    queued_s: float = 0.0
+    prefill_s: float = 0.0
     eos_token_id: int | None = None
     with_logprobs: bool = True
     places: list[PlaceRequest] = field(default_factory=list)
@@ -96,14 +103,18 @@ class FakeCluster:
 
     async def _on_place(self, req: PlaceRequest, msg: Msg) -> None:
         self.places.append(req)
+        if self.hold_place:
+            return
         if self.reject is not None:
             await respond(msg, Rejected(request_id=req.request_id, code=self.reject.code, reason=self.reject.reason,
                                         retry_after_s=self.reject.retry_after_s))
             return
+        if self.queued_s:
+            await asyncio.sleep(self.queued_s)
         for p, d in self.pairs:
             if {p, d} & (self.dead | set(req.exclude_nodes)):
                 continue
-            await respond(msg, Placement(request_id=req.request_id, prefill_node=p, decode_node=d))
+            await respond(msg, Placement(request_id=req.request_id, prefill_node=p, decode_node=d, queued_s=self.queued_s))
             return
         await respond(msg, Rejected(request_id=req.request_id, code=ErrorCode.NO_NODES, reason="no live node pair"))
 
@@ -144,7 +155,7 @@ class FakeCluster:
             lps = [TokenLogprob(t, -0.5, [t, t + 1], [-0.5, -1.5]) for t in ids] if self.with_logprobs else None
             chunks.append(TokenChunk(
                 request_id=req.request_id, node_id=node, index=req.output_offset + pos, token_ids=ids, logprobs=lps,
-                num_prompt_tokens=len(req.prompt_token_ids),
+                num_prompt_tokens=len(req.prompt_token_ids), prefill_s=self.prefill_s if pos == 0 else 0.0,
             ))
             pos += size
         if chunks:

@@ -33,6 +33,31 @@ async def test_client_disconnect_publishes_cancel(nats_server, tokenizer):
     assert [c.request_id for c in gw.cluster.cancels] == ["gone-1"]
 
 
+async def test_client_leaving_while_queued_frees_its_place(nats_server, tokenizer):
+    async with gateway(nats_server.url, tokenizer, {"hold_place": True}, queue_timeout_s=20.0) as gw:
+        body = {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 5}
+        task = asyncio.create_task(gw.http.post(gw.url + "/v1/completions", json=body, headers={"X-Request-Id": "queued-1"}))
+        await _wait_for(lambda: gw.cluster.places, "placement request")
+        assert gw.cluster.places[0].queue_timeout_s == 20.0  # the scheduler may hold it that long
+        task.cancel()  # the client hangs up while the scheduler holds the request
+        await asyncio.gather(task, return_exceptions=True)
+        await _wait_for(lambda: gw.cluster.cancels, "cancel")
+    assert [c.request_id for c in gw.cluster.cancels] == ["queued-1"]
+    assert not gw.cluster.submits
+
+
+async def test_queue_wait_is_reported_apart_from_control_plane(nats_server, tokenizer):
+    async with gateway(nats_server.url, tokenizer, {"queued_s": 0.25, "prefill_s": 0.01}) as gw:
+        body = {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 3, "flowkv_timing": True}
+        status, out, _ = await gw.post("/v1/completions", body)
+    assert status == 200
+    timing = out["flowkv"]
+    assert (timing["queued_s"], timing["prefill_s"]) == (0.25, 0.01)
+    assert timing["ttft_s"] >= 0.25
+    # What is left of TTFT is the gateway's and the network's own part, not the wait.
+    assert timing["control_plane_s"] == pytest.approx(timing["ttft_s"] - 0.01 - 0.25)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_node_death_mid_stream_resubmits_gap_free(nats_server, tokenizer, stream):
     cluster = {"pairs": TWO_PAIRS, "die_after": {"D0": 5}, "chunk_size": 2}
@@ -101,7 +126,8 @@ async def test_scheduler_rejection(nats_server, tokenizer, code, status, retry_a
 
 
 async def test_no_scheduler_is_503(nats_server, tokenizer):
-    async with gateway(nats_server.url, tokenizer, place_timeout_s=0.3) as gw:
+    # queue_timeout_s=0: a scheduler that may hold requests is given place + queue timeout.
+    async with gateway(nats_server.url, tokenizer, place_timeout_s=0.3, queue_timeout_s=0.0) as gw:
         await gw.cluster.stop()
         status, out, _ = await gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 3})
     assert status == 503 and out["error"]["code"] == "scheduler_unavailable"

@@ -91,7 +91,7 @@ async def test_ignore_eos_and_timing_extensions(gw):
     plain_status, plain, _ = await gw.post(C, OK_C)
     assert (status, plain_status) == (200, 200)
     assert [s.sampling.ignore_eos for s in gw.cluster.submits] == [True, False]
-    assert set(out["flowkv"]) == {"ttft_s", "prefill_s", "control_plane_s"} and out["flowkv"]["ttft_s"] > 0
+    assert set(out["flowkv"]) == {"ttft_s", "prefill_s", "queued_s", "control_plane_s"} and out["flowkv"]["ttft_s"] > 0
     assert "flowkv" not in plain
 
 
