@@ -253,7 +253,9 @@ def test_status_table_and_events():
                _report("decode-0", Role.DECODE, NodeState.DRAINING, num_running=3, free_blocks=12)],
         events=[SchedEvent(kind=EventKind.ROLE_FLIP, ts=0.0, node_id="decode-0", old_role=Role.DECODE,
                            new_role=Role.PREFILL, detail="requested")],
+        num_waiting=4,
     )
+    assert status.format_state(state, 0).splitlines()[0] == "policy: flowkv    nodes: 2    waiting for a node: 4"
     assert status.format_nodes(state).splitlines() == [
         "NODE       ROLE     STATE     DEVICE  RUNNING  WAITING  WAIT TOKENS  FREE/TOTAL BLOCKS",
         "decode-0   decode   draining  cpu     3        0        0            12/512",

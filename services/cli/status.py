@@ -100,7 +100,8 @@ def format_event(e: SchedEvent) -> str:
 
 
 def format_state(state: ClusterState, num_events: int) -> str:
-    out = [f"policy: {state.policy}    nodes: {len(state.nodes)}", "", format_nodes(state)]
+    out = [f"policy: {state.policy}    nodes: {len(state.nodes)}    waiting for a node: {state.num_waiting}", "",
+           format_nodes(state)]
     events = state.events[-num_events:] if num_events > 0 else []
     if events:
         out += ["", "recent events:"] + ["  " + format_event(e) for e in events]
