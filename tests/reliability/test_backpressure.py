@@ -1,8 +1,9 @@
 """Backpressure: the gateway's admission limits and the scheduler's TTFT admission answer
 429 with ``Retry-After``; a burst far past the limits leaves the gateway's memory bounded.
 
-Gateway limits here: 2 requests and 60 prompt tokens in flight. The scheduler is then
-restarted with ``--max-ttft-s 1e-6`` (every predicted TTFT is above it).
+Gateway limits here: 2 requests and 60 prompt tokens in flight, and 1 s in the scheduler's
+wait queue. The scheduler is then restarted with ``--max-ttft-s 1e-6`` (every predicted
+TTFT is above it): a request waits its second, then gets the 429.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def rss_kb(pid: int) -> int:
 
 @pytest.mark.timeout(500)
 async def test_admission_limits_answer_429_with_retry_after_and_memory_stays_bounded(tmp_path):
-    gw_args = ["--max-concurrent-requests", "2", "--max-queued-tokens", "60", "--retry-after-s", "2"]
+    gw_args = ["--max-concurrent-requests", "2", "--max-queued-tokens", "60", "--retry-after-s", "2",
+               "--queue-timeout-s", "1"]
     with Cluster(tmp_path, prefill=1, decode=1, gateway_args=gw_args) as c:
         async with aiohttp.ClientSession() as s:
             # Requests in flight: 10 at once, only 2 are admitted.
@@ -69,6 +71,7 @@ async def test_admission_limits_answer_429_with_retry_after_and_memory_stays_bou
             assert status == 429, out
             assert out["error"]["code"] == "overloaded" and int(headers["Retry-After"]) >= 1
             assert "ttft" in out["error"]["message"].lower(), out
+            assert "waited 1." in out["error"]["message"], out  # held for the gateway's queue_timeout_s
 
 
 async def _nodes_back(c: Cluster) -> bool:
