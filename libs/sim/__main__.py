@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tpot-slo", type=float, default=0.1, help="TPOT SLO in seconds")
     ap.add_argument("--strict-drain", action="store_true",
                     help="nodes take no new work until their old role's work is done (default: switch at once)")
+    ap.add_argument("--queue-wait-s", type=float, default=0.0,
+                    help="how long a request may wait in the scheduler's queue (the gateway's queue_timeout_s; "
+                         "default 0: an overloaded request goes back to its client, who retries after Retry-After)")
     ap.add_argument("--out", type=Path, default=Path("sim-out"))
     args = ap.parse_args(argv)
     try:
@@ -45,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--mix has {len(costs)} nodes, --nodes {args.nodes}")
     if not 1 <= args.nodes <= 64:
         ap.error("--nodes must be 1..64")
-    config = replace(SimConfig(), strict_drain=args.strict_drain)
+    if args.queue_wait_s < 0:
+        ap.error("--queue-wait-s must not be negative")
+    config = replace(SimConfig(), strict_drain=args.strict_drain, queue_wait_s=args.queue_wait_s)
     slo = SLO(args.ttft_slo, args.tpot_slo)
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     policies = sweep_policies(args.nodes) if args.sweep else [args.policy]
@@ -56,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(m)
             clusters[(sc, pol)] = cl
             print(f"{sc:10s} {pol:14s} {m.throughput_rps:7.2f} req/s {m.throughput_tok_s:8.0f} tok/s "
-                  f"TTFT p50 {m.ttft_p50:.2f}s SLO {m.slo_attainment:.0%}", file=sys.stderr)
+                  f"TTFT p50 {m.ttft_p50:.2f}s SLO {m.slo_attainment:.0%} rejections {m.num_rejections} "
+                  f"dropped {m.num_dropped}", file=sys.stderr)
     print(write(results, clusters, args.out))
     return 0
 

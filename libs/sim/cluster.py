@@ -1,8 +1,9 @@
 """The simulated cluster: an event queue on sim time driving the real scheduler core.
 
 Each request arrives, is placed by the policy (``services.scheduler.policies``, the same
-objects the service uses), and a Rejected one retries after its Retry-After like a client
-of the gateway would. Nodes report load every ``report_interval_s`` into the real
+objects the service uses); one that no node can take now waits in the scheduler's wait
+queue (``services.scheduler.queue``, as the service runs it) for up to ``queue_wait_s``,
+and a Rejected one retries after its Retry-After like a client of the gateway would. Nodes report load every ``report_interval_s`` into the real
 NodeRegistry; the real RoleController runs every ``role_interval_s`` and its SetRoles
 reach the simulated nodes.
 """
@@ -15,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from libs.protocol.messages import PlaceRequest, Placement, Role
+from libs.protocol.messages import ErrorCode, PlaceRequest, Placement, Rejected, Role
 from libs.sim.calibration import H100_8B, NodeCosts
 from libs.sim.node import Job, SimNode
 from libs.sim.workload import SimRequest
 from services.scheduler.clock import ManualClock
 from services.scheduler.policies import PlacementConfig, make_policy
+from services.scheduler.queue import WaitQueue
 from services.scheduler.registry import NodeRegistry
 from services.scheduler.roles import RoleConfig
 
@@ -33,6 +35,10 @@ class SimConfig:
     role_interval_s: float = 0.5
     max_retries: int = 3
     strict_drain: bool = False
+    # The wait a request asks of the scheduler's queue (the gateway's queue_timeout_s);
+    # 0: none, every OVERLOADED goes back to the client, who retries after Retry-After.
+    queue_wait_s: float = 0.0
+    queue_limit: int = 1024
     placement: PlacementConfig = field(default_factory=lambda: PlacementConfig(max_ttft_s=10.0))
     roles: RoleConfig = field(default_factory=RoleConfig)
 
@@ -65,6 +71,7 @@ class Cluster:
         self.jobs: list[Job] = [Job(r) for r in requests]
         self.finished: list[Job] = []
         self.num_rejections = 0
+        self.queue = WaitQueue(self.config.queue_limit, self.config.queue_wait_s)
         self.flips: list[tuple[float, str, Role, Role]] = []
         self.role_timeline: list[tuple[float, int, int, int]] = []  # (t, #prefill, #decode, #hybrid)
         self.role_seconds: dict[str, dict[Role, float]] = {}  # node id -> role -> seconds, at role ticks
@@ -110,10 +117,28 @@ class Cluster:
         return self
 
     def _arrive(self, now: float, job: Job) -> None:
+        # As the scheduler service does (services/scheduler/service.py: _place).
         job.attempts += 1
         req = PlaceRequest(request_id=job.req.request_id, model="sim-8b", num_prompt_tokens=job.req.num_prompt_tokens,
-                           max_tokens=job.req.max_tokens)
-        out = self.policy.place(req)
+                           max_tokens=job.req.max_tokens, queue_timeout_s=self.config.queue_wait_s)
+        waits = self.queue.wants(req)
+        if waits and len(self.queue):
+            self.policy.offer(req)  # behind the ones waiting, untried
+            out: Placement | Rejected = Rejected(request_id=req.request_id, code=ErrorCode.OVERLOADED,
+                                                 retry_after_s=1.0, reason="behind others")
+        else:
+            out = self.policy.place(req)
+        if waits and isinstance(out, Rejected) and out.code is ErrorCode.OVERLOADED:
+            if self.queue.add(req, job, out, now):
+                return
+        self._answer(now, job, out)
+
+    def _drain(self, now: float) -> None:
+        for w, out in self.queue.drain(self.policy.place, now):
+            w.handle.queued_s = now - w.since
+            self._answer(now, w.handle, out)
+
+    def _answer(self, now: float, job: Job, out: Placement | Rejected) -> None:
         if isinstance(out, Placement):
             job.prefill_node, job.decode_node = out.prefill_node, out.decode_node
             self.nodes[out.prefill_node].submit(job, now)
@@ -148,6 +173,7 @@ class Cluster:
 
     def _report(self, now: float, node: SimNode) -> None:
         self.registry.update(node.report())
+        self._drain(now)
         self.schedule(now + self.config.report_interval_s, self._report, node)
 
     def _role_tick(self, now: float) -> None:
@@ -164,4 +190,5 @@ class Cluster:
         counts = [sum(1 for n in self.nodes.values() if n.role == r) for r in (Role.PREFILL, Role.DECODE, Role.HYBRID)]
         if not self.role_timeline or self.role_timeline[-1][1:] != tuple(counts):
             self.role_timeline.append((now, *counts))
+        self._drain(now)  # deadlines, and room a role flip made
         self.schedule(now + self.config.role_interval_s, self._role_tick)

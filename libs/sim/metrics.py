@@ -34,6 +34,7 @@ class RunMetrics:
     tpot_p90: float
     tpot_p99: float
     slo_attainment: float  # share of all requests that completed within both SLOs
+    queue_wait_p99: float = 0.0  # the wait in the scheduler's queue of completed requests (SimConfig.queue_wait_s)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +66,7 @@ def summarize(cluster: Cluster, policy: str, scenario: str, window_s: float, slo
         throughput_tok_s=sum(j.req.max_tokens for j in done) / window_s,
         ttft_p50=percentile(ttft, 50), ttft_p90=percentile(ttft, 90), ttft_p99=percentile(ttft, 99),
         tpot_p50=percentile(tpot, 50), tpot_p90=percentile(tpot, 90), tpot_p99=percentile(tpot, 99),
-        slo_attainment=ok / n if n else 0.0,
+        slo_attainment=ok / n if n else 0.0, queue_wait_p99=percentile([j.queued_s for j in done], 99),
     )
 
 

@@ -36,6 +36,7 @@ class Job:
     finish_s: float = -1.0
     attempts: int = 0
     dropped: bool = False
+    queued_s: float = 0.0  # the wait in the scheduler's queue before its placement (last attempt)
 
     @property
     def blocks(self) -> int:

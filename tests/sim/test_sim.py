@@ -103,3 +103,17 @@ def test_cli_mix_writes_device_table(tmp_path) -> None:
     assert (tmp_path / "devices.json").exists()
     with pytest.raises(SystemExit):
         main(["--mix", "h100:1,a100:1", "--nodes", "4"])
+
+
+def test_wait_queue_holds_what_retries_would_refuse() -> None:
+    from dataclasses import replace
+
+    from libs.sim.cluster import SimConfig
+
+    retry, _ = run_one(4, "overload", "flowkv", seed=0, scale=0.25)
+    queued, cl = run_one(4, "overload", "flowkv", seed=0, scale=0.25, config=replace(SimConfig(), queue_wait_s=30.0))
+    assert retry.num_rejections > 0 and retry.num_dropped > 0  # decode pools full: clients refused and retrying
+    assert (queued.num_rejections, queued.num_dropped) == (0, 0)
+    assert queued.queue_wait_p99 > 0
+    waited = [j for j in cl.finished if j.queued_s > 0]
+    assert waited and all(j.first_token_s - j.req.arrival >= j.queued_s for j in waited)
