@@ -84,7 +84,7 @@ class Bench:
         if self.budget.left() < need:
             self.skip(f"{exp.name}: whole experiment ({self.budget.left():.0f}s left, needs ~{need:.0f}s)")
             return
-        env = {**self.p.node_env, **exp.sched_env}
+        env = {**self.p.node_env, **exp.env}
         if exp.kv_transport:
             env["FLOWKV_NODE_KV_TRANSPORT"] = exp.kv_transport
         clusters = [Cluster(f"{exp.name}[{i}]", shape, self.args.model, self.p.dtype, env, self.log)
@@ -307,7 +307,7 @@ def gpu_names(device: str) -> list[str]:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gpus", type=int, default=2, help="GPUs to use (2, 4 or 8); on CPU: the node counts")
+    ap.add_argument("--gpus", type=int, default=2, help="GPUs to use (1, 2, 4 or 8); on CPU: the node counts")
     ap.add_argument("--model", default="llama-3.1-8b", choices=sorted(PROFILES))
     ap.add_argument("--device", default="cuda", help="cuda (nodes on cuda:0..N-1) or cpu (dry run)")
     ap.add_argument("--experiments", default="", help="comma list (default: the set for --gpus, most important first)")

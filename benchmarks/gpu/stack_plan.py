@@ -76,7 +76,7 @@ class Experiment:
     runs: list[dict[str, Any]]
     kv_transport: str = ""
     want_roles: tuple[int, int] | None = None  # fixed split: wait for this many P and D
-    sched_env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of its services
     greedy: bool = True
     # Seconds of the first run's workload, driven and drained before it and not measured:
     # a policy with a role controller is measured at the split it settles on, as it would
@@ -101,19 +101,31 @@ def transport(name: str, device: str) -> str:
     return name
 
 
-def _two_gpu(p: Profile, device: str) -> dict[str, Experiment]:
+# One GPU: the 1P1D nodes share it, each with a pool of this many blocks (2 MiB each for
+# Llama-3.1-8B: 32 GB, 256k tokens) instead of 85% of the memory its weights leave free,
+# so that the second node to start finds room.
+SHARED_GPU_NUM_BLOCKS = 16_000
+
+
+def _two_gpu(p: Profile, device: str, gpus: int = 2) -> dict[str, Experiment]:
     wl, scale = p.long
     d = p.duration_s
     long = [_run(wl, r, scale, d) for r in p.rates2["long"]]
     synth = [_run(w, r, p.synth_scale[w], d) for w in ("10k", "1k") for r in p.rates2[w]]
     dev2 = _devices(device, 2)
+    shared = device == "cuda" and gpus == 1
+    one_gpu = {"1p1d_ipc": Experiment(
+        "1p1d_ipc", "disagg", [Shape(1, 1, 0, device, "fixed:1:1")], long + synth, transport("cuda_ipc", device),
+        want_roles=(1, 1), env={"FLOWKV_NODE_NUM_BLOCKS": str(SHARED_GPU_NUM_BLOCKS)} if shared else {})}
+    one_gpu["1colo"] = Experiment("1colo", "colo", [Shape(0, 0, 1, dev2[0], COLO_POLICY)], long[:1])
+    if shared:  # two nodes on one GPU over CUDA IPC; NCCL cannot put two ranks on one device
+        return one_gpu
     return {
-        "1p1d_ipc": Experiment("1p1d_ipc", "disagg", [Shape(1, 1, 0, device, "fixed:1:1")], long + synth,
-                               transport("cuda_ipc", device), want_roles=(1, 1)),
+        "1p1d_ipc": one_gpu["1p1d_ipc"],
         "2colo": Experiment("2colo", "colo", [Shape(0, 0, 1, dev, COLO_POLICY) for dev in dev2], long + synth),
         "1p1d_nccl": Experiment("1p1d_nccl", "disagg", [Shape(1, 1, 0, device, "fixed:1:1")],
                                 [synth[0], long[-1]], transport("nccl", device), want_roles=(1, 1)),
-        "1colo": Experiment("1colo", "colo", [Shape(0, 0, 1, dev2[0], COLO_POLICY)], long[:1]),
+        "1colo": one_gpu["1colo"],
     }
 
 
@@ -129,7 +141,7 @@ def _multi_gpu(p: Profile, device: str, gpus: int) -> dict[str, Experiment]:
     half = gpus // 2
     out: dict[str, Experiment] = {
         "flowkv": Experiment("flowkv", "disagg", [Shape(half, half, 0, device, "flowkv")], [long, shift],
-                             sched_env=SCHED_ENV, greedy=False, lead_in_s=p.lead_in_s),
+                             env=SCHED_ENV, greedy=False, lead_in_s=p.lead_in_s),
     }
     for np_ in range(1, gpus):
         nd = gpus - np_
@@ -146,7 +158,7 @@ def _multi_gpu(p: Profile, device: str, gpus: int) -> dict[str, Experiment]:
 
 def catalog(profile: Profile, device: str, gpus: int) -> dict[str, Experiment]:
     """Every experiment this GPU count can run, by name (the 2-GPU ones on any count)."""
-    out = _two_gpu(profile, device)
+    out = _two_gpu(profile, device, gpus)
     if gpus >= 4:
         out.update(_multi_gpu(profile, device, gpus))
     return out
@@ -161,6 +173,8 @@ def fixed_splits(gpus: int) -> list[str]:
 
 def default_experiments(gpus: int) -> list[str]:
     """Most important first: a time budget that runs out skips the tail."""
+    if gpus == 1:
+        return ["1p1d_ipc", "1colo"]
     if gpus < 4:
         return ["1p1d_ipc", "2colo", "1p1d_nccl", "1colo"]
     return ["flowkv", f"{gpus}colo", *fixed_splits(gpus)]

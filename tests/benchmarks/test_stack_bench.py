@@ -158,6 +158,19 @@ def test_plan_per_gpu_count(gpus, first, colo):
             assert [r["workload"] for r in by[name].runs] == ["gov_report", "shift"]
 
 
+def test_plan_one_gpu_shares_it():
+    sb = _bench_module()
+    by = {e.name: e for e in sb.plan(sb.parse(["--gpus", "1", "--device", "cuda"]), sb.PROFILES["llama-3.1-8b"])}
+    assert list(by) == ["1p1d_ipc", "1colo"]  # no NCCL (two ranks on one device) and no second GPU
+    # Both nodes land on the one visible GPU, each with a fixed pool so the second finds room.
+    assert by["1p1d_ipc"].env == {"FLOWKV_NODE_NUM_BLOCKS": str(sys.modules["stack_plan"].SHARED_GPU_NUM_BLOCKS)}
+    assert by["1p1d_ipc"].shapes[0].device == "cuda" and by["1colo"].shapes[0].device == "cuda:0"
+    with pytest.raises(SystemExit):
+        sb.plan(sb.parse(["--gpus", "1", "--device", "cuda", "--experiments", "2colo"]), sb.PROFILES["llama-3.1-8b"])
+    two = {e.name: e for e in sb.plan(sb.parse(["--gpus", "2", "--device", "cuda"]), sb.PROFILES["llama-3.1-8b"])}
+    assert two["1p1d_ipc"].env == {}
+
+
 def test_plan_lead_in_override():
     sb = _bench_module()
     args = sb.parse(["--gpus", "4", "--device", "cpu", "--model", "tiny", "--lead-in-s", "0"])
