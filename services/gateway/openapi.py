@@ -82,7 +82,8 @@ def _schemas(model: str) -> dict[str, Any]:
             "type": "object", "required": ["role", "content"],
             "properties": {
                 "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
-                "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
+                "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}, {"type": "null"}],
+                            "description": "null only for an assistant message (read as empty)"},
                 "name": {"type": "string"},
             },
         },

@@ -226,6 +226,8 @@ def parse_chat(body: Any, served_model: str) -> GenerationRequest:
         role = m.get("role")
         if role not in _ROLES:
             raise invalid(f"messages[{i}].role must be one of {sorted(_ROLES)}", f"messages[{i}].role")
+        if "name" in m and not isinstance(m["name"], str):  # a participant's name: not used, but typed
+            raise invalid(f"messages[{i}].name must be a string", f"messages[{i}].name", "invalid_type")
         content = m.get("content")
         if content is None and role == "assistant":
             content = ""

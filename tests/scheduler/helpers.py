@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from libs.protocol.messages import KVLink, LoadReport, NodeState, Role
 
 _seq: dict[str, int] = {}
@@ -23,3 +25,13 @@ def report(node_id: str, role: Role = Role.PREFILL, *, state: NodeState = NodeSt
         kv_transports=["cuda_ipc"] if transports is None else transports, host_id=host, max_num_seqs=max_num_seqs,
         kv_links=links or [],
     )
+
+
+async def until(pred, timeout: float = 10.0) -> None:
+    """Poll until ``pred()`` holds (a wait, not a timing assertion)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError("condition never held")
+        await asyncio.sleep(0.02)

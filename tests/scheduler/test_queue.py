@@ -19,7 +19,7 @@ from services.scheduler.policies import PlacementConfig, make_policy
 from services.scheduler.queue import WaitQueue
 from services.scheduler.registry import NodeRegistry
 from services.scheduler.service import SchedulerService
-from tests.scheduler.helpers import report
+from tests.scheduler.helpers import report, until
 
 
 def _req(rid: str, tokens: int = 100, max_tokens: int = 10, wait: float = 20.0, **kw) -> PlaceRequest:
@@ -152,15 +152,6 @@ def test_prompt_longer_than_every_node_is_invalid_not_overloaded() -> None:
 # --- the service: a request waits over NATS, and is answered when room appears ----------------------
 
 
-async def _until(pred, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError("condition never held")
-        await asyncio.sleep(0.02)
-
-
 @pytest.fixture
 async def sched(nats_server):
     nc = await nats.connect(nats_server.url)
@@ -184,15 +175,15 @@ async def test_held_until_a_report_makes_room_then_cancel_and_overflow(sched) ->
     # A decode node with no free block: nothing can be placed now.
     await client.publish(subjects.node_load(), encode(report("p1")))
     await client.publish(subjects.node_load(), encode(report("d1", Role.DECODE, free_blocks=0)))
-    await _until(lambda: len(service.registry) == 2)
+    await until(lambda: len(service.registry) == 2)
 
     now = await _ask(client, _req("at-once", wait=0.0))  # did not ask to wait
     assert isinstance(now, Rejected) and now.code is ErrorCode.OVERLOADED
 
     first = asyncio.create_task(_ask(client, _req("first")))
-    await _until(lambda: len(service.queue) == 1)
+    await until(lambda: len(service.queue) == 1)
     second = asyncio.create_task(_ask(client, _req("second")))
-    await _until(lambda: len(service.queue) == 2)
+    await until(lambda: len(service.queue) == 2)
     full = await _ask(client, _req("third"))  # queue_limit=2
     assert isinstance(full, Rejected) and full.code is ErrorCode.OVERLOADED
     assert "queue is full" in full.reason
@@ -201,7 +192,7 @@ async def test_held_until_a_report_makes_room_then_cancel_and_overflow(sched) ->
 
     # The second one's requester gives up: it leaves without an answer.
     await client.publish(subjects.request_cancel(), encode(Cancel(request_id="second", reason="client gone")))
-    await _until(lambda: len(service.queue) == 1)
+    await until(lambda: len(service.queue) == 1)
     assert not second.done()
     second.cancel()
 
@@ -218,7 +209,7 @@ async def test_wait_runs_out_and_draining_nodes(sched) -> None:
     service, client = sched
     await client.publish(subjects.node_load(), encode(report("p1", state=NodeState.DRAINING)))
     await client.publish(subjects.node_load(), encode(report("d1", Role.DECODE)))
-    await _until(lambda: len(service.registry) == 2)
+    await until(lambda: len(service.registry) == 2)
     out = await _ask(client, _req("late", wait=0.3))  # answered by the housekeeping tick
     assert isinstance(out, Rejected) and out.code is ErrorCode.OVERLOADED
     assert "waited" in out.reason

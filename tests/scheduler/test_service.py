@@ -15,17 +15,7 @@ from libs.protocol.messages import (
 )
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.service import SchedulerService
-from tests.scheduler.helpers import report
-
-
-async def _until(pred, timeout: float = 10.0) -> None:
-    """Poll until ``pred()`` holds (a wait, not a timing assertion)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError("condition never held")
-        await asyncio.sleep(0.02)
+from tests.scheduler.helpers import report, until
 
 
 @pytest.fixture
@@ -61,7 +51,7 @@ async def test_place_garbage_and_dead_node(cluster) -> None:
     await client.subscribe(subjects.sched_events(), cb=on_event)
     await client.publish(subjects.node_load(), encode(report("p1", waiting_tokens=0)))
     await client.publish(subjects.node_load(), encode(report("d1", Role.DECODE)))
-    await _until(lambda: len(service.registry) == 2)
+    await until(lambda: len(service.registry) == 2)
     out = await _place(client, "r1")
     assert isinstance(out, Placement)
     assert (out.prefill_node, out.decode_node) == ("p1", "d1")
@@ -85,14 +75,14 @@ async def test_place_garbage_and_dead_node(cluster) -> None:
     state = decode(reply.data)
     assert isinstance(state, ClusterState)
     assert [n.node_id for n in state.nodes] == ["p1"]
-    await _until(lambda: any(e.kind == EventKind.NODE_DOWN and e.node_id == "d1" for e in events))
+    await until(lambda: any(e.kind == EventKind.NODE_DOWN and e.node_id == "d1" for e in events))
     kinds = [(e.kind, e.node_id or e.request_id) for e in events if e.kind != EventKind.NODE_DOWN]
     assert (EventKind.PLACEMENT, "r1") in kinds
     out = await _place(client, "r3")
     assert out.code.value == "overloaded"  # no decode node left
 
     await client.publish(subjects.node_bye(), encode(NodeBye(node_id="p1", reason="shutdown")))
-    await _until(lambda: len(service.registry) == 0)
+    await until(lambda: len(service.registry) == 0)
     out = await _place(client, "r4")
     assert out.code.value == "no_nodes"
 
@@ -112,10 +102,10 @@ async def test_fixed_policy_sends_set_role(nats_server) -> None:
     await client.flush()
     for nid in ("n0", "n1"):
         await client.publish(subjects.node_load(), encode(report(nid, Role.DECODE)))
-    await _until(lambda: len(got) == 1)
+    await until(lambda: len(got) == 1)
     assert (got[0].node_id, got[0].role) == ("n0", Role.PREFILL)
     await client.publish(subjects.node_load(), encode(report("n0", Role.PREFILL)))
-    await _until(lambda: service.policy.roles.num_flips == 1)
+    await until(lambda: service.policy.roles.num_flips == 1)
     assert [e.detail.split(":")[0] for e in service.events if e.kind == EventKind.ROLE_FLIP] == ["requested", "done"]
     await service.close()
     await client.drain()

@@ -53,6 +53,8 @@ CASES = [
     (CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": 5}]}, 400, "invalid_type", "messages[0].content"),
     (CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "invalid_type", "messages[0].content"),
     (CHAT, {**OK_CHAT, "messages": ["hi"]}, 400, "invalid_type", "messages[0]"),
+    (CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y", "name": 7}]},
+     400, "invalid_type", "messages[1].name"),
     (CHAT, {**OK_CHAT, "max_completion_tokens": -1}, 400, "invalid_value", "max_completion_tokens"),
     (CHAT, {**OK_CHAT, "logprobs": True, "top_logprobs": 21}, 400, "invalid_value", "top_logprobs"),
     (CHAT, {**OK_CHAT, "top_logprobs": 2}, 400, "invalid_value", "top_logprobs"),
