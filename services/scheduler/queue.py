@@ -66,6 +66,12 @@ class WaitQueue:
         self._waiting[req.request_id] = Waiting(req, handle, now, now + wait, last)
         return True
 
+    def take_all(self) -> list[Waiting]:
+        """Empty the queue, oldest first (the scheduler is stopping: it answers each)."""
+        out = list(self._waiting.values())
+        self._waiting.clear()
+        return out
+
     def cancel(self, request_id: str) -> Waiting | None:
         """Drop a request whose requester gave up; it gets no answer."""
         return self._waiting.pop(request_id, None)

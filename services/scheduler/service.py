@@ -94,7 +94,9 @@ class SchedulerService:
         log.info("scheduler up: policy %s, node timeout %gs", self.policy.name, self.config.node_timeout_s)
 
     async def close(self) -> None:
-        """Stop housekeeping and unsubscribe (the caller drains the connection)."""
+        """Stop housekeeping and unsubscribe, then answer every held request OVERLOADED
+        (its requester retries, instead of waiting out its timeout for a scheduler that is
+        gone); the caller drains the connection."""
         await self.tasks.cancel_all()
         for sub in self._subs:
             try:
@@ -102,6 +104,17 @@ class SchedulerService:
             except Exception:  # connection already closing: nothing left to undo
                 pass
         self._subs = []
+        now = self.clock.now()
+        for w in self.queue.take_all():
+            msg, span = w.handle
+            metrics.WAIT_SECONDS.labels("rejected").observe(now - w.since)
+            out = Rejected(request_id=w.req.request_id, code=ErrorCode.OVERLOADED, retry_after_s=1.0,
+                           reason=f"the scheduler is stopping (waited {now - w.since:.1f}s for capacity)")
+            try:
+                await self._answer(w.req, msg, span, out)
+            except Exception:  # connection already closed: the requester's timeout answers
+                log.debug("could not answer waiting request %s on close", w.req.request_id)
+        metrics.WAITING.set(0)
 
     def refresh_metrics(self) -> None:
         """Refresh the gauges read from live state (called before each ``/metrics`` scrape)."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from libs.protocol.messages import KVLink, LoadReport, NodeState, Role
+from libs.protocol import subjects
+from libs.protocol.messages import KVLink, LoadReport, NodeState, Role, encode
 
 _seq: dict[str, int] = {}
 
@@ -35,3 +36,20 @@ async def until(pred, timeout: float = 10.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition never held")
         await asyncio.sleep(0.02)
+
+
+async def announce(client, registry, *reports: LoadReport, timeout: float = 10.0) -> None:
+    """Publish ``reports`` on ``node_load()`` until ``registry`` holds every node.
+
+    Sent again every 0.2 s (a repeat has the same seq, so the registry ignores it): on a
+    nats-server just started, a message published within milliseconds of another
+    connection's SUB and flush was missed about once in twenty in our runs, so a test that
+    publishes once and then waits can hang where the nodes' periodic reports would not."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not all(r.node_id in registry for r in reports):
+        if loop.time() > deadline:
+            raise AssertionError(f"nodes never registered: {[r.node_id for r in reports if r.node_id not in registry]}")
+        for r in reports:
+            await client.publish(subjects.node_load(), encode(r))
+        await asyncio.sleep(0.2)

@@ -19,7 +19,7 @@ from services.scheduler.policies import PlacementConfig, make_policy
 from services.scheduler.queue import WaitQueue
 from services.scheduler.registry import NodeRegistry
 from services.scheduler.service import SchedulerService
-from tests.scheduler.helpers import report, until
+from tests.scheduler.helpers import announce, report, until
 
 
 def _req(rid: str, tokens: int = 100, max_tokens: int = 10, wait: float = 20.0, **kw) -> PlaceRequest:
@@ -173,9 +173,7 @@ async def _ask(client, req: PlaceRequest):
 async def test_held_until_a_report_makes_room_then_cancel_and_overflow(sched) -> None:
     service, client = sched
     # A decode node with no free block: nothing can be placed now.
-    await client.publish(subjects.node_load(), encode(report("p1")))
-    await client.publish(subjects.node_load(), encode(report("d1", Role.DECODE, free_blocks=0)))
-    await until(lambda: len(service.registry) == 2)
+    await announce(client, service.registry, report("p1"), report("d1", Role.DECODE, free_blocks=0))
 
     now = await _ask(client, _req("at-once", wait=0.0))  # did not ask to wait
     assert isinstance(now, Rejected) and now.code is ErrorCode.OVERLOADED
@@ -207,10 +205,27 @@ async def test_held_until_a_report_makes_room_then_cancel_and_overflow(sched) ->
 
 async def test_wait_runs_out_and_draining_nodes(sched) -> None:
     service, client = sched
-    await client.publish(subjects.node_load(), encode(report("p1", state=NodeState.DRAINING)))
-    await client.publish(subjects.node_load(), encode(report("d1", Role.DECODE)))
-    await until(lambda: len(service.registry) == 2)
+    await announce(client, service.registry, report("p1", state=NodeState.DRAINING), report("d1", Role.DECODE))
     out = await _ask(client, _req("late", wait=0.3))  # answered by the housekeeping tick
     assert isinstance(out, Rejected) and out.code is ErrorCode.OVERLOADED
     assert "waited" in out.reason
     assert len(service.queue) == 0
+
+
+async def test_held_requests_are_answered_when_the_scheduler_stops(nats_server) -> None:
+    nc = await nats.connect(nats_server.url)
+    client = await nats.connect(nats_server.url)
+    service = SchedulerService(SchedulerConfig(policy="flowkv", max_queue_wait_s=60.0), nc)
+    await service.start()
+    try:
+        await announce(client, service.registry, report("p1"), report("d1", Role.DECODE, free_blocks=0))
+        held = asyncio.create_task(_ask(client, _req("held", wait=60.0)))
+        await until(lambda: len(service.queue) == 1)
+        await service.close()  # a SIGTERM'd scheduler: the requester need not wait out its minute
+        out = await asyncio.wait_for(held, 10)
+        assert isinstance(out, Rejected) and out.code is ErrorCode.OVERLOADED
+        assert "stopping" in out.reason and out.retry_after_s == 1.0
+    finally:
+        await service.close()
+        await client.drain()
+        await nc.drain()

@@ -15,7 +15,7 @@ from libs.protocol.messages import (
 )
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.service import SchedulerService
-from tests.scheduler.helpers import report, until
+from tests.scheduler.helpers import announce, report, until
 
 
 @pytest.fixture
@@ -49,9 +49,7 @@ async def test_place_garbage_and_dead_node(cluster) -> None:
         events.append(decode(msg.data))
 
     await client.subscribe(subjects.sched_events(), cb=on_event)
-    await client.publish(subjects.node_load(), encode(report("p1", waiting_tokens=0)))
-    await client.publish(subjects.node_load(), encode(report("d1", Role.DECODE)))
-    await until(lambda: len(service.registry) == 2)
+    await announce(client, service.registry, report("p1", waiting_tokens=0), report("d1", Role.DECODE))
     out = await _place(client, "r1")
     assert isinstance(out, Placement)
     assert (out.prefill_node, out.decode_node) == ("p1", "d1")
@@ -100,8 +98,7 @@ async def test_fixed_policy_sends_set_role(nats_server) -> None:
 
     await client.subscribe(subjects.node("n0", subjects.NodeVerb.ROLE), cb=on_role)
     await client.flush()
-    for nid in ("n0", "n1"):
-        await client.publish(subjects.node_load(), encode(report(nid, Role.DECODE)))
+    await announce(client, service.registry, report("n0", Role.DECODE), report("n1", Role.DECODE))
     await until(lambda: len(got) == 1)
     assert (got[0].node_id, got[0].role) == ("n0", Role.PREFILL)
     await client.publish(subjects.node_load(), encode(report("n0", Role.PREFILL)))
