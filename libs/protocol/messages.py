@@ -353,7 +353,9 @@ class SchedEvent(Message, tag="event"):
 
 
 class ClusterQuery(Message, tag="cluster_query"):
-    pass
+    # Only the policy and num_waiting, no nodes or events: a liveness probe (the gateway
+    # sends one while a placement waits in the scheduler's queue).
+    brief: bool = False
 
 
 class ClusterState(Message, tag="cluster"):

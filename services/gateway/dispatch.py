@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -37,7 +38,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from libs.protocol import subjects
 from libs.protocol.messages import (
-    Ack, Cancel, ErrorCode, EventKind, Placement, PlaceRequest, Rejected, SamplingParams, SchedEvent, SubmitRequest, encode,
+    Ack, Cancel, ClusterQuery, ErrorCode, EventKind, Placement, PlaceRequest, Rejected, SamplingParams, SchedEvent, SubmitRequest, encode,
 )
 from services.common.messaging import request, subscribe
 from services.common.tracing import tracer
@@ -90,6 +91,8 @@ class Dispatcher:
         self.router = router
         self.config = config
         self._events_sub: Subscription | None = None
+        self._probe: asyncio.Future[bool] | None = None  # the liveness probe in flight, shared
+        self._answered_at = -math.inf  # when the scheduler last answered a probe (monotonic)
 
     async def start(self) -> None:
         self._events_sub = await subscribe(self.nc, subjects.sched_events(), self._on_event, (SchedEvent,))
@@ -211,12 +214,23 @@ class Dispatcher:
             request_id=wire_id, model=job.model, num_prompt_tokens=num_prompt, max_tokens=max_tokens, exclude_nodes=list(excluded),
             queue_timeout_s=wait,
         )
+        pending = asyncio.ensure_future(request(self.nc, subjects.sched_place(), place, self.config.place_timeout_s + wait))
         try:
-            reply = await request(self.nc, subjects.sched_place(), place, self.config.place_timeout_s + wait)
+            # A request may wait in the scheduler's queue, so no answer within place_timeout_s
+            # is no sign of a dead scheduler: ask it, every place_timeout_s, whether it is there.
+            while wait > 0 and not (await asyncio.wait({pending}, timeout=self.config.place_timeout_s))[0]:
+                if not await self._scheduler_answers():
+                    pending.cancel()
+                    await self._publish_cancel(wire_id, "the scheduler stopped answering")
+                    metrics.REJECTED.labels("scheduler_unavailable").inc()
+                    raise ApiError(503, "the scheduler stopped answering while the request waited for a placement",
+                                   type="server_error", code="scheduler_unavailable", retry_after_s=1.0)
+            reply = await pending
         except (NatsTimeoutError, NoRespondersError, asyncio.TimeoutError):
             metrics.REJECTED.labels("scheduler_unavailable").inc()
             raise ApiError(503, "the scheduler did not answer", type="server_error", code="scheduler_unavailable", retry_after_s=1.0) from None
         except asyncio.CancelledError:
+            pending.cancel()
             if wait > 0:  # the client left: free its place in the scheduler's queue
                 await self._publish_cancel(wire_id, "cancelled while waiting for placement")
             raise
@@ -236,6 +250,27 @@ class Dispatcher:
         log.info("placed on prefill=%s decode=%s%s", reply.prefill_node, reply.decode_node,
                  f" after {reply.queued_s:.2f}s in the scheduler's queue" if reply.queued_s else "")
         return reply
+
+    async def _scheduler_answers(self) -> bool:
+        """Whether the scheduler answers a brief ``ClusterQuery`` within ``place_timeout_s``.
+        One probe at a time serves every waiting request, and an answer counts for
+        ``place_timeout_s``."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._answered_at < self.config.place_timeout_s:
+            return True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._ask_scheduler())
+        return await asyncio.shield(self._probe)
+
+    async def _ask_scheduler(self) -> bool:
+        try:
+            await request(self.nc, subjects.sched_cluster(), ClusterQuery(brief=True), self.config.place_timeout_s)
+        except Exception as exc:  # a timeout, no responders, a closed connection: all say "not there"
+            log.warning("the scheduler did not answer a liveness probe within %.1fs: %s",
+                        self.config.place_timeout_s, exc.__class__.__name__)
+            return False
+        self._answered_at = asyncio.get_running_loop().time()
+        return True
 
     async def _submit(self, node_id: str, submit: SubmitRequest) -> None:
         try:

@@ -237,8 +237,11 @@ class SchedulerService:
         log.info("dropped waiting request %s after %.2fs: %s", cancel.request_id, waited, cancel.reason or "cancelled")
 
     async def _on_cluster(self, query: ClusterQuery, msg: Msg) -> None:
-        state = ClusterState(policy=self.policy.name, nodes=[n.report for n in self.registry.nodes()],
-                             events=list(self.events), num_waiting=len(self.queue))
+        if query.brief:
+            state = ClusterState(policy=self.policy.name, nodes=[], events=[], num_waiting=len(self.queue))
+        else:
+            state = ClusterState(policy=self.policy.name, nodes=[n.report for n in self.registry.nodes()],
+                                 events=list(self.events), num_waiting=len(self.queue))
         await respond(msg, state)
 
     async def _housekeeping(self) -> None:

@@ -187,6 +187,9 @@ async def test_held_until_a_report_makes_room_then_cancel_and_overflow(sched) ->
     assert "queue is full" in full.reason
     reply = await client.request(subjects.sched_cluster(), encode(ClusterQuery()), timeout=5)
     assert decode(reply.data).num_waiting == 2
+    reply = await client.request(subjects.sched_cluster(), encode(ClusterQuery(brief=True)), timeout=5)
+    brief = decode(reply.data)
+    assert (brief.num_waiting, brief.nodes, brief.events) == (2, [], [])  # the gateway's liveness probe
 
     # The second one's requester gives up: it leaves without an answer.
     await client.publish(subjects.request_cancel(), encode(Cancel(request_id="second", reason="client gone")))

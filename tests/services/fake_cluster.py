@@ -48,6 +48,7 @@ class FakeCluster:
         reject: answer every placement with this instead.
         hold: don't stream anything after the ack (for cancel tests) until released.
         hold_place: never answer a placement (a request waiting in the scheduler's queue).
+        hung: answer neither placements nor cluster queries (a scheduler that hangs).
         queued_s: wait this long before answering a placement, and report it as the
             Placement's ``queued_s`` (a request held in a real scheduler's queue).
         prefill_s: the engine prefill time the first token reports (``TokenChunk.prefill_s``).
@@ -64,6 +65,8 @@ class FakeCluster:
     reject: Rejected | None = None
     hold: bool = False
     hold_place: bool = False
+    hung: bool = False
+    cluster_queries: list[ClusterQuery] = field(default_factory=list)
     queued_s: float = 0.0
     prefill_s: float = 0.0
     eos_token_id: int | None = None
@@ -103,7 +106,7 @@ class FakeCluster:
 
     async def _on_place(self, req: PlaceRequest, msg: Msg) -> None:
         self.places.append(req)
-        if self.hold_place:
+        if self.hold_place or self.hung:
             return
         if self.reject is not None:
             await respond(msg, Rejected(request_id=req.request_id, code=self.reject.code, reason=self.reject.reason,
@@ -119,6 +122,9 @@ class FakeCluster:
         await respond(msg, Rejected(request_id=req.request_id, code=ErrorCode.NO_NODES, reason="no live node pair"))
 
     async def _on_cluster(self, q: ClusterQuery, msg: Msg) -> None:
+        self.cluster_queries.append(q)
+        if self.hung:
+            return
         nodes = [_report(n) for n in self.node_ids if n not in self.dead]
         await respond(msg, ClusterState(policy="fake", nodes=nodes, events=[]))
 

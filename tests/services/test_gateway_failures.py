@@ -46,6 +46,24 @@ async def test_client_leaving_while_queued_frees_its_place(nats_server, tokenize
     assert not gw.cluster.submits
 
 
+async def test_a_scheduler_that_hangs_while_a_request_waits_is_a_503(nats_server, tokenizer):
+    # The placement may wait 600 s in the scheduler's queue; the liveness probe, not that
+    # timeout, finds out that the scheduler is gone (a partitioned host, a stuck loop).
+    async with gateway(nats_server.url, tokenizer, {"hung": True}, place_timeout_s=0.3, queue_timeout_s=600.0) as gw:
+        status, out, headers = await gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 3})
+    assert (status, out["error"]["code"], headers["Retry-After"]) == (503, "scheduler_unavailable", "1")
+    assert "stopped answering" in out["error"]["message"]
+    assert [q.brief for q in gw.cluster.cluster_queries] == [True]
+    assert [c.request_id for c in gw.cluster.cancels] == [gw.cluster.places[0].request_id]  # its place is freed
+
+
+async def test_a_long_wait_for_a_live_scheduler_is_served(nats_server, tokenizer):
+    async with gateway(nats_server.url, tokenizer, {"queued_s": 1.0}, place_timeout_s=0.3) as gw:
+        status, out, _ = await gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 3})
+    assert status == 200, out
+    assert gw.cluster.cluster_queries and all(q.brief for q in gw.cluster.cluster_queries)  # probed, answered
+
+
 async def test_queue_wait_is_reported_apart_from_control_plane(nats_server, tokenizer):
     async with gateway(nats_server.url, tokenizer, {"queued_s": 0.25, "prefill_s": 0.01}) as gw:
         body = {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 3, "flowkv_timing": True}
