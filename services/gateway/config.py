@@ -27,8 +27,11 @@ class GatewayConfig:
     api_keys: list[str] = field(
         default_factory=list, repr=False, metadata={"help": "accepted Bearer API keys, comma-separated (empty: no auth)", "secret": True}
     )
-    max_concurrent_requests: int = field(default=256, metadata={"help": "requests in flight before 429"})
-    max_queued_tokens: int = field(default=1_000_000, metadata={"help": "prompt tokens in flight before 429"})
+    # Above what a cluster runs plus what the scheduler's queue holds (1024): 256 made the
+    # gateway, not the GPUs, the limit (1K prompts at 32 req/s on one H200: 32 of 480 429s;
+    # 8 nodes of 64 sequences run 512). About 20 KB of gateway memory a request.
+    max_concurrent_requests: int = field(default=4096, metadata={"help": "requests in flight before 429"})
+    max_queued_tokens: int = field(default=8_000_000, metadata={"help": "prompt tokens in flight before 429 (about 36 bytes each)"})
     max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest request body (413 above)"})
     retry_after_s: float = field(default=1.0, metadata={"help": "Retry-After sent with the gateway's own 429s"})
     place_timeout_s: float = field(default=2.0, metadata={"help": "wait for the scheduler's placement"})
