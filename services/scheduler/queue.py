@@ -15,6 +15,7 @@ Pure and clock-driven, like the policies: the service owns the replies (``handle
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class WaitQueue:
         self.limit = limit
         self.max_wait_s = max_wait_s
         self._waiting: OrderedDict[str, Waiting] = OrderedDict()
+        self._earliest = math.inf  # no deadline passes before this (drain runs on every report)
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -64,12 +66,14 @@ class WaitQueue:
             return False
         wait = min(req.queue_timeout_s, self.max_wait_s)
         self._waiting[req.request_id] = Waiting(req, handle, now, now + wait, last)
+        self._earliest = min(self._earliest, now + wait)
         return True
 
     def take_all(self) -> list[Waiting]:
         """Empty the queue, oldest first (the scheduler is stopping: it answers each)."""
         out = list(self._waiting.values())
         self._waiting.clear()
+        self._earliest = math.inf
         return out
 
     def cancel(self, request_id: str) -> Waiting | None:
@@ -82,10 +86,12 @@ class WaitQueue:
         (``OVERLOADED`` with the last reason it was given), then from the head on, each
         that ``place`` places or finally rejects, up to the first it answers ``OVERLOADED``."""
         out: list[tuple[Waiting, Placement | Rejected]] = []
-        for rid in [rid for rid, w in self._waiting.items() if w.deadline <= now]:
-            w = self._waiting.pop(rid)
-            out.append((w, Rejected(request_id=rid, code=ErrorCode.OVERLOADED, retry_after_s=w.last.retry_after_s,
-                                    reason=f"{w.last.reason} (waited {now - w.since:.1f}s for capacity)")))
+        if now >= self._earliest:
+            for rid in [rid for rid, w in self._waiting.items() if w.deadline <= now]:
+                w = self._waiting.pop(rid)
+                out.append((w, Rejected(request_id=rid, code=ErrorCode.OVERLOADED, retry_after_s=w.last.retry_after_s,
+                                        reason=f"{w.last.reason} (waited {now - w.since:.1f}s for capacity)")))
+            self._earliest = min((w.deadline for w in self._waiting.values()), default=math.inf)
         while self._waiting:
             w = next(iter(self._waiting.values()))
             answer = place(w.req)
