@@ -34,6 +34,10 @@ class EngineConfig:
         seed: seeds the preset weights and the sampling of requests without a seed.
         enforce_eager: CUDA only: run decode steps eagerly instead of replaying CUDA
             graphs captured per batch-size bucket.
+        warmup: run throw-away prefill forwards (the step's whole token budget, a chunk
+            over cached context, a small batch) before serving, so that the first
+            requests do not pay for loading kernels and growing the memory allocator.
+            None: on CUDA only.
     """
 
     model: str = "smollm2"
@@ -51,6 +55,7 @@ class EngineConfig:
     shared_pool: bool = False
     seed: int = 0
     enforce_eager: bool = False
+    warmup: bool | None = None
 
     def __post_init__(self) -> None:
         kind = self.device.split(":")[0]
@@ -75,3 +80,7 @@ class EngineConfig:
     @property
     def device_type(self) -> str:
         return self.device.split(":")[0]
+
+    @property
+    def warms_up(self) -> bool:
+        return self.device_type == "cuda" if self.warmup is None else self.warmup

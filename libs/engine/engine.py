@@ -78,6 +78,8 @@ class LLMEngine:
         self.runner = ModelRunner(mc, loaded.state_dict, self._pool.tensor, self._max_model_len)
         if self._pool.device.type == "cuda" and not config.enforce_eager:
             self._capture_decode_graphs()
+        if config.warms_up:
+            self._warm_up()
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
         eos = set(mc.eos_token_ids)
@@ -105,6 +107,36 @@ class LLMEngine:
         graphs.capture()
         self.runner.decode_fn = graphs
         log.info("captured %d decode graphs in %.1fs", len(graphs.buckets), graphs.capture_seconds)
+
+    def _warm_up(self) -> None:
+        """Run the prefill shapes a step can take once, before any request and any block is used.
+
+        On CUDA the first forward of a new shape pays for loading its kernels (lazy module
+        loading), picking GEMM algorithms, and growing the caching allocator to the peak
+        activation size (``benchmarks/gpu_first_requests.py`` times it). Three
+        forwards cover the step's shapes: its whole token budget from position 0, half of
+        it over the other half as cached context (the masked path of chunked prefill and
+        prefix hits), and a batch of two short chunks, each followed by the logits of its
+        last positions. They write into the pool's first blocks, which the block manager
+        does not know yet: nothing of it can be read back as a prefix hit.
+        """
+        bs = self.config.block_size
+        budget = min(self.config.max_num_batched_tokens, self._max_model_len - 1, self._pool.num_blocks * bs)
+        if budget < 2:
+            return
+        t0 = time.perf_counter()
+        vocab = self.model_config.vocab_size
+        ids = [(7 + 31 * i) % vocab for i in range(budget)]
+        blocks = list(range(-(-budget // bs)))
+        half = budget // 2
+        short = max(1, min(17, half // 2))
+        for chunks in (
+            [(ids, 0, blocks)],
+            [(ids[half:], half, blocks)],
+            [(ids[:short], 0, blocks), (ids[:3], 0, blocks)],
+        ):
+            torch.argmax(self.runner.logits(self.runner.prefill(chunks)), dim=-1).tolist()
+        log.info("warmed up prefill (%d-token budget) in %.2fs", budget, time.perf_counter() - t0)
 
     # ------------------------------------------------------------ properties
 

@@ -55,3 +55,23 @@ def test_second_pass_hits_prefix_cache(reference) -> None:  # type: ignore[no-un
     expected = sum(((len(v) - 1) // 4) * 4 for v in _prompts().values())
     assert engine.stats().prefix_cache_hits - before == expected
     assert all(o[-1].num_cached_tokens == ((len(_prompts()[k[6:]]) - 1) // 4) * 4 for k, o in outs.items())
+
+
+@pytest.mark.parametrize("num_blocks", [128, 20])
+def test_warmup_leaves_no_trace(reference, num_blocks: int) -> None:  # type: ignore[no-untyped-def]
+    """The warm-up forwards write garbage KV into the pool's first blocks (all of them when
+    the pool is smaller than the step budget): none of it may be read back as a prefix hit."""
+    engine = make_engine(warmup=True, num_blocks=num_blocks, max_num_batched_tokens=2048)
+    assert engine.pool.tensor.abs().sum().item() > 0  # the warm-up ran and wrote KV
+    stats = engine.stats()
+    assert (stats.free_blocks, stats.prefix_cache_queries, stats.prefix_cache_hits) == (num_blocks, 0, 0)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    prompts = _prompts() if num_blocks == 128 else {k: v for k, v in _prompts().items() if k in ("r0", "r4", "s1")}
+    outs = run_all(engine, prompts, params)
+    assert {rid: tokens_of(o) for rid, o in outs.items()} == {rid: reference[rid] for rid in prompts}
+
+
+def test_warmup_is_off_by_default_on_cpu() -> None:
+    engine = make_engine()
+    assert not engine.config.warms_up
+    assert engine.pool.tensor.abs().sum().item() == 0
