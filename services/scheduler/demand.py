@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from services.scheduler.placement import CostModel
-from services.scheduler.registry import NodeEntry
+from services.scheduler.registry import NodeEntry, kind_means
 
 
 @dataclass(frozen=True)
@@ -268,9 +268,6 @@ def prefill_speeds(nodes: list[NodeEntry], cost: CostModel, rates: dict[str, flo
     """
     rates = _rates(nodes, rates)
     mean_rate = mean_prefill_rate(nodes, cost, rates)
-    by_kind: dict[str, list[float]] = {}
-    for n in nodes:
-        if rates[n.node_id] > 0:
-            by_kind.setdefault(n.report.device_name, []).append(rates[n.node_id])
-    kind_speed = {kind: sum(r) / len(r) / mean_rate for kind, r in by_kind.items()}
-    return {n.node_id: kind_speed.get(n.report.device_name, 1.0) for n in nodes}
+    kind_rate = kind_means(nodes, lambda n: rates[n.node_id])
+    return {n.node_id: kind_rate[n.report.device_name] / mean_rate if n.report.device_name in kind_rate else 1.0
+            for n in nodes}

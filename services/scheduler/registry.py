@@ -11,6 +11,7 @@ A node's life in the registry:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from libs.protocol.messages import (
@@ -150,8 +151,7 @@ class NodeRegistry:
 
     def _refresh_kind_rate(self, device_name: str) -> None:
         kin = [e for e in self._nodes.values() if e.report.device_name == device_name]
-        rates = [e.report.prefill_tokens_per_s for e in kin if e.report.prefill_tokens_per_s > 0]
-        mean = sum(rates) / len(rates) if rates else 0.0
+        mean = kind_means(kin, lambda e: e.report.prefill_tokens_per_s).get(device_name, 0.0)
         for e in kin:
             e.kind_prefill_rate = mean
 
@@ -177,3 +177,18 @@ class NodeRegistry:
         entry = self._nodes.get(node_id)
         if entry is not None:
             entry.inflight.append(item)
+
+
+def kind_means(nodes: Iterable[NodeEntry], rate: Callable[[NodeEntry], float]) -> dict[str, float]:
+    """Device kind -> mean ``rate`` of its nodes that measured one (> 0); kinds with none are absent.
+
+    Nodes of one device kind are equally capable, while one node's measured rate moves
+    with the batches it happened to run: placement and the role controller both rate a
+    node at its kind's mean.
+    """
+    by_kind: dict[str, list[float]] = {}
+    for n in nodes:
+        r = rate(n)
+        if r > 0:
+            by_kind.setdefault(n.report.device_name, []).append(r)
+    return {kind: sum(rs) / len(rs) for kind, rs in by_kind.items()}
