@@ -29,9 +29,10 @@ from typing import IO, Any
 import nats
 
 from libs.protocol import messages
-from libs.protocol.messages import ClusterQuery, EventKind, KVAllocRequest, KVDone, LoadReport, SchedEvent
-from libs.protocol.subjects import PREFIX, node_load, sched_cluster, sched_events
+from libs.protocol.messages import EventKind, KVAllocRequest, KVDone, LoadReport, SchedEvent
+from libs.protocol.subjects import PREFIX, node_load, sched_events
 from services.cli.up import is_ready
+from services.common.messaging import ask_cluster
 from services.common.natsserver import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -198,9 +199,7 @@ class Tap:
 
     async def roles(self) -> dict[str, str]:
         """node id -> role, as the scheduler sees them now."""
-        reply = await self.nc.request(sched_cluster(), messages.encode(ClusterQuery()), timeout=5)
-        state = messages.decode(reply.data)
-        return {n.node_id: n.role.value for n in state.nodes}
+        return {n.node_id: n.role.value for n in (await ask_cluster(self.nc, 5.0)).nodes}
 
     async def wait_roles(self, prefill: int, timeout: float) -> dict[str, str]:
         """Wait until a fixed split has pinned its roles (``prefill`` prefill nodes, the rest

@@ -15,10 +15,9 @@ import time
 
 import msgspec
 
-from libs.protocol import messages, subjects
 from libs.protocol.messages import ClusterState, NodeState, SchedEvent
 from services.common.nats import add_nats_arguments, nats_config_from
-from services.common.messaging import request
+from services.common.messaging import ask_cluster
 from services.common.nats import NatsConfig, connect
 
 EXIT_OK = 0
@@ -55,12 +54,9 @@ async def query(nats: NatsConfig, timeout: float) -> ClusterState:
     """
     nc = await asyncio.wait_for(connect(nats, "flowkv-status"), timeout)
     try:
-        reply = await request(nc, subjects.sched_cluster(), messages.ClusterQuery(), timeout=timeout)
+        return await ask_cluster(nc, timeout)
     finally:
         await nc.close()
-    if not isinstance(reply, ClusterState):
-        raise TypeError(f"the scheduler answered {type(reply).__name__}, not ClusterState")
-    return reply
 
 
 def format_nodes(state: ClusterState) -> str:

@@ -80,6 +80,24 @@ async def request(nc: Client, subject: str, message: messages.Message, timeout: 
     return messages.decode(reply.data)
 
 
+async def ask_cluster(nc: Client, timeout: float, brief: bool = False) -> messages.ClusterState:
+    """The scheduler's :class:`~libs.protocol.messages.ClusterState` (``sched.cluster``).
+
+    Args:
+        brief: without nodes and events (a liveness probe; counts only).
+
+    Raises:
+        TimeoutError, NoRespondersError, ...: as :func:`request` (no scheduler answered).
+        TypeError: the reply is not a ClusterState.
+    """
+    from libs.protocol import subjects
+
+    reply = await request(nc, subjects.sched_cluster(), messages.ClusterQuery(brief=brief), timeout)
+    if not isinstance(reply, messages.ClusterState):
+        raise TypeError(f"the scheduler answered {type(reply).__name__}, not ClusterState")
+    return reply
+
+
 async def respond(msg: Msg, message: messages.Message) -> None:
     if msg.reply:
         await msg.respond(messages.encode(message))

@@ -19,9 +19,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from libs.protocol import subjects
-from libs.protocol.messages import ClusterQuery, ClusterState, LoadReport, SchedEvent
-from services.common.messaging import request as nats_request
-from services.common.messaging import subscribe
+from libs.protocol.messages import ClusterState, LoadReport, SchedEvent
+from services.common.messaging import ask_cluster, subscribe
 from services.gateway.errors import ApiError
 
 _PAGE = Path(__file__).with_name("dashboard.html")
@@ -90,12 +89,12 @@ def cluster_view(state: ClusterState, log: EventLog, limit: int = 50) -> dict[st
 async def query_cluster(nc: Client, log: EventLog, timeout: float) -> dict[str, Any]:
     """Ask the scheduler for its ``ClusterState`` and build the view (ApiError 503 if it does not answer)."""
     try:
-        reply = await nats_request(nc, subjects.sched_cluster(), ClusterQuery(), timeout)
+        reply = await ask_cluster(nc, timeout)
+    except TypeError as exc:
+        raise ApiError(502, str(exc), type="server_error", code="bad_gateway") from None
     except Exception as exc:  # timeout, no responders, closed connection
         raise ApiError(503, f"the scheduler did not answer ({type(exc).__name__})", type="server_error",
                        code="scheduler_unavailable", retry_after_s=1.0) from None
-    if not isinstance(reply, ClusterState):
-        raise ApiError(502, f"unexpected scheduler reply {type(reply).__name__}", type="server_error", code="bad_gateway")
     return cluster_view(reply, log)
 
 

@@ -38,9 +38,9 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from libs.protocol import subjects
 from libs.protocol.messages import (
-    Ack, Cancel, ClusterQuery, ErrorCode, EventKind, Placement, PlaceRequest, Rejected, SamplingParams, SchedEvent, SubmitRequest, encode,
+    Ack, Cancel, ErrorCode, EventKind, Placement, PlaceRequest, Rejected, SamplingParams, SchedEvent, SubmitRequest, encode,
 )
-from services.common.messaging import request, subscribe
+from services.common.messaging import ask_cluster, request, subscribe
 from services.common.tracing import tracer
 from services.gateway import metrics
 from services.gateway.config import GatewayConfig
@@ -264,8 +264,8 @@ class Dispatcher:
 
     async def _ask_scheduler(self) -> bool:
         try:
-            await request(self.nc, subjects.sched_cluster(), ClusterQuery(brief=True), self.config.place_timeout_s)
-        except Exception as exc:  # a timeout, no responders, a closed connection: all say "not there"
+            await ask_cluster(self.nc, self.config.place_timeout_s, brief=True)
+        except Exception as exc:  # a timeout, no responders, a closed connection, a wrong reply: all say "not there"
             log.warning("the scheduler did not answer a liveness probe within %.1fs: %s",
                         self.config.place_timeout_s, exc.__class__.__name__)
             return False

@@ -14,9 +14,8 @@ from aiohttp import web
 from opentelemetry.trace import Span, SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from libs.protocol import subjects
-from libs.protocol.messages import ClusterQuery, ClusterState, NodeState
-from services.common.messaging import request as nats_request
+from libs.protocol.messages import NodeState
+from services.common.messaging import ask_cluster
 from services.common.tracing import extract_context, tracer
 from services.gateway import metrics, responses
 from services.gateway.dispatch import Job
@@ -50,11 +49,11 @@ async def ready(request: web.Request) -> web.Response:
     if st.stopping:
         return web.json_response({"status": "stopping"}, status=503)
     try:
-        reply = await nats_request(st.nc, subjects.sched_cluster(), ClusterQuery(), st.config.cluster_timeout_s)
+        reply = await ask_cluster(st.nc, st.config.cluster_timeout_s)
+    except TypeError:
+        return web.json_response({"status": "unavailable", "reason": "unexpected scheduler reply"}, status=503)
     except Exception as exc:  # timeout, no responders, closed connection: all mean "not ready"
         return web.json_response({"status": "unavailable", "reason": f"scheduler unreachable ({type(exc).__name__})"}, status=503)
-    if not isinstance(reply, ClusterState):
-        return web.json_response({"status": "unavailable", "reason": "unexpected scheduler reply"}, status=503)
     serving = [n.node_id for n in reply.nodes if n.state is NodeState.READY]
     status = 200 if serving else 503
     return web.json_response({"status": "ready" if serving else "no_nodes", "nodes": serving}, status=status)
