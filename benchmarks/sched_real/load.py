@@ -11,42 +11,18 @@ import nats
 
 from libs.loadgen.client import ClientOptions, send
 from libs.loadgen.metrics import RequestRecord
+from libs.loadgen.runner import run_benchmark
 from libs.loadgen.workloads import RequestSpec
-from libs.protocol import messages
-from libs.protocol.messages import ClusterQuery
-from libs.protocol.subjects import sched_cluster
 from sched_real import plan, report
 from services.common.lifecycle import run as run_async
+from services.common.messaging import ask_cluster
 
 
 async def drive_open(specs: list[RequestSpec], times: list[float], opts: ClientOptions,
                      cutoff_s: float) -> tuple[list[RequestRecord], float]:
     """Send each spec at its time; requests still open ``cutoff_s`` after the start are cut off."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        t0 = time.perf_counter()
-        tasks = []
-        for spec, at in zip(specs, times):
-            delay = at - (time.perf_counter() - t0)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(send(session, spec, opts, t0)))
-        pending: set[asyncio.Task[RequestRecord]] = set()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=max(0.0, cutoff_s - (time.perf_counter() - t0)))
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        duration = time.perf_counter() - t0
-    return [_record(s, at, t, t in pending) for s, at, t in zip(specs, times, tasks)], duration
-
-
-def _record(spec: RequestSpec, at: float, task: asyncio.Task[RequestRecord], cut: bool) -> RequestRecord:
-    if cut:
-        return RequestRecord(index=spec.index, start=at, prompt_tokens=spec.input_len, error="cut off")
-    exc = task.exception()
-    if exc is not None:  # send() records the errors it expects; anything else lands here
-        return RequestRecord(index=spec.index, start=at, prompt_tokens=spec.input_len, error=repr(exc))
-    return task.result()
+    res = await run_benchmark(specs, opts, gaps=[b - a for a, b in zip([0.0, *times], times)], cutoff_s=cutoff_s)
+    return res.records, res.duration_s
 
 
 async def drive_closed(mix: str, seed: str, concurrency: int, duration_s: float, opts: ClientOptions,
@@ -72,8 +48,7 @@ async def drive_closed(mix: str, seed: str, concurrency: int, duration_s: float,
 
 
 async def query_roles(nc: nats.NATS) -> list[str]:
-    reply = await nc.request(sched_cluster(), messages.encode(ClusterQuery()), timeout=5)
-    return sorted(n.role.value for n in messages.decode(reply.data).nodes)
+    return sorted(n.role.value for n in (await ask_cluster(nc, 5.0)).nodes)
 
 
 async def watch_roles(url: str, t0: float, timeline: list[list[Any]], stop: asyncio.Event) -> None:

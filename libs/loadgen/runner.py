@@ -24,11 +24,13 @@ class RunResult:
 
 async def run_benchmark(specs: list[RequestSpec], client: ClientOptions, request_rate: float = float("inf"),
                         burstiness: float = 1.0, max_concurrency: int | None = None, seed: int = 0,
-                        progress: bool = False, gaps: list[float] | None = None) -> RunResult:
+                        progress: bool = False, gaps: list[float] | None = None,
+                        cutoff_s: float | None = None) -> RunResult:
     """Send ``specs`` on a Poisson/gamma schedule and wait for every answer.
 
-    A request's arrival time is fixed by the schedule; with ``max_concurrency`` it may be
-    sent later, when a slot frees (like vLLM: the cap wins over the rate).
+    A request's arrival time is fixed by the schedule (kept against the clock: a late
+    send does not delay the ones after it); with ``max_concurrency`` it may be sent later,
+    when a slot frees (like vLLM: the cap wins over the rate).
 
     Args:
         specs: the requests, in sending order.
@@ -41,6 +43,8 @@ async def run_benchmark(specs: list[RequestSpec], client: ClientOptions, request
         gaps: seconds to wait before each request (the first included), instead of drawing
             them from ``request_rate``/``burstiness``/``seed``: one arrival schedule split
             over several servers keeps every request's send time.
+        cutoff_s: stop waiting this long after the start: requests still open are
+            cancelled and recorded with the error ``"cut off"`` (None: wait for all).
 
     Returns:
         The records and the duration (first send -> last completion).
@@ -71,13 +75,41 @@ async def run_benchmark(specs: list[RequestSpec], client: ClientOptions, request
                 bar.update(1)
             return rec
 
-        tasks = []
+        tasks, ats = [], []
+        at = 0.0
         for spec, gap in zip(specs, gaps):
-            if gap > 0:
-                await asyncio.sleep(gap)
+            at += gap
+            ats.append(at)
+            delay = at - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(spec)))
-        records = await asyncio.gather(*tasks)
+        if cutoff_s is None:
+            records = list(await asyncio.gather(*tasks))
+        else:
+            records = await _until_cutoff(specs, ats, tasks, cutoff_s - (time.perf_counter() - t0))
         duration = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    return RunResult(list(records), duration)
+    return RunResult(records, duration)
+
+
+async def _until_cutoff(specs: list[RequestSpec], ats: list[float], tasks: list[asyncio.Task[RequestRecord]],
+                        timeout: float) -> list[RequestRecord]:
+    """Every request's record once ``timeout`` has passed or all are answered; the rest are
+    cancelled (their records start at their scheduled time)."""
+    pending: set[asyncio.Task[RequestRecord]] = set()
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout))
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    records = []
+    for spec, at, task in zip(specs, ats, tasks):
+        exc = None if task in pending else task.exception()
+        if task in pending or exc is not None:  # send() records the errors it expects; others land here
+            records.append(RequestRecord(index=spec.index, start=at, prompt_tokens=spec.input_len,
+                                         error="cut off" if exc is None else repr(exc)))
+        else:
+            records.append(task.result())
+    return records

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import time
@@ -121,6 +122,18 @@ async def test_explicit_gaps_set_the_send_times(fake_gateway) -> None:
     for bad in ([0.1], [0.0, -1.0, 0.0, 0.0]):
         with pytest.raises(ValueError):
             await run_benchmark(specs, ClientOptions(url, "m"), gaps=bad)
+
+
+async def test_cutoff_cancels_the_requests_still_open(fake_gateway) -> None:
+    _, url = fake_gateway
+    short = make_workload("fixed", 2, opts=WorkloadOptions(input_len=4, output_len=2))
+    long = dataclasses.replace(make_workload("fixed", 1, opts=WorkloadOptions(input_len=4, output_len=5000))[0],
+                               index=2)  # >= 5 s of tokens from the double
+    result = await run_benchmark([*short, long], ClientOptions(url, "m"), gaps=[0.0, 0.05, 0.1], cutoff_s=0.5)
+    recs = result.records
+    assert [r.index for r in recs] == [0, 1, 2]
+    assert recs[0].ok and recs[1].ok and recs[1].start >= 0.05
+    assert not recs[2].ok and recs[2].error == "cut off" and recs[2].start == pytest.approx(0.15)
 
 
 async def test_max_concurrency_caps_in_flight(fake_gateway) -> None:
