@@ -68,8 +68,8 @@ class EngineStats(msgspec.Struct):
     num_running_decode: int
     free_blocks: int
     total_blocks: int
-    largest_free_segment: int
-    fragmentation: float
+    largest_free_segment: int  # longest run of free or evictable blocks (refreshed every 0.1 s at most)
+    fragmentation: float  # 1 - largest_free_segment / free_blocks
     prefix_cache_queries: int
     prefix_cache_hits: int
     prefix_cache_hit_rate: float

@@ -42,7 +42,9 @@ REFUSED = Counter("flowkv_node_refused_total", "Work refused (wrong role, draini
 KV_BLOCKS_TOTAL = Gauge("flowkv_node_kv_blocks_total", "KV blocks in the pool")
 KV_BLOCKS_FREE = Gauge("flowkv_node_kv_blocks_free", "KV blocks free")
 KV_BLOCKS_USED = Gauge("flowkv_node_kv_blocks_used", "KV blocks in use (running, held, cached-and-pinned or reserved)")
-KV_LARGEST_FREE = Gauge("flowkv_node_kv_largest_free_segment_blocks", "Longest run of contiguous free blocks")
+KV_LARGEST_FREE = Gauge(
+    "flowkv_node_kv_largest_free_segment_blocks", "Longest run of contiguous blocks free or held only by the prefix cache"
+)
 KV_FRAGMENTATION = Gauge(
     "flowkv_node_kv_fragmentation_ratio",
     "1 - largest free segment / free blocks (0: all free blocks contiguous; 0 when none is free)",

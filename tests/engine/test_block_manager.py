@@ -34,6 +34,29 @@ def test_prompt_in_one_segment_and_decode_growth_extends_it() -> None:
     assert not bm.has("e") and bm.num_free_blocks == 5
 
 
+def test_largest_free_segment_counts_evictable_blocks() -> None:
+    """Cached blocks no request holds are free for the next allocation: a run of them and
+    free blocks is what a hand-off gets in one copy (the allocator alone reads 0 here)."""
+    bm = BlockManager(12, 4)
+    for rid, first in (("a", 0), ("b", 100), ("c", 200)):  # 3 full blocks each: [0, 3), [3, 6), [6, 9)
+        prompt = list(range(first, first + 12))
+        bm.allocate(rid, prompt, 12, 0)
+        bm.register_computed(rid, prompt, 12)
+    bm.allocate("d", list(range(300, 312)), 12, 0)  # [9, 12), never registered: freed to the allocator
+    assert (bm.num_free_blocks, bm.largest_free_segment, bm.fragmentation()) == (0, 0, 0.0)
+    bm.free("a")
+    bm.free("c")
+    assert bm.num_evictable_blocks == 6 and bm._alloc.largest_free_segment == 0
+    assert bm.num_free_blocks == 6 and bm.largest_free_segment == 3 and bm.fragmentation() == 0.5
+    bm.free("d")  # [6, 9) cached + [9, 12) free: one run of 6
+    assert bm.largest_free_segment == 6 and bm.fragmentation() == pytest.approx(1 - 6 / 9)
+    # A 6-block allocation takes that run whole (the window eviction), in one segment.
+    bm.allocate("e", list(range(400, 424)), 24, 0)
+    assert bm.segments("e") == [(6, 6)] and bm.largest_free_segment == 3
+    bm.free("b")
+    assert bm.largest_free_segment == 6 and bm.num_free_blocks == 6 and bm.fragmentation() == 0.0
+
+
 def test_prefix_cache_refcounts_and_lru_eviction() -> None:
     bm = BlockManager(8, 4)
     prompt = list(range(100, 112))  # 3 full blocks
