@@ -115,16 +115,13 @@ class LLMEngine:
         """Run the prefill shapes a step can take once, before any request and any block is used.
 
         On CUDA the first forward of a new shape pays for loading its kernels (lazy module
-        loading: on a fresh machine, from a cold page cache), picking GEMM algorithms, and
-        growing the caching allocator to the peak activation size
-        (``benchmarks/gpu_first_requests.py`` times it). GEMM kernels are chosen by the
-        token count, so the warm-up runs a ladder of them: chunks of the step's whole
-        token budget, half of it, a quarter, ... down to 16 tokens from position 0; the
-        same sizes below the budget as the last tokens of the budget over cached context
-        (the masked path of chunked prefill and prefix hits); and a batch of two short
-        chunks; each followed by the logits of its last positions. That is about three
-        budgets of tokens. They write into the pool's first blocks, which the block
-        manager does not know yet: nothing of it can be read back as a prefix hit.
+        loading), picking GEMM algorithms, and growing the caching allocator to the peak
+        activation size (``benchmarks/gpu_first_requests.py`` times it). Three
+        forwards cover the step's shapes: its whole token budget from position 0, half of
+        it over the other half as cached context (the masked path of chunked prefill and
+        prefix hits), and a batch of two short chunks, each followed by the logits of its
+        last positions. They write into the pool's first blocks, which the block manager
+        does not know yet: nothing of it can be read back as a prefix hit.
         """
         bs = self.config.block_size
         budget = min(self.config.max_num_batched_tokens, self._max_model_len - 1, self._pool.num_blocks * bs)
@@ -134,16 +131,15 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         ids = [(7 + 31 * i) % vocab for i in range(budget)]
         blocks = list(range(-(-budget // bs)))
-        sizes = [budget]
-        while sizes[-1] // 2 >= 16:
-            sizes.append(sizes[-1] // 2)
-        batches = [[(ids[:n], 0, blocks)] for n in sizes]
-        batches += [[(ids[budget - n :], budget - n, blocks)] for n in sizes[1:]]
-        batches.append([(ids[: min(17, budget)], 0, blocks), (ids[:3], 0, blocks)])
-        for chunks in batches:
+        half = budget // 2
+        short = max(1, min(17, half // 2))
+        for chunks in (
+            [(ids, 0, blocks)],
+            [(ids[half:], half, blocks)],
+            [(ids[:short], 0, blocks), (ids[:3], 0, blocks)],
+        ):
             torch.argmax(self.runner.logits(self.runner.prefill(chunks)), dim=-1).tolist()
-        log.info("warmed up prefill (%d forwards, %d-token budget) in %.2fs", len(batches), budget,
-                 time.perf_counter() - t0)
+        log.info("warmed up prefill (%d-token budget) in %.2fs", budget, time.perf_counter() - t0)
 
     # ------------------------------------------------------------ properties
 
