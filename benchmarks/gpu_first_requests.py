@@ -3,8 +3,9 @@
     python benchmarks/gpu_first_requests.py --out first_requests.json          # on a GPU
     python benchmarks/gpu_first_requests.py --device cpu --model tiny --prompts 40,300,90
 
-Each run is a fresh process (fresh CUDA context, its own empty Triton cache, as on a
-machine that never ran FlowKV), built as a node builds its engine (Llama-3.1-8B shapes,
+Each run is a fresh process (fresh CUDA context, its own empty Triton cache; only the
+first process of a fresh machine also finds the CUDA libraries cold on disk, so run this
+first in a device call to see that case), built as a node builds its engine (Llama-3.1-8B shapes,
 random bf16 weights, 8,192 batched tokens, CUDA graphs), alternately with
 ``EngineConfig.warmup`` off and on. It then prefills the same prompts one at a time
 (``prefill_only``, as on a prefill node; no prefix caching, so no prompt helps another)
