@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from prometheus_client import Counter
 
-from libs.protocol import messages
+from libs.protocol import messages, subjects
 from services.common.tracing import inject_headers
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,6 @@ async def ask_cluster(nc: Client, timeout: float, brief: bool = False) -> messag
         TimeoutError, NoRespondersError, ...: as :func:`request` (no scheduler answered).
         TypeError: the reply is not a ClusterState.
     """
-    from libs.protocol import subjects
-
     reply = await request(nc, subjects.sched_cluster(), messages.ClusterQuery(brief=brief), timeout)
     if not isinstance(reply, messages.ClusterState):
         raise TypeError(f"the scheduler answered {type(reply).__name__}, not ClusterState")
