@@ -10,6 +10,9 @@
    ``tiny`` and ``llama-3.1-8b`` presets): greedy tokens and last-position logits.
 4. The prefill rate the engine reports for a prompt prefilled in 8 chunks, against its
    synchronised wall time (within 0.8-1.25x).
+5. Prefill attention of a chunk over cached context (lower-right causal, flash) against a
+   float32 reference with an explicit mask, GQA 32/8 heads, bf16; and its time per call
+   against the boolean-mask SDPA it replaced.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._engine_gpu import hf_twin, install_graphs  # noqa: E402
+from benchmarks._engine_gpu import hf_twin, install_graphs, timed_ms  # noqa: E402
 from libs.engine.cuda_graphs import CudaGraphRunner  # noqa: E402
 from libs.engine.kernels import paged_decode_attention, paged_decode_attention_ref, write_kv  # noqa: E402
 
@@ -188,20 +191,59 @@ def check_prefill_rate(preset: str, prompt_len: int, chunk: int) -> None:
     torch.cuda.empty_cache()
 
 
+def check_context_attention() -> None:
+    from libs.engine.attention import PrefillMetadata, PrefillSeq, prefill_attention
+
+    bs, hq, hkv, d = 16, 32, 8, 128
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    for q_len, context in ((1808, 8192), (4096, 4096), (17, 4983), (1, 300)):
+        total = context + q_len
+        nb = -(-total // bs)
+        pool = torch.randn(nb + 7, 2, 2, bs, hkv, d, generator=gen, device=DEV).to(torch.bfloat16)
+        block_ids = torch.randperm(nb + 7, generator=gen, device=DEV)[:nb]
+        q = torch.randn(q_len, hq, d, generator=gen, device=DEV).to(torch.bfloat16)
+        meta = PrefillMetadata(slot_mapping=torch.empty(0, device=DEV), seqs=[PrefillSeq(0, q_len, context, block_ids)])
+        got = prefill_attention(q, q[:, :hkv], q[:, :hkv], pool, 1, meta, d**-0.5)  # k/v of the chunk are in the pool
+        blocks = pool[:, 1].index_select(0, block_ids)
+        k = blocks[:, 0].flatten(0, 1)[:total].float().transpose(0, 1).repeat_interleave(hq // hkv, 0)
+        v = blocks[:, 1].flatten(0, 1)[:total].float().transpose(0, 1).repeat_interleave(hq // hkv, 0)
+        mask = torch.arange(total, device=DEV)[None, :] <= torch.arange(context, total, device=DEV)[:, None]
+        scores = (q.float().transpose(0, 1) @ k.transpose(1, 2)) * d**-0.5
+        want = (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v).transpose(0, 1)
+        err = ((got.float() - want).norm() / want.norm()).item()
+
+        def old() -> torch.Tensor:  # the boolean-mask SDPA of commit 67f203f
+            kk = blocks[:, 0].flatten(0, 1)[:total].transpose(0, 1).unsqueeze(0)
+            vv = blocks[:, 1].flatten(0, 1)[:total].transpose(0, 1).unsqueeze(0)
+            m = torch.arange(total, device=DEV)[None, :] <= torch.arange(context, total, device=DEV)[:, None]
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0), kk, vv, attn_mask=m, scale=d**-0.5, enable_gqa=True)
+
+        new_ms = timed_ms(lambda: prefill_attention(q, q[:, :hkv], q[:, :hkv], pool, 1, meta, d**-0.5), DEV, 20)
+        old_ms = timed_ms(old, DEV, 20)
+        report(f"context attention q={q_len} over {context} (GQA {hq}/{hkv}, bf16)", err < 1e-2,
+               f"rel err {err:.2e}; {new_ms:.3f} ms a call, boolean-mask SDPA {old_ms:.3f} ms ({old_ms / new_ms:.1f}x)")
+
+
+CHECKS = ("kernel", "graph", "engine", "context")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-8b", action="store_true")
+    ap.add_argument("--only", default=",".join(CHECKS), help=f"comma list of {', '.join(CHECKS)}")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     if not torch.cuda.is_available():
         print("FAIL no CUDA device")
         return 1
-    guarded("kernel", check_kernel)
-    guarded("graph kernel step", check_graph_kernel_step)
-    try:
-        import libs.engine.engine  # noqa: F401
-    except ImportError as e:
-        print(f"SKIP engine checks: libs.engine.engine not importable ({e})")
-    else:
+    if "kernel" in only:
+        guarded("kernel", check_kernel)
+    if "graph" in only:
+        guarded("graph kernel step", check_graph_kernel_step)
+    if "context" in only:
+        guarded("context attention", check_context_attention)
+    if "engine" in only:
         guarded("engine tiny", lambda: check_engine("tiny", 200, 12))
         if not args.skip_8b:
             guarded("engine llama-3.1-8b", lambda: check_engine("llama-3.1-8b", 600, 8))

@@ -121,9 +121,7 @@ class LLMEngine:
         forwards: the step's whole token budget from position 0, half of it over the
         other half as cached context (the masked path of chunked prefill and prefix
         hits), and a batch of two short chunks, each followed by the logits of its last
-        positions. (The first prompt longer than the budget still costs about 1 s more
-        on a machine that has run nothing yet; a ladder of sizes did not change that.)
-        They write into the pool's first blocks, which the block manager
+        positions. They write into the pool's first blocks, which the block manager
         does not know yet: nothing of it can be read back as a prefix hit.
         """
         bs = self.config.block_size
