@@ -1,4 +1,4 @@
-"""Helpers shared by ``engine_bench.py`` and ``gpu_engine_check.py``: graphs, HF twin, timing."""
+"""Helpers shared by the engine benchmarks and GPU checks: graphs, HF twin, timing, node-like engines."""
 
 from __future__ import annotations
 
@@ -102,3 +102,39 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     ms = timed_ms(lambda: dst.copy_(src), device, iters=10, warmup=2)
     del src, dst
     return 2 * nbytes / (ms / 1e3)
+
+
+def node_like_engine(model: str, device: str, warmup: bool | None = None, num_blocks: int = 16000,
+                     max_num_batched_tokens: int = 8192) -> Any:
+    """An ``LLMEngine`` built as a prefill node builds one (bf16, decode graphs on CUDA, seed
+    0), but without prefix caching, so that no prompt helps another; ``warmup`` as
+    ``EngineConfig.warmup``."""
+    from libs.engine import EngineConfig, LLMEngine
+
+    return LLMEngine(EngineConfig(
+        model=model, device=device, dtype="bfloat16", num_blocks=num_blocks,
+        max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=False, warmup=warmup, seed=0,
+    ))
+
+
+def prefill_steps_ms(engine: Any, request_id: str, prompt: list[int]) -> list[float]:
+    """Prefill ``prompt`` alone (``prefill_only``, greedy, as on a prefill node) until its first
+    token, then release its blocks. Returns each step's wall time in ms, the device
+    synchronised after every step; the first includes ``add_request``, so the sum is the
+    time to the first token."""
+    from libs.engine import SamplingParams
+
+    start = time.perf_counter()
+    engine.add_request(request_id, prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+                       prefill_only=True)
+    steps: list[float] = []
+    done = False
+    while not done:
+        outs = engine.step()
+        sync(engine.pool.device)
+        now = time.perf_counter()
+        steps.append((now - start) * 1e3)
+        start = now
+        done = any(o.request_id == request_id and o.token_ids for o in outs)
+    engine.release(request_id)
+    return steps

@@ -44,27 +44,18 @@ def child(args: argparse.Namespace) -> dict:
     """One fresh engine: start-up time and per-prompt time to first token (ms)."""
     import torch
 
-    from libs.engine import EngineConfig, LLMEngine, SamplingParams
+    from benchmarks._engine_gpu import node_like_engine, prefill_steps_ms
 
     t0 = time.perf_counter()
-    engine = LLMEngine(EngineConfig(
-        model=args.model, device=args.device, dtype="bfloat16", num_blocks=args.num_blocks,
-        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
-        warmup=args.child == "on", seed=0,
-    ))
+    engine = node_like_engine(args.model, args.device, warmup=args.child == "on", num_blocks=args.num_blocks,
+                              max_num_batched_tokens=args.max_num_batched_tokens)
     startup_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(1)
     vocab = engine.model_config.vocab_size
     ttft_ms = []
     for i, n in enumerate(int(x) for x in args.prompts.split(",")):
         prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
-        rid = f"r{i}"
-        t = time.perf_counter()
-        engine.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True), prefill_only=True)
-        while not any(o.request_id == rid and o.token_ids for o in engine.step()):
-            pass
-        ttft_ms.append((time.perf_counter() - t) * 1e3)
-        engine.release(rid)
+        ttft_ms.append(sum(prefill_steps_ms(engine, f"r{i}", prompt)))
     return {"warmup": args.child, "startup_s": startup_s, "ttft_ms": ttft_ms}
 
 

@@ -33,37 +33,24 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from libs.engine import EngineConfig, LLMEngine, SamplingParams
+    from benchmarks._engine_gpu import node_like_engine, prefill_steps_ms
 
     t0 = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype="bfloat16", num_blocks=16000,
-                                    max_num_batched_tokens=8192, enable_prefix_caching=False))
+    engine = node_like_engine(args.model, args.device)
     print(f"start-up {time.perf_counter() - t0:.1f} s", flush=True)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     gen = torch.Generator().manual_seed(1)
     vocab = engine.model_config.vocab_size
     to_profile = {int(x) for x in args.profile.split(",") if x}
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     for i, n in enumerate(int(x) for x in args.prompts.split(",")):
-        rid = f"r{i}"
-        engine.add_request(rid, torch.randint(0, vocab, (n,), generator=gen).tolist(), params, prefill_only=True)
+        prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
         prof = cProfile.Profile() if n in to_profile else None
         to_profile.discard(n)
-        steps: list[float] = []
-        t = time.perf_counter()
         if prof:
             prof.enable()
-        done = False
-        while not done:
-            s = time.perf_counter()
-            outs = engine.step()
-            sync()
-            steps.append((time.perf_counter() - s) * 1e3)
-            done = any(o.request_id == rid and o.token_ids for o in outs)
+        steps = prefill_steps_ms(engine, f"r{i}", prompt)
         if prof:
             prof.disable()
-        print(f"{n} tokens: {(time.perf_counter() - t) * 1e3:.1f} ms, steps ms {[round(x, 1) for x in steps]}", flush=True)
-        engine.release(rid)
+        print(f"{n} tokens: {sum(steps):.1f} ms, steps ms {[round(x, 1) for x in steps]}", flush=True)
         if prof:
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
     return 0
