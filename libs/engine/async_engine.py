@@ -5,6 +5,11 @@ through a lock-protected list, run between steps; the thread sleeps on a conditi
 when there is nothing to do. Outputs reach asyncio per request through
 ``loop.call_soon_threadsafe`` into one queue per request.
 
+Nothing a caller needs to stay alive waits for the engine thread: :meth:`stats` and
+:meth:`prefix_hashes` return snapshots the thread refreshes after every iteration, and
+:attr:`busy_s` says how long the current step has run, so a node reports its load on
+time however long a step takes.
+
 If a step raises, every request the engine knew about is failed with
 :class:`EngineError` (and aborted, freeing its blocks) and the error is logged; the
 thread keeps serving. Cancelling a ``generate``/``decode_remote`` iterator or a
@@ -16,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -30,6 +37,10 @@ from libs.engine.sampling import SamplingParams
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_RETRY_S = 0.005  # a step that could not schedule anything (blocks held elsewhere) retries after this
+_HASH_REFRESH_S = 0.1  # the prefix-hash snapshot is rebuilt at most this often
+# Test-only fault injection: every engine step also sleeps this long (a node whose steps
+# outlast the scheduler's node timeout must still report on time and lose nothing).
+STEP_DELAY_ENV = "FLOWKV_TEST_ENGINE_STEP_DELAY_S"
 
 
 class EngineError(RuntimeError):
@@ -51,9 +62,12 @@ class AsyncEngine:
     Args:
         config: builds the engine in :meth:`start` (off the event loop).
         engine: or an engine already built (then ``config`` is ignored).
+        prefix_hash_sample: how many recent prefix-cache hashes :meth:`prefix_hashes` keeps.
     """
 
-    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig | None = None, engine: LLMEngine | None = None, prefix_hash_sample: int = 256,
+    ) -> None:
         if config is None and engine is None:
             raise ValueError("AsyncEngine needs a config or an engine")
         self._config = config
@@ -66,6 +80,11 @@ class AsyncEngine:
         self._streams: dict[str, asyncio.Queue[TokenOutput | BaseException]] = {}
         self._stats: EngineStats | None = None
         self._held: dict[str, list[int]] = {}  # prefilled request -> its held blocks, set by the engine thread
+        self._hash_limit = prefix_hash_sample
+        self._hashes: list[int] = []
+        self._hashes_at = -_HASH_REFRESH_S
+        self._step_started: float | None = None  # monotonic start of the running step, None between steps
+        self._step_delay_s = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
 
     # ------------------------------------------------------------- life cycle
 
@@ -120,6 +139,16 @@ class AsyncEngine:
         """The latest snapshot (refreshed by the engine thread after every iteration)."""
         assert self._stats is not None, "start() first"
         return self._stats
+
+    def prefix_hashes(self) -> list[int]:
+        """The most recently cached prefix-block hashes (a snapshot, at most 0.1 s old between steps)."""
+        return self._hashes
+
+    @property
+    def busy_s(self) -> float:
+        """How long the engine's current step has been running (0 between steps)."""
+        started = self._step_started
+        return 0.0 if started is None else max(0.0, time.monotonic() - started)
 
     @property
     def _engine(self) -> LLMEngine:
@@ -282,10 +311,23 @@ class AsyncEngine:
                 command()
             idle_wait = None
             if engine.has_work():
-                idle_wait = self._step(engine, loop)
-            self._stats = engine.stats()
+                self._step_started = time.monotonic()
+                try:
+                    idle_wait = self._step(engine, loop)
+                finally:
+                    self._step_started = None
+            self._refresh(engine)
+
+    def _refresh(self, engine: LLMEngine) -> None:
+        """Snapshots for the event loop (engine thread only)."""
+        self._stats = engine.stats()
+        now = time.monotonic()
+        if self._hash_limit > 0 and now - self._hashes_at >= _HASH_REFRESH_S:
+            self._hashes, self._hashes_at = engine.blocks.recent_prefix_hashes(self._hash_limit), now
 
     def _step(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> float | None:
+        if self._step_delay_s > 0:
+            time.sleep(self._step_delay_s)
         try:
             outputs = engine.step()
         except Exception as exc:

@@ -127,6 +127,14 @@ class BlockManager:
         """The request's blocks as ``(start, length)`` runs, in token order."""
         return ids_to_runs(self._seqs[request_id].block_ids)
 
+    def recent_prefix_hashes(self, limit: int) -> list[int]:
+        """The ``limit`` most recently cached prefix-block hashes, oldest first."""
+        if limit <= 0:
+            return []
+        recent = list(itertools.islice(reversed(self._block_by_hash), limit))
+        recent.reverse()
+        return recent
+
     def ref_count(self, block_id: int) -> int:
         return self._ref[block_id]
 

@@ -33,18 +33,6 @@ def device_info(device: str) -> DeviceInfo:
     return DeviceInfo("cpu", "cpu", int(memory))
 
 
-def prefix_hash_sample(engine: Any, limit: int) -> list[int]:
-    """The ``limit`` most recently cached prefix-block hashes (run on the engine thread).
-
-    Reads the block manager's hash index: the engine exposes no public accessor yet.
-    """
-    if limit <= 0:
-        return []
-    index = getattr(engine.blocks, "_block_by_hash", {})
-    hashes = list(index)
-    return hashes[-limit:]
-
-
 def build_report(
     *, node_id: str, role: Role, state: NodeState, seq: int, started_at: float, engine: Any,
     device: DeviceInfo, hashes: list[int], transports: list[str], host_id: str, max_num_seqs: int,
@@ -54,7 +42,7 @@ def build_report(
 
     Args:
         engine: the node's ``AsyncEngine`` (started).
-        hashes: a sample of prefix-cache hashes (see :func:`prefix_hash_sample`).
+        hashes: a sample of prefix-cache hashes (``AsyncEngine.prefix_hashes``).
     """
     stats = engine.stats()
     layout = engine.layout

@@ -45,7 +45,7 @@ from services.decode.handler import DecodeHandler
 from services.node import metrics
 from services.node.config import NodeConfig
 from services.node.context import NodeContext
-from services.node.load import build_report, device_info, prefix_hash_sample
+from services.node.load import build_report, device_info
 from services.node.streaming import engine_params
 from services.node.validation import check_offsets, check_prompt, check_reply_subject, vocab_size
 from services.prefill.handler import PrefillHandler
@@ -112,7 +112,7 @@ class Node:
         """Build what is missing, subscribe, start reporting. ``nc`` stays the caller's."""
         self.nc = nc
         if self.engine is None:
-            self.engine = AsyncEngine(engine_config(self.config))
+            self.engine = AsyncEngine(engine_config(self.config), prefix_hash_sample=self.config.prefix_hash_sample)
             await self.engine.start()
         self.agent = KVAgent(self.engine.pool, self.node_id, rendezvous=self._rendezvous,
                              tcp_host=self.config.kv_host, tcp_port=self.config.kv_port,
@@ -308,8 +308,9 @@ class Node:
 
     async def _publish_report(self) -> None:
         assert self.nc is not None and self.engine is not None and self.agent is not None
-        limit = self.config.prefix_hash_sample
-        hashes = await self.engine.run(lambda e: prefix_hash_sample(e, limit))
+        # Never waits for the engine: a step may run for seconds on a busy CPU node, and
+        # a report late past the scheduler's node timeout would make a busy node "dead".
+        hashes = self.engine.prefix_hashes()
         self._seq += 1
         report = build_report(
             node_id=self.node_id, role=self.role, state=self.state, seq=self._seq, started_at=self.started_at,
