@@ -139,11 +139,17 @@ def decode_attention_torch(
 def decode_attention(
     q: torch.Tensor, pool: torch.Tensor, layer: int, meta: DecodeMetadata, scale: float,
 ) -> torch.Tensor:
-    """Paged decode attention: the Triton kernel on CUDA, the torch path on CPU."""
+    """Paged decode attention: the Triton kernel on CUDA; on CPU the native kernel
+    (:mod:`libs.engine.kernels.cpu`, reads the pool in place), or the torch path without one."""
     if q.is_cuda:
         from libs.engine.kernels import paged_decode_attention
 
         return paged_decode_attention(q, pool, layer, meta.block_tables, meta.context_lens, scale)
+    from libs.engine.kernels import cpu as cpu_kernels
+
+    out = cpu_kernels.paged_decode_attention(q, pool, layer, meta.block_tables, meta.context_lens, scale)
+    if out is not None:
+        return out
     if q.shape[0] == 1:
         return _decode_one_cpu(q, pool, layer, meta.block_tables[0], int(meta.context_lens[0]), scale)
     if meta.cpu_mask is None:

@@ -26,7 +26,15 @@ class EngineConfig:
         gpu_memory_fraction: share of the free GPU memory (after weights) for the pool.
         cpu_kv_bytes: pool size on CPU when ``num_blocks`` is None.
         max_num_seqs: most requests running at once.
-        max_num_batched_tokens: token budget of one step (prefill chunks plus decodes).
+        max_num_batched_tokens: the most tokens one step may take (prefill chunks plus
+            decodes); the step's actual budget follows ``target_step_s``.
+        target_step_s: the step time the token budget aims at: each step's prefill
+            tokens are what the device's measured prefill rate computes in this time
+            after the step's decodes (never fewer than ``min_step_tokens``, never more
+            than ``max_num_batched_tokens``), so no step stalls the running streams for
+            long whatever the device. 0 turns it off (a fixed budget).
+        min_step_tokens: the smallest prefill budget of a step (progress when decodes
+            alone fill the target), and the budget before any prefill was measured.
         max_model_len: longest sequence (prompt + output); None means the model's.
         enable_prefix_caching: reuse full blocks with the same token prefix.
         enable_chunked_prefill: split prompts over steps to keep to the token budget.
@@ -49,6 +57,8 @@ class EngineConfig:
     cpu_kv_bytes: int = 2 << 30
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    target_step_s: float = 0.25
+    min_step_tokens: int = 128
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -63,7 +73,9 @@ class EngineConfig:
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
         if self.dtype not in _DEVICE_DTYPES[kind]:
             raise ValueError(f"dtype {self.dtype!r} not supported on {kind}; use one of {_DEVICE_DTYPES[kind]}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_bytes"):
+        if self.target_step_s < 0:
+            raise ValueError(f"target_step_s must be >= 0, got {self.target_step_s}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_bytes", "min_step_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_blocks is not None and self.num_blocks <= 0:

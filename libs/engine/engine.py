@@ -311,7 +311,7 @@ class LLMEngine:
     def step(self) -> list[TokenOutput]:
         """Run one scheduling iteration; returns the outputs of every request that advanced."""
         outputs, self._pending = self._pending, []
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(self.step_budget())
         self.last_step_ran = bool(plan.prefills or plan.decodes)
         for req, reason in plan.failed:
             self._requests.pop(req.request_id, None)
@@ -321,6 +321,21 @@ class LLMEngine:
         if plan.decodes:
             outputs.extend(self._run_decodes(plan))
         return outputs
+
+    def step_budget(self) -> int:
+        """This step's token budget: decodes plus the prefill tokens the measured prefill
+        rate computes in what ``target_step_s`` leaves after the decodes."""
+        cfg = self.config
+        if cfg.target_step_s <= 0:
+            return cfg.max_num_batched_tokens
+        floor = min(cfg.min_step_tokens, cfg.max_num_batched_tokens)
+        decodes = self.scheduler.num_decoding
+        rate = self._prefill_clock.rate
+        if rate <= 0:
+            return decodes + floor
+        prefill_s = max(0.0, cfg.target_step_s - (self._decode_step_s if decodes else 0.0))
+        tokens = max(floor, int(prefill_s * rate))
+        return min(cfg.max_num_batched_tokens, decodes + tokens)
 
     def _run_prefills(self, plan: StepPlan) -> list[TokenOutput]:
         t0 = time.perf_counter()

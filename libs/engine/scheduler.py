@@ -78,9 +78,12 @@ class Scheduler:
         elif req.status is RequestStatus.RUNNING and req in self.running:
             self.running.remove(req)
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, budget: int | None = None) -> StepPlan:
+        """Plan one step within ``budget`` tokens (default ``max_num_batched_tokens``);
+        decodes are scheduled whatever the budget."""
         plan = StepPlan()
-        budget = self.config.max_num_batched_tokens
+        if budget is None:
+            budget = self.config.max_num_batched_tokens
         for req in list(self.running):
             if req.status is not RequestStatus.RUNNING or req.num_uncomputed != 1:
                 continue

@@ -155,6 +155,9 @@ class LoadReport(Message, tag="load"):
     kv_received_bytes: int = 0
     max_num_seqs: int = 0  # the engine's decode batch cap; 0 = not reported (scheduler assumes a default)
     kv_links: list[KVLink] = []  # per decode peer, the most recently used (at most 64)
+    # How long the engine's current step has run (0 between steps). Reports go out on
+    # time whatever the engine does: a long step is a busy node, a growing one a stuck engine.
+    step_age_s: float = 0.0
 
 
 class NodeBye(Message, tag="bye"):

@@ -137,7 +137,7 @@ def plan_cluster(cfg: UpConfig, base_env: dict[str, str] | None = None) -> Clust
     node_env = dict(shared)
     if "OMP_NUM_THREADS" not in base and cfg.device == "cpu":
         # Nodes on one CPU share its cores; more threads than cores each only thrash.
-        node_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(roles)))
+        node_env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // len(roles)))
     for (node_id, role), device in zip(roles, devices):
         argv = ["--node-id", node_id, "--role", role, "--model", cfg.model, "--device", device, *common,
                 *metrics_args(node_id)]

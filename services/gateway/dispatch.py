@@ -7,8 +7,10 @@ Life cycle of one request (one *attempt* per placement):
 2. the router opens the attempt's stream, then ``SubmitRequest`` goes to the prefill node,
    which acks;
 3. ordered tokens are yielded to the HTTP handler as they arrive;
-4. a failure (no token for ``stall_timeout_s``, a NODE_DOWN event for a node of the
-   attempt, a node error chunk, a failed submit) cancels the attempt and starts the next:
+4. a failure (a NODE_DOWN event for a node of the attempt, a node error chunk, a failed
+   submit, or no token for ``stall_timeout_s`` from a node that is not busy: one whose
+   load reports stopped, whose engine step has run longer than ``stall_timeout_s``, or
+   that reports no work at all) cancels the attempt and starts the next:
    re-placed with the failed node excluded, the prompt extended by the tokens already
    delivered, ``output_offset`` = their count, so the client sees no gap and no duplicate;
 5. after ``max_retries`` re-placements the request fails (502 ``node_failed``);
@@ -38,7 +40,8 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from libs.protocol import subjects
 from libs.protocol.messages import (
-    Ack, Cancel, ErrorCode, EventKind, Placement, PlaceRequest, Rejected, SamplingParams, SchedEvent, SubmitRequest, encode,
+    Ack, Cancel, ErrorCode, EventKind, LoadReport, Placement, PlaceRequest, Rejected, SamplingParams, SchedEvent,
+    SubmitRequest, encode,
 )
 from services.common.messaging import ask_cluster, request, subscribe
 from services.common.tracing import tracer
@@ -91,16 +94,37 @@ class Dispatcher:
         self.router = router
         self.config = config
         self._events_sub: Subscription | None = None
+        self._load_sub: Subscription | None = None
+        # node id -> (when its latest load report arrived, monotonic; that report)
+        self._loads: dict[str, tuple[float, LoadReport]] = {}
         self._probe: asyncio.Future[bool] | None = None  # the liveness probe in flight, shared
         self._answered_at = -math.inf  # when the scheduler last answered a probe (monotonic)
 
     async def start(self) -> None:
         self._events_sub = await subscribe(self.nc, subjects.sched_events(), self._on_event, (SchedEvent,))
+        self._load_sub = await subscribe(self.nc, subjects.node_load(), self._on_load, (LoadReport,))
 
     async def stop(self) -> None:
-        if self._events_sub is not None:
-            await self._events_sub.unsubscribe()
-            self._events_sub = None
+        for sub in (self._events_sub, self._load_sub):
+            if sub is not None:
+                await sub.unsubscribe()
+        self._events_sub = self._load_sub = None
+
+    async def _on_load(self, report: LoadReport, msg: Msg) -> None:
+        self._loads[report.node_id] = (asyncio.get_running_loop().time(), report)
+
+    def busy(self, node_id: str) -> bool:
+        """Whether ``node_id`` is alive and working, so a request waiting on it is slow, not lost:
+        a load report within ``stall_timeout_s``, no engine step running longer than that,
+        and some work reported (queued, running or held requests)."""
+        seen = self._loads.get(node_id)
+        if seen is None:
+            return False
+        at, report = seen
+        stall = self.config.stall_timeout_s
+        if asyncio.get_running_loop().time() - at > stall or report.step_age_s > stall:
+            return False
+        return report.num_waiting + report.num_running + report.num_held > 0
 
     async def _on_event(self, event: SchedEvent, msg: Msg) -> None:
         if event.kind is EventKind.NODE_DOWN and event.node_id:
@@ -189,10 +213,18 @@ class Dispatcher:
             self.router.close(wire_id)
 
     async def _next(self, stream: RequestStream, placement: Placement, got: int) -> Delivery:
-        try:
-            item = await asyncio.wait_for(stream.queue.get(), self.config.stall_timeout_s)
-        except asyncio.TimeoutError:
-            raise AttemptFailed(_serving(placement, stream, got), f"no token for {self.config.stall_timeout_s:g}s") from None
+        while True:
+            try:
+                item = await asyncio.wait_for(stream.queue.get(), self.config.stall_timeout_s)
+                break
+            except asyncio.TimeoutError:
+                node = _serving(placement, stream, got)
+                if self.busy(node):
+                    metrics.SLOW_WAITS.inc()
+                    log.info("%s: no token for %gs from %s, which is busy: waiting on", stream.request_id,
+                             self.config.stall_timeout_s, node)
+                    continue
+                raise AttemptFailed(node, f"no token for {self.config.stall_timeout_s:g}s") from None
         if item.error_code is ErrorCode.INVALID:
             raise ApiError(400, f"the node rejected the request: {item.error}", code="invalid_request")
         if item.error_code is not None:

@@ -31,6 +31,10 @@ QUEUED_SECONDS = Histogram(
 E2E = Histogram("flowkv_gateway_e2e_request_latency_seconds", "request arrival to its last token", buckets=_LATENCY_BUCKETS)
 PROMPT_TOKENS = Counter("flowkv_gateway_prompt_tokens_total", "prompt tokens of finished requests")
 GENERATION_TOKENS = Counter("flowkv_gateway_generation_tokens_total", "output tokens sent to clients")
+SLOW_WAITS = Counter(
+    "flowkv_gateway_slow_waits_total",
+    "stall timeouts that did not re-place the request because its node was alive and busy",
+)
 RETRIES = Counter("flowkv_gateway_retries_total", "re-placements after a node failure, by reason", ["reason"])
 REJECTED = Counter("flowkv_gateway_rejected_total", "requests refused before reaching a node, by reason", ["reason"])
 CANCELLED = Counter("flowkv_gateway_cancelled_total", "requests ended by the client before they finished")

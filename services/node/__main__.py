@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     if config.device == "cpu":
         import torch
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        # `flowkv up` divides the cores among its nodes through OMP_NUM_THREADS.
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))))
     try:
         asyncio.run(serve(config, nats_config))
     except NatsAuthError as exc:  # a clear line, not a traceback: retrying cannot help

@@ -28,6 +28,8 @@ class NodeConfig:
     num_blocks: int | None = field(default=None, metadata={"help": "KV blocks in the pool (default: sized by the engine)"})
     max_num_seqs: int = field(default=64, metadata={"help": "most requests running at once"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one engine step"})
+    target_step_s: float = field(default=0.25, metadata={
+        "help": "engine step time the token budget aims at, from the measured prefill rate (0: a fixed budget)"})
     max_model_len: int | None = field(default=None, metadata={"help": "longest sequence (default: the model's)"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse cached prompt prefixes"})
     seed: int = field(default=0, metadata={"help": "engine seed (preset weights, unseeded sampling)"})
@@ -54,6 +56,8 @@ class NodeConfig:
         for name in ("report_interval_s", "lease_s", "kv_alloc_timeout_s", "transfer_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.target_step_s < 0:
+            raise ValueError(f"target_step_s must be >= 0, got {self.target_step_s}")
         for name in ("drain_timeout_s", "role_drain_timeout_s", "prefix_hash_sample", "metrics_port", "kv_port"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

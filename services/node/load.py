@@ -59,5 +59,5 @@ def build_report(
         kv_sent_transfers=transfers.sent_transfers, kv_sent_bytes=transfers.sent_bytes,
         kv_sent_calls=transfers.sent_calls, kv_sent_seconds=transfers.sent_seconds,
         kv_received_transfers=transfers.received_transfers, kv_received_bytes=transfers.received_bytes,
-        kv_links=transfers.links.snapshot(),
+        kv_links=transfers.links.snapshot(), step_age_s=engine.busy_s,
     )

@@ -72,7 +72,8 @@ def engine_config(config: NodeConfig) -> EngineConfig:
     return EngineConfig(
         model=config.model, device=config.device, dtype=config.dtype, block_size=config.block_size,
         num_blocks=config.num_blocks, max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
+        max_num_batched_tokens=config.max_num_batched_tokens, target_step_s=config.target_step_s,
+        max_model_len=config.max_model_len,
         enable_prefix_caching=config.enable_prefix_caching, shared_pool=config.shared_pool, seed=config.seed,
     )
 

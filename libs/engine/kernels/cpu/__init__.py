@@ -1,0 +1,148 @@
+"""Native CPU kernels: C sources built with the machine's C compiler at first use.
+
+The engine's CPU hot spots that torch ops serve badly are written in plain C
+(``*.c`` beside this file) and called through ``ctypes`` on the tensors' memory: no
+torch headers, so a build takes about a second, not a minute. A build is cached under
+``$FLOWKV_CACHE_DIR/kernels`` (default ``~/.cache/flowkv/kernels``) by a hash of the
+source, the compiler and the CPU's flags (it is built with ``-march=native``); node
+processes that start together build it once between them (the first rename wins).
+
+Without a C compiler, or with ``FLOWKV_CPU_KERNELS=0``, :func:`native` returns None and
+the engine keeps its torch paths: slower, same results.
+
+The kernels use OpenMP and link the same ``libgomp.so.1`` soname that torch's CPU build
+loads, so they share torch's thread pool and ``torch.set_num_threads`` sizes both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCES = ("paged_attention.c",)
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+class PoolGeometry(ctypes.Structure):
+    _fields_ = [
+        ("block_stride", ctypes.c_int64),
+        ("layer_offset", ctypes.c_int64),
+        ("v_offset", ctypes.c_int64),
+        ("block_size", ctypes.c_int),
+        ("kv_heads", ctypes.c_int),
+        ("head_dim", ctypes.c_int),
+    ]
+
+
+def enabled() -> bool:
+    """Whether native kernels may be used (``FLOWKV_CPU_KERNELS=0`` turns them off)."""
+    return os.environ.get("FLOWKV_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def native() -> ctypes.CDLL | None:
+    """The built kernel library, building it on first use; None where it cannot be had."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            _lib = _load() if enabled() else None
+            _tried = True
+    return _lib
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def _load() -> ctypes.CDLL | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.warning("no C compiler: the CPU engine runs its torch attention path (slower)")
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(f.read())
+    digest.update(" ".join([cc, *_FLAGS, _cpu_flags()]).encode())
+    from libs.engine.loader import cache_dir
+
+    out_dir = os.path.join(cache_dir(), "kernels")
+    target = os.path.join(out_dir, f"flowkv_cpu_{digest.hexdigest()[:16]}.so")
+    if not os.path.exists(target):
+        os.makedirs(out_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        cmd = [cc, *_FLAGS, *(os.path.join(here, s) for s in _SOURCES), "-o", tmp, "-lm"]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+            os.replace(tmp, target)
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", "") or exc
+            log.warning("building the CPU kernels failed (%s); using the torch paths", detail)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            return None
+    torch.get_num_threads()  # torch's OpenMP runtime is loaded before ours resolves against it
+    lib = ctypes.CDLL(target)
+    for name in ("flowkv_paged_decode_f32", "flowkv_paged_decode_bf16"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [
+            ctypes.c_void_p, ctypes.c_void_p, PoolGeometry, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+            ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
+        ]
+    return lib
+
+
+def paged_decode_attention(
+    q: torch.Tensor, pool: torch.Tensor, layer: int, block_tables: torch.Tensor, context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor | None:
+    """Decode attention of ``q`` [B, Hq, D] over the pool in place -> [B, Hq, D] (q's dtype).
+
+    Returns None when the native kernel cannot take these inputs (no library, a layout
+    or dtype it does not handle): the caller falls back to torch.
+    """
+    lib = native()
+    if lib is None or pool.dtype not in (torch.float32, torch.bfloat16) or not pool.is_contiguous():
+        return None
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, kv_heads = pool.shape[3], pool.shape[4]
+    if head_dim > 256 or num_heads % kv_heads or num_heads // kv_heads > 32:
+        return None
+    qf = q.float().contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = context_lens.to(torch.int32).contiguous()
+    out = torch.empty_like(qf)
+    geom = PoolGeometry(
+        block_stride=pool.stride(0), layer_offset=layer * pool.stride(1), v_offset=pool.stride(2),
+        block_size=block_size, kv_heads=kv_heads, head_dim=head_dim,
+    )
+    fn = lib.flowkv_paged_decode_f32 if pool.dtype == torch.float32 else lib.flowkv_paged_decode_bf16
+    rc = fn(qf.data_ptr(), pool.data_ptr(), geom, tables.data_ptr(), tables.shape[1], lens.data_ptr(),
+            num_seqs, num_heads, float(scale), out.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"native paged decode attention failed ({rc})")
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
