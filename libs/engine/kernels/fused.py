@@ -10,8 +10,9 @@ step from the op-by-op reference on an H100), so fused and unfused agree to a st
 the engine-vs-transformers GPU check passes with them.
 
 Every function has a ``*_ref`` torch version; the dispatching function uses Triton when
-the tensors are on CUDA (or under ``TRITON_INTERPRET=1``, for the tests) and the
-reference otherwise. All kernels are CUDA-graph safe (no host sync, shapes from shapes).
+the tensors are on CUDA (or under ``TRITON_INTERPRET=1``, for the tests), the native C
+kernels of :mod:`libs.engine.kernels.cpu` for float32 on the CPU, and the reference
+otherwise. All kernels are CUDA-graph safe (no host sync, shapes from shapes).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from libs.engine.kernels import cpu
 from libs.engine.kernels.paged_attention import tl, triton
 
 
@@ -87,7 +89,8 @@ def add_rms_norm(
         ``(weight * rmsnorm(x + residual), x + residual)``, both in x's dtype.
     """
     if not triton_usable(x):
-        normed, r = add_rms_norm_ref(x, residual, weight, eps)
+        native = cpu.add_rms_norm(x, residual, weight, eps) if out is None else None
+        normed, r = native if native is not None else add_rms_norm_ref(x, residual, weight, eps)
         return (normed if out is None else out.copy_(normed)), r
     return _add_rms_norm_triton(x, residual, weight, eps, out)
 
@@ -104,7 +107,8 @@ def rotary_(
         The rotated ``(q, k)``: the same tensors with Triton, new ones otherwise.
     """
     if not triton_usable(q):
-        return rotary_ref(q, k, positions, cos, sin)
+        native = cpu.rotary_(q, k, positions, cos, sin)
+        return native if native is not None else rotary_ref(q, k, positions, cos, sin)
     _rotary_triton(q, k, positions, cos, sin)
     return q, k
 
@@ -112,7 +116,9 @@ def rotary_(
 def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(gate) * up`` of ``gate_up`` [T, 2I] in one kernel; -> [T, I] in its dtype (into ``out`` if given)."""
     if not triton_usable(gate_up):
-        ref = silu_mul_ref(gate_up)
+        ref = (cpu.silu_mul(gate_up) if out is None else None)
+        if ref is None:
+            ref = silu_mul_ref(gate_up)
         return ref if out is None else out.copy_(ref)
     return _silu_mul_triton(gate_up, out)
 

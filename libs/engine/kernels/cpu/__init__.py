@@ -29,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention.c",)
+_SOURCES = ("paged_attention.c", "layer_ops.c")
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -113,7 +113,63 @@ def _load() -> ctypes.CDLL | None:
             ctypes.c_void_p, ctypes.c_void_p, PoolGeometry, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
             ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
         ]
+    P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.flowkv_add_rms_norm_f32.restype = None
+    lib.flowkv_add_rms_norm_f32.argtypes = [P, I64, P, I64, P, P, I64, I64, I64, F, I]
+    lib.flowkv_rotary_f32.restype = None
+    lib.flowkv_rotary_f32.argtypes = [P, I64, I, P, I64, I, I, P, I64, P, P]
+    lib.flowkv_silu_mul_f32.restype = None
+    lib.flowkv_silu_mul_f32.argtypes = [P, I64, P, I64, I64, I64]
     return lib
+
+
+def _rows_ok(*tensors: torch.Tensor) -> bool:
+    """float32 CPU tensors whose last dimension is contiguous."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(weight * rmsnorm(x + residual), x + residual)`` of ``x`` [T, N]; the sum is written
+    into ``residual`` (a new tensor when it is None). None: not for these inputs."""
+    lib = native()
+    if lib is None or x.dim() != 2 or not _rows_ok(x, weight) or (residual is not None and not _rows_ok(residual)):
+        return None
+    rows, cols = x.shape
+    r = torch.empty_like(x) if residual is None else residual
+    out = torch.empty((rows, cols), dtype=x.dtype)
+    lib.flowkv_add_rms_norm_f32(x.data_ptr(), x.stride(0), r.data_ptr(), r.stride(0), weight.contiguous().data_ptr(),
+                                out.data_ptr(), out.stride(0), rows, cols, float(eps), int(residual is not None))
+    return out, r
+
+
+def rotary_(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rotary of ``q`` [T, Hq, D] and ``k`` [T, Hkv, D] in place (heads contiguous within a
+    token). None: not for these inputs."""
+    lib = native()
+    if lib is None or not _rows_ok(q, k, cos, sin) or positions.dtype != torch.int64:
+        return None
+    dim = q.shape[-1]
+    if q.stride(1) != dim or k.stride(1) != dim or not (cos.is_contiguous() and sin.is_contiguous()):
+        return None
+    pos = positions.contiguous()
+    lib.flowkv_rotary_f32(q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1], dim,
+                          pos.data_ptr(), q.shape[0], cos.data_ptr(), sin.data_ptr())
+    return q, k
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """``silu(gate) * up`` of ``gate_up`` [T, 2I]. None: not for these inputs."""
+    lib = native()
+    if lib is None or gate_up.dim() != 2 or not _rows_ok(gate_up):
+        return None
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((rows, inter), dtype=gate_up.dtype)
+    lib.flowkv_silu_mul_f32(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0), rows, inter)
+    return out
 
 
 def paged_decode_attention(

@@ -1,0 +1,67 @@
+"""The native CPU kernels (libs/engine/kernels/cpu) against their torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from libs.engine.attention import decode_attention_torch
+from libs.engine.kernels import cpu
+from libs.engine.kernels.fused import add_rms_norm_ref, rotary_ref, silu_mul_ref
+
+pytestmark = pytest.mark.skipif(cpu.native() is None, reason="no C compiler: the native CPU kernels are not built")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_seqs", [1, 5, 33])
+def test_paged_decode_attention_matches_the_torch_path(dtype, num_seqs):
+    gen = torch.Generator().manual_seed(num_seqs)
+    blocks, layers, block_size, kv_heads, head_dim, heads, width = 90, 4, 16, 3, 64, 9, 12
+    pool = torch.randn(blocks, layers, 2, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    tables = torch.randint(0, blocks, (num_seqs, width), generator=gen, dtype=torch.int32)
+    lens = torch.randint(1, width * block_size + 1, (num_seqs,), generator=gen, dtype=torch.int32)
+    lens[0] = 1  # one key: softmax of a single score
+    lens[-1] = width * block_size  # every block full
+    q = torch.randn(num_seqs, heads, head_dim, generator=gen).to(dtype)
+    for layer in (0, layers - 1):
+        ref = decode_attention_torch(q, pool, layer, tables, lens, 0.125)
+        out = cpu.paged_decode_attention(q, pool, layer, tables, lens, 0.125)
+        assert out is not None and out.dtype == dtype and out.shape == ref.shape
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_layer_ops_match_their_references(rows):
+    gen = torch.Generator().manual_seed(rows)
+    x, residual, weight = (torch.randn(rows, 576, generator=gen), torch.randn(rows, 576, generator=gen),
+                           torch.randn(576, generator=gen))
+    want_normed, want_sum = add_rms_norm_ref(x, residual, weight, 1e-5)
+    got = cpu.add_rms_norm(x, residual.clone(), weight, 1e-5)
+    assert got is not None
+    torch.testing.assert_close(got[0], want_normed, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want_sum, atol=0, rtol=0)
+    first = cpu.add_rms_norm(x, None, weight, 1e-5)
+    assert first is not None
+    torch.testing.assert_close(first[0], add_rms_norm_ref(x, None, weight, 1e-5)[0], atol=1e-5, rtol=1e-5)
+
+    # q and k as the model has them: strided views of one fused QKV output.
+    qkv = torch.randn(rows, 9 * 64 + 2 * 3 * 64, generator=gen)
+    q, k = qkv[:, :576].view(rows, 9, 64), qkv[:, 576:768].view(rows, 3, 64)
+    positions = torch.randint(0, 500, (rows,), generator=gen)
+    angles = torch.randn(500, 64, generator=gen)
+    want_q, want_k = rotary_ref(q, k, positions, angles.cos(), angles.sin())
+    assert cpu.rotary_(q, k, positions, angles.cos(), angles.sin()) is not None
+    torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, want_k, atol=1e-5, rtol=1e-5)
+
+    gate_up = torch.randn(rows, 2 * 1536, generator=gen)
+    got_silu = cpu.silu_mul(gate_up)
+    assert got_silu is not None
+    torch.testing.assert_close(got_silu, silu_mul_ref(gate_up), atol=1e-5, rtol=1e-5)
+
+
+def test_inputs_the_kernels_do_not_take_fall_back():
+    x = torch.randn(3, 8, dtype=torch.float64)
+    assert cpu.add_rms_norm(x, None, torch.ones(8, dtype=torch.float64), 1e-5) is None
+    assert cpu.silu_mul(torch.randn(4, 6)[:, ::2]) is None  # last dimension not contiguous
