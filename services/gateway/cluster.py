@@ -1,53 +1,26 @@
 """The cluster view behind ``/dashboard``: ``GET /v1/cluster`` answers with the scheduler's
-``ClusterState`` plus the recent events this gateway saw on ``sched_events()``.
-
-The scheduler keeps no placements in its event history (too many), so the gateway keeps
-its own bounded log of every event it receives, placements included.
+``ClusterState`` plus the recent events this gateway saw on ``sched_events()`` (its
+:class:`~services.gateway.events.EventLog`).
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import msgspec
 from aiohttp import web
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
-from libs.protocol import subjects
 from libs.protocol.messages import ClusterState, LoadReport, SchedEvent
-from services.common.messaging import ask_cluster, subscribe
+from services.common.messaging import ask_cluster
 from services.gateway.errors import ApiError
+from services.gateway.events import EventLog
+from services.gateway.state import STATE
 
 _PAGE = Path(__file__).with_name("dashboard.html")
 _DROPPED_FIELDS = ("cached_prefix_hashes", "type")  # large or useless to a person
-
-
-class EventLog:
-    """The last ``maxlen`` scheduler events, newest last.
-
-    Args:
-        maxlen: how many events to keep.
-    """
-
-    def __init__(self, maxlen: int = 200) -> None:
-        self.events: deque[SchedEvent] = deque(maxlen=maxlen)
-        self._sub: Subscription | None = None
-
-    async def start(self, nc: Client) -> None:
-        self._sub = await subscribe(nc, subjects.sched_events(), self._on_event, (SchedEvent,))
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
-
-    async def _on_event(self, event: SchedEvent, msg: Msg) -> None:
-        self.events.append(event)
 
 
 def node_view(report: LoadReport) -> dict[str, Any]:
@@ -105,8 +78,6 @@ async def dashboard_page(request: web.Request) -> web.Response:
 
 async def cluster_state(request: web.Request) -> web.Response:
     """``GET /v1/cluster``: the JSON the dashboard polls (see :func:`cluster_view`)."""
-    from services.gateway.state import STATE  # state imports this module
-
     st = request.app[STATE]
     if st.nc is None:
         raise ApiError(503, "the gateway is not connected yet", type="server_error", code="not_ready")

@@ -10,9 +10,9 @@ from aiohttp import web
 from nats.aio.client import Client
 
 from services.gateway.admission import Admission
-from services.gateway.cluster import EventLog
 from services.gateway.config import GatewayConfig
 from services.gateway.dispatch import Dispatcher
+from services.gateway.events import EventLog
 from services.gateway.streams import StreamRouter
 from services.gateway.tokenizer import ModelTokenizer
 
