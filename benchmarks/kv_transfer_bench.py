@@ -8,7 +8,7 @@ one copy of the same bytes GPU0 -> GPU1 in one call.
     python benchmarks/kv_transfer_bench.py --out bench-results/kv_transfer.json
     python benchmarks/kv_transfer_bench.py --device cpu --tokens 64,256 --out /tmp/kv.json  # smoke
 
-Keep ``NCCL_NVLS_ENABLE=0`` set on the lent machines (no NVLink multicast).
+Keep ``NCCL_NVLS_ENABLE=0`` set on machines without NVLink multicast (``benchmarks/gpu/env.sh`` does).
 """
 
 from __future__ import annotations

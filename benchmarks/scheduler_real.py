@@ -19,12 +19,12 @@ run at once; else one after another (``--sequential``; ``--parallel`` forces sha
    overload   both kinds half/half at ``--overload-mult`` (2.0) x the 2:2 capacity for it, 20 s
 3. ``results.json`` (meta with the CPU plan and calibration; a row per policy and scenario:
    summarize(), window throughput, roles before/after and over time, flips, the answer
-   check, CPU use per process), ``results.md`` (the same-run table and issue #5's targets,
+   check, CPU use per process), ``results.md`` (the same-run table and the scheduler's targets,
    PASS/FAIL) and ``throughput.png`` in ``--out``, rewritten after every step; cluster logs in ``--out/logs``.
    Target throughput is the simulator's: requests completed within the arrival window.
 
 Scheduler timescale for every policy: FLOWKV_SCHEDULER_MIN_DWELL_S=3, DEMAND_WINDOW_S=4,
-ROLE_INTERVAL_S=0.25. On the lent many-core machine (python3 with torch and the repo's
+ROLE_INTERVAL_S=0.25. On a 64-core machine (python3 with torch and the repo's
 dependencies, nats-server on PATH; nothing pip-installed), about 5 minutes, at most ~7
 (``--deadline-s`` 420 skips scenarios that would end later):
 

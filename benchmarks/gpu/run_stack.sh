@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The full-stack GPU benchmark in one device command (docs/gpu.md):
+# The full-stack GPU benchmark in one command of at most 10 minutes (docs/gpu.md):
 #
 #   bash benchmarks/gpu/run_stack.sh <gpus> [extra stack_bench.py args]
 #
-# Sources env.sh (carried wheels, tokenizer cache, NVLink multicast off), prints
+# Sources env.sh (wheels of .whl/, tokenizer cache, NVLink multicast off), prints
 # nvidia-smi, and runs benchmarks/gpu/stack_bench.py for Llama-3.1-8B (random bf16
 # weights) on <gpus> GPUs inside a `timeout` that leaves ~60 s of a 10-minute command
 # for the setup and the stop. Results go to $OUT (results.json, results.md, stack.png,
@@ -28,7 +28,7 @@ case "$GPUS" in
 esac
 # 565 s for the benchmark: it starts nothing past its budget, a run in flight and the last
 # cluster's stop take the rest; SIGTERM at 565 s still stops the clusters and writes the
-# results, SIGKILL 15 s later (a device command may run 600 s).
+# results, SIGKILL 15 s later (580 s, inside the 10 minutes).
 timeout -k 15 565 python3 benchmarks/gpu/stack_bench.py --gpus "$GPUS" --device cuda --model llama-3.1-8b \
   --out "$OUT" "${DEFAULTS[@]}" "$@"
 rc=$?

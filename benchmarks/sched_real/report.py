@@ -119,7 +119,7 @@ class Target:
 
 
 def targets(rows: list[dict[str, Any]], key: str = "window_rps") -> list[Target]:
-    """Issue #5's targets on ``key``: flowkv >= 1.15x fixed 1:1 under imbalance, >= 0.95x the
+    """The scheduler's targets on ``key``: flowkv >= 1.15x fixed 1:1 under imbalance, >= 0.95x the
     best fixed split in every scenario; flowkv / round_robin reported in every scenario."""
     out: list[Target] = []
     scenarios = list(dict.fromkeys(r["scenario"] for r in rows))

@@ -1,6 +1,6 @@
 """Node cost model of the simulator, calibrated in one place from figures measured here.
 
-Sources (``/work/shared/DESIGN.md``, "Facts measured here", H100, Llama-3.1-8B shape, bf16):
+Sources (figures measured on H100s, Llama-3.1-8B shape, bf16):
 
 | figure | value | used for |
 | --- | --- | --- |

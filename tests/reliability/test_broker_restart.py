@@ -2,7 +2,7 @@
 
 Every service reconnects (``max_reconnect_attempts=-1``), re-subscribes (nats-py replays
 the subscriptions on reconnect) and the scheduler's registry fills again from the nodes'
-next load reports. Serving must resume within 5 s of the restart (the issue's bound, the
+next load reports. Serving must resume within 5 s of the restart (the required bound, the
 one timing assertion here: a deadline on a condition, measured and printed). Requests in
 flight during the outage end with their tokens or a clear error: none hangs.
 """

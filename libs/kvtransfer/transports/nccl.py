@@ -3,7 +3,8 @@
 Per P–D pair, created lazily on the first send: the sender makes a unique id, sends it
 through the ``rendezvous`` callback (NATS request/reply to the peer's
 ``KVAgent.handle_rendezvous``) and both ranks initialise (sender rank 0, receiver rank 1).
-Nothing here enables NVLink multicast; the lent machines need ``NCCL_NVLS_ENABLE=0``.
+Nothing here enables NVLink multicast; hosts without it need ``NCCL_NVLS_ENABLE=0``
+(``benchmarks/gpu/env.sh`` sets it).
 
 Messages on a pair's communicator, in order (one sender lock per pair keeps them whole):
 
