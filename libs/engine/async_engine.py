@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,9 +37,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_RETRY_S = 0.005  # a step that could not schedule anything (blocks held elsewhere) retries after this
 _HASH_REFRESH_S = 0.1  # the prefix-hash snapshot is rebuilt at most this often
-# Test-only fault injection: every engine step also sleeps this long (a node whose steps
-# outlast the scheduler's node timeout must still report on time and lose nothing).
-STEP_DELAY_ENV = "FLOWKV_TEST_ENGINE_STEP_DELAY_S"
 
 
 class EngineError(RuntimeError):
@@ -63,10 +59,13 @@ class AsyncEngine:
         config: builds the engine in :meth:`start` (off the event loop).
         engine: or an engine already built (then ``config`` is ignored).
         prefix_hash_sample: how many recent prefix-cache hashes :meth:`prefix_hashes` keeps.
+        step_delay_s: test-only fault injection: every step also sleeps this long (a node
+            whose steps outlast the scheduler's node timeout must still report on time).
     """
 
     def __init__(
         self, config: EngineConfig | None = None, engine: LLMEngine | None = None, prefix_hash_sample: int = 256,
+        step_delay_s: float = 0.0,
     ) -> None:
         if config is None and engine is None:
             raise ValueError("AsyncEngine needs a config or an engine")
@@ -84,7 +83,7 @@ class AsyncEngine:
         self._hashes: list[int] = []
         self._hashes_at = -_HASH_REFRESH_S
         self._step_started: float | None = None  # monotonic start of the running step, None between steps
-        self._step_delay_s = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+        self._step_delay_s = step_delay_s
 
     # ------------------------------------------------------------- life cycle
 

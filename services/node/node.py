@@ -40,6 +40,7 @@ from libs.protocol.messages import (
     NodeState, Role, SetRole, SubmitRequest,
 )
 from libs.protocol.subjects import NodeVerb, check_token, node, node_bye, node_load, request_cancel
+from services.common import faults
 from services.common.messaging import respond, subscribe
 from services.decode.handler import DecodeHandler
 from services.node import metrics
@@ -113,7 +114,8 @@ class Node:
         """Build what is missing, subscribe, start reporting. ``nc`` stays the caller's."""
         self.nc = nc
         if self.engine is None:
-            self.engine = AsyncEngine(engine_config(self.config), prefix_hash_sample=self.config.prefix_hash_sample)
+            self.engine = AsyncEngine(engine_config(self.config), prefix_hash_sample=self.config.prefix_hash_sample,
+                                      step_delay_s=faults.seconds("engine_slow_step"))
             await self.engine.start()
         self.agent = KVAgent(self.engine.pool, self.node_id, rendezvous=self._rendezvous,
                              tcp_host=self.config.kv_host, tcp_port=self.config.kv_port,

@@ -145,7 +145,7 @@ async def test_default_cluster_serves_32_streams_of_256_token_prompts_with_no_no
 @pytest.mark.timeout(900)
 async def test_node_whose_steps_outlast_the_node_timeout_is_not_declared_dead(tmp_path):
     # Every engine step sleeps 4 s, past the scheduler's 3 s node timeout (its default).
-    env = {"FLOWKV_TEST_ENGINE_STEP_DELAY_S": "4"}
+    env = {"FLOWKV_FAULT_INJECT": "engine_slow_step:4"}
     async with DefaultCluster(tmp_path, ["--colocated", "1"], env) as cluster:
         results = await run_streams(cluster.url, 4, 3)
         assert_all_complete(results, 3, cluster.log())
