@@ -40,8 +40,11 @@ Run it with FlowKV's venv (a full run is long on 2 cores: the c=64 workload alon
     .venv/bin/python benchmarks/vs_vllm_cpu.py --quick                   # concurrency 1,4; 8 requests; no long mix
     .venv/bin/python benchmarks/vs_vllm_cpu.py --systems vllm,colocated --concurrency 1,16 --num-requests 32
 
-Every server is stopped on exit, on Ctrl-C and on SIGTERM. The servers' logs go to
-``--log-dir``. The exit status is 0 only when every system started and served every request.
+Every server is stopped on exit, on Ctrl-C and on SIGTERM. Every phase has a limit (the
+venv build, each start, each workload, each request: the ``--*-timeout`` flags). A server
+that fails to start, or dies while warming up, is started again on other ports
+(``--start-attempts``). The servers' logs go to ``--log-dir``. The exit status is 0 only
+when every system started and served every request.
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import functools
 import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -60,7 +65,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -74,7 +79,7 @@ from libs.loadgen.metrics import summarize  # noqa: E402
 from libs.loadgen.runner import run_benchmark  # noqa: E402
 from libs.loadgen.workloads import Workload, WorkloadOptions, describe, make_workload  # noqa: E402
 from services.cli.launch import num_nodes_of, start_cluster, stop_cluster  # noqa: E402
-from services.common.natsserver import free_port  # noqa: E402
+from services.common.natsserver import free_port, port_is_free  # noqa: E402
 
 SYSTEMS = ("vllm", "colocated", "1p1d")
 FLOWKV_SHAPES = {"colocated": ["--colocated", "1"], "1p1d": []}
@@ -112,10 +117,12 @@ class SystemResult:
     node_down: list[str] = field(default_factory=list)
     log: str = ""
     error: str = ""
+    start_failures: list[str] = field(default_factory=list)  # starts that failed before the one that served
 
     def to_json(self) -> dict[str, Any]:
         return {"startup_s": self.startup_s, "threads": self.threads, "cases": self.cases,
-                "node_down_events": self.node_down, "log": self.log, "error": self.error}
+                "node_down_events": self.node_down, "log": self.log, "error": self.error,
+                "start_failures": self.start_failures}
 
 
 class PhaseError(RuntimeError):
@@ -406,53 +413,102 @@ def warm_up(base_url: str, args: argparse.Namespace) -> None:
         raise PhaseError(f"{len(bad)} of {len(specs)} warm-up requests failed: {bad[0].error or bad[0].status}")
 
 
-def make_server(system: str, args: argparse.Namespace, log_dir: Path, model_dir: str | None) -> Server:
-    port = free_port()
+def pick_port(span: int) -> int:
+    """A port P with P .. P+span-1 free, below the ephemeral range.
+
+    ``flowkv up`` puts the /metrics ports of its scheduler and nodes right after the
+    gateway's; a port that the kernel hands out for an outgoing connection in between
+    kills the node that wanted it, so the whole block is kept out of that range.
+    """
+    try:
+        ephemeral_lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_lo = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, max(20001, ephemeral_lo - span))
+        if all(port_is_free(port + i, "0.0.0.0") for i in range(span)):
+            return port
+    return free_port()
+
+
+def make_server(system: str, args: argparse.Namespace, log_dir: Path, model_dir: str | None, attempt: int) -> Server:
+    suffix = "" if attempt == 1 else f".{attempt}"
     if system == "vllm":
         assert model_dir is not None
         env = {"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_cache_gib)}
         if args.vllm_threads_bind:
             env["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_threads_bind
-        return VllmServer(args.vllm_venv / "bin" / "python", model_dir, port, log_dir / "vllm.log", env,
-                          shlex.split(args.vllm_args))
+        return VllmServer(args.vllm_venv / "bin" / "python", model_dir, pick_port(1), log_dir / f"vllm{suffix}.log",
+                          env, shlex.split(args.vllm_args))
     up_args = [*FLOWKV_SHAPES[system], *shlex.split(args.flowkv_args)]
-    return FlowkvCluster(up_args, port, log_dir / f"{system}.log")
+    port = pick_port(num_nodes_of(up_args) + 2)  # gateway, scheduler's /metrics, one /metrics per node
+    return FlowkvCluster(up_args, port, log_dir / f"{system}{suffix}.log")
 
 
-def run_system(res: SystemResult, server: Server, cases: list[Case], args: argparse.Namespace) -> None:
-    """Start ``server``, warm it up, run every case into ``res``, stop it (also on an error or Ctrl-C)."""
-    system = res.name
+def start_and_warm_up(server: Server, res: SystemResult, args: argparse.Namespace) -> None:
     res.log = str(server.log_path)
     timeout = args.vllm_start_timeout if isinstance(server, VllmServer) else args.flowkv_start_timeout
-    print(f"\n== {system}: starting (log {server.log_path})", flush=True)
+    print(f"\n== {res.name}: starting (log {server.log_path})", flush=True)
+    res.startup_s = server.start(timeout)
+    res.threads = server.threads()
+    print(f"== {res.name}: serving after {res.startup_s:.1f}s; threads {res.threads}", flush=True)
     try:
-        res.startup_s = server.start(timeout)
-        res.threads = server.threads()
-        print(f"== {system}: serving after {res.startup_s:.1f}s; threads {res.threads}", flush=True)
         warm_up(server.base_url, args)
-        for case in cases:
-            if not server.alive():
-                raise PhaseError(f"{system} exited during the run; {server.log_path} ends with:\n"
-                                 f"{_log_tail(server.log_path)}")
-            before = len(server.node_down_events()) if isinstance(server, FlowkvCluster) else 0
-            out = run_case(server.base_url, case, args)
-            if isinstance(server, FlowkvCluster):
-                out["node_down"] = server.node_down_events()[before:]
-            res.cases[case.name] = out
-            s = out["summary"]
-            print(f"== {system}: {case.name}: {s['completed']}/{s['num_requests']} served, "
-                  f"{s['output_throughput']:.1f} out tok/s", flush=True)
-        if isinstance(server, FlowkvCluster):
-            res.node_down = server.node_down_events()  # before the stop, whose goodbyes are node_down too
     except PhaseError as exc:
-        res.error = str(exc)
-        print(f"== {system}: FAILED: {exc}", file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        res.error = "interrupted"
-        raise
-    finally:
-        with _signals_held():
-            server.stop()
+        if server.alive():
+            raise
+        raise PhaseError(f"{res.name} exited while warming up ({exc}); {server.log_path} ends with:\n"
+                         f"{_log_tail(server.log_path)}") from None
+
+
+def run_cases(server: Server, res: SystemResult, cases: list[Case], args: argparse.Namespace) -> None:
+    for case in cases:
+        if not server.alive():
+            raise PhaseError(f"{res.name} exited during the run; {server.log_path} ends with:\n"
+                             f"{_log_tail(server.log_path)}")
+        before = len(server.node_down_events()) if isinstance(server, FlowkvCluster) else 0
+        out = run_case(server.base_url, case, args)
+        if isinstance(server, FlowkvCluster):
+            out["node_down"] = server.node_down_events()[before:]
+        res.cases[case.name] = out
+        s = out["summary"]
+        print(f"== {res.name}: {case.name}: {s['completed']}/{s['num_requests']} served, "
+              f"{s['output_throughput']:.1f} out tok/s", flush=True)
+    if isinstance(server, FlowkvCluster):
+        res.node_down = server.node_down_events()  # before the stop, whose goodbyes are node_down too
+
+
+def run_system(res: SystemResult, new_server: Callable[[int], Server], cases: list[Case],
+               args: argparse.Namespace) -> None:
+    """Start a server, warm it up, run every case into ``res``, stop it (also on an error or Ctrl-C).
+
+    A server that fails to start or dies while warming up is started again (``--start-attempts``)
+    on other ports: another process on the machine may take a port between the check and the bind.
+    """
+    for attempt in range(1, args.start_attempts + 1):
+        server = new_server(attempt)
+        try:
+            try:
+                start_and_warm_up(server, res, args)
+            except PhaseError as exc:
+                if attempt == args.start_attempts:
+                    raise
+                res.start_failures.append(str(exc))
+                print(f"== {res.name}: start {attempt} failed, trying again: {exc}", file=sys.stderr, flush=True)
+                continue
+            run_cases(server, res, cases, args)
+            return
+        except PhaseError as exc:
+            res.error = str(exc)
+            print(f"== {res.name}: FAILED: {exc}", file=sys.stderr, flush=True)
+            return
+        except KeyboardInterrupt:
+            res.error = "interrupted"
+            raise
+        finally:
+            with _signals_held():
+                server.stop()
 
 
 # ---------------------------------------------------------------- report
@@ -572,6 +628,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="extra `flowkv up` flags for both FlowKV clusters, one string")
     parser.add_argument("--build-timeout", type=float, default=1800.0,
                         help="seconds per step of building vLLM's venv (default: %(default)s)")
+    parser.add_argument("--start-attempts", type=int, default=2,
+                        help="start a server this many times before giving up on it (default: %(default)s)")
     parser.add_argument("--vllm-start-timeout", type=float, default=600.0,
                         help="seconds for vLLM to serve (default: %(default)s)")
     parser.add_argument("--flowkv-start-timeout", type=float, default=300.0,
@@ -596,6 +654,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--num-requests must be >= 1")
     if args.long_requests < 1 or args.long_concurrency < 1:
         parser.error("--long-requests and --long-concurrency must be >= 1")
+    if args.start_attempts < 1:
+        parser.error("--start-attempts must be >= 1")
     return args
 
 
@@ -640,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
             if system == "vllm" and model_dir is None:
                 continue
             results.append(SystemResult(system))
-            run_system(results[-1], make_server(system, args, log_dir, model_dir), cases, args)
+            run_system(results[-1], functools.partial(make_server, system, args, log_dir, model_dir), cases, args)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: every server started has been stopped", file=sys.stderr, flush=True)
