@@ -281,7 +281,7 @@ class VllmServer:
     def stop(self, timeout: float = 30.0) -> None:
         """SIGINT the group (vLLM's own shutdown), then SIGTERM, then SIGKILL whatever is left."""
         if self.proc is not None:
-            pgid = self.proc.pid  # the leader of its own session and group
+            pgid = self.proc.pid  # it leads its own process group
             for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 10.0)):
                 if self.proc.poll() is not None:
                     break
