@@ -38,9 +38,11 @@ async def serve(config: NodeConfig, nats_config: NatsConfig) -> None:
     node = Node(config)
     runner = None
     try:
-        await node.start(nc)
+        # /metrics first: a port that cannot be bound ends the process before the node
+        # has announced itself (a node that joins and then dies looks ready for a moment).
         if config.metrics_port:
             runner = await metrics.serve_metrics(config.metrics_port)
+        await node.start(nc)
         print(f"node {config.node_id} ready", flush=True)  # tests and `flowkv up` wait for this line
         await stop.wait()
         await node.stop("signal")
