@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# Known exceptions, each one file importing one services package. To be removed when the
-# scheduler core moves to libs/ (the simulator then imports it from there).
-ALLOWED = {
-    ("libs/sim/cluster.py", "services.scheduler"),
-}
 
 
 def _services_imports(path: Path) -> set[str]:
@@ -36,8 +31,7 @@ def _services_imports(path: Path) -> set[str]:
 def test_libs_do_not_import_services():
     found = {(str(p.relative_to(ROOT)), mod)
              for p in sorted((ROOT / "libs").rglob("*.py")) for mod in _services_imports(p)}
-    assert found - ALLOWED == set(), sorted(found - ALLOWED)
-    assert ALLOWED - found == set(), f"no longer needed, drop from ALLOWED: {sorted(ALLOWED - found)}"
+    assert found == set(), sorted(found)
 
 
 def test_the_check_sees_imports(tmp_path):
@@ -45,3 +39,19 @@ def test_the_check_sees_imports(tmp_path):
     f.write_text("import os\ndef f():\n    from services.gateway.app import create_app\n    import services.node\n"
                  "from services import scheduler\n")
     assert _services_imports(f) == {"services.gateway", "services.node", "services.scheduler"}
+
+
+def test_scheduler_core_imports_only_the_protocol():
+    """libs/scheduler runs in the service and in the simulator: no NATS, no engine, no other lib."""
+    for p in sorted((ROOT / "libs" / "scheduler").rglob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or name.startswith(("libs.protocol", "libs.scheduler")), \
+                    f"{p.relative_to(ROOT)} imports {name}"

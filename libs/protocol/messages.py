@@ -179,7 +179,7 @@ class PlaceRequest(Message, tag="place"):
     # full): the prompt is prefilled there already, so only a decode node is chosen.
     prefill_node: str = ""
     # How long the scheduler may hold the request for a node with room before it answers
-    # OVERLOADED (0: answer at once); the scheduler caps it (services/scheduler/queue.py).
+    # OVERLOADED (0: answer at once); the scheduler caps it (libs/scheduler/wait_queue.py).
     queue_timeout_s: float = 0.0
 
 

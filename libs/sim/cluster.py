@@ -1,9 +1,10 @@
 """The simulated cluster: an event queue on sim time driving the real scheduler core.
 
-Each request arrives, is placed by the policy (``services.scheduler.policies``, the same
-objects the service uses); one that no node can take now waits in the scheduler's wait
-queue (``services.scheduler.queue``, as the service runs it) for up to ``queue_wait_s``,
-and a Rejected one retries after its Retry-After like a client of the gateway would. Nodes report load every ``report_interval_s`` into the real
+Each request arrives, is placed by the policy (``libs.scheduler.placement_policies``,
+the same objects the service uses); one that no node can take now waits in the
+scheduler's wait queue (``libs.scheduler.wait_queue``, as the service runs it) for up to
+``queue_wait_s``, and a Rejected one retries after its Retry-After like a client of the
+gateway would. Nodes report load every ``report_interval_s`` into the real
 NodeRegistry; the real RoleController runs every ``role_interval_s`` and its SetRoles
 reach the simulated nodes.
 """
@@ -17,14 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from libs.protocol.messages import ErrorCode, PlaceRequest, Placement, Rejected, Role
+from libs.scheduler.clock import ManualClock
+from libs.scheduler.node_registry import NodeRegistry
+from libs.scheduler.placement_policies import PlacementConfig, make_policy
+from libs.scheduler.role_controller import RoleConfig
+from libs.scheduler.wait_queue import WaitQueue
 from libs.sim.calibration import H100_8B, NodeCosts
 from libs.sim.node import Job, SimNode
 from libs.sim.workload import SimRequest
-from services.scheduler.clock import ManualClock
-from services.scheduler.policies import PlacementConfig, make_policy
-from services.scheduler.queue import WaitQueue
-from services.scheduler.registry import NodeRegistry
-from services.scheduler.roles import RoleConfig
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.scheduler.placement import CostModel
-from services.scheduler.policies import PlacementConfig, make_policy
-from services.scheduler.registry import NodeRegistry
-from services.scheduler.clock import ManualClock
-from services.scheduler.roles import RoleConfig
+from libs.scheduler.clock import ManualClock
+from libs.scheduler.cost_model import CostModel
+from libs.scheduler.node_registry import NodeRegistry
+from libs.scheduler.placement_policies import PlacementConfig, make_policy
+from libs.scheduler.role_controller import RoleConfig
 
 ENV_PREFIX = "FLOWKV_SCHEDULER"
 

@@ -7,7 +7,7 @@ from collections import Counter as Tally
 from prometheus_client import Counter, Gauge, Histogram
 
 from libs.protocol.messages import EventKind, NodeState, Role, SchedEvent
-from services.scheduler.registry import NodeRegistry
+from libs.scheduler.node_registry import NodeRegistry
 
 PLACEMENTS = Counter(
     "flowkv_scheduler_placements_total",

@@ -2,9 +2,10 @@
 
   1. node_load / node_bye update the registry (NODE_UP / NODE_DOWN events);
   2. sched_place answers each PlaceRequest with a Placement or Rejected; one that no node
-     can take now and that asks to wait is held in the wait queue (``queue.py``) and
-     answered when a load report, an expired reservation or a role flip makes room, or
-     when its wait runs out; a Cancel on request_cancel drops a held request;
+     can take now and that asks to wait is held in the wait queue
+     (``libs.scheduler.wait_queue``) and answered when a load report, an expired
+     reservation or a role flip makes room, or when its wait runs out; a Cancel on
+     request_cancel drops a held request;
   3. sched_cluster answers a ClusterQuery with the live nodes and recent events;
   4. a housekeeping task expires silent nodes and runs the role controller, sending
      SetRole to ``node(id, ROLE)``;
@@ -41,17 +42,17 @@ from libs.protocol.messages import (
     SetRole,
     encode,
 )
+from libs.scheduler.clock import Clock, SystemClock
+from libs.scheduler.node_registry import NodeRegistry
+from libs.scheduler.placement_policies import make_policy
+from libs.scheduler.role_controller import RoleChange
+from libs.scheduler.wait_queue import WaitQueue
 from services.common.lifecycle import TaskGroup
 from services.common.logs import request_id_var
 from services.common.messaging import DROPPED, request, respond, subscribe
 from services.common.tracing import extract_context, tracer
 from services.scheduler import metrics
-from services.scheduler.clock import Clock, SystemClock
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.policies import make_policy
-from services.scheduler.queue import WaitQueue
-from services.scheduler.registry import NodeRegistry
-from services.scheduler.roles import RoleChange
 from services.scheduler.validation import place_problem, report_problem
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ import msgspec
 import pytest
 
 from libs.protocol.messages import Role
-from services.scheduler.clock import ManualClock
-from services.scheduler.demand import DemandTracker, StepFit, prefill_speeds
-from services.scheduler.placement import CostModel
-from services.scheduler.registry import NodeRegistry
-from services.scheduler.roles import RoleConfig, RoleController
+from libs.scheduler.clock import ManualClock
+from libs.scheduler.cost_model import CostModel
+from libs.scheduler.demand import DemandTracker, StepFit, prefill_speeds
+from libs.scheduler.node_registry import NodeRegistry
+from libs.scheduler.role_controller import RoleConfig, RoleController
 from tests.scheduler.helpers import report
 
 

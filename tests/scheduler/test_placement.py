@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from libs.protocol.messages import ErrorCode, KVLink, PlaceRequest, Placement, Rejected, Role
-from services.scheduler.clock import ManualClock
-from services.scheduler.placement import CostModel
-from services.scheduler.policies import PlacementConfig, make_policy
-from services.scheduler.registry import NodeRegistry
+from libs.scheduler.clock import ManualClock
+from libs.scheduler.cost_model import CostModel
+from libs.scheduler.node_registry import NodeRegistry
+from libs.scheduler.placement_policies import PlacementConfig, make_policy
 from tests.scheduler.helpers import report
 
 

@@ -12,12 +12,12 @@ from libs.protocol import subjects
 from libs.protocol.messages import (
     Cancel, ClusterQuery, ErrorCode, NodeState, PlaceRequest, Placement, Rejected, Role, decode, encode,
 )
-from services.scheduler.clock import ManualClock
+from libs.scheduler.clock import ManualClock
+from libs.scheduler.cost_model import decode_blocks_needed
+from libs.scheduler.node_registry import NodeRegistry
+from libs.scheduler.placement_policies import PlacementConfig, make_policy
+from libs.scheduler.wait_queue import WaitQueue
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.placement import decode_blocks_needed
-from services.scheduler.policies import PlacementConfig, make_policy
-from services.scheduler.queue import WaitQueue
-from services.scheduler.registry import NodeRegistry
 from services.scheduler.service import SchedulerService
 from tests.scheduler.helpers import announce, report, until
 

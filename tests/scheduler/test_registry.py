@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from libs.protocol.messages import EventKind, Role
-from services.scheduler.clock import ManualClock
-from services.scheduler.registry import Inflight, NodeRegistry
+from libs.scheduler.clock import ManualClock
+from libs.scheduler.node_registry import Inflight, NodeRegistry
 from tests.scheduler.helpers import report
 
 

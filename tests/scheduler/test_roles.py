@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from libs.protocol.messages import EventKind, Role
-from services.scheduler.clock import ManualClock
-from services.scheduler.placement import CostModel
-from services.scheduler.policies import make_policy
-from services.scheduler.registry import NodeRegistry
-from services.scheduler.roles import RoleConfig, RoleController
+from libs.scheduler.clock import ManualClock
+from libs.scheduler.cost_model import CostModel
+from libs.scheduler.node_registry import NodeRegistry
+from libs.scheduler.placement_policies import make_policy
+from libs.scheduler.role_controller import RoleConfig, RoleController
 from tests.scheduler.helpers import report
 
 

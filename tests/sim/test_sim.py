@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from libs.scheduler.node_registry import NodeRegistry
+from libs.scheduler.placement_policies import FlowKV
 from libs.sim.__main__ import main
 from libs.sim.calibration import A100_80G_8B, H100_8B, parse_mix
 from libs.sim.metrics import by_device, percentile
 from libs.sim.sweep import run_one, sweep_policies
 from libs.sim.workload import generate
-from services.scheduler.policies import FlowKV
-from services.scheduler.registry import NodeRegistry
 
 
 def test_calibration_reproduces_the_measured_prefill() -> None:

@@ -8,9 +8,10 @@ Every policy places one request at a time:
      request is Rejected(OVERLOADED) with a retry-after; no nodes at all -> NO_NODES;
   4. the placement is recorded as in-flight work on both nodes until their reports show it.
 
-``flowkv`` and ``fixed:P:D`` share the cost-model placement (:mod:`placement`); they differ
-in roles: ``fixed`` pins the first P/(P+D) of the nodes by id to prefill and the rest to
-decode, ``flowkv`` has a :class:`~services.scheduler.roles.RoleController` move them.
+``flowkv`` and ``fixed:P:D`` share the cost-model placement
+(:mod:`~libs.scheduler.cost_model`); they differ in roles: ``fixed`` pins the first
+P/(P+D) of the nodes by id to prefill and the rest to decode, ``flowkv`` has a
+:class:`~libs.scheduler.role_controller.RoleController` move them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from libs.protocol.messages import ErrorCode, Placement, PlaceRequest, Rejected, Role
-from services.scheduler.placement import (
+from libs.scheduler.cost_model import (
     CostModel,
     decode_blocks_needed,
     decode_has_room,
@@ -27,8 +28,8 @@ from services.scheduler.placement import (
     estimate,
     prompt_blocks,
 )
-from services.scheduler.registry import Inflight, NodeEntry, NodeRegistry
-from services.scheduler.roles import RoleConfig, RoleController
+from libs.scheduler.node_registry import Inflight, NodeEntry, NodeRegistry
+from libs.scheduler.role_controller import RoleConfig, RoleController
 
 POLICY_NAMES = ("round_robin", "least_loaded", "fixed:P:D", "flowkv")
 

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 
 from libs.protocol.messages import KVLink, PlaceRequest
-from services.scheduler.registry import NodeEntry
+from libs.scheduler.node_registry import NodeEntry
 
 GB = 1e9
 

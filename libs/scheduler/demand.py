@@ -28,8 +28,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from services.scheduler.placement import CostModel
-from services.scheduler.registry import NodeEntry, kind_means
+from libs.scheduler.cost_model import CostModel
+from libs.scheduler.node_registry import NodeEntry, kind_means
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from libs.protocol.messages import (
     Role,
     SchedEvent,
 )
-from services.scheduler.clock import Clock
+from libs.scheduler.clock import Clock
 
 # Engines that do not report their decode batch cap are assumed to have this one.
 DEFAULT_MAX_NUM_SEQS = 64

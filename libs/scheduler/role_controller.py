@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from libs.protocol.messages import EventKind, Role, SchedEvent
-from services.scheduler.demand import Demand, DemandTracker
-from services.scheduler.placement import CostModel, decode_utilisation
-from services.scheduler.registry import NodeEntry, NodeRegistry
+from libs.scheduler.cost_model import CostModel, decode_utilisation
+from libs.scheduler.demand import Demand, DemandTracker
+from libs.scheduler.node_registry import NodeEntry, NodeRegistry
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,9 @@ class RoleConfig:
             prefill->decode, or the reverse) waits this long: flipping straight back is
             the sign of a load both sides are near capacity for, where flips only cost.
         demand_window_s: placements of this many recent seconds set the target split
-            (:mod:`~services.scheduler.demand`); 0 turns the demand signal off.
+            (:mod:`~libs.scheduler.demand`); 0 turns the demand signal off.
         demand_busy: the demand signal flips only while the busier side's utilisation
-            (need / capacity, :mod:`~services.scheduler.demand`) is above this.
+            (need / capacity, :mod:`~libs.scheduler.demand`) is above this.
         demand_margin: the move a demand flip starts (it and the flips after it toward the
             best split) must lower that utilisation by more than this fraction (the demand
             signal's hysteresis).
