@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from libs.scheduler.clock import ManualClock
 from libs.scheduler.cost_model import CostModel
@@ -19,27 +19,32 @@ def _h(text: str) -> dict[str, str]:
 
 @dataclass
 class SchedulerConfig:
-    """Scheduler service settings (validated here; NATS settings live in ``NatsConfig``)."""
+    """Scheduler service settings (validated here; NATS settings live in ``NatsConfig``).
+
+    The placement and role-controller settings take their defaults from
+    :class:`~libs.scheduler.placement_policies.PlacementConfig` and
+    :class:`~libs.scheduler.role_controller.RoleConfig`, which hold them once.
+    """
 
     policy: str = field(default="flowkv", metadata=_h("round_robin, least_loaded, fixed:P:D or flowkv"))
     node_timeout_s: float = field(default=3.0, metadata=_h("a node is dead after this long without a load report"))
-    max_ttft_s: float = field(default=30.0, metadata=_h("reject (429) when the best predicted TTFT exceeds this"))
-    max_retry_after_s: float = field(default=30.0, metadata=_h("cap on Retry-After of a rejection"))
+    max_ttft_s: float = field(default=PlacementConfig.max_ttft_s, metadata=_h("reject (429) when the best predicted TTFT exceeds this"))
+    max_retry_after_s: float = field(default=PlacementConfig.max_retry_after_s, metadata=_h("cap on Retry-After of a rejection"))
     queue_limit: int = field(default=1024, metadata=_h("requests held waiting for a node with room; past it, 429 at once"))
     max_queue_wait_s: float = field(default=60.0, metadata=_h("cap on the wait a PlaceRequest may ask for (0: never hold one)"))
-    inflight_grace_s: float = field(default=0.5, metadata=_h("how long a placement counts before reports show it"))
+    inflight_grace_s: float = field(default=PlacementConfig.inflight_grace_s, metadata=_h("how long a placement counts before reports show it"))
     role_interval_s: float = field(default=0.5, metadata=_h("how often the role controller runs"))
-    min_dwell_s: float = field(default=10.0, metadata=_h("minimum time a node keeps a role"))
-    flip_timeout_s: float = field(default=120.0, metadata=_h("give up on a role flip after this long"))
-    prefill_high_s: float = field(default=2.0, metadata=_h("prefill backlog (s) above which prefill is short"))
-    prefill_low_s: float = field(default=0.5, metadata=_h("prefill backlog (s) below which prefill has room"))
-    decode_high: float = field(default=0.85, metadata=_h("decode utilisation above which decode is short"))
-    decode_low: float = field(default=0.6, metadata=_h("decode utilisation below which decode has room"))
-    demand_window_s: float = field(default=10.0, metadata=_h("placements of this many recent seconds set the target P:D split (0: off)"))
-    demand_busy: float = field(default=0.5, metadata=_h("demand flips only while the busier side's utilisation is above this"))
-    demand_margin: float = field(default=0.05, metadata=_h("the move a demand flip starts must cut that utilisation by more than this fraction"))
-    demand_confidence: float = field(default=1.0, metadata=_h("and must still pay with each need this many standard errors against it (window sampling noise)"))
-    allow_hybrid: bool = field(default=True, metadata=_h("turn nodes hybrid when both sides are saturated"))
+    min_dwell_s: float = field(default=RoleConfig.min_dwell_s, metadata=_h("minimum time a node keeps a role"))
+    flip_timeout_s: float = field(default=RoleConfig.flip_timeout_s, metadata=_h("give up on a role flip after this long"))
+    prefill_high_s: float = field(default=RoleConfig.prefill_high_s, metadata=_h("prefill backlog (s) above which prefill is short"))
+    prefill_low_s: float = field(default=RoleConfig.prefill_low_s, metadata=_h("prefill backlog (s) below which prefill has room"))
+    decode_high: float = field(default=RoleConfig.decode_high, metadata=_h("decode utilisation above which decode is short"))
+    decode_low: float = field(default=RoleConfig.decode_low, metadata=_h("decode utilisation below which decode has room"))
+    demand_window_s: float = field(default=RoleConfig.demand_window_s, metadata=_h("placements of this many recent seconds set the target P:D split (0: off)"))
+    demand_busy: float = field(default=RoleConfig.demand_busy, metadata=_h("demand flips only while the busier side's utilisation is above this"))
+    demand_margin: float = field(default=RoleConfig.demand_margin, metadata=_h("the move a demand flip starts must cut that utilisation by more than this fraction"))
+    demand_confidence: float = field(default=RoleConfig.demand_confidence, metadata=_h("and must still pay with each need this many standard errors against it (window sampling noise)"))
+    allow_hybrid: bool = field(default=RoleConfig.allow_hybrid, metadata=_h("turn nodes hybrid when both sides are saturated"))
     set_role_timeout_s: float = field(default=5.0, metadata=_h("timeout of the SetRole request to a node"))
     max_events: int = field(default=200, metadata=_h("recent events kept for cluster queries"))
     metrics_port: int = field(default=0, metadata=_h("serve Prometheus /metrics and /health on this port (0: off)"))
@@ -62,8 +67,6 @@ class SchedulerConfig:
                                max_retry_after_s=self.max_retry_after_s, cost=CostModel())
 
     def role_config(self) -> RoleConfig:
-        return RoleConfig(min_dwell_s=self.min_dwell_s, flip_timeout_s=self.flip_timeout_s,
-                          prefill_high_s=self.prefill_high_s, prefill_low_s=self.prefill_low_s,
-                          decode_high=self.decode_high, decode_low=self.decode_low, allow_hybrid=self.allow_hybrid,
-                          demand_window_s=self.demand_window_s, demand_busy=self.demand_busy,
-                          demand_margin=self.demand_margin, demand_confidence=self.demand_confidence)
+        """The role controller's settings: each ``RoleConfig`` field this config has (the
+        others, e.g. ``reverse_cooldown_s``, keep ``RoleConfig``'s default)."""
+        return RoleConfig(**{f.name: getattr(self, f.name) for f in fields(RoleConfig) if hasattr(self, f.name)})
