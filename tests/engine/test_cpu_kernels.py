@@ -65,3 +65,31 @@ def test_inputs_the_kernels_do_not_take_fall_back():
     x = torch.randn(3, 8, dtype=torch.float64)
     assert cpu.add_rms_norm(x, None, torch.ones(8, dtype=torch.float64), 1e-5) is None
     assert cpu.silu_mul(torch.randn(4, 6)[:, ::2]) is None  # last dimension not contiguous
+
+
+@pytest.mark.parametrize("rows", [1, 9, 300])
+def test_bf16_layer_ops_round_where_the_reference_rounds(rows):
+    gen = torch.Generator().manual_seed(100 + rows)
+    bf = torch.bfloat16
+    x, residual, weight = (torch.randn(rows, 576, generator=gen).to(bf), torch.randn(rows, 576, generator=gen).to(bf),
+                           torch.randn(576, generator=gen).to(bf))
+    want_normed, want_sum = add_rms_norm_ref(x, residual, weight, 1e-5)
+    got = cpu.add_rms_norm(x, residual.clone(), weight, 1e-5)
+    assert got is not None and got[0].dtype == bf
+    torch.testing.assert_close(got[1], want_sum, atol=0, rtol=0)
+    # The sum of squares is added in another order than torch's: at most one bf16 step apart.
+    torch.testing.assert_close(got[0].float(), want_normed.float(), atol=0, rtol=2 ** -7)
+
+    qkv = torch.randn(rows, 960, generator=gen).to(bf)
+    q, k = qkv[:, :576].view(rows, 9, 64), qkv[:, 576:768].view(rows, 3, 64)
+    positions = torch.randint(0, 500, (rows,), generator=gen)
+    angles = torch.randn(500, 64, generator=gen)
+    want_q, want_k = rotary_ref(q, k, positions, angles.cos(), angles.sin())
+    assert cpu.rotary_(q, k, positions, angles.cos(), angles.sin()) is not None
+    torch.testing.assert_close(q, want_q, atol=0, rtol=0)
+    torch.testing.assert_close(k, want_k, atol=0, rtol=0)
+
+    gate_up = torch.randn(rows, 2 * 1536, generator=gen).to(bf)
+    got_silu = cpu.silu_mul(gate_up)
+    assert got_silu is not None and got_silu.dtype == bf
+    torch.testing.assert_close(got_silu.float(), silu_mul_ref(gate_up).float(), atol=0, rtol=2 ** -7)

@@ -114,18 +114,28 @@ def _load() -> ctypes.CDLL | None:
             ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
         ]
     P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.flowkv_add_rms_norm_f32.restype = None
-    lib.flowkv_add_rms_norm_f32.argtypes = [P, I64, P, I64, P, P, I64, I64, I64, F, I]
-    lib.flowkv_rotary_f32.restype = None
-    lib.flowkv_rotary_f32.argtypes = [P, I64, I, P, I64, I, I, P, I64, P, P]
-    lib.flowkv_silu_mul_f32.restype = None
-    lib.flowkv_silu_mul_f32.argtypes = [P, I64, P, I64, I64, I64]
+    for suffix in ("f32", "bf16"):
+        getattr(lib, f"flowkv_add_rms_norm_{suffix}").restype = None
+        getattr(lib, f"flowkv_add_rms_norm_{suffix}").argtypes = [P, I64, P, I64, P, P, I64, I64, I64, F, I]
+        getattr(lib, f"flowkv_rotary_{suffix}").restype = None
+        getattr(lib, f"flowkv_rotary_{suffix}").argtypes = [P, I64, I, P, I64, I, I, P, I64, P, P]
+        getattr(lib, f"flowkv_silu_mul_{suffix}").restype = None
+        getattr(lib, f"flowkv_silu_mul_{suffix}").argtypes = [P, I64, P, I64, I64, I64]
     return lib
 
 
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
 def _rows_ok(*tensors: torch.Tensor) -> bool:
-    """float32 CPU tensors whose last dimension is contiguous."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+    """CPU tensors of one dtype the kernels take (float32, bfloat16), last dimension contiguous."""
+    dtype = tensors[0].dtype
+    return dtype in _SUFFIX and all(
+        t.dtype == dtype and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+
+
+def _fn(lib: ctypes.CDLL, name: str, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    return getattr(lib, f"flowkv_{name}_{_SUFFIX[dtype]}")
 
 
 def add_rms_norm(
@@ -139,7 +149,7 @@ def add_rms_norm(
     rows, cols = x.shape
     r = torch.empty_like(x) if residual is None else residual
     out = torch.empty((rows, cols), dtype=x.dtype)
-    lib.flowkv_add_rms_norm_f32(x.data_ptr(), x.stride(0), r.data_ptr(), r.stride(0), weight.contiguous().data_ptr(),
+    _fn(lib, "add_rms_norm", x.dtype)(x.data_ptr(), x.stride(0), r.data_ptr(), r.stride(0), weight.contiguous().data_ptr(),
                                 out.data_ptr(), out.stride(0), rows, cols, float(eps), int(residual is not None))
     return out, r
 
@@ -150,13 +160,14 @@ def rotary_(
     """Rotary of ``q`` [T, Hq, D] and ``k`` [T, Hkv, D] in place (heads contiguous within a
     token). None: not for these inputs."""
     lib = native()
-    if lib is None or not _rows_ok(q, k, cos, sin) or positions.dtype != torch.int64:
+    if lib is None or not _rows_ok(q, k) or not _rows_ok(cos, sin) or cos.dtype != torch.float32 \
+            or positions.dtype != torch.int64:
         return None
     dim = q.shape[-1]
     if q.stride(1) != dim or k.stride(1) != dim or not (cos.is_contiguous() and sin.is_contiguous()):
         return None
     pos = positions.contiguous()
-    lib.flowkv_rotary_f32(q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1], dim,
+    _fn(lib, "rotary", q.dtype)(q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1], dim,
                           pos.data_ptr(), q.shape[0], cos.data_ptr(), sin.data_ptr())
     return q, k
 
@@ -168,7 +179,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
         return None
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty((rows, inter), dtype=gate_up.dtype)
-    lib.flowkv_silu_mul_f32(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0), rows, inter)
+    _fn(lib, "silu_mul", gate_up.dtype)(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0), rows, inter)
     return out
 
 

@@ -1,4 +1,4 @@
-/* The element-wise ops of a decoder layer on the CPU, float32, one call each instead of
+/* The element-wise ops of a decoder layer on the CPU, float32 and bfloat16, one call each instead of
  * the five to eight torch ops (and their temporaries) that spell them out.
  *
  *   flowkv_add_rms_norm_f32: r = x + residual (stored into residual), out = w * rmsnorm(r)
@@ -10,6 +10,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define PARALLEL_MIN_ELEMS (1 << 15)
 
@@ -67,5 +68,84 @@ void flowkv_silu_mul_f32(const float *gate_up, int64_t stride_in, float *out, in
         float *o = out + i * stride_out;
         #pragma omp simd
         for (int64_t j = 0; j < inter; ++j) o[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+    }
+}
+
+/* bfloat16 versions: the same ops on bf16 tensors, computed in float32 and rounded to
+ * bf16 (nearest, ties to even) exactly where the torch reference rounds, so the results
+ * equal the reference's bit for bit. */
+
+static inline float bf16_load(uint16_t h) {
+    uint32_t u = ((uint32_t)h) << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu))  /* NaN stays a (quiet) NaN */
+        return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float bf16_rt(float f) { return bf16_load(bf16_round(f)); }
+
+void flowkv_add_rms_norm_bf16(const uint16_t *x, int64_t stride_x, uint16_t *residual, int64_t stride_res,
+                              const uint16_t *weight, uint16_t *out, int64_t stride_out, int64_t rows,
+                              int64_t cols, float eps, int has_residual) {
+    #pragma omp parallel for schedule(static) if (rows * cols >= PARALLEL_MIN_ELEMS)
+    for (int64_t i = 0; i < rows; ++i) {
+        const uint16_t *xi = x + i * stride_x;
+        uint16_t *ri = residual + i * stride_res, *oi = out + i * stride_out;
+        float ss = 0.f;
+        for (int64_t j = 0; j < cols; ++j) {
+            const float r = has_residual ? bf16_rt(bf16_load(xi[j]) + bf16_load(ri[j])) : bf16_load(xi[j]);
+            ri[j] = bf16_round(r);
+            ss += r * r;
+        }
+        const float inv = 1.f / sqrtf(ss / (float)cols + eps);
+        for (int64_t j = 0; j < cols; ++j)
+            oi[j] = bf16_round(bf16_load(weight[j]) * bf16_rt(bf16_load(ri[j]) * inv));
+    }
+}
+
+static inline void rotate_heads_bf16(uint16_t *x, int64_t stride_t, int heads, int dim, const float *c,
+                                     const float *s, int64_t t) {
+    const int half = dim / 2;
+    for (int h = 0; h < heads; ++h) {
+        uint16_t *xh = x + t * stride_t + (int64_t)h * dim;
+        for (int j = 0; j < half; ++j) {
+            const float a = bf16_load(xh[j]), b = bf16_load(xh[j + half]);
+            /* torch: q * cos + rotate_half(q) * sin, each product and the sum rounded */
+            xh[j] = bf16_round(bf16_rt(a * bf16_rt(c[j])) + bf16_rt(-b * bf16_rt(s[j])));
+            xh[j + half] = bf16_round(bf16_rt(b * bf16_rt(c[j + half])) + bf16_rt(a * bf16_rt(s[j + half])));
+        }
+    }
+}
+
+void flowkv_rotary_bf16(uint16_t *q, int64_t q_stride_t, int q_heads, uint16_t *k, int64_t k_stride_t,
+                        int k_heads, int dim, const int64_t *positions, int64_t tokens, const float *cos_table,
+                        const float *sin_table) {
+    #pragma omp parallel for schedule(static) if (tokens * (q_heads + k_heads) * dim >= PARALLEL_MIN_ELEMS)
+    for (int64_t t = 0; t < tokens; ++t) {
+        const float *c = cos_table + positions[t] * dim, *s = sin_table + positions[t] * dim;
+        rotate_heads_bf16(q, q_stride_t, q_heads, dim, c, s, t);
+        rotate_heads_bf16(k, k_stride_t, k_heads, dim, c, s, t);
+    }
+}
+
+void flowkv_silu_mul_bf16(const uint16_t *gate_up, int64_t stride_in, uint16_t *out, int64_t stride_out,
+                          int64_t rows, int64_t inter) {
+    #pragma omp parallel for schedule(static) if (rows * inter >= PARALLEL_MIN_ELEMS)
+    for (int64_t i = 0; i < rows; ++i) {
+        const uint16_t *g = gate_up + i * stride_in, *u = g + inter;
+        uint16_t *o = out + i * stride_out;
+        for (int64_t j = 0; j < inter; ++j) {
+            const float gj = bf16_load(g[j]);
+            o[j] = bf16_round(bf16_rt(gj / (1.f + expf(-gj))) * bf16_load(u[j]));
+        }
     }
 }
