@@ -78,6 +78,11 @@ class LLMEngine:
             limits.append(config.max_model_len)
         self._max_model_len = min(limits)
         self.runner = ModelRunner(mc, loaded.state_dict, self._pool.tensor, self._max_model_len)
+        if self._pool.device.type == "cpu":
+            from libs.engine.kernels import cpu as cpu_kernels
+
+            # Built (or found in the cache) now, not inside the first request's step.
+            log.info("native CPU kernels: %s", "on" if cpu_kernels.native() is not None else "off (torch paths)")
         if self._pool.device.type == "cuda" and not config.enforce_eager:
             self._capture_decode_graphs()
         if config.warms_up:
