@@ -28,7 +28,7 @@ SOURCES = [
     ("flowkv up", "flowkv up", "services.cli.up", "UpConfig", "FLOWKV_UP", "--"),
     ("Gateway", "flowkv gateway / python -m services.gateway", "services.gateway.config", "GatewayConfig", "FLOWKV_GATEWAY", "--"),
     ("Scheduler", "flowkv scheduler / python -m services.scheduler", "services.scheduler.config", "SchedulerConfig", "FLOWKV_SCHEDULER", "--"),
-    ("Node", "flowkv node / python -m services.node", "services.node.config", "NodeConfig", "FLOWKV_NODE", "--"),
+    ("Node", "flowkv node / python -m services.node", "services.node_common.config", "NodeConfig", "FLOWKV_NODE", "--"),
     ("NATS (every service)", "gateway, scheduler, node, status", "services.common.nats", "NatsConfig", "FLOWKV_NATS", "--nats-"),
 ]
 

@@ -63,7 +63,7 @@ def _known_env_vars() -> set[str]:
         ("services.common.nats", "NatsConfig", "FLOWKV_NATS"),
         ("services.gateway.config", "GatewayConfig", "FLOWKV_GATEWAY"),
         ("services.scheduler.config", "SchedulerConfig", "FLOWKV_SCHEDULER"),
-        ("services.node.config", "NodeConfig", "FLOWKV_NODE"),
+        ("services.node_common.config", "NodeConfig", "FLOWKV_NODE"),
     ]:
         cls = getattr(importlib.import_module(module_name), class_name)
         known |= {f"{prefix}_{f.name.upper()}" for f in dataclasses.fields(cls)}

@@ -1,4 +1,6 @@
-"""libs/ is below services/: no module under libs/ imports from services/."""
+"""Import layering: libs/ is below services/ (no module under libs/ imports from services/),
+the scheduler core imports no lib but the protocol, and on the node side the imports point
+one way: node process -> role handlers -> shared node pieces."""
 
 from __future__ import annotations
 
@@ -9,23 +11,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _services_imports(path: Path) -> set[str]:
-    """The ``services.<package>`` names a file imports, at any depth (function-level included)."""
+def _imports(path: Path) -> set[str]:
+    """The absolute module names a file imports, at any depth (function-level included);
+    ``from a.b import c`` counts as ``a.b.c`` (c may be a module)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "services":
-            names = [f"services.{a.name}" for a in node.names]  # from services import scheduler
+            found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "services":
-                found.add(".".join(parts[:2]))
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
     return found
+
+
+def _services_imports(path: Path) -> set[str]:
+    """The ``services.<package>`` names a file imports."""
+    return {".".join(name.split(".")[:2]) for name in _imports(path) if name.startswith("services.")}
 
 
 def test_libs_do_not_import_services():
@@ -44,14 +45,30 @@ def test_the_check_sees_imports(tmp_path):
 def test_scheduler_core_imports_only_the_protocol():
     """libs/scheduler runs in the service and in the simulator: no NATS, no engine, no other lib."""
     for p in sorted((ROOT / "libs" / "scheduler").rglob("*.py")):
-        for node in ast.walk(ast.parse(p.read_text(), str(p))):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
-                top = name.split(".")[0]
-                assert top in sys.stdlib_module_names or name.startswith(("libs.protocol", "libs.scheduler")), \
-                    f"{p.relative_to(ROOT)} imports {name}"
+        for name in _imports(p):
+            top = name.split(".")[0]
+            assert top in sys.stdlib_module_names or name.startswith(("libs.protocol", "libs.scheduler")), \
+                f"{p.relative_to(ROOT)} imports {name}"
+
+
+def _imported_packages(package: str) -> dict[str, set[str]]:
+    """Per file of ``services/<package>``: the ``services.<package>`` names it imports."""
+    return {str(p.relative_to(ROOT)): _services_imports(p) for p in sorted((ROOT / "services" / package).rglob("*.py"))}
+
+
+def test_node_side_imports_point_one_way():
+    """node process (services.node) -> role handlers (services.prefill, services.decode) -> shared
+    (services.node_common): a handler imports neither the other handler nor the node process,
+    and the shared package imports none of them."""
+    forbidden = {
+        "prefill": {"services.decode", "services.node"},
+        "decode": {"services.prefill", "services.node"},
+        "node_common": {"services.prefill", "services.decode", "services.node"},
+    }
+    for package, banned in forbidden.items():
+        files = _imported_packages(package)
+        assert files, package
+        bad = {f: sorted(mods & banned) for f, mods in files.items() if mods & banned}
+        assert bad == {}, bad
+    node = _imported_packages("node")
+    assert {"services.prefill", "services.decode", "services.node_common"} <= set().union(*node.values())

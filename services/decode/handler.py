@@ -38,12 +38,12 @@ from libs.kvtransfer.base import AgentInfo, TransferError, TransferStats
 from libs.protocol.messages import Ack, ErrorCode, KVAllocReply, KVAllocRequest, KVDone
 from services.common.logs import request_id_var
 from services.common.tracing import extract_context, tracer
-from services.node import metrics
-from services.node.metrics import transfer_attributes
-from services.node.context import NodeContext, resolve
-from services.node.streaming import Streamer, Usage, continuation_params, engine_params
-from services.node.validation import (check_block_ids, check_offsets, check_prompt, check_reply_subject,
-                                      vocab_size)
+from services.node_common import metrics
+from services.node_common.context import NodeContext, resolve
+from services.node_common.metrics import transfer_attributes
+from services.node_common.streaming import Streamer, Usage, continuation_params, engine_params
+from services.node_common.validation import (check_block_ids, check_offsets, check_prompt, check_reply_subject,
+                                             vocab_size)
 
 log = logging.getLogger(__name__)
 _TRACER = tracer("flowkv.node")

@@ -18,7 +18,7 @@ from services.common.logs import setup_logging
 from services.common.nats import NatsAuthError, parse_service_args
 from services.common.nats import NatsConfig, connect
 from services.common.tracing import setup_tracing, shutdown_tracing
-from services.node.config import ENV_PREFIX, NodeConfig
+from services.node_common.config import ENV_PREFIX, NodeConfig
 
 log = logging.getLogger("services.node")
 
@@ -29,7 +29,7 @@ def parse(argv: list[str] | None = None) -> tuple[NodeConfig, NatsConfig]:
 
 
 async def serve(config: NodeConfig, nats_config: NatsConfig) -> None:
-    from services.node import metrics
+    from services.node_common import metrics
     from services.node.node import Node
 
     stop = asyncio.Event()

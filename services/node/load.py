@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from libs.protocol.messages import LoadReport, NodeState, Role
-from services.node.metrics import TransferTotals
+from services.node_common.metrics import TransferTotals
 
 
 @dataclass(frozen=True)

@@ -43,12 +43,12 @@ from libs.protocol.subjects import NodeVerb, check_token, node, node_bye, node_l
 from services.common import faults
 from services.common.messaging import respond, subscribe
 from services.decode.handler import DecodeHandler
-from services.node import metrics
-from services.node.config import NodeConfig
-from services.node.context import NodeContext
+from services.node_common import metrics
+from services.node_common.config import NodeConfig
+from services.node_common.context import NodeContext
 from services.node.load import build_report, device_info
-from services.node.streaming import engine_params
-from services.node.validation import check_offsets, check_prompt, check_reply_subject, vocab_size
+from services.node_common.streaming import engine_params
+from services.node_common.validation import check_offsets, check_prompt, check_reply_subject, vocab_size
 from services.prefill.handler import PrefillHandler
 
 log = logging.getLogger(__name__)

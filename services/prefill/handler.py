@@ -58,10 +58,10 @@ from services.common import faults
 from services.common.logs import request_id_var
 from services.common.messaging import request
 from services.common.tracing import extract_context, inject_headers, tracer
-from services.node import metrics
-from services.node.context import NodeContext, resolve
-from services.node.metrics import transfer_attributes
-from services.node.streaming import (
+from services.node_common import metrics
+from services.node_common.context import NodeContext, resolve
+from services.node_common.metrics import transfer_attributes
+from services.node_common.streaming import (
     Streamer,
     Usage,
     chunk_of,

@@ -29,8 +29,8 @@ from services.common.nats import NatsConfig
 from services.common.natsserver import free_port
 from services.gateway.app import create_app, make_runner
 from services.gateway.config import GatewayConfig
-from services.node.config import NodeConfig
 from services.node.node import Node
+from services.node_common.config import NodeConfig
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.service import SchedulerService
 

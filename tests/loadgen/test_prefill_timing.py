@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from libs.engine.sampling import SamplingParams
-from services.node.streaming import Usage, chunk_of
+from services.node_common.streaming import Usage, chunk_of
 from tests.engine.conftest import make_engine, run_all
 
 PARAMS = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)

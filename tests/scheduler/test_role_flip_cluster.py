@@ -26,8 +26,8 @@ from libs.protocol.messages import (
     EventKind, Placement, PlaceRequest, Role, SamplingParams, SchedEvent, SubmitRequest, TokenChunk,
 )
 from libs.protocol.subjects import NodeVerb, node, sched_events, sched_place, stream
-from services.node.config import NodeConfig
 from services.node.node import Node
+from services.node_common.config import NodeConfig
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.service import SchedulerService
 

@@ -28,8 +28,8 @@ from libs.protocol.messages import (
     SubmitRequest, TokenChunk,
 )
 from libs.protocol.subjects import NodeVerb, all_subjects_of, node, node_load, request_cancel, stream
-from services.node.config import NodeConfig
 from services.node.node import Node
+from services.node_common.config import NodeConfig
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.service import SchedulerService
 

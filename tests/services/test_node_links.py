@@ -1,11 +1,11 @@
-"""The sender's per-peer KV link figures (services/node/links.py), on known transfers."""
+"""The sender's per-peer KV link figures (services/node_common/kv_links.py), on known transfers."""
 
 from __future__ import annotations
 
 import pytest
 
 from libs.protocol.messages import KVLink
-from services.node.links import KVLinkTable
+from services.node_common.kv_links import KVLinkTable
 
 MB = 1_000_000
 

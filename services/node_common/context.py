@@ -10,8 +10,8 @@ from typing import Any
 from nats.aio.client import Client
 
 from libs.kvtransfer.agent import KVAgent
-from services.node.config import NodeConfig
-from services.node.metrics import TransferTotals
+from services.node_common.config import NodeConfig
+from services.node_common.metrics import TransferTotals
 
 _MAX_CANCELLED = 4096  # cancelled request ids remembered (a message may trail its Cancel)
 

@@ -14,7 +14,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from libs.kvtransfer.base import TransferStats
 from libs.protocol.messages import LoadReport, Role
-from services.node.links import KVLinkTable
+from services.node_common.kv_links import KVLinkTable
 
 REQUESTS = Counter(
     "flowkv_node_requests_total",
