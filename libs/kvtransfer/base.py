@@ -37,11 +37,26 @@ class TransferState(enum.Enum):
 
 
 class TransferMode(str, enum.Enum):
-    """How a plan is issued: FlowKV's merged ops, or one of the two ablation baselines."""
+    """How a plan is issued (a node's ``kv_transfer_granularity``); see :mod:`libs.kvtransfer.align`.
+
+    ``merged``: FlowKV, one call per aligned segment. ``layerwise``: one call per layer per
+    segment (the paper's layer-wise transfer). ``blockwise``: one call per block per layer
+    per K/V (the vLLM-disagg baseline). Every transport issues the same pieces, so only
+    the number and size of its calls differ; the bytes that land are the same.
+    """
 
     MERGED = "merged"
     LAYERWISE = "layerwise"
     BLOCKWISE = "blockwise"
+
+    @classmethod
+    def parse(cls, value: str) -> TransferMode:
+        """The mode named ``value``; ValueError naming the known ones otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown KV transfer granularity {value!r}; one of "
+                             f"{', '.join(m.value for m in cls)}") from None
 
 
 class TransferStats(msgspec.Struct, frozen=True):
@@ -78,6 +93,9 @@ class AgentInfo(msgspec.Struct, frozen=True):
     cuda_ipc_handle: bytes | None = None
     cuda_ipc_offset: int = 0
     nccl_available: bool = False
+    # How this node issues the KV it sends (a TransferMode value). A receiver plans its
+    # side of a hand-off with the sender's, so two nodes set differently still agree.
+    transfer_mode: str = TransferMode.MERGED.value
 
     @property
     def is_cuda(self) -> bool:

@@ -3,8 +3,9 @@
 A request on D (one step a line):
 
 1. ``KVAllocRequest`` on ``node(D, KV_ALLOC)``: ``engine.allocate_remote()`` reserves the
-   prompt's blocks (prefix hits reused), ``agent.expect(dst[k:], src[k:])`` starts, and
-   D replies ``KVAllocReply`` (block ids, cached tokens, its agent info, the transport).
+   prompt's blocks (prefix hits reused), ``agent.expect(dst[k:], src[k:])`` starts (in the
+   sender's transfer granularity, from its ``AgentInfo``), and D replies ``KVAllocReply``
+   (block ids, cached tokens, its agent info, the transport).
 2. AWAITING: the reservation waits for ``KVDone`` on ``node(D, KV_DONE)``, at most
    ``lease_s``; without it the expect is aborted and the blocks are released.
 3. ``KVDone(ok=True)``: ``agent.complete()``, await the expect future (the bytes landed).
@@ -34,7 +35,7 @@ from opentelemetry.trace import StatusCode
 
 from libs.kvtransfer.agent import choose_transport
 from libs.kvtransfer.allocator import NoFreeBlocks
-from libs.kvtransfer.base import AgentInfo, TransferError, TransferStats
+from libs.kvtransfer.base import AgentInfo, TransferError, TransferMode, TransferStats
 from libs.protocol.messages import Ack, ErrorCode, KVAllocReply, KVAllocRequest, KVDone
 from services.common.logs import request_id_var
 from services.common.tracing import extract_context, tracer
@@ -92,6 +93,7 @@ class DecodeHandler:
             peer = msgspec.msgpack.decode(req.sender_info, type=AgentInfo)
             params = engine_params(req.sampling)
             ctx.agent.check_peer(peer)
+            mode = TransferMode.parse(peer.transfer_mode)  # P's granularity: plan the same calls
             check_prompt(req.prompt_token_ids, vocab_size(ctx.engine), ctx.engine.max_model_len)
             check_reply_subject(req.reply_subject)
             check_offsets(req.output_offset, req.num_original_prompt_tokens, len(req.prompt_token_ids))
@@ -118,7 +120,7 @@ class DecodeHandler:
         if k < len(dst):
             try:
                 expect = ctx.agent.expect(req.transfer_id, peer, dst[k:], list(req.src_block_ids[k:]),
-                                          timeout=ctx.config.lease_s)
+                                          mode=mode, timeout=ctx.config.lease_s)
             except TransferError as exc:  # e.g. this transfer id is already in flight
                 await resolve(ctx.engine.release(req.request_id))
                 return KVAllocReply(**refuse, code=ErrorCode.INVALID, error=exc.reason)

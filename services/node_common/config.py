@@ -13,6 +13,8 @@ from libs.protocol.messages import Role
 from libs.protocol.subjects import check_token
 
 ENV_PREFIX = "FLOWKV_NODE"
+# libs.kvtransfer.base.TransferMode's values (not imported here: that module pulls in torch).
+KV_TRANSFER_GRANULARITIES = ("merged", "layerwise", "blockwise")
 
 
 @dataclass
@@ -36,6 +38,10 @@ class NodeConfig:
     kv_host: str = field(default="127.0.0.1", metadata={"help": "address of the KV TCP server (listen and advertise)"})
     kv_port: int = field(default=0, metadata={"help": "port of the KV TCP server (0: any free one)"})
     kv_transport: str = field(default="", metadata={"help": "force one KV transport (shm, tcp, cuda_ipc, nccl)"})
+    kv_transfer_granularity: str = field(default="merged", metadata={
+        "help": "calls per KV hand-off this node sends: merged (one per aligned segment, FlowKV), layerwise "
+                "(one per layer per segment) or blockwise (one per block, layer and K/V: the vLLM-disagg "
+                "baseline); the receiving node follows the sender's"})
     report_interval_s: float = field(default=0.25, metadata={"help": "seconds between load reports"})
     lease_s: float = field(default=30.0, metadata={"help": "a KV reservation without KVDone is released after this"})
     kv_alloc_timeout_s: float = field(default=5.0, metadata={"help": "how long P waits for D's KVAllocReply"})
@@ -56,6 +62,9 @@ class NodeConfig:
         for name in ("report_interval_s", "lease_s", "kv_alloc_timeout_s", "transfer_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kv_transfer_granularity not in KV_TRANSFER_GRANULARITIES:
+            raise ValueError(f"kv_transfer_granularity must be one of {list(KV_TRANSFER_GRANULARITIES)}, "
+                             f"got {self.kv_transfer_granularity!r}")
         if self.target_step_s < 0:
             raise ValueError(f"target_step_s must be >= 0, got {self.target_step_s}")
         for name in ("drain_timeout_s", "role_drain_timeout_s", "prefix_hash_sample", "metrics_port", "kv_port"):

@@ -12,7 +12,9 @@ A disaggregated request on P (one step a line):
    D reserves blocks, starts ``agent.expect`` and replies.
 6. refused or no reply: release, recompute the rest here (prompt + first token) so the
    client still gets its tokens.
-7. ``agent.send(src[k:], dst[k:])`` with k = D's prefix-cache hit in blocks.
+7. ``agent.send(src[k:], dst[k:])`` with k = D's prefix-cache hit in blocks, in calls of
+   the node's ``kv_transfer_granularity`` (advertised in its ``AgentInfo``, so D's plan
+   matches).
 8. ``KVDone(ok, first_token_id, stats)`` to ``node(D, KV_DONE)``; D decodes (or recomputes).
 9. ``engine.release()`` P's blocks: the transfer has returned or failed, they are ours.
 
@@ -40,7 +42,7 @@ import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, StatusCode
 
-from libs.kvtransfer.base import AgentInfo, TransferError, TransferStats
+from libs.kvtransfer.base import AgentInfo, TransferError, TransferMode, TransferStats
 from libs.protocol import messages
 from libs.protocol.messages import (
     ErrorCode,
@@ -286,7 +288,7 @@ class PrefillHandler:
         alloc = KVAllocRequest(
             request_id=req.request_id, transfer_id=job.transfer_id, prefill_node=ctx.node_id,
             prompt_token_ids=req.prompt_token_ids, sampling=req.sampling, reply_subject=req.reply_subject,
-            sender_info=msgspec.msgpack.encode(ctx.agent.info()), output_offset=req.output_offset,
+            sender_info=self._sender_info(), output_offset=req.output_offset,
             num_original_prompt_tokens=req.num_original_prompt_tokens, src_block_ids=src_ids,
         )
         try:
@@ -304,6 +306,18 @@ class PrefillHandler:
             return None
         return reply
 
+    @property
+    def transfer_mode(self) -> TransferMode:
+        """How this node issues the KV it sends (``kv_transfer_granularity``)."""
+        return TransferMode(self.ctx.config.kv_transfer_granularity)
+
+    def _sender_info(self) -> bytes:
+        """The agent's info with this node's transfer granularity: D plans the same calls."""
+        info = self.ctx.agent.info()
+        if info.transfer_mode != self.transfer_mode.value:
+            info = msgspec.structs.replace(info, transfer_mode=self.transfer_mode.value)
+        return msgspec.msgpack.encode(info)
+
     async def _send(self, job: PrefillJob, reply: KVAllocReply, src: list[int], dst: list[int]) -> TransferStats | None:
         if not src:  # D had every block cached: nothing moves
             return None
@@ -311,7 +325,8 @@ class PrefillHandler:
         ctx = self.ctx
         if faults.fire("kv_send_fail"):  # test-only (FLOWKV_FAULT_INJECT); off by default
             raise TransferError("injected fault kv_send_fail")
-        stats = await ctx.agent.send(job.transfer_id, peer, src, dst, timeout=ctx.config.transfer_timeout_s)
+        stats = await ctx.agent.send(job.transfer_id, peer, src, dst, mode=self.transfer_mode,
+                                     timeout=ctx.config.transfer_timeout_s)
         metrics.record_send(stats, ctx.transfers, peer=job.req.decode_node)
         return stats
 
