@@ -43,7 +43,16 @@ from libs.loadgen.metrics import RequestRecord, summarize, throughput_timeline  
 from libs.loadgen.runner import run_benchmark  # noqa: E402
 from libs.loadgen.workloads import RequestSpec, WorkloadOptions, describe, make_workload  # noqa: E402
 from stack_cluster import Cluster, Tap, wait_all_ready  # noqa: E402
-from stack_plan import PROFILES, Experiment, Profile, catalog, default_experiments, scheduler_targets  # noqa: E402
+from stack_plan import (  # noqa: E402
+    HEADLINE_PAIRS,
+    PROFILES,
+    Experiment,
+    Profile,
+    catalog,
+    default_experiments,
+    headline_experiments,
+    scheduler_targets,
+)
 
 
 class Budget:
@@ -207,7 +216,11 @@ class Bench:
 
     def targets(self) -> list[dict[str, Any]]:
         long = self.p.long[0]
-        out = [rep.target_handoff(self.rows, self.p.handoff_min_prompt), rep.target_tpot(self.rows, long)]
+        baselines = {base for base, _ in HEADLINE_PAIRS.values()}
+        flowkv_rows = [r for r in self.rows if r["experiment"] not in baselines]  # the 2% target is FlowKV's
+        out = [rep.target_handoff(flowkv_rows, self.p.handoff_min_prompt), rep.target_tpot(self.rows, long)]
+        if any(r["experiment"] in baselines for r in self.rows):
+            out += rep.target_headline(rep.headline(self.rows, HEADLINE_PAIRS))
         sched, fixed = scheduler_targets(self.args.gpus)
         if self.args.gpus >= 4:
             out += rep.target_scheduler(self.rows, {long: sched["long"], "shift": sched["shift"]}, fixed)
@@ -232,11 +245,14 @@ class Bench:
     def write(self) -> None:
         out = Path(self.args.out)
         targets = self.targets()
+        head = rep.headline(self.rows, HEADLINE_PAIRS)
         doc = {"meta": self.meta(), "targets": targets, "skipped": self.skipped, "notes": self.notes,
-               "clusters": self.clusters_info, "greedy": self.greedy, "rows": self.rows, "timelines": self.timelines}
+               "clusters": self.clusters_info, "greedy": self.greedy, "headline": head, "rows": self.rows,
+               "timelines": self.timelines}
         (out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
         extras = self.notes + [f"skipped: {s}" for s in self.skipped]
-        (out / "results.md").write_text(rep.markdown(self.rows, targets, self.meta(), extras))
+        md = rep.markdown(self.rows, targets, self.meta(), extras)
+        (out / "results.md").write_text(md + "\n".join(rep.headline_markdown(head)) + ("\n" if head else ""))
         rep.plot(str(out / "stack.png"), self.rows, self.p.long[0], self.timelines)
 
 
@@ -310,7 +326,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpus", type=int, default=2, help="GPUs to use (1, 2, 4 or 8); on CPU: the node counts")
     ap.add_argument("--model", default="llama-3.1-8b", choices=sorted(PROFILES))
     ap.add_argument("--device", default="cuda", help="cuda (nodes on cuda:0..N-1) or cpu (dry run)")
-    ap.add_argument("--experiments", default="", help="comma list (default: the set for --gpus, most important first)")
+    ap.add_argument("--experiments", default="",
+                    help="comma list (default: the set for --gpus, most important first); 'headline' stands for "
+                         "FlowKV against the block-wise baseline over every transport the GPUs allow")
     ap.add_argument("--duration-s", type=float, default=None, help="seconds of arrivals per run (default: the profile's)")
     ap.add_argument("--lead-in-s", type=float, default=None,
                     help="seconds of un-measured load before each multi-GPU experiment's runs (default: the profile's; 0: none)")
@@ -332,6 +350,7 @@ SWEPT = ("1p1d_ipc", "2colo", "1colo")
 def plan(args: argparse.Namespace, profile: Profile) -> list[Experiment]:
     cat = catalog(profile, args.device, args.gpus)
     names = [n for n in (args.experiments.split(",") if args.experiments else default_experiments(args.gpus)) if n]
+    names = [m for n in names for m in (headline_experiments(args.gpus, args.device) if n == "headline" else [n])]
     unknown = [n for n in names if n not in cat]
     if unknown:
         raise SystemExit(f"unknown experiments {unknown}; known for --gpus {args.gpus}: {sorted(cat)}")

@@ -43,6 +43,12 @@ class Profile:
     lead_in_s: float  # every multi-GPU cluster's un-measured lead-in before its first run
     startup_s: float  # expected cluster start (for the time budget)
     request_timeout_s: float
+    # The headline comparison (FlowKV against the block-wise baseline): LongBench-like mix ->
+    # its two rates on one or two GPUs (scaled by gpus / 2 beyond), the length scale, and
+    # the node settings both clusters get on top of node_env.
+    headline_rates: dict[str, list[float]] = field(default_factory=dict)
+    headline_scale: float = 1.0
+    headline_env: dict[str, str] = field(default_factory=dict)
 
 
 PROFILES: dict[str, Profile] = {
@@ -54,7 +60,12 @@ PROFILES: dict[str, Profile] = {
         dtype="bfloat16", long=("gov_report", 0.5), synth_scale={"1k": 1.0, "5k": 1.0, "10k": 1.0},
         rates2={"long": [2.0, 4.0], "10k": [1.5], "1k": [8.0]}, rates4={"long": 8.0, "shift": 5.0},
         shift_lens=(2048, 256), warm_input=8192, greedy_prompt=512, greedy_output=32, handoff_min_prompt=8000,
-        duration_s=15.0, shift_duration_s=30.0, tail_s=12.0, lead_in_s=10.0, startup_s=60.0, request_timeout_s=120.0),
+        duration_s=15.0, shift_duration_s=30.0, tail_s=12.0, lead_in_s=10.0, startup_s=60.0, request_timeout_s=120.0,
+        # LongBench lengths as they are (means 11.4k / 13.8k / 2.7k tokens in, clipped at 3x the
+        # mean: up to 41.4k for qmsum, hence the longer max_model_len); rates that keep one
+        # shared GPU's prefill below saturation at the lower and near it at the higher.
+        headline_rates={"gov_report": [0.5, 1.0], "qmsum": [0.5, 1.0], "multi_news": [2.0, 4.0]},
+        headline_env={"FLOWKV_NODE_MAX_MODEL_LEN": "49152"}),
     # The CPU dry run: tiny preset (2048 positions), float32, a few seconds a run.
     "tiny": Profile(
         node_env={"FLOWKV_NODE_MAX_NUM_SEQS": "64", "FLOWKV_NODE_MAX_NUM_BATCHED_TOKENS": "1024",
@@ -62,7 +73,9 @@ PROFILES: dict[str, Profile] = {
         dtype="", long=("gov_report", 0.02), synth_scale={"1k": 0.1, "5k": 0.06, "10k": 0.05},
         rates2={"long": [2.0, 4.0], "10k": [2.0], "1k": [4.0]}, rates4={"long": 4.0, "shift": 10.0},
         shift_lens=(450, 16), warm_input=256, greedy_prompt=64, greedy_output=16, handoff_min_prompt=400,
-        duration_s=5.0, shift_duration_s=20.0, tail_s=5.0, lead_in_s=5.0, startup_s=25.0, request_timeout_s=60.0),
+        duration_s=5.0, shift_duration_s=20.0, tail_s=5.0, lead_in_s=5.0, startup_s=25.0, request_timeout_s=60.0,
+        headline_rates={"gov_report": [1.0, 2.0], "qmsum": [1.0, 2.0], "multi_news": [2.0, 4.0]},
+        headline_scale=0.02),
 }
 
 
@@ -156,11 +169,54 @@ def _multi_gpu(p: Profile, device: str, gpus: int) -> dict[str, Experiment]:
     return out
 
 
+GRANULARITY_ENV = "FLOWKV_NODE_KV_TRANSFER_GRANULARITY"
+# The headline pairs: (baseline, FlowKV) experiment names per KV transport.
+HEADLINE_PAIRS = {"cuda_ipc": ("baseline_ipc", "flowkv_ipc"), "nccl": ("baseline_nccl", "flowkv_nccl")}
+
+
+def _headline(p: Profile, device: str, gpus: int) -> dict[str, Experiment]:
+    """FlowKV against the vLLM-disagg baseline on the same GPUs, arrivals and model shapes.
+
+    ``baseline_*``: block-wise KV transfer (one call per block, layer and K/V), fixed roles
+    (launched P and D, no role controller) and round-robin placement. ``flowkv_*``: merged
+    transfer and the ``flowkv`` policy (cost-model placement, role controller), launched
+    with the same P and D. Each over CUDA IPC and over NCCL (forced); with one GPU both
+    nodes share it and only CUDA IPC runs (NCCL refuses two ranks on one device).
+    """
+    n = max(1, gpus // 2)
+    k = max(1.0, gpus / 2)
+    runs = [_run(w, r * k, p.headline_scale, p.duration_s) for w, rates in p.headline_rates.items() for r in rates]
+    shared = device == "cuda" and gpus == 1
+    env = {**p.headline_env, **({"FLOWKV_NODE_NUM_BLOCKS": str(SHARED_GPU_NUM_BLOCKS)} if shared else {})}
+    out: dict[str, Experiment] = {}
+    for name, (base, flow) in HEADLINE_PAIRS.items():
+        if name == "nccl" and shared:
+            continue
+        kv = transport(name, device)
+        out[base] = Experiment(base, "disagg", [Shape(n, n, 0, device, "round_robin")], [dict(r) for r in runs], kv,
+                               want_roles=(n, n), env={**env, GRANULARITY_ENV: "blockwise"})
+        out[flow] = Experiment(flow, "disagg", [Shape(n, n, 0, device, "flowkv")], [dict(r) for r in runs], kv,
+                               want_roles=(n, n), env={**env, GRANULARITY_ENV: "merged"})
+    return out
+
+
+def headline_experiments(gpus: int, device: str = "cuda") -> list[str]:
+    """The headline set in running order: per transport, FlowKV first (a fresh machine's
+    first cluster pays for first use; FlowKV taking it keeps the comparison conservative)."""
+    names = []
+    for name, (base, flow) in HEADLINE_PAIRS.items():
+        if name == "nccl" and device == "cuda" and gpus == 1:
+            continue
+        names += [flow, base]
+    return names
+
+
 def catalog(profile: Profile, device: str, gpus: int) -> dict[str, Experiment]:
     """Every experiment this GPU count can run, by name (the 2-GPU ones on any count)."""
     out = _two_gpu(profile, device, gpus)
     if gpus >= 4:
         out.update(_multi_gpu(profile, device, gpus))
+    out.update(_headline(profile, device, gpus))
     return out
 
 
