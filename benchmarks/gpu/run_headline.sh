@@ -13,9 +13,10 @@
 #    gov_report, qmsum and multi_news at two rates each; over CUDA IPC, and over NCCL
 #    where there are two GPUs (NCCL refuses two ranks on one device).
 #
-# On one GPU both pairs' runs fit at the profile's 15 s per run. On two GPUs the four
-# clusters get 8 s per run (pass --duration-s to change it; what does not fit the budget
-# is skipped and listed in results.md), or split them over two commands with
+# On one GPU the CUDA IPC pair fits at the profile's 15 s per run (about 330 s; 20 s per
+# run took 360 s). On two GPUs the four clusters get 8 s per run, the NCCL pair first
+# (pass --duration-s to change it; what does not fit the budget is skipped and listed in
+# results.md), or split them over two commands with
 # --experiments flowkv_nccl,baseline_nccl and --experiments flowkv_ipc,baseline_ipc.
 # Results go to $OUT (results.json, results.md, stack.png, stack.log, transfer.json,
 # transfer.log); without $OUT, to bench-results/headline.

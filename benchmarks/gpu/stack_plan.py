@@ -202,13 +202,12 @@ def _headline(p: Profile, device: str, gpus: int) -> dict[str, Experiment]:
 
 def headline_experiments(gpus: int, device: str = "cuda") -> list[str]:
     """The headline set in running order: per transport, FlowKV first (a fresh machine's
-    first cluster pays for first use; FlowKV taking it keeps the comparison conservative)."""
-    names = []
-    for name, (base, flow) in HEADLINE_PAIRS.items():
-        if name == "nccl" and device == "cuda" and gpus == 1:
-            continue
-        names += [flow, base]
-    return names
+    first cluster pays for first use; FlowKV taking it keeps the comparison conservative);
+    with two GPUs or more the NCCL pair first, which one shared GPU cannot run, so that a
+    time budget that runs out cuts the CUDA IPC pair."""
+    if device == "cuda" and gpus == 1:
+        return list(reversed(HEADLINE_PAIRS["cuda_ipc"]))
+    return [n for t in ("nccl", "cuda_ipc") for n in reversed(HEADLINE_PAIRS[t])]
 
 
 def catalog(profile: Profile, device: str, gpus: int) -> dict[str, Experiment]:

@@ -52,7 +52,7 @@ def test_one_gpu_runs_the_cuda_ipc_pair_flowkv_first():
 
 def test_two_and_four_gpus_add_nccl_and_scale():
     two = _plan(2)
-    assert list(two) == ["flowkv_ipc", "baseline_ipc", "flowkv_nccl", "baseline_nccl"]
+    assert list(two) == ["flowkv_nccl", "baseline_nccl", "flowkv_ipc", "baseline_ipc"]
     assert two["baseline_nccl"].kv_transport == "nccl" and "FLOWKV_NODE_NUM_BLOCKS" not in two["baseline_nccl"].env
     four = _plan(4, "cuda", "--workloads", "qmsum", "--duration-s", "7")
     assert four["flowkv_nccl"].shapes[0].prefill == four["flowkv_nccl"].want_roles[0] == 2
