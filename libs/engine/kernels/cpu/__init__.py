@@ -30,7 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "layer_ops.c")
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False

@@ -11,6 +11,7 @@
  * attention is reading the context's KV bytes once, and this does not copy them.
  * Softmax in float32 with the running maximum subtracted, as torch does.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -52,7 +53,7 @@ int NAME(const float *q, const KV_T *pool, pool_geometry g, const int32_t *block
             float qs[MAX_GROUP * MAX_HEAD_DIM];                                                    \
             for (int i = 0; i < group * D; ++i) qs[i] = qh[i] * scale;                             \
             float maxs[MAX_GROUP];                                                                 \
-            for (int j = 0; j < group; ++j) maxs[j] = -INFINITY;                                   \
+            for (int j = 0; j < group; ++j) maxs[j] = -FLT_MAX;  /* built with -ffast-math: no infinities */                                   \
             const int32_t *table = block_tables + (int64_t)b * max_blocks;                         \
             for (int t = 0; t < len; ++t) {                                                        \
                 const KV_T *k = pool + (int64_t)table[t / bs] * g.block_stride + g.layer_offset    \
