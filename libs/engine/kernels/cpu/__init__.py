@@ -75,6 +75,17 @@ def _cpu_flags() -> str:
     return ""
 
 
+def _remove_stale(out_dir: str, keep: str) -> None:
+    """Delete the builds of other sources or flags (a process still using one keeps its mapping)."""
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if name.startswith("flowkv_cpu_") and name.endswith(".so") and path != keep:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
 def _load() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -98,6 +109,7 @@ def _load() -> ctypes.CDLL | None:
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
             os.replace(tmp, target)
+            _remove_stale(out_dir, keep=target)
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", "") or exc
             log.warning("building the CPU kernels failed (%s); using the torch paths", detail)
