@@ -93,3 +93,12 @@ def test_bf16_layer_ops_round_where_the_reference_rounds(rows):
     got_silu = cpu.silu_mul(gate_up)
     assert got_silu is not None and got_silu.dtype == bf
     torch.testing.assert_close(got_silu.float(), silu_mul_ref(gate_up).float(), atol=0, rtol=2 ** -7)
+
+
+def test_loading_the_kernels_keeps_denormals():
+    """The library is built with -ffast-math but must not switch the process to
+    flush-to-zero (linking with -ffast-math would, through crtfastmath.o)."""
+    assert cpu.native() is not None
+    tiny = 5e-324  # the smallest double, a denormal
+    assert tiny * 1.0 > 0.0
+    assert float(torch.tensor([1e-40], dtype=torch.float32) * 1.0) > 0.0

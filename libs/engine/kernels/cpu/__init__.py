@@ -30,7 +30,11 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "layer_ops.c")
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+# Compiled with -ffast-math (so expf vectorises through libmvec) but linked without it:
+# linking with it adds crtfastmath.o, whose constructor turns on flush-to-zero for the
+# whole process when the library loads (a denormal like 5e-324 would then read as 0).
+_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11"]
+_LDFLAGS = ["-shared", "-fopenmp", "-lmvec", "-lm"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -96,7 +100,7 @@ def _load() -> ctypes.CDLL | None:
     for name in _SOURCES:
         with open(os.path.join(here, name), "rb") as f:
             digest.update(f.read())
-    digest.update(" ".join([cc, *_FLAGS, _cpu_flags()]).encode())
+    digest.update(" ".join([cc, *_CFLAGS, *_LDFLAGS, _cpu_flags()]).encode())
     from libs.engine.loader import cache_dir
 
     out_dir = os.path.join(cache_dir(), "kernels")
@@ -105,17 +109,21 @@ def _load() -> ctypes.CDLL | None:
         os.makedirs(out_dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
-        cmd = [cc, *_FLAGS, *(os.path.join(here, s) for s in _SOURCES), "-o", tmp, "-lm"]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
-            os.replace(tmp, target)
-            _remove_stale(out_dir, keep=target)
-        except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", "") or exc
-            log.warning("building the CPU kernels failed (%s); using the torch paths", detail)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            return None
+        with tempfile.TemporaryDirectory(dir=out_dir) as objdir:
+            objects = [os.path.join(objdir, s[: -len(".c")] + ".o") for s in _SOURCES]
+            cmds = [[cc, *_CFLAGS, "-c", os.path.join(here, s), "-o", o] for s, o in zip(_SOURCES, objects)]
+            cmds.append([cc, *objects, "-o", tmp, *_LDFLAGS])
+            try:
+                for cmd in cmds:
+                    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+                os.replace(tmp, target)
+                _remove_stale(out_dir, keep=target)
+            except (OSError, subprocess.SubprocessError) as exc:
+                detail = getattr(exc, "stderr", "") or exc
+                log.warning("building the CPU kernels failed (%s); using the torch paths", detail)
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                return None
     torch.get_num_threads()  # torch's OpenMP runtime is loaded before ours resolves against it
     lib = ctypes.CDLL(target)
     for name in ("flowkv_paged_decode_f32", "flowkv_paged_decode_bf16"):
