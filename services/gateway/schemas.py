@@ -155,6 +155,8 @@ def _common(body: Any, endpoint: Endpoint, served_model: str) -> GenerationReque
     if model != served_model:
         raise ApiError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
     _unsupported(body)
+    if "user" in body and not isinstance(body["user"], str):
+        raise invalid("'user' must be a string", "user", "invalid_type")
     max_tokens = _opt_int(body, "max_tokens", lo=1, hi=MAX_INT32)
     if endpoint is Endpoint.CHAT:
         max_tokens = _opt_int(body, "max_completion_tokens", lo=1, hi=MAX_INT32) or max_tokens
@@ -162,6 +164,8 @@ def _common(body: Any, endpoint: Endpoint, served_model: str) -> GenerationReque
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise invalid("'stream_options' must be an object", "stream_options", "invalid_type")
+    if opts and "include_usage" in opts and not isinstance(opts["include_usage"], bool):
+        raise invalid("'stream_options.include_usage' must be a boolean", "stream_options", "invalid_type")
     include_usage = bool(opts and opts.get("include_usage") is True)
     req = GenerationRequest(endpoint, model, _sampling(body, max_tokens), stream=stream, include_usage=include_usage)
     req.max_tokens_given = max_tokens is not None

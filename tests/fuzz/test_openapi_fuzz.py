@@ -54,6 +54,9 @@ def _fuzz(case_strategy, base_url: str, mode: GenerationMode, seen: list[int]) -
             pytest.fail(f"no answer in {CALL_TIMEOUT_S}s (hang) to {case.method} {case.path} body={case.body!r}")
         seen.append(response.status_code)
         case.validate_response(response, checks=[not_a_server_error])
+        if mode is GenerationMode.NEGATIVE and response.status_code < 400:
+            pytest.fail(f"a body that breaks the schema was served {response.status_code}: "
+                        f"{case.method} {case.path} body={case.body!r}")
 
     run()
 

@@ -15,6 +15,8 @@ CASES = [
     (C, {**OK_C, "model": "gpt-9"}, 404, "model_not_found", "model"),
     (C, {"prompt": [1]}, 400, "missing_required_parameter", "model"),
     (C, {**OK_C, "model": 7}, 400, "invalid_type", "model"),
+    (C, {**OK_C, "user": 0}, 400, "invalid_type", "user"),
+    (C, {**OK_C, "stream_options": {"include_usage": [1]}}, 400, "invalid_type", "stream_options"),
     (C, {"model": MODEL}, 400, "missing_required_parameter", "prompt"),
     (C, {**OK_C, "prompt": ""}, 400, "invalid_value", "prompt"),
     (C, {**OK_C, "prompt": []}, 400, "invalid_value", "prompt"),
