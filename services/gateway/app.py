@@ -136,7 +136,7 @@ def create_app(
             st.owns_nc = True
         await st.router.start(st.nc)
         await st.events.start(st.nc)
-        st.dispatcher = Dispatcher(st.nc, st.router, config)
+        st.dispatcher = Dispatcher(st.nc, st.router, config, st.events)
         await st.dispatcher.start()
         log.info("gateway %s serving model %s", config.gateway_id, config.served_model_name)
 

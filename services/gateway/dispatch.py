@@ -48,6 +48,7 @@ from services.common.tracing import tracer
 from services.gateway import metrics
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import ApiError, from_code
+from services.gateway.events import EventLog
 from services.gateway.streams import Delivery, RequestStream, StreamRouter
 
 log = logging.getLogger(__name__)
@@ -87,13 +88,15 @@ class Dispatcher:
         nc: the gateway's NATS connection.
         router: the gateway's token stream router (already started).
         config: timeouts and retry bound.
+        events: the gateway's scheduler-event log (its one ``sched_events()`` subscription);
+            a ``node_down`` there fails the attempts on that node.
     """
 
-    def __init__(self, nc: Client, router: StreamRouter, config: GatewayConfig) -> None:
+    def __init__(self, nc: Client, router: StreamRouter, config: GatewayConfig, events: EventLog) -> None:
         self.nc = nc
         self.router = router
         self.config = config
-        self._events_sub: Subscription | None = None
+        self.events = events
         self._load_sub: Subscription | None = None
         # node id -> (when its latest load report arrived, monotonic; that report)
         self._loads: dict[str, tuple[float, LoadReport]] = {}
@@ -101,14 +104,13 @@ class Dispatcher:
         self._answered_at = -math.inf  # when the scheduler last answered a probe (monotonic)
 
     async def start(self) -> None:
-        self._events_sub = await subscribe(self.nc, subjects.sched_events(), self._on_event, (SchedEvent,))
+        self.events.listen(self._on_event)
         self._load_sub = await subscribe(self.nc, subjects.node_load(), self._on_load, (LoadReport,))
 
     async def stop(self) -> None:
-        for sub in (self._events_sub, self._load_sub):
-            if sub is not None:
-                await sub.unsubscribe()
-        self._events_sub = self._load_sub = None
+        if self._load_sub is not None:
+            await self._load_sub.unsubscribe()
+            self._load_sub = None
 
     async def _on_load(self, report: LoadReport, msg: Msg) -> None:
         self._loads[report.node_id] = (asyncio.get_running_loop().time(), report)
@@ -126,7 +128,7 @@ class Dispatcher:
             return False
         return report.num_waiting + report.num_running + report.num_held > 0
 
-    async def _on_event(self, event: SchedEvent, msg: Msg) -> None:
+    async def _on_event(self, event: SchedEvent) -> None:
         if event.kind is EventKind.NODE_DOWN and event.node_id:
             n = self.router.fail_node(event.node_id, f"node {event.node_id} is down ({event.detail or 'no reason'})")
             if n:

@@ -1,12 +1,15 @@
 """The scheduler events this gateway saw, for ``/v1/cluster`` (see :mod:`services.gateway.cluster`).
 
 The scheduler keeps no placements in its event history (too many), so the gateway keeps
-its own bounded log of every event it receives, placements included.
+its own bounded log of every event it receives, placements included. It is the gateway's
+one subscription to ``sched_events()``: the dispatcher listens through it
+(:meth:`EventLog.listen`) for ``node_down``.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -27,6 +30,11 @@ class EventLog:
     def __init__(self, maxlen: int = 200) -> None:
         self.events: deque[SchedEvent] = deque(maxlen=maxlen)
         self._sub: Subscription | None = None
+        self._listeners: list[Callable[[SchedEvent], Awaitable[None]]] = []
+
+    def listen(self, listener: Callable[[SchedEvent], Awaitable[None]]) -> None:
+        """Call ``listener`` with every event received from now on."""
+        self._listeners.append(listener)
 
     async def start(self, nc: Client) -> None:
         self._sub = await subscribe(nc, subjects.sched_events(), self._on_event, (SchedEvent,))
@@ -38,3 +46,5 @@ class EventLog:
 
     async def _on_event(self, event: SchedEvent, msg: Msg) -> None:
         self.events.append(event)
+        for listener in self._listeners:
+            await listener(event)
