@@ -130,6 +130,7 @@ class Dispatcher:
 
     async def _on_event(self, event: SchedEvent) -> None:
         if event.kind is EventKind.NODE_DOWN and event.node_id:
+            self._loads.pop(event.node_id, None)  # a node that left is never busy (and not kept)
             n = self.router.fail_node(event.node_id, f"node {event.node_id} is down ({event.detail or 'no reason'})")
             if n:
                 log.warning("node %s down: %d request(s) will be re-placed", event.node_id, n)

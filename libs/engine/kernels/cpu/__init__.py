@@ -93,7 +93,7 @@ def _remove_stale(out_dir: str, keep: str) -> None:
 def _load() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        log.warning("no C compiler: the CPU engine runs its torch attention path (slower)")
+        log.warning("no C compiler: the CPU engine runs its torch paths (slower, same results)")
         return None
     here = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256()
