@@ -44,6 +44,42 @@ class Message(msgspec.Struct, tag_field="type", kw_only=True):
     """Base of every wire message."""
 
 
+class StructuredOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A constraint on the output's shape, enforced token by token in the sampler.
+
+    Exactly one field is set. The engine compiles it into a grammar (json schema, regex,
+    choice) and masks every token that would leave the grammar.
+
+    Args:
+        json_schema: a JSON Schema, as JSON text; the output is one JSON value valid against it.
+        json_object: the output is one JSON object (any keys).
+        regex: the output matches this regular expression in full.
+        choice: the output is exactly one of these strings.
+        grammar: a context-free grammar (Lark/EBNF text as the grammar library reads it).
+    """
+
+    json_schema: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = sum(
+            (
+                self.json_schema is not None,
+                self.json_object,
+                self.regex is not None,
+                self.choice is not None,
+                self.grammar is not None,
+            )
+        )
+        if given != 1:
+            raise ValueError(f"exactly one structured-output constraint must be set, got {given}")
+        if self.choice is not None and (not self.choice or any(not c for c in self.choice)):
+            raise ValueError("choice must be a non-empty list of non-empty strings")
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     """How to pick a request's tokens and when to stop.
 
@@ -60,6 +96,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         ignore_eos: keep going past EOS.
         logprobs: return this many top logprobs per sampled token (0: only the sampled one).
         min_tokens: EOS and stop tokens are masked until this many tokens exist.
+        min_p: tokens below ``min_p`` times the top token's probability are dropped (0 = off).
+        presence_penalty: subtracted from the logit of every token already generated.
+        frequency_penalty: subtracted once per earlier occurrence in the output.
+        repetition_penalty: divides positive (multiplies negative) logits of every token seen
+            in the prompt or output (1 = off), as Hugging Face and vLLM define it.
+        logit_bias: added to the logits of these token ids before sampling.
+        structured: a constraint on the output's shape (:class:`StructuredOutput`).
     """
 
     max_tokens: int = 16
@@ -72,6 +115,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     ignore_eos: bool = False
     logprobs: int | None = None
     min_tokens: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = {}
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -88,6 +137,24 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty reads the token history (logit_bias does not)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+        )
 
     @property
     def greedy(self) -> bool:
