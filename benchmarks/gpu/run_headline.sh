@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # FlowKV against the vLLM-disagg-style baseline, end to end, in one command of at most
-# 10 minutes (docs/benchmarks.md, "FlowKV against the block-wise baseline"):
+# 10 minutes (docs/benchmarks/headline-vs-baseline.md):
 #
 #   bash benchmarks/gpu/run_headline.sh <gpus> [extra stack_bench.py args]
 #

@@ -91,8 +91,8 @@ def prefill_attention(
         else:
             # Query i sits at position context_start + i and sees keys 0 .. context_start + i:
             # causal, aligned to the lower right. As a boolean mask this took SDPA's masked
-            # path, whose first call on a fresh H200 cost 0.8 s (docs/benchmarks.md, "The
-            # first requests of a fresh engine"); the bias runs flash, 1.1-1.3x faster too.
+            # path, whose first call on a fresh H200 cost 0.8 s (docs/benchmarks/first-requests.md,
+            # "The first requests of a fresh engine"); the bias runs flash, 1.1-1.3x faster too.
             # One query sees every key: no mask at all (the bias's dispatch costs ~0.1 ms).
             total = s.context_start + s.q_len
             ks, vs = _gather_context(pool, layer, s.block_ids, total)

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="ask the gateway for per-request timings (flowkv_timing) and keep them in the JSON")
     g.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds")
     w = parser.add_argument_group("workload")
-    w.add_argument("--workload", choices=[x.value for x in Workload], default="fixed", help="see docs/benchmarks.md")
+    w.add_argument("--workload", choices=[x.value for x in Workload], default="fixed", help="see docs/benchmarks/flowkv-bench.md")
     w.add_argument("--num-requests", type=int, default=100)
     w.add_argument("--input-len", type=int, default=128, help="fixed/random/shift: prompt tokens")
     w.add_argument("--output-len", type=int, default=128, help="fixed/random/shift: output tokens")

@@ -4,7 +4,7 @@
 prompt and 60 output tokens needs 17 blocks on the decode node at its longest, so two fit
 and a third does not. Before the scheduler had a wait queue, the third request of a burst
 was answered 429 ("no ready decode node with room for the KV": 4 of 80 long-mix requests
-of the 3P1D run on 4 H100s in docs/benchmarks.md). Now a burst of six is served whole:
+of the 3P1D run on 4 H100s in docs/benchmarks/stack-4gpu.md). Now a burst of six is served whole:
 the requests that found no room wait (``queued_s`` > 0 in their timing) and each output
 equals the same greedy request served alone.
 """
