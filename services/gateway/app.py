@@ -17,7 +17,7 @@ from nats.aio.client import Client
 
 from services.common.logs import request_id_var
 from services.common.nats import NatsConfig, connect
-from services.gateway import cluster, metrics, openai_api
+from services.gateway import cluster, metrics, openai_routes, ops_routes
 from services.gateway.admission import Admission
 from services.gateway.config import GatewayConfig
 from services.gateway.dispatch import Dispatcher
@@ -120,13 +120,13 @@ def create_app(
         admission=Admission(config.max_concurrent_requests, config.max_queued_tokens, config.retry_after_s),
     )
     app[STATE] = st
-    app.router.add_get("/v1/models", openai_api.models)
-    app.router.add_post("/v1/completions", openai_api.completions)
-    app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
-    app.router.add_get("/health", openai_api.health)
-    app.router.add_get("/ready", openai_api.ready)
-    app.router.add_get("/metrics", openai_api.prometheus)
-    app.router.add_get("/openapi.json", openai_api.openapi)
+    app.router.add_get("/v1/models", openai_routes.models)
+    app.router.add_post("/v1/completions", openai_routes.completions)
+    app.router.add_post("/v1/chat/completions", openai_routes.chat_completions)
+    app.router.add_get("/health", ops_routes.health)
+    app.router.add_get("/ready", ops_routes.ready)
+    app.router.add_get("/metrics", ops_routes.prometheus)
+    app.router.add_get("/openapi.json", ops_routes.openapi)
     app.router.add_get("/v1/cluster", cluster.cluster_state)
     app.router.add_get("/dashboard", cluster.dashboard_page)
 

@@ -1,4 +1,4 @@
-"""HTTP handlers: the OpenAI endpoints, health, readiness, metrics, the OpenAPI document."""
+"""HTTP handlers of the OpenAI endpoints: /v1/models, /v1/completions, /v1/chat/completions."""
 
 from __future__ import annotations
 
@@ -12,16 +12,12 @@ from typing import Any
 
 from aiohttp import web
 from opentelemetry.trace import Span, SpanKind
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from libs.protocol.messages import NodeState
-from services.common.messaging import ask_cluster
 from services.common.tracing import extract_context, tracer
 from services.gateway import metrics, responses
 from services.gateway.dispatch import Job
 from services.gateway.errors import ApiError, invalid
 from services.gateway.generation import Generation
-from services.gateway.openapi import openapi_document
 from services.gateway.schemas import GenerationRequest, parse_chat, parse_completion, tokenize
 from services.gateway.state import REQUEST_ID, STATE, GatewayState
 
@@ -38,33 +34,6 @@ async def models(request: web.Request) -> web.Response:
         "max_model_len": st.tokenizer.max_model_len,
     }
     return web.json_response({"object": "list", "data": [card]})
-
-
-async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def ready(request: web.Request) -> web.Response:
-    st = request.app[STATE]
-    if st.stopping:
-        return web.json_response({"status": "stopping"}, status=503)
-    try:
-        reply = await ask_cluster(st.nc, st.config.cluster_timeout_s)
-    except TypeError:
-        return web.json_response({"status": "unavailable", "reason": "unexpected scheduler reply"}, status=503)
-    except Exception as exc:  # timeout, no responders, closed connection: all mean "not ready"
-        return web.json_response({"status": "unavailable", "reason": f"scheduler unreachable ({type(exc).__name__})"}, status=503)
-    serving = [n.node_id for n in reply.nodes if n.state is NodeState.READY]
-    status = 200 if serving else 503
-    return web.json_response({"status": "ready" if serving else "no_nodes", "nodes": serving}, status=status)
-
-
-async def prometheus(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(request.app[STATE].config.served_model_name))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
