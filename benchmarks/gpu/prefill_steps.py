@@ -1,8 +1,8 @@
 """Where a fresh engine's first prefills spend their time: per-step wall time, and a cProfile
 of chosen requests (host-side time per function, synchronisations included).
 
-    python benchmarks/gpu_prefill_steps.py                      # Llama-3.1-8B shapes on cuda
-    python benchmarks/gpu_prefill_steps.py --profile 10000,12000 --top 18
+    python benchmarks/gpu/prefill_steps.py                      # Llama-3.1-8B shapes on cuda
+    python benchmarks/gpu/prefill_steps.py --profile 10000,12000 --top 18
 
 Builds the engine as a node does (random bf16 weights, 8,192 batched tokens, decode graphs,
 its prefill warm-up), then prefills the prompts one at a time (``prefill_only``) and prints
@@ -19,7 +19,7 @@ import pstats
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks._engine_gpu import node_like_engine, prefill_steps_ms
+    from benchmarks.gpu._engine_gpu import node_like_engine, prefill_steps_ms
 
     t0 = time.perf_counter()
     engine = node_like_engine(args.model, args.device)

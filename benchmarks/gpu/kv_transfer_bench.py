@@ -5,8 +5,8 @@ in this process (GPU0), D in a spawned process (GPU1), as in production. Each ca
 ``agent.send`` (P returns once the bytes are in D's pool) and compares it with the floor:
 one copy of the same bytes GPU0 -> GPU1 in one call.
 
-    python benchmarks/kv_transfer_bench.py --out bench-results/kv_transfer.json
-    python benchmarks/kv_transfer_bench.py --device cpu --tokens 64,256 --out /tmp/kv.json  # smoke
+    python benchmarks/gpu/kv_transfer_bench.py --out bench-results/kv_transfer.json
+    python benchmarks/gpu/kv_transfer_bench.py --device cpu --tokens 64,256 --out /tmp/kv.json  # smoke
 
 Keep ``NCCL_NVLS_ENABLE=0`` set on machines without NVLink multicast (``benchmarks/gpu/env.sh`` does).
 """
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import msgspec  # noqa: E402
 import torch  # noqa: E402

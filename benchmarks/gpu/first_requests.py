@@ -1,7 +1,7 @@
 """Time to first token of the first requests a freshly started engine serves, warm-up on and off.
 
-    python benchmarks/gpu_first_requests.py --out first_requests.json          # on a GPU
-    python benchmarks/gpu_first_requests.py --device cpu --model tiny --prompts 40,300,90
+    python benchmarks/gpu/first_requests.py --out first_requests.json          # on a GPU
+    python benchmarks/gpu/first_requests.py --device cpu --model tiny --prompts 40,300,90
 
 Each run is a fresh process (fresh CUDA context, its own empty Triton cache; only the
 first process of a fresh machine also finds the CUDA libraries cold on disk, so run this
@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +44,7 @@ def child(args: argparse.Namespace) -> dict:
     """One fresh engine: start-up time and per-prompt time to first token (ms)."""
     import torch
 
-    from benchmarks._engine_gpu import node_like_engine, prefill_steps_ms
+    from benchmarks.gpu._engine_gpu import node_like_engine, prefill_steps_ms
 
     t0 = time.perf_counter()
     engine = node_like_engine(args.model, args.device, warmup=args.child == "on", num_blocks=args.num_blocks,

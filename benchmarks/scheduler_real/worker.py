@@ -29,9 +29,9 @@ from typing import Any
 
 from libs.loadgen.client import ClientOptions
 from libs.loadgen.metrics import RequestRecord, Slo, summarize
-from sched_real import plan, report
-from sched_real.load import drive_closed, drive_open, roles_now, watch_roles
-from sched_real.plan import ClusterCpus, Phase
+from scheduler_real import plan, report
+from scheduler_real.load import drive_closed, drive_open, roles_now, watch_roles
+from scheduler_real.plan import ClusterCpus, Phase
 from services.cli.launch import start_cluster, stop_cluster
 from services.common.lifecycle import run as run_async
 from services.common.natsserver import NatsServer, free_port

@@ -1,6 +1,6 @@
 """Correctness of the engine's CUDA path on a GPU; prints PASS/FAIL lines, exits 1 on any FAIL.
 
-    python benchmarks/gpu_engine_check.py [--skip-8b]
+    python benchmarks/gpu/engine_check.py [--skip-8b]
 
 1. Triton paged decode attention vs the torch reference (bf16 and fp32, GQA, fragmented
    block tables, contexts up to 8192, NaN-poisoned outputs).
@@ -26,9 +26,9 @@ from collections.abc import Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks._engine_gpu import hf_twin, install_graphs, timed_ms  # noqa: E402
+from benchmarks.gpu._engine_gpu import hf_twin, install_graphs, timed_ms  # noqa: E402
 from libs.engine.cuda_graphs import CudaGraphRunner  # noqa: E402
 from libs.engine.kernels import paged_decode_attention, paged_decode_attention_ref, write_kv  # noqa: E402
 

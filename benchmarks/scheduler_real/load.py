@@ -13,7 +13,7 @@ from libs.loadgen.client import ClientOptions, send
 from libs.loadgen.metrics import RequestRecord
 from libs.loadgen.runner import run_benchmark
 from libs.loadgen.workloads import RequestSpec
-from sched_real import plan, report
+from scheduler_real import plan, report
 from services.common.lifecycle import run as run_async
 from services.common.messaging import ask_cluster
 

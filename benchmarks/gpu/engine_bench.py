@@ -1,7 +1,7 @@
 """Engine speed on one GPU against transformers and the weight-read floor.
 
-    python benchmarks/engine_bench.py --device cuda --preset llama-3.1-8b --out engine_bench.json
-    python benchmarks/engine_bench.py --device cpu --preset tiny          # smoke test
+    python benchmarks/gpu/engine_bench.py --device cuda --preset llama-3.1-8b --out engine_bench.json
+    python benchmarks/gpu/engine_bench.py --device cpu --preset tiny          # smoke test
 
 Random bf16 weights of the preset's shapes (fixed seed). Decode steps are driven through
 the engine's ``ModelRunner.decode`` (host-side input building included) with CUDA graphs
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks._engine_gpu import (  # noqa: E402
+from benchmarks.gpu._engine_gpu import (  # noqa: E402
     copy_bandwidth, hf_twin, install_graphs, timed_ms, weight_bytes_per_decode_step,
 )
 

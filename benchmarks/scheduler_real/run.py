@@ -3,7 +3,7 @@
 One cluster per policy (flowkv, round_robin, fixed:1:1 = 2:2, fixed:1:3, fixed:3:1), each
 ``flowkv up --model tiny --prefill-nodes 2 --decode-nodes 2 --policy POL`` (run as
 ``sys.executable -m services.cli up``) with its own nats-server, driven by its own worker
-process (``sched_real/worker.py``), on its own cores (``sched_real/plan.py``): every node on
+process (``worker.py``), on its own cores (``plan.py``): every node on
 ``--node-threads`` cores with that many torch threads, the gateway on a core of its own, the
 scheduler and nats-server on a second service core or the driver's, the load generators on
 the cores left over (the driver). With enough cores (5 x (4 x 2 + 1) = 45 of 48) the clusters
@@ -28,12 +28,12 @@ ROLE_INTERVAL_S=0.25. On a 64-core machine (python3 with torch and the repo's
 dependencies, nats-server on PATH; nothing pip-installed), about 5 minutes, at most ~7
 (``--deadline-s`` 420 skips scenarios that would end later):
 
-  PYTHONPATH=$PWD python3 benchmarks/scheduler_real.py --cpus 16-63 --out $OUT/sched_real
+  PYTHONPATH=$PWD python3 benchmarks/scheduler_real/run.py --cpus 16-63 --out bench-out/scheduler_real
 
 Local functional check (2 policies sharing the cores, short phases, ~2.5 minutes on 2
 cores; meaningless figures):
 
-  .venv/bin/python benchmarks/scheduler_real.py --quick --out bench-out/scheduler_real_quick
+  .venv/bin/python benchmarks/scheduler_real/run.py --quick --out bench-out/scheduler_real_quick
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]
 
-from sched_real import plan, report, worker
-from sched_real.plan import CpuPlan, Durations, Multipliers
+from scheduler_real import plan, report, worker
+from scheduler_real.plan import CpuPlan, Durations, Multipliers
 
 from services.common.natsserver import find_binary
 

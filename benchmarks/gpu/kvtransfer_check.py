@@ -5,7 +5,7 @@ Cases: ``cuda_ipc`` on one GPU (cuda:0 -> cuda:0), ``cuda_ipc`` across GPUs
 each in merged, layer-wise and block-wise mode, on fragmented block ids, bf16 and fp32.
 Prints one PASS/FAIL line per case and exits non-zero on any failure.
 
-    NCCL_NVLS_ENABLE=0 python benchmarks/gpu_kvtransfer_check.py
+    NCCL_NVLS_ENABLE=0 python benchmarks/gpu/kvtransfer_check.py
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import msgspec  # noqa: E402
 import torch  # noqa: E402

@@ -9,8 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from sched_real import plan, report
-from sched_real.plan import ClusterCpus, Durations, Multipliers, Phase
+from scheduler_real import plan, report
+from scheduler_real.plan import ClusterCpus, Durations, Multipliers, Phase
 
 from libs.loadgen.metrics import RequestRecord
 from libs.loadgen.workloads import RequestSpec
