@@ -19,7 +19,6 @@ thread keeps serving. Cancelling a ``generate``/``decode_remote`` iterator or a
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
@@ -30,7 +29,7 @@ import torch
 
 from libs.engine.config import EngineConfig
 from libs.engine.engine import LLMEngine
-from libs.engine.outputs import EngineStats, RemoteAllocation, TokenOutput
+from libs.engine.outputs import EngineStats, PrefillResult, RemoteAllocation, TokenOutput
 from libs.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -43,17 +42,8 @@ class EngineError(RuntimeError):
     """The engine failed while running a request."""
 
 
-@dataclasses.dataclass
-class PrefillResult:
-    """A finished ``prefill``: its output (``prefilled=True`` unless it already ended) and
-    the prompt's blocks, held until :meth:`AsyncEngine.release` (empty if it errored)."""
-
-    output: TokenOutput
-    block_ids: list[int]
-
-
 class AsyncEngine:
-    """asyncio front of :class:`LLMEngine`.
+    """asyncio front of :class:`LLMEngine`; implements :class:`libs.engine.protocol.Engine`.
 
     Args:
         config: builds the engine in :meth:`start` (off the event loop).
@@ -134,6 +124,10 @@ class AsyncEngine:
     def eos_token_ids(self) -> list[int]:
         return self._engine.eos_token_ids
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self._engine.model_config.vocab_size)
+
     def stats(self) -> EngineStats:
         """The latest snapshot (refreshed by the engine thread after every iteration)."""
         assert self._stats is not None, "start() first"
@@ -192,8 +186,13 @@ class AsyncEngine:
             block_ids = [] if failed else await self._call(lambda e: _held_synced(e, request_id))
         return PrefillResult(final, block_ids)
 
-    async def allocate_remote(self, request_id: str, prompt_token_ids: list[int]) -> RemoteAllocation:
-        """Blocks for a prompt whose KV will be sent here (see :meth:`LLMEngine.allocate_remote`)."""
+    async def allocate_remote(self, request_id: str, prompt_token_ids: list[int], *, first_token_id: int = -1,
+                              params: SamplingParams | None = None) -> RemoteAllocation:
+        """Blocks for a prompt whose KV will be sent here (see :meth:`LLMEngine.allocate_remote`).
+
+        ``first_token_id`` and ``params`` are not needed yet: the request starts in
+        :meth:`decode_remote`.
+        """
         return await self._call(lambda e: e.allocate_remote(request_id, list(prompt_token_ids)))
 
     async def decode_remote(

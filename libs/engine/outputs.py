@@ -5,6 +5,7 @@ All of these are msgspec Structs because the node services put them on the wire.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 import msgspec
@@ -55,6 +56,15 @@ class RemoteAllocation(msgspec.Struct, frozen=True):
 
     block_ids: list[int]
     num_cached_tokens: int
+
+
+@dataclasses.dataclass
+class PrefillResult:
+    """A finished prefill: its output (``prefilled=True`` unless it already ended) and
+    the prompt's blocks, held until the engine's ``release`` (empty if it errored)."""
+
+    output: TokenOutput
+    block_ids: list[int]
 
 
 class EngineStats(msgspec.Struct):

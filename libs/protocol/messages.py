@@ -319,6 +319,9 @@ class KVAllocRequest(Message, tag="kv_alloc"):
     # P's blocks of the prompt, in token order: D needs them to plan the same copy ops as P
     # (KVAgent.expect) before P sends, so P asks for the reservation once its prefill is done.
     src_block_ids: list[int] = []
+    # The first token P sampled (-1: not sent). KVDone repeats it; an engine that starts the
+    # request when it reserves the blocks (vLLM's) needs it here.
+    first_token_id: int = -1
 
 
 class KVAllocReply(Message, tag="kv_alloc_reply"):

@@ -40,7 +40,7 @@ from libs.protocol.messages import Ack, ErrorCode, KVAllocReply, KVAllocRequest,
 from services.common.logs import request_id_var
 from services.common.tracing import extract_context, tracer
 from services.node_common import metrics
-from services.node_common.context import NodeContext, resolve
+from services.node_common.context import NodeContext
 from services.node_common.metrics import transfer_attributes
 from services.node_common.streaming import Streamer, Usage, continuation_params, engine_params
 from services.node_common.validation import (check_block_ids, check_offsets, check_prompt, check_reply_subject,
@@ -104,7 +104,8 @@ class DecodeHandler:
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             return KVAllocReply(**refuse, code=ErrorCode.INVALID, error=str(exc))
         try:
-            alloc = await resolve(ctx.engine.allocate_remote(req.request_id, list(req.prompt_token_ids)))
+            alloc = await ctx.engine.allocate_remote(req.request_id, list(req.prompt_token_ids),
+                                                     first_token_id=req.first_token_id, params=params)
         except NoFreeBlocks as exc:
             metrics.REFUSED.labels("kv_alloc", ErrorCode.OVERLOADED.value).inc()
             return KVAllocReply(**refuse, code=ErrorCode.OVERLOADED, error=str(exc))
@@ -112,7 +113,7 @@ class DecodeHandler:
             return KVAllocReply(**refuse, code=ErrorCode.INVALID, error=str(exc))
         dst = list(alloc.block_ids)
         if len(dst) != len(req.src_block_ids):
-            await resolve(ctx.engine.release(req.request_id))
+            await ctx.engine.release(req.request_id)
             return KVAllocReply(**refuse, code=ErrorCode.INVALID,
                                 error=f"{len(req.src_block_ids)} source blocks for {len(dst)} prompt blocks")
         k = alloc.num_cached_tokens // ctx.block_size
@@ -122,7 +123,7 @@ class DecodeHandler:
                 expect = ctx.agent.expect(req.transfer_id, peer, dst[k:], list(req.src_block_ids[k:]),
                                           mode=mode, timeout=ctx.config.lease_s)
             except TransferError as exc:  # e.g. this transfer id is already in flight
-                await resolve(ctx.engine.release(req.request_id))
+                await ctx.engine.release(req.request_id)
                 return KVAllocReply(**refuse, code=ErrorCode.INVALID, error=exc.reason)
             expect.add_done_callback(_retrieve)
         res = Reservation(req, dst, alloc.num_cached_tokens, expect, asyncio.get_running_loop().create_future())
@@ -185,7 +186,7 @@ class DecodeHandler:
                 span.set_attributes(self._span_attributes(res))
                 done = await self._await_done(res)
                 if done is None or res.cancelled:
-                    await resolve(engine.release(req.request_id))
+                    await engine.release(req.request_id)
                     outcome = "cancelled" if res.cancelled else "lease_expired"
                     span.set_attribute("flowkv.outcome", outcome)
                     return
@@ -212,10 +213,10 @@ class DecodeHandler:
                 outcome = "recomputed"
         except asyncio.CancelledError:
             outcome = "cancelled"
-            await resolve(engine.abort(req.request_id))
+            await engine.abort(req.request_id)
         except Exception:
             log.exception("decode of %s failed", req.request_id)
-            await resolve(engine.abort(req.request_id))
+            await engine.abort(req.request_id)
         finally:
             self.reservations.pop(req.request_id, None)
             metrics.REQUESTS.labels("decode", outcome).inc()
@@ -259,7 +260,7 @@ class DecodeHandler:
         req = res.req
         log.info("recomputing %s locally: %s", req.request_id, why)
         metrics.RECOMPUTES.labels("transfer_failed").inc()
-        await resolve(self.ctx.engine.release(req.request_id))
+        await self.ctx.engine.release(req.request_id)
         res.phase = Phase.RECOMPUTING
         if res.cancelled:
             return

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
+from libs.engine.protocol import Engine
 from libs.protocol.messages import LoadReport, NodeState, Role
 from services.node_common.metrics import TransferTotals
 
@@ -34,14 +34,14 @@ def device_info(device: str) -> DeviceInfo:
 
 
 def build_report(
-    *, node_id: str, role: Role, state: NodeState, seq: int, started_at: float, engine: Any,
+    *, node_id: str, role: Role, state: NodeState, seq: int, started_at: float, engine: Engine,
     device: DeviceInfo, hashes: list[int], transports: list[str], host_id: str, max_num_seqs: int,
     transfers: TransferTotals,
 ) -> LoadReport:
     """One ``LoadReport`` from the engine's latest stats snapshot.
 
     Args:
-        engine: the node's ``AsyncEngine`` (started).
+        engine: the node's engine (started).
         hashes: a sample of prefix-cache hashes (``AsyncEngine.prefix_hashes``).
     """
     stats = engine.stats()

@@ -33,6 +33,7 @@ from nats.aio.msg import Msg
 
 from libs.engine.async_engine import AsyncEngine
 from libs.engine.config import EngineConfig
+from libs.engine.protocol import Engine
 from libs.kvtransfer.agent import KVAgent
 from libs.protocol import messages
 from libs.protocol.messages import (
@@ -84,11 +85,11 @@ class Node:
 
     Args:
         config: the node's configuration.
-        engine: an ``AsyncEngine`` already started (tests share one per process); None
-            builds one from ``config``.
+        engine: an engine already started (tests share one per process); None builds one
+            from ``config``.
     """
 
-    def __init__(self, config: NodeConfig, engine: AsyncEngine | None = None) -> None:
+    def __init__(self, config: NodeConfig, engine: Engine | None = None) -> None:
         self.config = config
         self.node_id = config.node_id
         self.role = config.role_enum  # the role reported; the old one while draining
@@ -106,6 +107,7 @@ class Node:
         self._subs: list[Any] = []
         self._report_task: asyncio.Task[None] | None = None
         self._flip_task: asyncio.Task[None] | None = None
+        self.leader_epoch = 0  # the highest scheduler-leader epoch a SetRole came with (the fence)
         self._device = device_info(config.device)
 
     # ------------------------------------------------------------- life cycle
@@ -275,6 +277,11 @@ class Node:
             await respond(msg, Ack(request_id="", ok=False, code=ErrorCode.INVALID,
                                    error=f"SetRole for {req.node_id} reached {self.node_id}"))
             return
+        if req.epoch and req.epoch < self.leader_epoch:  # from a scheduler that is no longer the leader
+            await respond(msg, Ack(request_id="", ok=False, code=ErrorCode.INVALID,
+                                   error=f"SetRole from a deposed scheduler (epoch {req.epoch} < {self.leader_epoch})"))
+            return
+        self.leader_epoch = max(self.leader_epoch, req.epoch)
         if self.state is NodeState.STOPPING:
             await respond(msg, Ack(request_id="", ok=False, code=ErrorCode.OVERLOADED, error=self._refusal(Work.PREFILL)))
             return

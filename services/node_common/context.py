@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 from nats.aio.client import Client
 
+from libs.engine.protocol import Engine
 from libs.kvtransfer.agent import KVAgent
 from services.node_common.config import NodeConfig
 from services.node_common.metrics import TransferTotals
 
 _MAX_CANCELLED = 4096  # cancelled request ids remembered (a message may trail its Cancel)
-
-
-async def resolve(value: Any) -> Any:
-    """``await`` engine calls that are coroutines; pass plain return values through."""
-    return await value if inspect.isawaitable(value) else value
 
 
 @dataclass
@@ -27,13 +21,13 @@ class NodeContext:
 
     Args:
         nc: the NATS connection.
-        engine: the node's ``AsyncEngine``.
+        engine: the node's engine (FlowKV's own or vLLM's, see :mod:`libs.engine.protocol`).
         agent: the node's started ``KVAgent``.
         config: the node's configuration.
     """
 
     nc: Client
-    engine: Any
+    engine: Engine
     agent: KVAgent
     config: NodeConfig
     transfers: TransferTotals = field(default_factory=TransferTotals)
@@ -45,7 +39,7 @@ class NodeContext:
 
     @property
     def block_size(self) -> int:
-        return int(self.engine.layout.block_size)
+        return self.engine.layout.block_size
 
     def mark_cancelled(self, request_id: str) -> None:
         """Remember a cancel so a KVAllocRequest or SubmitRequest arriving after it is refused."""

@@ -14,7 +14,9 @@ _MAX_SUBJECT_CHARS = 512
 
 
 def vocab_size(engine: Any) -> int:
-    """The model's vocabulary size (the embedding's rows) of an ``AsyncEngine`` or ``LLMEngine``."""
+    """The model's vocabulary size (the embedding's rows) of a node's engine or an ``LLMEngine``."""
+    if isinstance(getattr(engine, "vocab_size", None), int):
+        return int(engine.vocab_size)
     core = getattr(engine, "engine", None) or engine
     return int(core.model_config.vocab_size)
 

@@ -61,7 +61,7 @@ from services.common.logs import request_id_var
 from services.common.messaging import request
 from services.common.tracing import extract_context, inject_headers, tracer
 from services.node_common import metrics
-from services.node_common.context import NodeContext, resolve
+from services.node_common.context import NodeContext
 from services.node_common.metrics import transfer_attributes
 from services.node_common.streaming import (
     Streamer,
@@ -91,6 +91,7 @@ class PrefillJob:
     req: SubmitRequest
     phase: Phase
     transfer_id: str = ""
+    first_token_id: int = -1  # sampled by the prefill; D's reservation carries it
     colocated: bool = False  # decode_node is this node: the whole generation runs here
     cancelled: bool = False
     task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -163,12 +164,12 @@ class PrefillHandler:
             outcome = await self._prefill_and_hand_off(job, params, streamer, headers)
         except asyncio.CancelledError:
             outcome = "cancelled"
-            await resolve(self.ctx.engine.abort(req.request_id))
+            await self.ctx.engine.abort(req.request_id)
         except Exception as exc:
             log.exception("request %s failed on %s", req.request_id, self.ctx.node_id)
             await streamer.publish(error_chunk(req.request_id, self.ctx.node_id, req.output_offset,
                                                ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
-            await resolve(self.ctx.engine.abort(req.request_id))
+            await self.ctx.engine.abort(req.request_id)
         finally:
             self.jobs.pop(req.request_id, None)
             metrics.REQUESTS.labels("colocated" if job.colocated else "prefill", outcome).inc()
@@ -204,7 +205,7 @@ class PrefillHandler:
             first = out.token_ids[0]
             return await self._hand_off(job, list(result.block_ids), first, params, streamer, headers)
         finally:
-            await resolve(engine.release(req.request_id))
+            await engine.release(req.request_id)
 
     async def _hand_off(self, job: PrefillJob, src_ids: list[int], first: int, params,  # type: ignore[no-untyped-def]
                         streamer: Streamer, headers: Mapping[str, str] | None) -> str:
@@ -219,6 +220,7 @@ class PrefillHandler:
                                streamer: Streamer, headers: dict[str, str], span: Span) -> str:
         req, ctx = job.req, self.ctx
         job.transfer_id = f"{req.request_id}.{uuid.uuid4().hex[:12]}"
+        job.first_token_id = first
         span.set_attribute("flowkv.transfer_id", job.transfer_id)
         reply = await self._reserve(job, src_ids, headers)
         refused = [req.decode_node]
@@ -231,7 +233,7 @@ class PrefillHandler:
         if reply is None:
             if job.cancelled:
                 return "cancelled"
-            await resolve(ctx.engine.release(req.request_id))
+            await ctx.engine.release(req.request_id)
             metrics.RECOMPUTES.labels("no_reservation").inc()
             span.set_attribute("flowkv.outcome", "recomputed")
             job.phase = Phase.LOCAL
@@ -290,6 +292,7 @@ class PrefillHandler:
             prompt_token_ids=req.prompt_token_ids, sampling=req.sampling, reply_subject=req.reply_subject,
             sender_info=self._sender_info(), output_offset=req.output_offset,
             num_original_prompt_tokens=req.num_original_prompt_tokens, src_block_ids=src_ids,
+            first_token_id=job.first_token_id,
         )
         try:
             msg = await ctx.nc.request(node(req.decode_node, NodeVerb.KV_ALLOC), messages.encode(alloc),
