@@ -36,9 +36,11 @@ from libs.engine.loader import load_model
 from libs.engine.model_runner import ModelRunner
 from libs.engine.outputs import EngineStats, FinishReason, RemoteAllocation, TokenOutput
 from libs.engine.request import Request, RequestStatus
-from libs.engine.sampling import SamplingParams, sample_row, token_logprob, token_seed
+from libs.engine.sampler import Sampler
+from libs.engine.sampling import SamplingParams, token_logprob
 from libs.engine.scheduler import Scheduler, StepPlan
 from libs.engine.step_clock import StepClock, ema
+from libs.engine.structured import GrammarCompiler, GrammarError, GrammarMasks, MaskJob
 from libs.kvtransfer.allocator import NoFreeBlocks
 from libs.kvtransfer.layout import KVLayout
 from libs.kvtransfer.pool import KVPool
@@ -93,6 +95,10 @@ class LLMEngine:
         if getattr(self._tokenizer, "eos_token_id", None) is not None:
             eos.add(self._tokenizer.eos_token_id)
         self._eos = sorted(eos)
+        self._sampler = Sampler(mc.vocab_size, self._pool.device)
+        self.grammars = GrammarCompiler(self._tokenizer, mc.vocab_size, self._eos)
+        self._masks = GrammarMasks(self.grammars)
+        self._mask_job: MaskJob | None = None
         self._requests: dict[str, Request] = {}
         self._remote: dict[str, list[int]] = {}  # allocate_remote'd, not committed: prompt ids
         self._pending: list[TokenOutput] = []
@@ -181,6 +187,7 @@ class LLMEngine:
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prefill_only: bool = False,
+        num_prior_output_tokens: int = 0,
     ) -> None:
         """Queue a request; its outputs come from :meth:`step`.
 
@@ -190,11 +197,18 @@ class LLMEngine:
             params: sampling and stop parameters.
             prefill_only: stop after the first token and hold the prompt's blocks until
                 :meth:`release` (call it in every case, also when that output is final).
+            num_prior_output_tokens: the prompt's last tokens that are this request's own
+                earlier output (a recompute or retry): seeds, penalties and the grammar
+                continue after them.
+
+        A request whose parameters do not fit the model (a ``logit_bias`` id out of the
+        vocabulary, a structured-output spec that does not compile) finishes at once with
+        ``error``.
         """
         if request_id in self._requests or request_id in self._remote:
             raise ValueError(f"request {request_id!r} already exists")
-        req = self._new_request(request_id, prompt_token_ids, params, prefill_only)
-        problem = self._check_fits(len(prompt_token_ids))
+        req = self._new_request(request_id, prompt_token_ids, params, prefill_only, num_prior_output_tokens)
+        problem = self._check_fits(len(prompt_token_ids)) or self._prepare_sampling(req)
         if problem:
             self._pending.append(self._final(req, FinishReason.ERROR, error=problem))
             return
@@ -215,6 +229,7 @@ class LLMEngine:
         if req is None:
             return False
         was_active = req.status in (RequestStatus.WAITING, RequestStatus.RUNNING)
+        self._sampler.forget(request_id)
         self.scheduler.remove(req)
         self.blocks.free(request_id)
         if was_active:
@@ -231,8 +246,10 @@ class LLMEngine:
             The ids dropped, for the caller to fail.
         """
         self._pending = []
+        self._mask_job = None
         active = [r for r in self._requests.values() if r.status in (RequestStatus.WAITING, RequestStatus.RUNNING)]
         for req in active:
+            self._sampler.forget(req.request_id)
             self.scheduler.remove(req)
             self.blocks.free(req.request_id)
             req.status = RequestStatus.FINISHED
@@ -273,11 +290,15 @@ class LLMEngine:
 
     def commit_remote(
         self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams,
+        num_prior_output_tokens: int = 0,
     ) -> None:
         """The prompt's KV has landed in the blocks of :meth:`allocate_remote`: decode from here.
 
         The first token (sampled by the prefill node) is not output again; the following
-        tokens come from :meth:`step`. Full prompt blocks join the prefix cache.
+        tokens come from :meth:`step`. Full prompt blocks join the prefix cache. The
+        penalties count the first token (and ``num_prior_output_tokens``, as in
+        :meth:`add_request`) as output, the grammar is replayed over it, and the seeds go
+        on from the next index, so the output continues exactly as on one node.
         """
         prompt = self._remote.get(request_id)
         if prompt is None:
@@ -285,13 +306,18 @@ class LLMEngine:
         if list(prompt_token_ids) != prompt:
             raise ValueError(f"request {request_id!r}: prompt differs from the one allocated")
         del self._remote[request_id]
-        req = self._new_request(request_id, prompt, params, prefill_only=False)
+        req = self._new_request(request_id, prompt, params, False, num_prior_output_tokens)
         req.num_computed_tokens = len(prompt)
         req.num_cached_tokens = len(prompt)
         self.blocks.register_computed(request_id, prompt, len(prompt))
-        req.token_ids.append(first_token_id)
         self._requests[request_id] = req
-        reason = self._check_stop(req, first_token_id)
+        problem = self._prepare_sampling(req)
+        if problem:
+            self._finish(req, FinishReason.ERROR)
+            self._pending.append(self._final(req, FinishReason.ERROR, error=problem))
+            return
+        req.token_ids.append(first_token_id)
+        reason = self._advance_grammar(req, first_token_id) or self._check_stop(req, first_token_id)
         req.detok.mark_emitted()
         if reason is not None:
             self._finish(req, reason)
@@ -318,8 +344,10 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         plan = self.scheduler.schedule(self.step_budget())
         self.last_step_ran = bool(plan.prefills or plan.decodes)
+        self._mask_job = self._start_masks(plan)
         for req, reason in plan.failed:
             self._requests.pop(req.request_id, None)
+            self._sampler.forget(req.request_id)
             outputs.append(self._final(req, FinishReason.ERROR, error=reason))
         if plan.prefills:
             outputs.extend(self._run_prefills(plan))
@@ -377,16 +405,14 @@ class LLMEngine:
         self._decode_step_s = ema(self._decode_step_s, time.perf_counter() - t0, _EMA)
         return outputs
 
+    def _start_masks(self, plan: StepPlan) -> MaskJob | None:
+        """Start filling the grammar bitmasks of this step's sampling requests (during the forward)."""
+        sampling = list(plan.decodes) + [r for r, n in plan.prefills if r.num_computed_tokens + n == len(r.token_ids)]
+        matchers = {r.request_id: r.matcher for r in sampling if r.matcher is not None}
+        return self._masks.start(matchers) if matchers else None
+
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[TokenOutput]:
-        if all(r.params.greedy and r.num_output_tokens >= r.params.min_tokens for r in reqs):
-            tokens = torch.argmax(logits, dim=-1).tolist()
-        else:
-            tokens = []
-            for i, r in enumerate(reqs):
-                # Seeding each token from (seed, index) makes a seeded request's tokens the
-                # same on one node or split across a prefill and a decode node.
-                r.generator.manual_seed(token_seed(r.seed, r.num_output_tokens))
-                tokens.append(sample_row(logits[i], r.params, r.generator, self._banned(r)))
+        tokens = self._sampler.sample(reqs, logits, self._mask_job, self._banned)
         outputs = []
         for i, (req, token) in enumerate(zip(reqs, tokens)):
             lp = None
@@ -397,13 +423,14 @@ class LLMEngine:
 
     def _append_token(self, req: Request, token: int, logprobs) -> TokenOutput:  # type: ignore[no-untyped-def]
         req.token_ids.append(token)
-        reason = self._check_stop(req, token)
+        reason = self._advance_grammar(req, token) or self._check_stop(req, token)
         if reason is not None:
             self._finish(req, reason)
         out = self._output(req, [token], reason, logprobs)
         if req.num_output_tokens == 1 and req.prefill_started_at is not None:
             out.prefill_s = time.perf_counter() - req.prefill_started_at
         if reason is None and req.prefill_only:
+            self._sampler.forget(req.request_id)
             out.finished, out.prefilled = True, True
             out.text += req.detok.take_delta(final=True)
             self.scheduler.remove(req)
@@ -417,11 +444,40 @@ class LLMEngine:
         req.detok.add_token(token)
         if req.detok.stopped:
             return FinishReason.STOP
+        if req.matcher is not None and req.matcher.is_stopped():
+            return FinishReason.STOP  # the grammar is complete: nothing else may follow
         if req.num_output_tokens >= p.max_tokens or len(req.token_ids) >= self._max_model_len:
             return FinishReason.LENGTH
         return None
 
+    def _advance_grammar(self, req: Request, token: int) -> FinishReason | None:
+        """Feed an accepted token to the request's grammar; ERROR if the grammar refuses it."""
+        if req.matcher is None or req.matcher.consume_token(token):
+            return None
+        req.detok.add_token(token)
+        return FinishReason.ERROR
+
+    def _prepare_sampling(self, req: Request) -> str | None:
+        """Check the request's sampling parameters against the model; build its grammar matcher
+        (replayed over the output it already has). Returns why it cannot run, or None."""
+        p, vocab = req.params, self.model_config.vocab_size
+        if not 0 <= req.num_prior_output_tokens < max(1, len(req.prompt_token_ids)):
+            return f"num_prior_output_tokens {req.num_prior_output_tokens} out of range"
+        if p.logit_bias and not all(0 <= t < vocab for t in p.logit_bias):
+            return f"logit_bias token ids must be in [0, {vocab})"
+        if p.structured is None:
+            return None
+        try:
+            req.matcher = self.grammars.matcher(p.structured)
+        except GrammarError as exc:
+            return str(exc)
+        prior = req.token_ids[req.num_original_prompt_tokens :]
+        if prior and not req.matcher.consume_tokens(prior):
+            return "the output so far does not match the structured output spec"
+        return None
+
     def _finish(self, req: Request, reason: FinishReason) -> None:
+        self._sampler.forget(req.request_id)
         self.scheduler.remove(req)
         if req.prefill_only:
             req.status = RequestStatus.HELD  # blocks stay until release()
@@ -437,11 +493,13 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- helpers
 
-    def _new_request(self, request_id: str, prompt: list[int], params: SamplingParams, prefill_only: bool) -> Request:
+    def _new_request(self, request_id: str, prompt: list[int], params: SamplingParams, prefill_only: bool,
+                     num_prior_output_tokens: int = 0) -> Request:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_gen))
         gen = torch.Generator(device=self._pool.device).manual_seed(seed)
         detok = IncrementalDetokenizer(self._tokenizer, list(prompt), list(params.stop))
-        return Request(request_id, list(prompt), params, gen, detok, prefill_only=prefill_only, seed=seed)
+        return Request(request_id, list(prompt), params, gen, detok, prefill_only=prefill_only, seed=seed,
+                       num_prior_output_tokens=num_prior_output_tokens)
 
     def _check_fits(self, num_prompt_tokens: int) -> str | None:
         if num_prompt_tokens == 0:

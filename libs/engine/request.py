@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import Any
 
 import torch
 
@@ -25,6 +26,11 @@ class Request:
     ``token_ids`` is prompt + output so far. ``num_computed_tokens`` of them have KV in
     the pool; the engine computes the rest (a prefill chunk, or the one decode token)
     and samples when all are computed.
+
+    The last ``num_prior_output_tokens`` of the prompt are output the request produced
+    before it came to this engine (a recompute after a failed hand-off, a retry): the
+    seeds, the penalties and the grammar treat them as output, so the request continues
+    as if it had never moved.
     """
 
     request_id: str
@@ -40,6 +46,24 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     # perf_counter() at the start of the step that first scheduled this prompt, for TokenOutput.prefill_s
     prefill_started_at: float | None = None
+    num_prior_output_tokens: int = 0
+    matcher: Any = None  # the grammar matcher (llguidance.LLMatcher) of a structured request
+
+    @property
+    def needs_logits_processing(self) -> bool:
+        """Whether the sampler changes this request's logits (bias, penalties, grammar)."""
+        p = self.params
+        return bool(p.penalized or p.logit_bias or self.matcher is not None)
+
+    @property
+    def num_original_prompt_tokens(self) -> int:
+        """The prompt without the output that came with it."""
+        return len(self.prompt_token_ids) - self.num_prior_output_tokens
+
+    @property
+    def output_index(self) -> int:
+        """The index, in the whole request's output, of the next token to sample."""
+        return self.num_prior_output_tokens + self.num_output_tokens
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -13,7 +13,7 @@ import torch
 from libs.engine.outputs import TokenLogprob
 from libs.protocol.messages import SamplingParams
 
-__all__ = ["SamplingParams", "sample_row", "token_logprob", "token_seed"]
+__all__ = ["SamplingParams", "draw", "filter_min_p", "sample_row", "token_logprob", "token_seed"]
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -37,6 +37,21 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
 def token_seed(seed: int, index: int) -> int:
     """The generator seed for output token ``index`` of a request seeded with ``seed``."""
     return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & (2**63 - 1)
+
+
+def filter_min_p(scaled: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens of one row whose probability is below ``min_p`` times the top one's."""
+    if min_p <= 0.0:
+        return scaled
+    probs = torch.softmax(scaled, dim=-1)
+    return scaled.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
+def draw(scaled: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Draw one token from a row already divided by the temperature (and ``min_p``-filtered):
+    top-k, top-p, then a multinomial draw from ``generator``."""
+    probs = torch.softmax(_filter_top_k_top_p(scaled, params.top_k, params.top_p), dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
 def sample_row(
@@ -63,9 +78,7 @@ def sample_row(
     # softmax, and multinomial raises): it is greedy in all but name.
     if params.greedy or params.temperature < 1e-5:
         return int(torch.argmax(logits).item())
-    logits = _filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    return draw(filter_min_p(logits / params.temperature, params.min_p), params, generator)
 
 
 def token_logprob(logits: torch.Tensor, token_id: int, num_top: int) -> TokenLogprob:
