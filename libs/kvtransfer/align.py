@@ -17,6 +17,13 @@ The plan then expands into *pieces*, the unit every transport issues as one call
   Calls = ``num_layers * num_ops``.
 - ``BLOCKWISE``: the vLLM-disagg baseline on a per-layer layout: one contiguous piece per
   layer, per K/V, per block. Calls = ``2 * num_layers * num_blocks``.
+
+A layer-major pool (``KVLayout.order == "layer"``, vLLM's) holds an op's blocks as one
+contiguous span *per layer*: ``MERGED`` and ``LAYERWISE`` both issue one piece per layer
+per op (calls = ``num_layers * num_ops``), ``BLOCKWISE`` one per layer per block (K and
+V of a block share its page there). Its offsets depend on each pool's size, so
+:func:`expand` needs ``src_blocks``/``dst_blocks``; a transport that addresses only one
+of the two pools passes only that one (the other side's offsets are then -1).
 """
 
 from __future__ import annotations
@@ -109,8 +116,33 @@ def op_byte_range(op: CopyOp, layout: KVLayout) -> tuple[int, int, int]:
     return op.src_block * bb, op.dst_block * bb, op.num_blocks * bb
 
 
-def expand(ops: Sequence[CopyOp], layout: KVLayout, mode: TransferMode) -> list[Piece]:
-    """The pieces (transport calls) of a plan in the given mode (see the module docstring)."""
+def _expand_layer_major(ops: Sequence[CopyOp], layout: KVLayout, mode: TransferMode,
+                        src_blocks: int | None, dst_blocks: int | None) -> list[Piece]:
+    page = layout.page_bytes
+
+    def offset(num_blocks: int | None, layer: int, block: int) -> int:
+        return -1 if num_blocks is None else (layer * num_blocks + block) * page
+
+    if src_blocks is None and dst_blocks is None:
+        raise ValueError("a layer-major plan needs the size of at least one pool")
+    if mode in (TransferMode.MERGED, TransferMode.LAYERWISE):
+        return [Piece(offset(src_blocks, l, op.src_block), offset(dst_blocks, l, op.dst_block), op.num_blocks * page)
+                for l in range(layout.num_layers) for op in ops]
+    if mode == TransferMode.BLOCKWISE:
+        blocks = [(op.src_block + i, op.dst_block + i) for op in ops for i in range(op.num_blocks)]
+        return [Piece(offset(src_blocks, l, s), offset(dst_blocks, l, d), page)
+                for l in range(layout.num_layers) for s, d in blocks]
+    raise ValueError(f"unknown transfer mode {mode!r}")
+
+
+def expand(ops: Sequence[CopyOp], layout: KVLayout, mode: TransferMode, *, src_blocks: int | None = None,
+           dst_blocks: int | None = None) -> list[Piece]:
+    """The pieces (transport calls) of a plan in the given mode (see the module docstring).
+
+    ``src_blocks``/``dst_blocks``: the sizes of P's and D's pools, needed by layer-major layouts.
+    """
+    if layout.layer_major:
+        return _expand_layer_major(ops, layout, mode, src_blocks, dst_blocks)
     bb = layout.block_bytes
     chunk = layout.chunk_bytes
     if mode == TransferMode.MERGED:
@@ -135,6 +167,8 @@ def expand(ops: Sequence[CopyOp], layout: KVLayout, mode: TransferMode) -> list[
 
 def num_calls(ops: Sequence[CopyOp], layout: KVLayout, mode: TransferMode) -> int:
     """``len(expand(ops, layout, mode))`` without building the pieces."""
+    if layout.layer_major:
+        return layout.num_layers * (num_blocks_of(ops) if mode == TransferMode.BLOCKWISE else len(ops))
     if mode == TransferMode.MERGED:
         return len(ops)
     if mode == TransferMode.LAYERWISE:

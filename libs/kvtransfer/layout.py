@@ -10,6 +10,14 @@ contiguous span, and ``n`` blocks with consecutive ids are one contiguous span o
 (``[2, num_blocks, block_size, num_kv_heads, head_dim]`` per layer) needs
 ``2 * num_layers`` pieces for the same block.
 
+A pool may instead be *layer-major* (``order="layer"``): shape
+``[num_layers, num_blocks, <one layer's page of a block>]``, the layout vLLM allocates its
+KV cache in (all layers in one buffer, layer ``l`` of block ``b`` at
+``(l * num_blocks + b) * page_bytes``; a page holds K and V of ``block_size`` tokens in
+the engine's own order). There ``n`` blocks with consecutive ids are one contiguous span
+per layer, so a hand-off takes one call per layer per aligned segment
+(:func:`libs.kvtransfer.align.expand`).
+
 Prefill and decode nodes exchange their layouts when they first meet; any
 difference fails the hand-off at once (:meth:`KVLayout.check_compatible`).
 """
@@ -46,10 +54,14 @@ class KVLayout(msgspec.Struct, frozen=True):
     block_size: int
     num_kv_heads: int
     head_dim: int
+    # "block": FlowKV's block-major pool; "layer": layer-major (vLLM's), see the module docstring.
+    order: str = "block"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"unsupported KV dtype {self.dtype!r}; supported: {sorted(_DTYPES)}")
+        if self.order not in ("block", "layer"):
+            raise ValueError(f"KVLayout.order must be 'block' or 'layer', got {self.order!r}")
         for field in ("num_layers", "block_size", "num_kv_heads", "head_dim"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"KVLayout.{field} must be positive, got {getattr(self, field)}")
@@ -86,8 +98,23 @@ class KVLayout(msgspec.Struct, frozen=True):
         """Blocks needed to hold ``num_tokens`` tokens."""
         return -(-num_tokens // self.block_size)
 
+    @property
+    def layer_major(self) -> bool:
+        return self.order == "layer"
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one block in one layer (K and V): the unit a layer-major pool is cut in."""
+        return 2 * self.chunk_bytes
+
     def pool_shape(self, num_blocks: int) -> tuple[int, ...]:
+        if self.layer_major:
+            return (self.num_layers, num_blocks, 2, self.block_size, self.num_kv_heads, self.head_dim)
         return (num_blocks, *self.block_shape)
+
+    def pool_num_blocks(self, shape: tuple[int, ...]) -> int:
+        """Blocks in a pool tensor of this shape."""
+        return int(shape[1] if self.layer_major else shape[0])
 
     def check_compatible(self, other: KVLayout, *, local: str, peer: str) -> None:
         """Raise :class:`LayoutMismatch` naming both sides unless ``other`` equals this layout.

@@ -84,7 +84,7 @@ class KVPool:
         shm: shared_memory.SharedMemory | None = None,
         owner: bool = True,
     ) -> None:
-        expected = layout.pool_shape(tensor.shape[0])
+        expected = layout.pool_shape(layout.pool_num_blocks(tuple(tensor.shape)))
         if tuple(tensor.shape) != expected or tensor.dtype != layout.torch_dtype:
             raise ValueError(f"pool tensor {tuple(tensor.shape)}/{tensor.dtype} does not match {layout}")
         if not tensor.is_contiguous():
@@ -141,7 +141,7 @@ class KVPool:
 
     @property
     def num_blocks(self) -> int:
-        return self.tensor.shape[0]
+        return self.layout.pool_num_blocks(tuple(self.tensor.shape))
 
     @property
     def device(self) -> torch.device:
@@ -157,7 +157,9 @@ class KVPool:
         return self.num_blocks * self.layout.block_bytes
 
     def blocks(self, start: int, count: int) -> torch.Tensor:
-        """View of ``count`` consecutive blocks from ``start``: one contiguous span."""
+        """View of ``count`` consecutive blocks from ``start``: one contiguous span (block-major pools)."""
+        if self.layout.layer_major:
+            raise ValueError("a layer-major pool has no block-major view")
         if start < 0 or count < 0 or start + count > self.num_blocks:
             raise IndexError(f"blocks [{start}, {start + count}) outside a pool of {self.num_blocks}")
         return self.tensor[start : start + count]

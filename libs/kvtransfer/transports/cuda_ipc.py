@@ -113,7 +113,8 @@ class CudaIpcTransport(Transport):
     async def send(self, transfer_id: str, peer: AgentInfo, ops: Sequence[CopyOp], mode: TransferMode) -> None:
         check_bounds(ops, self.pool.num_blocks, peer.num_blocks)
         dst_ptr = self.peer_pointer(peer)
-        await asyncio.to_thread(self._copy, dst_ptr, expand(ops, self.pool.layout, mode))
+        pieces = expand(ops, self.pool.layout, mode, src_blocks=self.pool.num_blocks, dst_blocks=peer.num_blocks)
+        await asyncio.to_thread(self._copy, dst_ptr, pieces)
 
     def _close_peer(self, entry: tuple[bytes, int, int | None]) -> None:
         if entry[2] is not None:

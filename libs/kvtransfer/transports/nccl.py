@@ -164,7 +164,7 @@ class NcclTransport(Transport):
     async def send(self, transfer_id: str, peer: AgentInfo, ops: Sequence[CopyOp], mode: TransferMode) -> None:
         check_bounds(ops, self.pool.num_blocks, peer.num_blocks)
         comm = await self._pair_for(peer)
-        pieces = expand(ops, self.pool.layout, mode)
+        pieces = expand(ops, self.pool.layout, mode, src_blocks=self.pool.num_blocks)
         header = msgspec.msgpack.encode(_Header(transfer_id, mode.value, list(ops), sum(p.nbytes for p in pieces)))
         async with self._pairs[peer.node_id].lock:
             await asyncio.to_thread(self._run, comm, lambda c, s: self._send_all(c, s, header, pieces))
@@ -227,7 +227,8 @@ class NcclTransport(Transport):
                 header = msgspec.msgpack.decode(await asyncio.to_thread(self._recv_small, comm, length), type=_Header)
                 exp = await self._wait_expected(header.transfer_id)
                 ok = exp is not None and exp[0] == header.ops and exp[1].value == header.mode
-                pieces = expand(exp[0], self.pool.layout, exp[1]) if ok and exp is not None else None
+                pieces = (expand(exp[0], self.pool.layout, exp[1], dst_blocks=self.pool.num_blocks)
+                          if ok and exp is not None else None)
                 await asyncio.to_thread(self._recv_pieces, comm, pieces, header.nbytes)
                 # Forget the expectation before resolving it: the loop's next wait must
                 # not see it and post a receive for a transfer that already landed.

@@ -47,7 +47,7 @@ class ShmTransport(Transport):
     async def send(self, transfer_id: str, peer: AgentInfo, ops: Sequence[CopyOp], mode: TransferMode) -> None:
         dst = self._peer_pool(peer)
         check_bounds(ops, self.pool.num_blocks, dst.num_blocks)
-        pieces = expand(ops, self.pool.layout, mode)
+        pieces = expand(ops, self.pool.layout, mode, src_blocks=self.pool.num_blocks, dst_blocks=dst.num_blocks)
         await asyncio.to_thread(copy_pieces, self.pool.byte_view(), dst.byte_view(), pieces)
 
     async def close(self) -> None:

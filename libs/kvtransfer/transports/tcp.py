@@ -125,7 +125,7 @@ class TcpTransport(Transport):
 
     async def send(self, transfer_id: str, peer: AgentInfo, ops: Sequence[CopyOp], mode: TransferMode) -> None:
         check_bounds(ops, self.pool.num_blocks, peer.num_blocks)
-        pieces = expand(ops, self.pool.layout, mode)
+        pieces = expand(ops, self.pool.layout, mode, src_blocks=self.pool.num_blocks)
         header = TcpHeader(transfer_id, self.node_id, self.pool.layout, mode.value, list(ops),
                            sum(p.nbytes for p in pieces))
         try:
@@ -238,7 +238,7 @@ class TcpTransport(Transport):
         if dst.is_cuda:
             staging = torch.empty(CHUNK_BYTES + 1, dtype=torch.uint8, pin_memory=True)
         received = 0
-        for piece in expand(exp.ops, self.pool.layout, exp.mode):
+        for piece in expand(exp.ops, self.pool.layout, exp.mode, dst_blocks=self.pool.num_blocks):
             for sub in _row_batches(piece):
                 data = await reader.readexactly(sub.nbytes)
                 if exp.done.done():
