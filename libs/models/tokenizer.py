@@ -114,7 +114,9 @@ class Tokenizer:
         return text
 
     def apply_chat_template(self, conversation: list[dict[str, Any]], add_generation_prompt: bool = False,
-                            tokenize: bool = True, chat_template: str | None = None, **kwargs: Any) -> str | list[int]:
+                            tokenize: bool = True, chat_template: str | None = None,
+                            tools: list[dict[str, Any]] | None = None, documents: list[dict[str, Any]] | None = None,
+                            **kwargs: Any) -> str | list[int]:
         """Render ``conversation`` with the chat template; token ids unless ``tokenize=False``.
 
         Args:
@@ -122,13 +124,17 @@ class Tokenizer:
             add_generation_prompt: end with the prompt of an assistant turn.
             tokenize: encode the text (without adding special tokens, as transformers does).
             chat_template: a template other than the model's.
+            tools: the tools (OpenAI ``{"type": "function", "function": {...}}`` objects) the
+                template may show the model; a template that does not read ``tools`` ignores them.
+            documents: retrieval documents, for templates that read them.
             **kwargs: further variables for the template (they win over the special tokens).
         """
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this tokenizer has no chat template")
         messages = _alias_reasoning_fields(json.loads(json.dumps(conversation)))  # a plain copy
-        text = _compile(template).render(messages=messages, tools=None, documents=None,
+        tools = json.loads(json.dumps(tools)) if tools is not None else None
+        text = _compile(template).render(messages=messages, tools=tools, documents=documents,
                                          add_generation_prompt=add_generation_prompt,
                                          **{**self.special_tokens_map, **kwargs})
         return self.encode(text, add_special_tokens=False) if tokenize else text

@@ -17,7 +17,7 @@ from nats.aio.client import Client
 
 from services.common.logs import request_id_var
 from services.common.nats import NatsConfig, connect
-from services.gateway import cluster, metrics, openai_routes, ops_routes
+from services.gateway import cluster, metrics, openai_routes, ops_routes, tokenize_routes
 from services.gateway.admission import Admission
 from services.gateway.config import GatewayConfig
 from services.gateway.dispatch import Dispatcher
@@ -123,6 +123,8 @@ def create_app(
     app.router.add_get("/v1/models", openai_routes.models)
     app.router.add_post("/v1/completions", openai_routes.completions)
     app.router.add_post("/v1/chat/completions", openai_routes.chat_completions)
+    app.router.add_post("/tokenize", tokenize_routes.tokenize)
+    app.router.add_post("/detokenize", tokenize_routes.detokenize)
     app.router.add_get("/health", ops_routes.health)
     app.router.add_get("/ready", ops_routes.ready)
     app.router.add_get("/metrics", ops_routes.prometheus)

@@ -27,11 +27,14 @@ class Generation:
         req: the validated, tokenized request.
         tokenizer: the model's tokenizer.
         started: ``time.monotonic()`` when the request arrived.
+        prompt_token_ids: the prompt this generation continues (default: the request's first).
     """
 
-    def __init__(self, req: GenerationRequest, tokenizer: Any, started: float) -> None:
+    def __init__(self, req: GenerationRequest, tokenizer: Any, started: float,
+                 prompt_token_ids: list[int] | None = None) -> None:
         self.req = req
-        self.detok = IncrementalDetokenizer(tokenizer, req.prompt_token_ids, req.sampling.stop)
+        self.prompt_token_ids = req.prompt_token_ids if prompt_token_ids is None else prompt_token_ids
+        self.detok = IncrementalDetokenizer(tokenizer, self.prompt_token_ids, req.sampling.stop)
         self.logprobs = LogprobsBuilder(req.endpoint, tokenizer) if req.logprobs is not None else None
         self.started = started
         self.first_token_at: float | None = None
@@ -43,6 +46,7 @@ class Generation:
         self.num_cached = 0
         self.finished = False
         self.finish_reason: str | None = None
+        self.cum_logprob = 0.0  # sum of the sampled tokens' logprobs (ranks best_of candidates)
 
     def take(self, item: Delivery) -> tuple[str, dict[str, Any] | None]:
         """Consume one delivery; returns the new text and the logprobs of its tokens.
@@ -70,6 +74,7 @@ class Generation:
             if self.detok.stopped:
                 break
         self.num_output += len(used)
+        self.cum_logprob += sum(lp.logprob for lp in (item.logprobs or [])[: len(used)])
         metrics.GENERATION_TOKENS.inc(len(used))
         if self.detok.stopped:
             self.finished, self.finish_reason = True, "stop"
@@ -105,6 +110,6 @@ class Generation:
 
     def _observe_end(self, now: float) -> None:
         metrics.E2E.observe(now - self.started)
-        metrics.PROMPT_TOKENS.inc(len(self.req.prompt_token_ids))
+        metrics.PROMPT_TOKENS.inc(len(self.prompt_token_ids))
         if self.first_token_at is not None and self.num_output > 1:
             metrics.TPOT.observe((now - self.first_token_at) / (self.num_output - 1))

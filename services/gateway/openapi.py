@@ -1,15 +1,20 @@
 """The OpenAPI 3.1 document the gateway serves on ``/openapi.json``.
 
-It describes what the validation in :mod:`services.gateway.schemas` accepts, so a fuzzer
-generating "valid" bodies from it gets 200s, and anything else gets a 4xx.
+The request bodies' schemas are generated from the Structs of :mod:`services.gateway.bodies`,
+the same classes the gateway decodes requests into, so the document and the validation
+cannot drift apart: a body that breaks the document is refused with a 4xx. (The gateway
+checks more than a schema can say, so a body that follows the document may still get a 400.)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
+from services.gateway import bodies
+
 _REF = "#/components/schemas/"
-_INT32 = 2**31 - 1  # the integer bounds of services.gateway.schemas
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -31,71 +36,31 @@ _ERRORS = {
 }
 
 
-def _sampling_properties(model: str) -> dict[str, Any]:
-    return {
-        "model": {"type": "string", "enum": [model]},
-        "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": _INT32},
-        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
-        "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
-        "top_k": {"type": ["integer", "null"], "minimum": -1, "maximum": _INT32},
-        "seed": {"type": ["integer", "null"], "minimum": -(2**63), "maximum": 2**63 - 1},
-        "stop": {"oneOf": [{"type": "string", "minLength": 1},
-                           {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}, {"type": "null"}]},
-        "n": {"type": ["integer", "null"], "enum": [1, None]},
-        "stream": {"type": ["boolean", "null"]},
-        "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
-        "presence_penalty": {"type": ["number", "null"], "enum": [0, None]},
-        "frequency_penalty": {"type": ["number", "null"], "enum": [0, None]},
-        "ignore_eos": {"type": ["boolean", "null"]},
-        "flowkv_timing": {"type": ["boolean", "null"],
-                          "description": "add `flowkv: {ttft_s, prefill_s, queued_s, control_plane_s}` to the response (last chunk when streaming)"},
-        "min_tokens": {"type": ["integer", "null"], "minimum": 0, "maximum": _INT32},
-        "user": {"type": "string"},
-    }
+def _request_schemas(model: str) -> dict[str, Any]:
+    """The request bodies' schemas, generated from the Structs the gateway decodes them into;
+    ``model`` is narrowed to the served model's name."""
+    _, components = msgspec.json.schema_components(bodies.REQUEST_BODIES, ref_template=_REF + "{name}")
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        components[name]["properties"]["model"] = {"type": "string", "enum": [model]}
+    for name in ("TokenizeCompletion", "TokenizeChat", "Detokenize"):
+        components[name]["properties"]["model"] = {"anyOf": [{"type": "string", "enum": [model]}, {"type": "null"}]}
+    return components
 
 
 def _schemas(model: str) -> dict[str, Any]:
-    text_part = {"type": "object", "required": ["type", "text"],
-                 "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
     usage = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
              "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+    tool_call = {"type": "object", "required": ["id", "type", "function"], "properties": {
+        "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+        "function": {"type": "object", "required": ["name", "arguments"],
+                     "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
     return {
+        **_request_schemas(model),
         "Error": {
             "type": "object", "required": ["error"],
             "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
                 "message": {"type": "string"}, "type": {"type": "string"},
                 "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
-        },
-        "CompletionRequest": {
-            "type": "object", "required": ["model", "prompt"],
-            "properties": {
-                **_sampling_properties(model),
-                "prompt": {"oneOf": [
-                    {"type": "string", "minLength": 1},
-                    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
-                    {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 49151}, "minItems": 1},
-                ]},
-                "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 5},
-            },
-        },
-        "ChatMessage": {
-            "type": "object", "required": ["role", "content"],
-            "properties": {
-                "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
-                "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}, {"type": "null"}],
-                            "description": "null only for an assistant message (read as empty)"},
-                "name": {"type": "string"},
-            },
-        },
-        "ChatCompletionRequest": {
-            "type": "object", "required": ["model", "messages"],
-            "properties": {
-                **_sampling_properties(model),
-                "messages": {"type": "array", "items": _ref("ChatMessage"), "minItems": 1},
-                "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": _INT32},
-                "logprobs": {"type": ["boolean", "null"]},
-                "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
-            },
         },
         "Usage": usage,
         "Completion": {"type": "object", "required": ["id", "object", "created", "model", "choices"], "properties": {
@@ -109,8 +74,15 @@ def _schemas(model: str) -> dict[str, Any]:
             "created": {"type": "integer"}, "model": {"type": "string"}, "usage": _ref("Usage"),
             "choices": {"type": "array", "items": {"type": "object", "properties": {
                 "index": {"type": "integer"},
-                "message": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}}},
+                "message": {"type": "object", "properties": {
+                    "role": {"type": "string"}, "content": {"type": ["string", "null"]},
+                    "tool_calls": {"type": "array", "items": tool_call}}},
                 "finish_reason": {"type": ["string", "null"]}, "logprobs": {"type": ["object", "null"]}}}}}},
+        "Tokens": {"type": "object", "required": ["count", "max_model_len", "tokens"], "properties": {
+            "count": {"type": "integer"}, "max_model_len": {"type": "integer"},
+            "tokens": {"type": "array", "items": {"type": "integer"}},
+            "token_strs": {"type": "array", "items": {"type": "string"}}}},
+        "Detokenized": {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
         "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
             "object": {"type": "string", "enum": ["list"]},
             "data": {"type": "array", "items": {"type": "object", "required": ["id", "object"], "properties": {
@@ -133,6 +105,16 @@ def _generation_op(summary: str, request_schema: str, response_schema: str) -> d
     }
 
 
+def _op(summary: str, request_schema: dict[str, Any], response_schema: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "security": [{"bearer": []}, {}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}},
+        "responses": {"200": _json(_ref(response_schema), "ok"),
+                      **{k: _ERRORS[k] for k in ("400", "401", "404", "413")}},
+    }
+
+
 def openapi_document(model: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document of a gateway serving ``model``."""
     plain = {"200": {"description": "ok"}, "503": {"description": "not ready"}}
@@ -149,6 +131,9 @@ def openapi_document(model: str) -> dict[str, Any]:
                                    "responses": {"200": _json(_ref("ModelList"), "the models"), "401": _ERRORS["401"]}}},
             "/v1/completions": {"post": _generation_op("text completion", "CompletionRequest", "Completion")},
             "/v1/chat/completions": {"post": _generation_op("chat completion", "ChatCompletionRequest", "ChatCompletion")},
+            "/tokenize": {"post": _op("tokenize a prompt, or chat messages through the chat template",
+                                      {"anyOf": [_ref("TokenizeCompletion"), _ref("TokenizeChat")]}, "Tokens")},
+            "/detokenize": {"post": _op("token ids to text", _ref("Detokenize"), "Detokenized")},
             "/health": {"get": {"summary": "the process is up", "responses": {"200": {"description": "ok"}}}},
             "/ready": {"get": {"summary": "the scheduler answers and a node serves", "responses": plain}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {

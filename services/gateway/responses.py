@@ -66,35 +66,47 @@ class LogprobsBuilder:
         return merged
 
 
+def choice(endpoint: Endpoint, index: int, text: str | None, finish_reason: str | None,
+           logprobs: dict[str, Any] | None, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One choice of a whole response (a chat message with its tool calls, or completion text)."""
+    if endpoint is Endpoint.CHAT:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def whole(endpoint: Endpoint, request_id: str, model: str, created: int, choices: list[dict[str, Any]],
+          usage_: dict[str, Any]) -> dict[str, Any]:
+    """A whole (non-streamed) response with its choices."""
+    obj = "chat.completion" if endpoint is Endpoint.CHAT else "text_completion"
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices, "usage": usage_}
+
+
 def completion(endpoint: Endpoint, request_id: str, model: str, created: int, text: str, finish_reason: str | None,
                logprobs: dict[str, Any] | None, usage_: dict[str, Any]) -> dict[str, Any]:
-    """A whole (non-streamed) response."""
-    if endpoint is Endpoint.CHAT:
-        choice: dict[str, Any] = {
-            "index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish_reason,
-        }
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        obj = "text_completion"
-    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage_}
+    """A whole (non-streamed) response with one choice."""
+    return whole(endpoint, request_id, model, created, [choice(endpoint, 0, text, finish_reason, logprobs)], usage_)
 
 
 def chunk(endpoint: Endpoint, request_id: str, model: str, created: int, text: str | None, finish_reason: str | None,
-          logprobs: dict[str, Any] | None = None, first: bool = False) -> dict[str, Any]:
-    """One streamed chunk with one choice."""
+          logprobs: dict[str, Any] | None = None, first: bool = False, index: int = 0,
+          delta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One streamed chunk with one choice (``index``); ``delta`` replaces the chat delta built from ``text``."""
     if endpoint is Endpoint.CHAT:
-        delta: dict[str, Any] = {}
-        if first:
-            delta["role"] = "assistant"
-        if text is not None:
-            delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        if delta is None:
+            delta = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+        body: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        body = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
-    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [choice]}
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [body]}
 
 
 def usage_chunk(endpoint: Endpoint, request_id: str, model: str, created: int, usage_: dict[str, Any]) -> dict[str, Any]:

@@ -167,4 +167,5 @@ async def test_health_ready_metrics_openapi(nats_server, tokenizer):
                  "flowkv_gateway_e2e_request_latency_seconds_count", 'flowkv_gateway_requests_total{endpoint="/v1/completions",status="200"}'):
         assert name in metrics_text
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/ready", "/metrics", "/openapi.json"}
+    assert set(doc["paths"]) == {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
+                                 "/health", "/ready", "/metrics", "/openapi.json"}
