@@ -395,6 +395,9 @@ class SetRole(Message, tag="set_role"):
 
 class NcclRendezvous(Message, tag="nccl"):
     from_node: str
+    # The sending scheduler leader's epoch (0: unfenced). A node refuses a SetRole whose
+    # epoch is below the highest it has seen: a deposed leader cannot start a flip.
+    epoch: int = 0
     payload: bytes
 
 
@@ -415,6 +418,7 @@ class EventKind(str, Enum):
 
 class SchedEvent(Message, tag="event"):
     kind: EventKind
+    LEADER = "leader"
     ts: float
     node_id: str = ""
     request_id: str = ""
@@ -427,6 +431,7 @@ class SchedEvent(Message, tag="event"):
 
 class ClusterQuery(Message, tag="cluster_query"):
     # Only the policy and num_waiting, no nodes or events: a liveness probe (the gateway
+    epoch: int = 0  # the publishing leader's epoch (``leader``: the new one's)
     # sends one while a placement waits in the scheduler's queue).
     brief: bool = False
 
@@ -440,6 +445,31 @@ class ClusterState(Message, tag="cluster"):
 
 AnyMessage = (
     LoadReport
+    leader: str = ""  # the answering scheduler leader's id
+    epoch: int = 0  # its epoch
+
+
+# ---------------------------------------------------------------- scheduler replicas (JetStream KV)
+
+
+class LeaderLease(Message, tag="leader_lease"):
+    """The value of the ``leader`` key in the lease bucket: who leads the schedulers."""
+
+    scheduler_id: str
+    since: float  # unix seconds the holder took the lease
+
+
+class LeaderState(Message, tag="leader_state"):
+    """The value of the ``state`` key in the state bucket, written only by compare-and-set:
+    the current leader's epoch and the role flip it has in flight, if any."""
+
+    scheduler_id: str
+    epoch: int
+    flip_node: str = ""
+    flip_old_role: Role | None = None
+    flip_new_role: Role | None = None
+    flip_reason: str = ""
+    flip_requested_at: float = 0.0
     | NodeBye
     | PlaceRequest
     | Placement
@@ -461,6 +491,8 @@ AnyMessage = (
 
 ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(AnyMessage)
+    | LeaderLease
+    | LeaderState
 
 
 def encode(message: Message) -> bytes:

@@ -61,6 +61,16 @@ def sched_events() -> str:
     return f"{PREFIX}.sched.events"
 
 
+def sched_lease_bucket() -> str:
+    """JetStream KV bucket (TTL'd) whose ``leader`` key is the scheduler replicas' lease."""
+    return f"{PREFIX}.sched.lease".replace(".", "_")
+
+
+def sched_state_bucket() -> str:
+    """JetStream KV bucket whose ``state`` key the scheduler leader writes by compare-and-set."""
+    return f"{PREFIX}.sched.state".replace(".", "_")
+
+
 def request_cancel() -> str:
     """Broadcast: a request is cancelled; every node holding it aborts it and frees its blocks."""
     return f"{PREFIX}.req.cancel"

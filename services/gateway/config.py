@@ -38,6 +38,9 @@ class GatewayConfig:
     queue_timeout_s: float = field(
         default=30.0, metadata={"help": "how long a request may wait in the scheduler's queue for a node with room before 429 (0: no wait)"}
     )
+    scheduler_failover_s: float = field(
+        default=10.0, metadata={"help": "when no scheduler answers a placement, re-send it to the next leader for this long before 503 (0: 503 at once)"}
+    )
     submit_timeout_s: float = field(default=5.0, metadata={"help": "wait for a node to acknowledge a submit"})
     stall_timeout_s: float = field(default=30.0, metadata={"help": "no token for this long: the request is re-placed"})
     max_retries: int = field(default=2, metadata={"help": "re-placements after node failures before giving up"})
@@ -61,5 +64,7 @@ class GatewayConfig:
         for name in ("place_timeout_s", "submit_timeout_s", "stall_timeout_s", "cluster_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.scheduler_failover_s < 0:
+            raise ValueError("scheduler_failover_s must be >= 0")
         if self.max_retries < 0 or self.max_model_len < 0 or self.shutdown_timeout_s < 0 or self.queue_timeout_s < 0:
             raise ValueError("max_retries, max_model_len, shutdown_timeout_s and queue_timeout_s must be >= 0")

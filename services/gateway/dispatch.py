@@ -1,9 +1,12 @@
 """Dispatcher: place a request, submit it, follow its tokens, and survive node failures.
 
 Life cycle of one request (one *attempt* per placement):
-1. ``PlaceRequest`` to the scheduler -> ``Placement`` (or ``Rejected``: 429 / 503 to the client);
-   when no node can take it now, the scheduler holds it up to ``queue_timeout_s`` for one
-   that can (a client that leaves meanwhile gets its place dropped by a ``Cancel``);
+1. ``PlaceRequest`` to the scheduler leader -> ``Placement`` (or ``Rejected``: 429 / 503
+   to the client); when no node can take it now, the leader holds it up to
+   ``queue_timeout_s`` for one that can (a client that leaves meanwhile gets its place
+   dropped by a ``Cancel``). When another scheduler replica takes the lead (a ``leader``
+   event, or a probe answered with a new epoch), or none answers, the request is re-sent
+   with what is left of its wait, for up to ``scheduler_failover_s`` without a leader;
 2. the router opens the attempt's stream, then ``SubmitRequest`` goes to the prefill node,
    which acks;
 3. ordered tokens are yielded to the HTTP handler as they arrive;
@@ -102,6 +105,8 @@ class Dispatcher:
         self._loads: dict[str, tuple[float, LoadReport]] = {}
         self._probe: asyncio.Future[bool] | None = None  # the liveness probe in flight, shared
         self._answered_at = -math.inf  # when the scheduler last answered a probe (monotonic)
+        self._epoch = 0  # the scheduler leader's epoch, as last heard (events, probes)
+        self._new_leader: asyncio.Future[None] | None = None  # resolved when the epoch changes
 
     async def start(self) -> None:
         self.events.listen(self._on_event)
@@ -128,7 +133,24 @@ class Dispatcher:
             return False
         return report.num_waiting + report.num_running + report.num_held > 0
 
+    def _leader_seen(self, epoch: int) -> None:
+        """Note the leader's epoch; a new one wakes every placement waiting on the old leader."""
+        if epoch and epoch != self._epoch:
+            self._epoch = epoch
+            if self._new_leader is not None and not self._new_leader.done():
+                self._new_leader.set_result(None)
+            self._new_leader = None
+
+    def _leader_changed(self) -> asyncio.Future[None]:
+        """A future resolved at the next change of leader."""
+        if self._new_leader is None:
+            self._new_leader = asyncio.get_running_loop().create_future()
+        return self._new_leader
+
     async def _on_event(self, event: SchedEvent) -> None:
+        if event.kind is EventKind.LEADER:
+            log.info("scheduler leader changed: %s (epoch %d)", event.detail, event.epoch)
+            self._leader_seen(event.epoch)
         if event.kind is EventKind.NODE_DOWN and event.node_id:
             self._loads.pop(event.node_id, None)  # a node that left is never busy (and not kept)
             n = self.router.fail_node(event.node_id, f"node {event.node_id} is down ({event.detail or 'no reason'})")
@@ -244,31 +266,7 @@ class Dispatcher:
 
     async def _place_traced(self, job: Job, wire_id: str, num_prompt: int, max_tokens: int,
                             excluded: list[str]) -> Placement:
-        wait = self.config.queue_timeout_s
-        place = PlaceRequest(
-            request_id=wire_id, model=job.model, num_prompt_tokens=num_prompt, max_tokens=max_tokens, exclude_nodes=list(excluded),
-            queue_timeout_s=wait,
-        )
-        pending = asyncio.ensure_future(request(self.nc, subjects.sched_place(), place, self.config.place_timeout_s + wait))
-        try:
-            # A request may wait in the scheduler's queue, so no answer within place_timeout_s
-            # is no sign of a dead scheduler: ask it, every place_timeout_s, whether it is there.
-            while wait > 0 and not (await asyncio.wait({pending}, timeout=self.config.place_timeout_s))[0]:
-                if not await self._scheduler_answers():
-                    pending.cancel()
-                    await self._publish_cancel(wire_id, "the scheduler stopped answering")
-                    metrics.REJECTED.labels("scheduler_unavailable").inc()
-                    raise ApiError(503, "the scheduler stopped answering while the request waited for a placement",
-                                   type="server_error", code="scheduler_unavailable", retry_after_s=1.0)
-            reply = await pending
-        except (NatsTimeoutError, NoRespondersError, asyncio.TimeoutError):
-            metrics.REJECTED.labels("scheduler_unavailable").inc()
-            raise ApiError(503, "the scheduler did not answer", type="server_error", code="scheduler_unavailable", retry_after_s=1.0) from None
-        except asyncio.CancelledError:
-            pending.cancel()
-            if wait > 0:  # the client left: free its place in the scheduler's queue
-                await self._publish_cancel(wire_id, "cancelled while waiting for placement")
-            raise
+        reply = await self._ask_placement(job, wire_id, num_prompt, max_tokens, excluded)
         if isinstance(reply, Rejected) and excluded and reply.code is not ErrorCode.INVALID:
             # Exclusion is a preference: a node that is really dead has left the scheduler's
             # registry already, so what is left failed this request for a passing reason
@@ -286,6 +284,70 @@ class Dispatcher:
                  f" after {reply.queued_s:.2f}s in the scheduler's queue" if reply.queued_s else "")
         return reply
 
+    async def _ask_placement(self, job: Job, wire_id: str, num_prompt: int, max_tokens: int,
+                             excluded: list[str]) -> object:
+        """The scheduler leader's answer to the request's ``PlaceRequest``.
+
+        The request is re-sent (same id, what is left of its queue wait) when the leader
+        changes, so a request that waited in a dead leader's queue is not lost; with no
+        scheduler answering (no responders, a timeout, a failed probe), it is re-sent until
+        one leads again, for at most ``scheduler_failover_s``; then 503.
+        """
+        loop = asyncio.get_running_loop()
+        wait = self.config.queue_timeout_s
+        deadline = loop.time() + wait
+        down_since: float | None = None  # since when no scheduler answered
+
+        def unavailable(what: str) -> ApiError:
+            metrics.REJECTED.labels("scheduler_unavailable").inc()
+            return ApiError(503, what, type="server_error", code="scheduler_unavailable", retry_after_s=1.0)
+
+        left = wait
+        while True:
+            place = PlaceRequest(
+                request_id=wire_id, model=job.model, num_prompt_tokens=num_prompt, max_tokens=max_tokens,
+                exclude_nodes=list(excluded), queue_timeout_s=left,
+            )
+            changed = self._leader_changed()
+            pending = asyncio.ensure_future(request(self.nc, subjects.sched_place(), place, self.config.place_timeout_s + left))
+            resend = False
+            try:
+                # A request may wait in the scheduler's queue, so no answer within place_timeout_s
+                # is no sign of a dead scheduler: ask it, every place_timeout_s, whether it is there.
+                while not pending.done():
+                    done, _ = await asyncio.wait({pending, changed}, timeout=self.config.place_timeout_s,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if pending in done:
+                        break
+                    if changed in done:
+                        resend = True
+                        break
+                    if left > 0 and not await self._scheduler_answers():
+                        down_since = loop.time() if down_since is None else down_since
+                        if loop.time() - down_since >= self.config.scheduler_failover_s:
+                            await self._publish_cancel(wire_id, "the scheduler stopped answering")
+                            raise unavailable("the scheduler stopped answering while the request waited for a placement")
+                if resend:
+                    log.info("%s: re-sending the placement to the new scheduler leader", wire_id)
+                    left = max(0.0, deadline - loop.time()) if wait > 0 else 0.0
+                    continue
+                try:
+                    return pending.result()
+                except (NatsTimeoutError, NoRespondersError, asyncio.TimeoutError):
+                    down_since = loop.time() if down_since is None else down_since
+                    if loop.time() - down_since >= self.config.scheduler_failover_s:
+                        raise unavailable("the scheduler did not answer") from None
+                    # No leader now (one is being elected): wait for it, briefly, and re-send.
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(changed), 0.25)
+                    left = max(0.0, deadline - loop.time()) if wait > 0 else 0.0
+            except asyncio.CancelledError:
+                if wait > 0:  # the client left: free its place in the scheduler's queue
+                    await self._publish_cancel(wire_id, "cancelled while waiting for placement")
+                raise
+            finally:
+                pending.cancel()
+
     async def _scheduler_answers(self) -> bool:
         """Whether the scheduler answers a brief ``ClusterQuery`` within ``place_timeout_s``.
         One probe at a time serves every waiting request, and an answer counts for
@@ -299,12 +361,13 @@ class Dispatcher:
 
     async def _ask_scheduler(self) -> bool:
         try:
-            await ask_cluster(self.nc, self.config.place_timeout_s, brief=True)
+            state = await ask_cluster(self.nc, self.config.place_timeout_s, brief=True)
         except Exception as exc:  # a timeout, no responders, a closed connection, a wrong reply: all say "not there"
             log.warning("the scheduler did not answer a liveness probe within %.1fs: %s",
                         self.config.place_timeout_s, exc.__class__.__name__)
             return False
         self._answered_at = asyncio.get_running_loop().time()
+        self._leader_seen(state.epoch)
         return True
 
     async def _submit(self, node_id: str, submit: SubmitRequest) -> None:

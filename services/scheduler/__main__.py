@@ -39,9 +39,9 @@ async def serve(config: SchedulerConfig, nats_config: NatsConfig) -> int:
         await service.start()
         stack.push_async_callback(service.close)
         if config.metrics_port:
-            runner = await serve_metrics(config.metrics_port, before_scrape=service.refresh_metrics)
+            runner = await serve_metrics(config.metrics_port, config.metrics_host, before_scrape=service.refresh_metrics)
             stack.push_async_callback(runner.cleanup)
-            log.info("metrics on http://0.0.0.0:%d/metrics", config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
         await wait_for_stop(stop, service.tasks)
         failed = service.tasks.failed.is_set()
         log.info("scheduler stopping (%s)", "a background task failed" if failed else "signal")

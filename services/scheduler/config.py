@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field, fields
 
 from libs.scheduler.clock import ManualClock
@@ -49,7 +51,11 @@ class SchedulerConfig:
     max_events: int = field(default=200, metadata=_h("recent events kept for cluster queries"))
     metrics_port: int = field(default=0, metadata=_h("serve Prometheus /metrics and /health on this port (0: off)"))
     log_level: str = field(default="info", metadata=_h("debug, info, warning, error"))
+    scheduler_id: str = field(default="", metadata=_h("this replica's id among the scheduler replicas (default: host-pid)"))
+    leader_lease_s: float = field(default=1.5, metadata=_h("the leader's lease in the broker's JetStream KV: a dead leader is replaced within about this long"))
+    lease_replicas: int = field(default=1, metadata=_h("JetStream replicas of the lease buckets (3 on a 3-server NATS cluster)"))
     json_logs: bool = field(default=False, metadata=_h("log one JSON object per line"))
+    metrics_host: str = field(default="127.0.0.1", metadata=_h("address the /metrics endpoint binds"))
 
     def __post_init__(self) -> None:
         for name in ("node_timeout_s", "max_ttft_s", "role_interval_s", "set_role_timeout_s"):
@@ -59,6 +65,12 @@ class SchedulerConfig:
             raise ValueError("queue_limit and max_queue_wait_s must not be negative")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        if self.leader_lease_s < 0.3:
+            raise ValueError("leader_lease_s must be at least 0.3")
+        if not 1 <= self.lease_replicas <= 5:
+            raise ValueError("lease_replicas must be in 1..5 (JetStream's limit)")
+        if not self.scheduler_id:
+            self.scheduler_id = f"{socket.gethostname()}-{os.getpid()}"
         self.role_config()  # validates the thresholds
         make_policy(self.policy, NodeRegistry(ManualClock()))  # validates the policy name
 

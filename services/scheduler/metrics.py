@@ -28,10 +28,13 @@ PLACE_SECONDS = Histogram(
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
 )
 
+LEADER = Gauge("flowkv_scheduler_leader", "1 while this replica leads the schedulers (places, holds the queue, flips roles), else 0")
+ELECTIONS = Counter("flowkv_scheduler_elections_total", "Times this replica took the lead")
+
 WAITING = Gauge("flowkv_scheduler_waiting_requests", "Requests held in the scheduler's queue for a node with room")
 WAIT_SECONDS = Histogram(
     "flowkv_scheduler_wait_seconds",
-    "Time a held request waited, by how it left the queue (placed, rejected, timeout, cancelled)",
+    "Time a held request waited, by how it left the queue (placed, rejected, timeout, cancelled; handed_over or deposed: left to the next leader)",
     ["outcome"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )

@@ -11,11 +11,22 @@
      SetRole to ``node(id, ROLE)``;
   5. every event goes out on sched_events.
 Garbage on any subject is dropped and counted (``services.common.messaging``).
+
+Replicas (``services.scheduler.leadership``): every replica follows node_load and
+node_bye, so its registry is warm; only the leader, elected through a JetStream KV lease,
+subscribes to sched_place, sched_cluster and request_cancel, publishes events, holds the
+wait queue and runs the role controller. Placement stays with the leader: two replicas
+placing at once would each promise the same free KV blocks (the in-flight reservations
+of one are invisible to the other). A replica that takes over adopts the role flip in
+flight from the leader state, announces itself with a ``leader`` event, and the
+gateways re-send the placements that waited on the old leader. A deposed leader stops
+placing at once and drops its queue (the gateways re-send it to the new leader).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -28,6 +39,7 @@ from opentelemetry.trace import Span, SpanKind, use_span
 from libs.protocol import subjects
 from libs.protocol.messages import (
     Ack,
+    LeaderState,
     Cancel,
     ClusterQuery,
     ClusterState,
@@ -53,6 +65,7 @@ from services.common.messaging import DROPPED, request, respond, subscribe
 from services.common.tracing import extract_context, tracer
 from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.leadership import Leadership, NotLeader
 from services.scheduler.validation import place_problem, report_problem
 
 log = logging.getLogger(__name__)
@@ -78,33 +91,95 @@ class SchedulerService:
         self.queue = WaitQueue(config.queue_limit, config.max_queue_wait_s)
         self.tasks = TaskGroup("scheduler")
         self._subs: list = []
+        self._leader_subs: list = []
+        self.leadership = Leadership(nc, config.scheduler_id, config.leader_lease_s, config.lease_replicas,
+                                     self._on_elected, self._on_deposed)
         self.num_placed = 0
         self.num_rejected = 0
 
+    @property
+    def is_leader(self) -> bool:
+        return self.leadership.leads()
+
     async def start(self) -> None:
-        """Subscribe to the subjects and start housekeeping."""
+        """Follow the load reports, run one round of the election (a lone replica leads
+        when this returns), then keep campaigning or renewing and start housekeeping."""
         self._subs = [
             await subscribe(self.nc, subjects.node_load(), self._on_load, (LoadReport,)),
             await subscribe(self.nc, subjects.node_bye(), self._on_bye, (NodeBye,)),
+        ]
+        await self.nc.flush()
+        if await self.leadership.start():
+            with contextlib.suppress(Exception):  # a broker still electing: the task tries again
+                await self.leadership.campaign()
+            self.tasks.spawn(self.leadership.run(), "leadership")
+        else:
+            await self.leadership.lead_alone()
+        self.tasks.spawn(self._housekeeping(), "housekeeping")
+        log.info("scheduler %s up (%s): policy %s, node timeout %gs", self.config.scheduler_id,
+                 "leader" if self.is_leader else "follower", self.policy.name, self.config.node_timeout_s)
+
+    async def _on_elected(self, epoch: int) -> None:
+        """This replica leads now: adopt the flip in flight, take the leader's subjects, say so."""
+        state = self.leadership.state
+        roles = self.policy.roles
+        if roles is not None and state.flip_node and state.flip_old_role and state.flip_new_role:
+            roles.in_flight = RoleChange(state.flip_node, state.flip_old_role, state.flip_new_role,
+                                         state.flip_reason, self.clock.now() - max(0.0, time.time() - state.flip_requested_at))
+            log.info("adopted the role flip in flight: %s -> %s", state.flip_node, state.flip_new_role.value)
+        self._leader_subs = [
             await subscribe(self.nc, subjects.sched_place(), self._on_place, (PlaceRequest,)),
             await subscribe(self.nc, subjects.sched_cluster(), self._on_cluster, (ClusterQuery,)),
             await subscribe(self.nc, subjects.request_cancel(), self._on_cancel, (Cancel,)),
         ]
         await self.nc.flush()
-        self.tasks.spawn(self._housekeeping(), "housekeeping")
-        log.info("scheduler up: policy %s, node timeout %gs", self.policy.name, self.config.node_timeout_s)
+        metrics.LEADER.set(1)
+        metrics.ELECTIONS.inc()
+        await self._publish([SchedEvent(kind=EventKind.LEADER, ts=self.clock.now(), epoch=epoch,
+                                         detail=f"{self.config.scheduler_id} leads")])
 
-    async def close(self) -> None:
-        """Stop housekeeping and unsubscribe, then answer every held request OVERLOADED
-        (its requester retries, instead of waiting out its timeout for a scheduler that is
-        gone); the caller drains the connection."""
-        await self.tasks.cancel_all()
-        for sub in self._subs:
+    async def _on_deposed(self, reason: str) -> None:
+        """Another replica leads (or may): stop placing, drop the queue and the flip at once."""
+        metrics.LEADER.set(0)
+        await self._unsubscribe(self._leader_subs)
+        self._leader_subs = []
+        if self.policy.roles is not None:
+            self.policy.roles.in_flight = None  # the new leader adopts it from the leader state
+        self._drop_queue("deposed")
+
+    def _drop_queue(self, outcome: str) -> None:
+        """Forget every held request without an answer: its gateway re-sends it to the leader."""
+        now = self.clock.now()
+        for w in self.queue.take_all():
+            _, span = w.handle
+            metrics.WAIT_SECONDS.labels(outcome).observe(now - w.since)
+            span.set_attributes({"flowkv.outcome": outcome, "flowkv.queued_s": now - w.since})
+            span.end()
+        metrics.WAITING.set(0)
+
+    @staticmethod
+    async def _unsubscribe(subs: list) -> None:
+        for sub in subs:
             try:
                 await sub.unsubscribe()
             except Exception:  # connection already closing: nothing left to undo
                 pass
-        self._subs = []
+
+    async def close(self) -> None:
+        """Stop housekeeping and unsubscribe, give the lease up, then hand the held requests
+        over: when another replica takes the lead within a moment, they are dropped (their
+        gateways re-send them to it); else each is answered OVERLOADED (its requester
+        retries, instead of waiting out its timeout for a scheduler that is gone). The
+        caller drains the connection."""
+        await self.tasks.cancel_all()
+        await self._unsubscribe(self._subs + self._leader_subs)
+        self._subs, self._leader_subs = [], []
+        if self.leadership.is_leader and self.leadership.enabled:
+            await self.leadership.close()
+            if len(self.queue) and await self.leadership.successor(self.config.leader_lease_s / 3):
+                log.info("handing %d waiting request(s) over to the new leader", len(self.queue))
+                self._drop_queue("handed_over")
+        metrics.LEADER.set(0)
         now = self.clock.now()
         for w in self.queue.take_all():
             msg, span = w.handle
@@ -123,13 +198,18 @@ class SchedulerService:
         metrics.WAITING.set(len(self.queue))
 
     async def _publish(self, events: list[SchedEvent]) -> None:
-        metrics.observe_events(events)
+        """Keep and log ``events``; the leader also publishes them (a follower's registry
+        sees the same nodes come and go, but one voice on sched_events is enough)."""
+        leader = self.is_leader
+        if leader:
+            metrics.observe_events(events)
         for ev in events:
             if ev.kind != EventKind.PLACEMENT:  # placements are too many to keep; they are published
                 self.events.append(ev)
-            log.log(logging.DEBUG if ev.kind == EventKind.PLACEMENT else logging.INFO, "event %s %s %s",
-                    ev.kind.value, ev.node_id or ev.request_id, ev.detail)
-            await self.nc.publish(subjects.sched_events(), encode(ev))
+            log.log(logging.DEBUG if ev.kind == EventKind.PLACEMENT or not leader else logging.INFO,
+                    "event %s %s %s", ev.kind.value, ev.node_id or ev.request_id, ev.detail)
+            if leader:
+                await self.nc.publish(subjects.sched_events(), encode(msgspec.structs.replace(ev, epoch=self.leadership.epoch)))
 
     async def _on_load(self, report: LoadReport, msg: Msg) -> None:
         problem = report_problem(report)
@@ -161,6 +241,10 @@ class SchedulerService:
             request_id_var.reset(token)
 
     async def _place(self, req: PlaceRequest, msg: Msg, span: Span) -> None:
+        if not self.is_leader:  # deposed a moment ago: the new leader answers the re-send
+            span.set_attribute("flowkv.outcome", "not_leader")
+            span.end()
+            return
         started = time.perf_counter()
         problem = place_problem(req)
         waits = not problem and self.queue.wants(req)
@@ -185,7 +269,7 @@ class SchedulerService:
 
     async def _drain(self) -> None:
         """Answer the waiting requests that can be answered now (see ``WaitQueue.drain``)."""
-        if not len(self.queue):
+        if not len(self.queue) or not self.is_leader:
             return
         now = self.clock.now()
         for w, out in self.queue.drain(self.policy.place, now):
@@ -239,10 +323,12 @@ class SchedulerService:
 
     async def _on_cluster(self, query: ClusterQuery, msg: Msg) -> None:
         if query.brief:
-            state = ClusterState(policy=self.policy.name, nodes=[], events=[], num_waiting=len(self.queue))
+            state = ClusterState(policy=self.policy.name, nodes=[], events=[], num_waiting=len(self.queue),
+                                 leader=self.config.scheduler_id, epoch=self.leadership.epoch)
         else:
             state = ClusterState(policy=self.policy.name, nodes=[n.report for n in self.registry.nodes()],
-                                 events=list(self.events), num_waiting=len(self.queue))
+                                 events=list(self.events), num_waiting=len(self.queue),
+                                 leader=self.config.scheduler_id, epoch=self.leadership.epoch)
         await respond(msg, state)
 
     async def _housekeeping(self) -> None:
@@ -252,17 +338,39 @@ class SchedulerService:
             await self.tick()
 
     async def tick(self) -> None:
-        """One round: expire silent nodes, advance the role controller, answer what waits."""
+        """One round: expire silent nodes; on the leader, advance the role controller and
+        answer what waits."""
         await self._publish(self.registry.expire())
-        if self.policy.roles is not None:
-            change, events = self.policy.roles.step()
+        roles = self.policy.roles
+        if roles is not None and self.is_leader:
+            change, events = roles.step()
+            try:
+                await self._record_flip(roles.in_flight)  # before SetRole goes out: the fence
+            except NotLeader:
+                roles.in_flight = None
+                return
             await self._publish(events)
             if change is not None:
                 self.tasks.spawn(self._send_role(change), f"set-role-{change.node_id}")
         await self._drain()  # deadlines, and reservations that expired since the last report
 
+    async def _record_flip(self, change: RoleChange | None) -> None:
+        """Write the flip in flight (or none) into the leader state by compare-and-set, when
+        it changed. A deposed leader's write fails (NotLeader): it sends no SetRole, and the
+        leader that took over adopts the flip it finds there."""
+        state = self.leadership.state
+        node = change.node_id if change else ""
+        new_role = change.new_role if change else None
+        if (state.flip_node, state.flip_new_role) == (node, new_role):
+            return
+        ago = self.clock.now() - change.requested_at if change else 0.0
+        await self.leadership.write_state(LeaderState(
+            scheduler_id=self.config.scheduler_id, epoch=self.leadership.epoch, flip_node=node,
+            flip_old_role=change.old_role if change else None, flip_new_role=new_role,
+            flip_reason=change.reason if change else "", flip_requested_at=time.time() - ago if change else 0.0))
+
     async def _send_role(self, change: RoleChange) -> None:
-        msg = SetRole(node_id=change.node_id, role=change.new_role, reason=change.reason)
+        msg = SetRole(node_id=change.node_id, role=change.new_role, reason=change.reason, epoch=self.leadership.epoch)
         error = ""
         try:
             reply = await request(self.nc, subjects.node(change.node_id, subjects.NodeVerb.ROLE), msg,

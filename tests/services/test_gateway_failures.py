@@ -49,7 +49,8 @@ async def test_client_leaving_while_queued_frees_its_place(nats_server, tokenize
 async def test_a_scheduler_that_hangs_while_a_request_waits_is_a_503(nats_server, tokenizer):
     # The placement may wait 600 s in the scheduler's queue; the liveness probe, not that
     # timeout, finds out that the scheduler is gone (a partitioned host, a stuck loop).
-    async with gateway(nats_server.url, tokenizer, {"hung": True}, place_timeout_s=0.3, queue_timeout_s=600.0) as gw:
+    async with gateway(nats_server.url, tokenizer, {"hung": True}, place_timeout_s=0.3, queue_timeout_s=600.0,
+                       scheduler_failover_s=0.0) as gw:
         status, out, headers = await gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 3})
     assert (status, out["error"]["code"], headers["Retry-After"]) == (503, "scheduler_unavailable", "1")
     assert "stopped answering" in out["error"]["message"]
@@ -145,7 +146,8 @@ async def test_scheduler_rejection(nats_server, tokenizer, code, status, retry_a
 
 async def test_no_scheduler_is_503(nats_server, tokenizer):
     # queue_timeout_s=0: a scheduler that may hold requests is given place + queue timeout.
-    async with gateway(nats_server.url, tokenizer, place_timeout_s=0.3, queue_timeout_s=0.0) as gw:
+    async with gateway(nats_server.url, tokenizer, place_timeout_s=0.3, queue_timeout_s=0.0,
+                       scheduler_failover_s=0.5) as gw:
         await gw.cluster.stop()
         status, out, _ = await gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 3})
     assert status == 503 and out["error"]["code"] == "scheduler_unavailable"

@@ -1,0 +1,266 @@
+"""Leader election among scheduler replicas, through a JetStream key-value lease.
+
+Every replica follows the load reports; one, the leader, places requests, holds the wait
+queue and runs the role controller. Life of a replica:
+
+  1. ``start()`` opens the lease bucket (``sched_lease_bucket()``, every entry expires
+     ``lease_s`` after it was written) and the state bucket (``sched_state_bucket()``, no
+     expiry), creating them if they are missing;
+  2. a follower tries ``create("leader")`` every ``lease_s / 10``: it succeeds only when
+     no lease exists, because the leader deleted it on a clean stop or stopped renewing it
+     (crash, lost connection) and it expired;
+  3. the winner takes its epoch from the state key (above every earlier leader's, and
+     above the time in milliseconds, so it grows even if the broker lost the buckets),
+     writes it there by compare-and-set, and only then acts as leader (``on_elected``);
+  4. the leader renews with ``update("leader", last=revision)`` every ``lease_s / 5``.
+     It leads only while its lease is certain: until ``lease_s`` (less a tenth) after it
+     *sent* its last successful renew. A renew refused (someone else holds the lease) or
+     none succeeding in time ends its term at once (``on_deposed``);
+  5. every change of the state key (a role flip started or ended) is a compare-and-set on
+     the revision the leader itself last wrote: a deposed leader's write fails, so it
+     never starts a role flip after a new leader took over;
+  6. ``close()``: a leader deletes its lease, so a follower takes over within one poll.
+
+A broker without JetStream leaves the replica leading alone (``enabled`` False; logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from libs.protocol import messages, subjects
+from libs.protocol.messages import LeaderLease, LeaderState
+
+log = logging.getLogger(__name__)
+
+LEADER_KEY = "leader"
+STATE_KEY = "state"
+
+
+class NotLeader(Exception):
+    """A compare-and-set of the state key failed: another replica leads now."""
+
+
+class Leadership:
+    """One replica's side of the election.
+
+    Args:
+        nc: the scheduler's NATS connection.
+        scheduler_id: this replica's id (unique among the replicas).
+        lease_s: how long a lease lasts without renewal (the failover time, about).
+        replicas: JetStream replicas of the two buckets (the number of nats-servers
+            that must fail before the lease is lost; 1 on a single server).
+        on_elected: awaited with the new epoch once this replica leads.
+        on_deposed: awaited with the reason once it no longer does.
+    """
+
+    def __init__(self, nc: Client, scheduler_id: str, lease_s: float, replicas: int,
+                 on_elected: Callable[[int], Awaitable[None]], on_deposed: Callable[[str], Awaitable[None]]) -> None:
+        self.nc = nc
+        self.scheduler_id = scheduler_id
+        self.lease_s = lease_s
+        self.replicas = replicas
+        self.on_elected = on_elected
+        self.on_deposed = on_deposed
+        self.enabled = True
+        self.is_leader = False
+        self.epoch = 0
+        self.state = LeaderState(scheduler_id=scheduler_id, epoch=0)
+        self._lease: KeyValue | None = None
+        self._store: KeyValue | None = None
+        self._lease_rev = 0
+        self._state_rev = 0
+        self._valid_until = 0.0  # monotonic: the lease is certainly ours until then
+        self._since = 0.0
+
+    async def start(self) -> bool:
+        """Open (or create) the buckets. Returns False when the broker has no JetStream."""
+        try:
+            await self._open()
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+            self.enabled = False
+            log.warning("the broker has no JetStream: this scheduler leads alone (run a single replica, "
+                        "or enable JetStream for leader election)")
+        return self.enabled
+
+    async def _open(self) -> None:
+        """Create the buckets if missing (a restarted broker may have lost them), then bind
+        them to a JetStream context whose requests time out well within a lease."""
+        setup = self.nc.jetstream(timeout=5.0)
+        await _bucket(setup, subjects.sched_lease_bucket(), self.lease_s, self.replicas)
+        await _bucket(setup, subjects.sched_state_bucket(), None, self.replicas)
+        ops = self.nc.jetstream(timeout=max(0.2, self.lease_s / 3))
+        self._lease = await ops.key_value(subjects.sched_lease_bucket())
+        self._store = await ops.key_value(subjects.sched_state_bucket())
+
+    async def run(self) -> None:
+        """Campaign and renew forever (a background task)."""
+        while True:
+            try:
+                if self.is_leader:
+                    await self._renew()
+                else:
+                    await self.campaign()
+            except asyncio.CancelledError:
+                raise
+            except (nats.errors.NoRespondersError, nats.js.errors.NotFoundError):
+                # No stream behind the bucket: a restarted broker lost it. Make it again.
+                with contextlib.suppress(Exception):
+                    await self._open()
+            except Exception as exc:  # the broker is unreachable or electing: try again next round
+                log.debug("lease round failed: %s: %s", type(exc).__name__, exc)
+            if self.is_leader and time.monotonic() > self._valid_until:
+                await self._step_down(f"could not renew the lease within {self.lease_s:g}s")
+            await asyncio.sleep(self.lease_s / (5 if self.is_leader else 10))
+
+    def leads(self) -> bool:
+        """Whether this replica leads now (its lease is certain)."""
+        return self.is_leader and (not self.enabled or time.monotonic() < self._valid_until)
+
+    async def lead_alone(self) -> None:
+        """No election (no JetStream): lead at once with epoch 0."""
+        self.is_leader = True
+        await self.on_elected(0)
+
+    async def campaign(self) -> None:
+        """One try at the lease (a no-op while another replica holds it)."""
+        assert self._lease is not None
+        sent = time.monotonic()
+        lease = LeaderLease(scheduler_id=self.scheduler_id, since=time.time())
+        try:
+            rev = await self._lease.create(LEADER_KEY, messages.encode(lease))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return  # another replica holds the lease
+        self._lease_rev, self._valid_until, self._since = rev, sent + self.lease_s * 0.9, lease.since
+        try:
+            await self._take_state()
+        except Exception:
+            await self._release()
+            raise
+        self.is_leader = True
+        log.info("leading the schedulers (epoch %d)", self.epoch)
+        await self.on_elected(self.epoch)
+
+    async def _take_state(self) -> None:
+        """Write a new epoch into the state key (compare-and-set), keeping the flip in flight."""
+        assert self._store is not None
+        for _ in range(5):
+            try:
+                entry = await self._store.get(STATE_KEY)
+                old = messages.decode(entry.value or b"")
+                rev = entry.revision or 0
+            except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+                old, rev = None, 0
+            prev = old.epoch if isinstance(old, LeaderState) else 0
+            epoch = max(int(time.time() * 1000), prev + 1)
+            new = (msgspec.structs.replace(old, scheduler_id=self.scheduler_id, epoch=epoch)
+                   if isinstance(old, LeaderState) else LeaderState(scheduler_id=self.scheduler_id, epoch=epoch))
+            try:
+                if rev:
+                    self._state_rev = await self._store.update(STATE_KEY, messages.encode(new), last=rev)
+                else:
+                    self._state_rev = await self._store.create(STATE_KEY, messages.encode(new))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # a deposed leader wrote in between: read again
+            self.epoch, self.state = epoch, new
+            return
+        raise NotLeader("the state key kept changing while taking over")
+
+    async def write_state(self, state: LeaderState) -> None:
+        """Replace the state key by compare-and-set on the revision this leader last wrote.
+
+        Raises:
+            NotLeader: another replica wrote it since (this one is deposed: it steps down).
+        """
+        if not self.enabled:
+            self.state = state
+            return
+        assert self._store is not None
+        if not self.leads():
+            raise NotLeader("the lease is not certain")
+        try:
+            self._state_rev = await self._store.update(STATE_KEY, messages.encode(state), last=self._state_rev)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            await self._step_down("another scheduler wrote the leader state")
+            raise NotLeader("another scheduler wrote the leader state") from None
+        self.state = state
+
+    async def _renew(self) -> None:
+        assert self._lease is not None
+        sent = time.monotonic()
+        lease = LeaderLease(scheduler_id=self.scheduler_id, since=self._since)
+        try:
+            self._lease_rev = await self._lease.update(LEADER_KEY, messages.encode(lease), last=self._lease_rev)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            if not await self._still_ours():
+                await self._step_down("another scheduler holds the lease")
+            return
+        self._valid_until = sent + self.lease_s * 0.9
+
+    async def _still_ours(self) -> bool:
+        """After a refused renew: a renew that timed out may have been applied (our lease,
+        a newer revision). Adopt that revision; anything else means the lease is lost."""
+        assert self._lease is not None
+        try:
+            entry = await self._lease.get(LEADER_KEY)
+        except nats.js.errors.NotFoundError:  # expired or deleted
+            return False
+        held = messages.decode(entry.value or b"")
+        if isinstance(held, LeaderLease) and held.scheduler_id == self.scheduler_id and held.since == self._since:
+            self._lease_rev = entry.revision or 0
+            return True
+        return False
+
+    async def _step_down(self, reason: str) -> None:
+        if not self.is_leader:
+            return
+        self.is_leader = False
+        log.warning("no longer leading the schedulers: %s", reason)
+        await self.on_deposed(reason)
+
+    async def _release(self) -> None:
+        if self._lease is not None and self._lease_rev:
+            with contextlib.suppress(Exception):
+                await self._lease.delete(LEADER_KEY, last=self._lease_rev)
+        self._lease_rev = 0
+
+    async def successor(self, timeout: float) -> bool:
+        """Whether another replica takes the lease within ``timeout`` seconds (after ``close``)."""
+        assert self._lease is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                held = messages.decode((await self._lease.get(LEADER_KEY)).value or b"")
+                if isinstance(held, LeaderLease) and held.scheduler_id != self.scheduler_id:
+                    return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def close(self) -> None:
+        """Give the lease up (a follower takes over at its next poll)."""
+        if self.is_leader and self.enabled:
+            self.is_leader = False
+            await self._release()
+
+
+async def _bucket(js, name: str, ttl: float | None, replicas: int) -> KeyValue:  # type: ignore[no-untyped-def]
+    """The bucket ``name``, created with these settings if it does not exist yet."""
+    try:
+        return await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    config = KeyValueConfig(bucket=name, history=1, ttl=ttl, storage=StorageType.MEMORY, replicas=replicas)
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError:  # another replica created it first, or a different config exists
+        return await js.key_value(name)

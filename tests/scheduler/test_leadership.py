@@ -1,0 +1,141 @@
+"""Scheduler replicas over a real nats-server with JetStream: one leader, elected by a KV lease.
+
+Two ``SchedulerService``s share one broker: only the leader answers placements and
+publishes events; when it stops, the other takes over with a higher epoch and the role
+flip in flight; a deposed leader can neither write the leader state nor start a flip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import pytest
+
+from libs.protocol import subjects
+from libs.protocol.messages import (
+    Ack, ClusterQuery, ClusterState, EventKind, PlaceRequest, Placement, Role, SchedEvent, SetRole, decode, encode,
+)
+from libs.scheduler.role_controller import RoleChange
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.leadership import NotLeader
+from services.scheduler.service import SchedulerService
+from tests.scheduler.helpers import announce, report, until
+
+LEASE_S = 0.6
+
+
+def _config(sid: str, policy: str = "round_robin") -> SchedulerConfig:
+    return SchedulerConfig(policy=policy, scheduler_id=sid, leader_lease_s=LEASE_S, role_interval_s=0.1)
+
+
+async def _place(client, rid: str) -> object:
+    req = PlaceRequest(request_id=rid, model="m", num_prompt_tokens=10, max_tokens=4)
+    return decode((await client.request(subjects.sched_place(), encode(req), timeout=3)).data)
+
+
+async def _who_answers(client) -> ClusterState:
+    state = decode((await client.request(subjects.sched_cluster(), encode(ClusterQuery(brief=True)), timeout=3)).data)
+    assert isinstance(state, ClusterState)
+    return state
+
+
+@pytest.fixture
+async def replicas(nats_server):
+    client = await nats.connect(nats_server.url)
+    conns = [await nats.connect(nats_server.url) for _ in range(2)]
+    services = [SchedulerService(_config(f"s{i}"), nc) for i, nc in enumerate(conns)]
+    for s in services:
+        await s.start()  # s0 first: it takes the free lease at once, s1 finds it held
+    try:
+        yield services, client
+    finally:
+        for s in services:
+            await s.close()
+        for nc in [*conns, client]:
+            await nc.drain()
+
+
+async def test_one_leader_answers_and_the_other_follows_the_load(replicas) -> None:
+    (s0, s1), client = replicas
+    assert (s0.is_leader, s1.is_leader) == (True, False)
+    await announce(client, s0.registry, report("p1"), report("d1", Role.DECODE))
+    await until(lambda: "p1" in s1.registry and "d1" in s1.registry)  # the follower's registry is warm
+    state = await _who_answers(client)
+    assert (state.leader, state.epoch) == ("s0", s0.leadership.epoch)
+    for i in range(3):
+        assert isinstance(await _place(client, f"r{i}"), Placement)
+    assert (s0.num_placed, s1.num_placed) == (3, 0)
+
+
+async def test_the_follower_takes_over_when_the_leader_stops(replicas) -> None:
+    (s0, s1), client = replicas
+    events: list[SchedEvent] = []
+
+    async def on_event(msg) -> None:
+        events.append(decode(msg.data))
+
+    await client.subscribe(subjects.sched_events(), cb=on_event)
+    await client.flush()
+    await announce(client, s0.registry, report("p1"), report("d1", Role.DECODE))
+    await until(lambda: "d1" in s1.registry)
+    old_epoch = s0.leadership.epoch
+    await s0.close()  # a clean stop gives the lease up
+    await until(lambda: s1.is_leader)
+    assert s1.leadership.epoch > old_epoch
+    await until(lambda: any(e.kind is EventKind.LEADER for e in events))
+    leader_events = [e for e in events if e.kind is EventKind.LEADER]
+    assert [(e.epoch, e.detail) for e in leader_events] == [(s1.leadership.epoch, "s1 leads")]
+    assert isinstance(await _place(client, "after"), Placement)
+    assert (await _who_answers(client)).leader == "s1"
+
+
+async def test_a_crashed_leader_is_replaced_and_cannot_write_once_deposed(replicas) -> None:
+    (s0, s1), client = replicas
+    # s0 stops renewing (as if its process hung): its lease expires and s1 takes over.
+    for task in list(s0.tasks._tasks):
+        if task.get_name().endswith("leadership"):
+            task.cancel()
+    await until(lambda: s1.is_leader, timeout=10)
+    assert s1.leadership.epoch > s0.leadership.epoch
+    assert not s0.is_leader  # its lease is no longer certain: it places nothing
+    s0.leadership._valid_until = float("inf")  # even if it believed it still led ...
+    change = RoleChange("d1", Role.DECODE, Role.PREFILL, "test", 0.0)
+    with pytest.raises(NotLeader):  # ... its compare-and-set on the leader state fails
+        await s0._record_flip(change)
+    assert not s0.leadership.is_leader  # and that deposes it
+
+
+async def test_the_new_leader_adopts_the_flip_in_flight_and_fences_set_role(nats_server) -> None:
+    client = await nats.connect(nats_server.url)
+    conns = [await nats.connect(nats_server.url) for _ in range(2)]
+    s0 = SchedulerService(_config("s0", "fixed:1:1"), conns[0])
+    s1 = SchedulerService(_config("s1", "fixed:1:1"), conns[1])
+    set_roles: list[SetRole] = []
+
+    async def on_role(msg) -> None:  # the node never reports the new role: the flip stays in flight
+        set_roles.append(decode(msg.data))
+        await msg.respond(encode(Ack(request_id="")))
+
+    await client.subscribe(subjects.node("n2", subjects.NodeVerb.ROLE), cb=on_role)
+    await client.flush()
+    try:
+        await s0.start()
+        await s1.start()
+        await announce(client, s0.registry, report("n1"), report("n2"))  # two prefill nodes: one must flip
+        await until(lambda: "n2" in s1.registry)
+        await until(lambda: len(set_roles) == 1)
+        assert s0.leadership.state.flip_node == "n2" and set_roles[0].epoch == s0.leadership.epoch
+        await s0.close()
+        await until(lambda: s1.is_leader)
+        roles = s1.policy.roles
+        assert roles is not None and roles.in_flight is not None
+        assert (roles.in_flight.node_id, roles.in_flight.new_role) == ("n2", Role.DECODE)
+        await asyncio.sleep(0.5)  # several role-controller rounds of the new leader
+        assert len(set_roles) == 1  # the flip was not started a second time
+        assert s1.leadership.state.flip_node == "n2"
+    finally:
+        for s in (s0, s1):
+            await s.close()
+        for nc in [*conns, client]:
+            await nc.drain()
