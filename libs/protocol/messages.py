@@ -248,6 +248,10 @@ class PlaceRequest(Message, tag="place"):
     # How long the scheduler may hold the request for a node with room before it answers
     # OVERLOADED (0: answer at once); the scheduler caps it (libs/scheduler/wait_queue.py).
     queue_timeout_s: float = 0.0
+    # The request's own service-level objectives (0: the deployment's, the scheduler's
+    # ttft_slo_s / tpot_slo_s): the flowkv policy counts it as goodput only within them.
+    ttft_slo_s: float = 0.0
+    tpot_slo_s: float = 0.0
 
 
 class Placement(Message, tag="placement"):
@@ -391,13 +395,13 @@ class SetRole(Message, tag="set_role"):
     node_id: str
     role: Role
     reason: str = ""
+    # The sending scheduler leader's epoch (0: unfenced). A node refuses a SetRole whose
+    # epoch is below the highest it has seen: a deposed leader cannot start a flip.
+    epoch: int = 0
 
 
 class NcclRendezvous(Message, tag="nccl"):
     from_node: str
-    # The sending scheduler leader's epoch (0: unfenced). A node refuses a SetRole whose
-    # epoch is below the highest it has seen: a deposed leader cannot start a flip.
-    epoch: int = 0
     payload: bytes
 
 
@@ -414,11 +418,11 @@ class EventKind(str, Enum):
     PLACEMENT = "placement"
     ROLE_FLIP = "role_flip"
     REJECTED = "rejected"
+    LEADER = "leader"
 
 
 class SchedEvent(Message, tag="event"):
     kind: EventKind
-    LEADER = "leader"
     ts: float
     node_id: str = ""
     request_id: str = ""
@@ -427,11 +431,11 @@ class SchedEvent(Message, tag="event"):
     decode_node: str = ""
     old_role: Role | None = None
     new_role: Role | None = None
+    epoch: int = 0  # the publishing leader's epoch (``leader``: the new one's)
 
 
 class ClusterQuery(Message, tag="cluster_query"):
     # Only the policy and num_waiting, no nodes or events: a liveness probe (the gateway
-    epoch: int = 0  # the publishing leader's epoch (``leader``: the new one's)
     # sends one while a placement waits in the scheduler's queue).
     brief: bool = False
 
@@ -441,10 +445,6 @@ class ClusterState(Message, tag="cluster"):
     nodes: list[LoadReport]
     events: list[SchedEvent]
     num_waiting: int = 0  # requests held in the scheduler's queue for capacity
-
-
-AnyMessage = (
-    LoadReport
     leader: str = ""  # the answering scheduler leader's id
     epoch: int = 0  # its epoch
 
@@ -470,6 +470,10 @@ class LeaderState(Message, tag="leader_state"):
     flip_new_role: Role | None = None
     flip_reason: str = ""
     flip_requested_at: float = 0.0
+
+
+AnyMessage = (
+    LoadReport
     | NodeBye
     | PlaceRequest
     | Placement
@@ -487,12 +491,12 @@ class LeaderState(Message, tag="leader_state"):
     | SchedEvent
     | ClusterQuery
     | ClusterState
+    | LeaderLease
+    | LeaderState
 )
 
 ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(AnyMessage)
-    | LeaderLease
-    | LeaderState
 
 
 def encode(message: Message) -> bytes:

@@ -41,6 +41,8 @@ class Placed:
     prompt_tokens: int  # uncached prompt tokens the prefill node computes
     output_tokens: int  # max_tokens: the decode steps the request asks for
     blocks: int  # KV blocks the request holds on its decode node at its longest
+    ttft_slo_s: float = 0.0  # the request's own TTFT objective (0: the deployment's)
+    tpot_slo_s: float = 0.0  # the request's own TPOT objective (0: the deployment's)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,18 @@ class StepFit:
         self.w, self.sx, self.sy = self.w * k + 1, self.sx * k + batch, self.sy * k + step_s
         self.sxx, self.sxy = self.sxx * k + batch * batch, self.sxy * k + batch * step_s
 
+    def line(self) -> tuple[float, float] | None:
+        """(intercept, slope) of the fitted step, the slope at least 0; None until the
+        batches seen spread over 2 sequences."""
+        if self.w <= 0:
+            return None
+        mx, my = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - mx * mx
+        if var < 4.0:
+            return None
+        slope = max((self.sxy / self.w - mx * my) / var, 0.0)
+        return max(my - slope * mx, 0.0), slope
+
     def predict(self, batch: float) -> float | None:
         """The fitted step at ``batch``; None until the batches seen spread over 2 sequences."""
         if self.w <= 0:
@@ -124,8 +138,10 @@ class DemandTracker:
         self._ids: set[str] = set()
         self._seen: dict[str, int] = {}  # node id -> seq of the last report observed
         self._busy_rate: dict[str, float] = {}  # node id -> prefill tokens/s measured while backlogged
+        self.peak_rate: dict[str, float] = {}  # device name -> best prefill tokens/s of its nodes (fading)
 
-    def record(self, t: float, request_id: str, prompt_tokens: int, output_tokens: int, blocks: int) -> None:
+    def record(self, t: float, request_id: str, prompt_tokens: int, output_tokens: int, blocks: int,
+               ttft_slo_s: float = 0.0, tpot_slo_s: float = 0.0) -> None:
         """Count one request asked for at time ``t``, once: a retry of a rejected request
         (same id) is the same demand, so what is counted is the offered load, not only
         what admission let in (which would shrink with the side that is short)."""
@@ -133,7 +149,7 @@ class DemandTracker:
         if request_id in self._ids:
             return
         self._ids.add(request_id)
-        self._placed.append(Placed(t, request_id, prompt_tokens, output_tokens, blocks))
+        self._placed.append(Placed(t, request_id, prompt_tokens, output_tokens, blocks, ttft_slo_s, tpot_slo_s))
 
     def observe(self, nodes: list[NodeEntry]) -> None:
         """Take in the reports not seen yet: decode steps into the step fits, and the
@@ -147,6 +163,10 @@ class DemandTracker:
                 self.fit.add(r.num_running, r.decode_step_s)
                 self.kind_fits.setdefault(r.device_name, StepFit()).add(r.num_running, r.decode_step_s)
             rate, busy = r.prefill_tokens_per_s, self._busy_rate.get(r.node_id, 0.0)
+            if rate > 0:
+                # The rate of the fullest batches a node of this kind has run: the nearest
+                # measure of its capacity when no node was ever backlogged.
+                self.peak_rate[r.device_name] = max(rate, self.peak_rate.get(r.device_name, 0.0) * 0.9995)
             if rate > 0 and r.waiting_prefill_tokens >= max(rate, busy) * self.busy_backlog_s:
                 # The rate is an average over recent batches, which lags when a backlog
                 # starts after small ones: the best seen wins, fading so that a node that
@@ -173,6 +193,11 @@ class DemandTracker:
 
     def __len__(self) -> int:
         return len(self._placed)
+
+    def window(self, now: float) -> list[Placed]:
+        """The placements in ``(now - window_s, now]``, oldest first."""
+        self._trim(now)
+        return list(self._placed)
 
     def demand(self, now: float, nodes: list[NodeEntry], cost: CostModel) -> Demand | None:
         """Demand of the placements in ``(now - window_s, now]`` against ``nodes``' measured figures.

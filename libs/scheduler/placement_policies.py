@@ -1,4 +1,4 @@
-"""Placement policies, pluggable by name: ``round_robin``, ``least_loaded``, ``fixed:P:D``, ``flowkv``.
+"""Placement policies, pluggable by name: ``round_robin``, ``least_loaded``, ``fixed:P:D``, ``colocated``, ``flowkv``.
 
 Every policy places one request at a time:
   1. candidates: live READY nodes serving the request's model, minus ``exclude_nodes``;
@@ -10,8 +10,11 @@ Every policy places one request at a time:
 
 ``flowkv`` and ``fixed:P:D`` share the cost-model placement
 (:mod:`~libs.scheduler.cost_model`); they differ in roles: ``fixed`` pins the first
-P/(P+D) of the nodes by id to prefill and the rest to decode, ``flowkv`` has a
-:class:`~libs.scheduler.role_controller.RoleController` move them.
+P/(P+D) of the nodes by id to prefill and the rest to decode, ``colocated`` makes every
+node hybrid and serves each request on one node, ``flowkv`` has a
+:class:`~libs.scheduler.role_controller.RoleController` move them among prefill, decode
+and hybrid (for goodput under the TTFT and TPOT objectives when they are set,
+:mod:`~libs.scheduler.goodput`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from libs.scheduler.cost_model import (
 from libs.scheduler.node_registry import Inflight, NodeEntry, NodeRegistry
 from libs.scheduler.role_controller import RoleConfig, RoleController
 
-POLICY_NAMES = ("round_robin", "least_loaded", "fixed:P:D", "flowkv")
+POLICY_NAMES = ("round_robin", "least_loaded", "fixed:P:D", "colocated", "flowkv")
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class Policy:
         if self.roles is not None and self.roles.demand is not None:
             # Offered load, counted before admission (retries and waits are recognised by id).
             self.roles.demand.record(self.registry.clock.now(), req.request_id, req.num_prompt_tokens, req.max_tokens,
-                                     decode_blocks_needed(req, live[0]))
+                                     decode_blocks_needed(req, live[0]), req.ttft_slo_s, req.tpot_slo_s)
 
     def _place_decode(self, req: PlaceRequest, ready: list[NodeEntry]) -> Placement | Rejected:
         """A decode node for a request already prefilled on ``req.prefill_node`` (its placed
@@ -210,6 +213,23 @@ class FlowKV(Policy):
         return pair
 
 
+class Colocated(Policy):
+    """``colocated``: every node hybrid, each request prefilled and decoded on one node
+    (no hand-off), the one with the least predicted TTFT (backlog, prefix-cache hit) plus
+    decode load: the colocated baseline, one server per node behind a load balancer."""
+
+    name = "colocated"
+
+    def target_roles(self, nodes: list[NodeEntry]) -> dict[str, Role]:
+        return {n.node_id: Role.HYBRID for n in nodes}
+
+    def choose(self, req: PlaceRequest, ps: list[NodeEntry], ds: list[NodeEntry]) -> tuple[NodeEntry, NodeEntry]:
+        cost = self.config.cost
+        both = [p for p in ps if p in ds] or ps
+        node = min(both, key=lambda n: (estimate(cost, req, n, n).ttft_s + decode_load(cost, n), n.node_id))
+        return node, node if node in ds else min(ds, key=lambda d: (decode_load(cost, d), d.node_id))
+
+
 class FixedSplit(FlowKV):
     """``fixed:P:D``: P of every P+D nodes prefill, the rest decode.
 
@@ -272,6 +292,11 @@ def make_policy(
         return RoundRobin(registry, config)
     if spec == "least_loaded":
         return LeastLoaded(registry, config)
+    if spec == "colocated":
+        colocated = Colocated(registry, config)
+        colocated.roles = RoleController(registry, role_config or RoleConfig(), config.cost,
+                                         target=colocated.target_roles)
+        return colocated
     if spec == "flowkv":
         policy: Policy = FlowKV(registry, config)
         policy.roles = RoleController(registry, role_config or RoleConfig(), config.cost)

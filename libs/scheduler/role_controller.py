@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from libs.protocol.messages import EventKind, Role, SchedEvent
 from libs.scheduler.cost_model import CostModel, decode_utilisation
 from libs.scheduler.demand import Demand, DemandTracker
+from libs.scheduler.goodput import Forecast, Load, Objectives, measured_rates, next_move, shape_of
 from libs.scheduler.node_registry import NodeEntry, NodeRegistry
 
 
@@ -48,6 +49,14 @@ class RoleConfig:
             signal's hysteresis).
         demand_confidence: that move must still pay with each need this many standard
             errors against it (a window's sampling noise is no reason to flip).
+        ttft_slo_s / tpot_slo_s: the deployment's objectives (0: none). With either set,
+            or once requests bring their own (``PlaceRequest.ttft_slo_s``), the controller
+            plans for goodput (:mod:`~libs.scheduler.goodput`): it moves nodes among
+            prefill, hybrid and decode toward the shape predicted to serve the most
+            requests within their objectives.
+        goodput_margin: a goodput move must raise the predicted share of requests within
+            their objectives by more than this (or, at equal goodput, cut the busiest
+            node's load by more than ``demand_margin`` while it is above ``demand_busy``).
     """
 
     min_dwell_s: float = 10.0
@@ -62,8 +71,13 @@ class RoleConfig:
     demand_busy: float = 0.5
     demand_margin: float = 0.05
     demand_confidence: float = 1.0
+    ttft_slo_s: float = 0.0
+    tpot_slo_s: float = 0.0
+    goodput_margin: float = 0.02
 
     def __post_init__(self) -> None:
+        if self.ttft_slo_s < 0 or self.tpot_slo_s < 0 or not 0 <= self.goodput_margin < 1:
+            raise ValueError("ttft_slo_s and tpot_slo_s must be >= 0, goodput_margin in [0, 1)")
         if self.demand_window_s < 0 or self.demand_busy < 0 or self.demand_confidence < 0:
             raise ValueError("demand_window_s, demand_busy and demand_confidence must be >= 0")
         if not 0 <= self.demand_margin < 1:
@@ -131,6 +145,7 @@ class RoleController:
         self.in_flight: RoleChange | None = None
         self.num_flips = 0
         self._last: tuple[Role, float] | None = None  # direction (the role gained) and time of the last flip
+        self.last_plan: Forecast | None = None  # the goodput planner's latest best shape
 
     def step(self) -> tuple[RoleChange | None, list[SchedEvent]]:
         """Advance the flip in flight; if none, maybe start one.
@@ -206,6 +221,11 @@ class RoleController:
         decodes = [n for n in free if n.role == Role.DECODE]
         why = (f"prefill backlog {pr.prefill_backlog_s:.2f}s, decode occupancy {pr.decode_occupancy:.2f}, "
                f"waiting {pr.decode_waiting:.2f}")
+        planned, change = self._decide_by_goodput(nodes, free)
+        if planned or c.ttft_slo_s > 0 or c.tpot_slo_s > 0:
+            # With objectives, roles follow the goodput plan only; a window too thin to
+            # plan from is a light load, which any shape serves.
+            return change
         by_demand = self._decide_by_demand(nodes, free)
         if by_demand is not None:
             return by_demand
@@ -238,6 +258,65 @@ class RoleController:
             if cands and projected < c.prefill_high_s and self._demand_allows(nodes, self._least_busy(cands), Role.DECODE):
                 return self._change(self._least_busy(cands), Role.DECODE, f"decode short ({why})")
         return None
+
+    def goodput_load(self, nodes: list[NodeEntry]) -> tuple[Load, Demand] | None:
+        """The window's load for goodput planning, or None: no objectives (neither the
+        deployment's nor any request's), no demand tracker, or too few placements."""
+        ready = [n for n in nodes if n.ready]
+        if self.demand is None or len(ready) < 2:
+            return None
+        now = self.registry.clock.now()
+        demand = self.demand.demand(now, ready, self.cost)
+        if demand is None:
+            return None
+        placed = self.demand.window(now)
+        objectives = Objectives(self.config.ttft_slo_s, self.config.tpot_slo_s)
+        if not objectives.any and not any(p.ttft_slo_s or p.tpot_slo_s for p in placed):
+            return None
+        rates = measured_rates(self.demand, ready, self.cost, placed)
+        return Load(placed, self.demand.window_s, rates, objectives, self.config.demand_confidence), demand
+
+    def _decide_by_goodput(self, nodes: list[NodeEntry], free: list[NodeEntry]) -> tuple[bool, RoleChange | None]:
+        """(whether goodput planning applies, the flip it asks for): one flip toward the
+        shape of best predicted goodput, when that beats the current shape's by more than
+        ``goodput_margin``, or matches it with a busiest-node load lower by more than
+        ``demand_margin`` while the current one is above ``demand_busy``."""
+        view = self.goodput_load(nodes)
+        if view is None:
+            return False, None
+        load, demand = view
+        c = self.config
+        current = shape_of([n.role for n in nodes])
+        best, now = load.best(len(nodes), current)
+        self.last_plan = best
+        # A share estimated from N requests is uncertain by up to 0.5 / sqrt(N) (its
+        # standard error at one half): a gain within that is the window's noise.
+        margin = max(c.goodput_margin, c.demand_confidence * 0.5 / math.sqrt(max(load.num_requests, 1)))
+        gains = best.goodput > now.goodput + margin
+        lighter = (best.goodput >= now.goodput - margin and now.load > c.demand_busy
+                   and best.load < now.load * (1.0 - c.demand_margin))
+        if best.shape == current or not (gains or lighter):
+            return True, None
+        settled = self._last is not None and self.registry.clock.now() - self._last[1] < c.reverse_cooldown_s
+        if settled and self.in_flight is None and not best.goodput > now.goodput + 2 * margin:
+            # A shape just reached is kept for the cooldown unless another is clearly better:
+            # windows near a boundary between two shapes would otherwise swing between them.
+            return True, None
+        why = (f"goodput: {current} predicted {now.goodput:.2f} within objectives at load {now.load:.2f}, "
+               f"{best.shape} {best.goodput:.2f} at {best.load:.2f}")
+        for src, dst in next_move(current, best.shape):
+            movers = [n for n in free if n.role == src]
+            if not movers:
+                continue
+            ratio = {n.node_id: demand.prefill_speed.get(n.node_id, 1.0) / max(demand.decode_speed.get(n.node_id, 1.0), 1e-9)
+                     for n in movers}
+            sign = {Role.PREFILL: -1.0, Role.DECODE: 1.0}.get(dst, 0.0)
+            node = min(movers, key=lambda n: (sign * ratio[n.node_id], n.queued_prefill_tokens() + n.report.num_held,
+                                              n.num_decode_seqs(), n.node_id))
+            change = self._change(node, dst, why)
+            if keeps_both_sides(nodes, change):
+                return True, change
+        return True, None
 
     def _decide_by_demand(self, nodes: list[NodeEntry], free: list[NodeEntry]) -> RoleChange | None:
         """Flip one node from the less busy side to the busier one, by the recent demand, when

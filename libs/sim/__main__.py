@@ -16,7 +16,7 @@ from libs.sim.calibration import DEVICE_KINDS, parse_mix
 from libs.sim.cluster import SimConfig
 from libs.sim.metrics import SLO
 from libs.sim.sweep import run_one, sweep_policies, write
-from libs.sim.workload import SCENARIOS
+from libs.sim.workload import GOODPUT_SCENARIOS, SCENARIOS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=None, help="cluster size (4 to 64; default 4, or the --mix total)")
     ap.add_argument("--mix", default="", help=f"device kinds in node order, KIND:COUNT,... (kinds: "
                     f"{', '.join(DEVICE_KINDS)}; default all h100), e.g. h100:4,a100:4")
-    ap.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
-    ap.add_argument("--policy", default="flowkv", help="round_robin, least_loaded, fixed:P:D or flowkv")
+    ap.add_argument("--scenario", choices=[*SCENARIOS, *GOODPUT_SCENARIOS, "all"], default="all",
+                    help="all: the paper's three (normal, imbalance, overload)")
+    ap.add_argument("--policy", default="flowkv", help="round_robin, least_loaded, fixed:P:D, colocated or flowkv")
     ap.add_argument("--sweep", action="store_true", help="every policy and fixed split")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the scenario durations")

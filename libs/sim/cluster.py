@@ -74,6 +74,7 @@ class Cluster:
         self.num_rejections = 0
         self.queue = WaitQueue(self.config.queue_limit, self.config.queue_wait_s)
         self.flips: list[tuple[float, str, Role, Role]] = []
+        self.flip_reasons: list[str] = []  # the controller's reason for each flip in ``flips``
         self.role_timeline: list[tuple[float, int, int, int]] = []  # (t, #prefill, #decode, #hybrid)
         self.role_seconds: dict[str, dict[Role, float]] = {}  # node id -> role -> seconds, at role ticks
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
@@ -184,6 +185,7 @@ class Cluster:
             change, _ = roles.step()
             if change is not None:
                 self.flips.append((now, change.node_id, change.old_role, change.new_role))
+                self.flip_reasons.append(change.reason)
                 self.nodes[change.node_id].set_role(change.new_role)
         for node in self.nodes.values():
             seconds = self.role_seconds.setdefault(node.node_id, {})

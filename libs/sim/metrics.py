@@ -34,6 +34,7 @@ class RunMetrics:
     tpot_p90: float
     tpot_p99: float
     slo_attainment: float  # share of all requests that completed within both SLOs
+    goodput_rps: float = 0.0  # requests completed within both SLOs / window
     queue_wait_p99: float = 0.0  # the wait in the scheduler's queue of completed requests (SimConfig.queue_wait_s)
 
     def as_dict(self) -> dict:
@@ -49,8 +50,14 @@ def percentile(values: list[float], p: float) -> float:
     return s[k]
 
 
-def summarize(cluster: Cluster, policy: str, scenario: str, window_s: float, slo: SLO) -> RunMetrics:
-    done = [j for j in cluster.finished if j.finish_s <= window_s]
+def summarize(cluster: Cluster, policy: str, scenario: str, window_s: float, slo: SLO,
+              measure_from_s: float = 0.0) -> RunMetrics:
+    """The run's figures over the requests that arrived in ``[measure_from_s, window_s)``
+    (a lead-in before it is not measured) and finished by the end of the run (the cluster's
+    horizon: the window, or a drain after it); rates are per second of that window."""
+    jobs = [j for j in cluster.jobs if measure_from_s <= j.req.arrival < window_s]
+    done = [j for j in jobs if 0 <= j.finish_s <= cluster.horizon_s]
+    window_s -= measure_from_s
     ttft = [j.first_token_s - j.req.arrival for j in done]
     tpot = [(j.finish_s - j.first_token_s) / (j.req.max_tokens - 1) for j in done if j.req.max_tokens > 1]
     ok = sum(
@@ -58,15 +65,15 @@ def summarize(cluster: Cluster, policy: str, scenario: str, window_s: float, slo
         if j.first_token_s - j.req.arrival <= slo.ttft_s
         and (j.req.max_tokens <= 1 or (j.finish_s - j.first_token_s) / (j.req.max_tokens - 1) <= slo.tpot_s)
     )
-    n = len(cluster.jobs)
+    n = len(jobs)
     return RunMetrics(
         policy=policy, scenario=scenario, num_nodes=len(cluster.nodes), num_requests=n, num_completed=len(done),
-        num_dropped=sum(1 for j in cluster.jobs if j.dropped), num_rejections=cluster.num_rejections,
+        num_dropped=sum(1 for j in jobs if j.dropped), num_rejections=cluster.num_rejections,
         num_flips=len(cluster.flips), throughput_rps=len(done) / window_s,
         throughput_tok_s=sum(j.req.max_tokens for j in done) / window_s,
         ttft_p50=percentile(ttft, 50), ttft_p90=percentile(ttft, 90), ttft_p99=percentile(ttft, 99),
         tpot_p50=percentile(tpot, 50), tpot_p90=percentile(tpot, 90), tpot_p99=percentile(tpot, 99),
-        slo_attainment=ok / n if n else 0.0, queue_wait_p99=percentile([j.queued_s for j in done], 99),
+        slo_attainment=ok / n if n else 0.0, goodput_rps=ok / window_s, queue_wait_p99=percentile([j.queued_s for j in done], 99),
     )
 
 

@@ -4,23 +4,32 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from libs.sim.calibration import NodeCosts
 from libs.sim.cluster import Cluster, SimConfig
 from libs.sim.metrics import SLO, RunMetrics, by_device, summarize
-from libs.sim.workload import SCENARIOS, duration, generate
+from libs.sim.workload import GOODPUT_SCENARIOS, SCENARIOS, duration, generate
 
 
 def run_one(num_nodes: int, scenario: str, policy: str, seed: int = 0, scale: float = 1.0,
             config: SimConfig | None = None, slo: SLO | None = None,
-            costs: list[NodeCosts] | None = None) -> tuple[RunMetrics, Cluster]:
+            costs: list[NodeCosts] | None = None, lead_in_s: float = 0.0,
+            drain_s: float = 0.0) -> tuple[RunMetrics, Cluster]:
     """Simulate ``policy`` on ``scenario``; the same seed gives the same requests for every policy.
-    ``costs`` gives each node its device kind (default: all H100)."""
-    window = duration(scenario, scale)
-    cluster = Cluster(num_nodes, policy, generate(scenario, num_nodes, seed, scale), window, config, costs).run()
-    return summarize(cluster, policy, scenario, window, slo or SLO()), cluster
+    ``costs`` gives each node its device kind (default: all H100); ``lead_in_s`` of the
+    first phase run before the scenario, unmeasured; the run goes on ``drain_s`` after the
+    last arrival so that requests of the window's end can finish (and count)."""
+    window = duration(scenario, scale, lead_in_s)
+    slo = slo or SLO()
+    # The deployment's objectives reach the role controller, as the scheduler's
+    # ttft_slo_s / tpot_slo_s do: flowkv plans its roles for goodput under them.
+    config = config or SimConfig()
+    config = replace(config, roles=replace(config.roles, ttft_slo_s=slo.ttft_s, tpot_slo_s=slo.tpot_s))
+    requests = generate(scenario, num_nodes, seed, scale, lead_in_s)
+    cluster = Cluster(num_nodes, policy, requests, window + drain_s, config, costs).run()
+    return summarize(cluster, policy, scenario, window, slo, lead_in_s), cluster
 
 
 def sweep_policies(num_nodes: int) -> list[str]:
@@ -85,7 +94,7 @@ def plot(results: list[RunMetrics], clusters: dict[tuple[str, str], Cluster], ou
     import matplotlib.pyplot as plt
 
     written = []
-    scenarios = [s for s in SCENARIOS if any(m.scenario == s for m in results)]
+    scenarios = [s for s in (*SCENARIOS, *GOODPUT_SCENARIOS) if any(m.scenario == s for m in results)]
     fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 4), squeeze=False)
     for ax, sc in zip(axes[0], scenarios):
         ms = [m for m in results if m.scenario == sc]

@@ -28,7 +28,7 @@ class SchedulerConfig:
     :class:`~libs.scheduler.role_controller.RoleConfig`, which hold them once.
     """
 
-    policy: str = field(default="flowkv", metadata=_h("round_robin, least_loaded, fixed:P:D or flowkv"))
+    policy: str = field(default="flowkv", metadata=_h("round_robin, least_loaded, fixed:P:D, colocated or flowkv"))
     node_timeout_s: float = field(default=3.0, metadata=_h("a node is dead after this long without a load report"))
     max_ttft_s: float = field(default=PlacementConfig.max_ttft_s, metadata=_h("reject (429) when the best predicted TTFT exceeds this"))
     max_retry_after_s: float = field(default=PlacementConfig.max_retry_after_s, metadata=_h("cap on Retry-After of a rejection"))
@@ -47,15 +47,17 @@ class SchedulerConfig:
     demand_margin: float = field(default=RoleConfig.demand_margin, metadata=_h("the move a demand flip starts must cut that utilisation by more than this fraction"))
     demand_confidence: float = field(default=RoleConfig.demand_confidence, metadata=_h("and must still pay with each need this many standard errors against it (window sampling noise)"))
     allow_hybrid: bool = field(default=RoleConfig.allow_hybrid, metadata=_h("turn nodes hybrid when both sides are saturated"))
+    ttft_slo_s: float = field(default=RoleConfig.ttft_slo_s, metadata=_h("the deployment's TTFT objective in seconds; with it or tpot_slo_s set, flowkv chooses roles for goodput (0: none)"))
+    tpot_slo_s: float = field(default=RoleConfig.tpot_slo_s, metadata=_h("the deployment's TPOT objective in seconds (0: none)"))
     set_role_timeout_s: float = field(default=5.0, metadata=_h("timeout of the SetRole request to a node"))
     max_events: int = field(default=200, metadata=_h("recent events kept for cluster queries"))
-    metrics_port: int = field(default=0, metadata=_h("serve Prometheus /metrics and /health on this port (0: off)"))
-    log_level: str = field(default="info", metadata=_h("debug, info, warning, error"))
     scheduler_id: str = field(default="", metadata=_h("this replica's id among the scheduler replicas (default: host-pid)"))
     leader_lease_s: float = field(default=1.5, metadata=_h("the leader's lease in the broker's JetStream KV: a dead leader is replaced within about this long"))
     lease_replicas: int = field(default=1, metadata=_h("JetStream replicas of the lease buckets (3 on a 3-server NATS cluster)"))
-    json_logs: bool = field(default=False, metadata=_h("log one JSON object per line"))
+    metrics_port: int = field(default=0, metadata=_h("serve Prometheus /metrics and /health on this port (0: off)"))
     metrics_host: str = field(default="127.0.0.1", metadata=_h("address the /metrics endpoint binds"))
+    log_level: str = field(default="info", metadata=_h("debug, info, warning, error"))
+    json_logs: bool = field(default=False, metadata=_h("log one JSON object per line"))
 
     def __post_init__(self) -> None:
         for name in ("node_timeout_s", "max_ttft_s", "role_interval_s", "set_role_timeout_s"):
@@ -63,14 +65,14 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be positive")
         if self.queue_limit < 0 or self.max_queue_wait_s < 0:
             raise ValueError("queue_limit and max_queue_wait_s must not be negative")
-        if not 0 <= self.metrics_port < 65536:
-            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.leader_lease_s < 0.3:
             raise ValueError("leader_lease_s must be at least 0.3")
         if not 1 <= self.lease_replicas <= 5:
             raise ValueError("lease_replicas must be in 1..5 (JetStream's limit)")
         if not self.scheduler_id:
             self.scheduler_id = f"{socket.gethostname()}-{os.getpid()}"
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         self.role_config()  # validates the thresholds
         make_policy(self.policy, NodeRegistry(ManualClock()))  # validates the policy name
 

@@ -110,8 +110,9 @@ def test_wait_queue_holds_what_retries_would_refuse() -> None:
 
     from libs.sim.cluster import SimConfig
 
-    retry, _ = run_one(4, "overload", "flowkv", seed=0, scale=0.25)
-    queued, cl = run_one(4, "overload", "flowkv", seed=0, scale=0.25, config=replace(SimConfig(), queue_wait_s=30.0))
+    # A fixed split, whose decode side the overload fills (flowkv plans roles for the SLOs).
+    retry, _ = run_one(4, "overload", "fixed:1:1", seed=0, scale=0.25)
+    queued, cl = run_one(4, "overload", "fixed:1:1", seed=0, scale=0.25, config=replace(SimConfig(), queue_wait_s=30.0))
     assert retry.num_rejections > 0 and retry.num_dropped > 0  # decode pools full: clients refused and retrying
     assert (queued.num_rejections, queued.num_dropped) == (0, 0)
     assert queued.queue_wait_p99 > 0

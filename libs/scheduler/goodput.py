@@ -1,0 +1,286 @@
+"""Goodput planning: the mix of prefill, hybrid and decode nodes that serves the most
+requests within their TTFT and TPOT objectives.
+
+A cluster *shape* is how many nodes are in each role: P prefill, H hybrid (both phases on
+one node, as a colocated server runs them), D decode, with P + H + D = n and at least one
+node able to prefill and one able to decode. For every shape the planner predicts, from
+the last window's demand and the nodes' measured rates, what each request would see, with
+the placement spreading each phase evenly over the nodes able to run it (a fluid model,
+per node):
+
+  u     = prompt tokens/s / (prefill rate x (P + H))   share of a prefilling node's time spent on prompts
+  r     = output tokens/s / (D + H)                     output tokens/s of a decoding node
+  step  = a + b x batch                                 the decode step fitted to the nodes' reports
+  TPOT  = a / (1 - b r)       on a decode node          (steps back to back; batch = r x TPOT)
+  TPOT  = (a + a x f) / (1 - u - b r)  on a hybrid node (every decode step also waits for
+                                                         the prompt work run between two of them,
+                                                         the interference that splitting removes,
+                                                         and in a share f of them for the fixed
+                                                         cost of a prefill pass, taken to be a
+                                                         decode step's: f = prompts/s x TPOT, at most 1)
+  TTFT  = W + L / rate        on a prefill node, W the M/G/1 wait at utilisation u,
+          plus two decode steps on a hybrid node (the one running, the one in its iteration)
+  load  = the busiest node's utilisation: u (prefill), r / full-batch rate (decode), their
+          sum (hybrid); past 1 the shape cannot keep up.
+
+  goodput(shape) = share of the window's requests within both objectives (a request
+                   prefills on a prefill or a hybrid node and decodes on a decode or a
+                   hybrid node in proportion to their numbers) x min(1, 1 / load)
+
+The best shape is among those that keep up (load below 1; all, if none does) the one of
+highest goodput; among the shapes within ``tolerance`` of it, the one with the lowest load (room for bursts, and throughput when no shape meets the
+objectives), then the one closest to the current shape. All prompt-heavy loads whose
+hybrid TPOT stays within its objective come out all hybrid (n nodes share every prompt
+and nothing is handed off); when the interference breaks the TPOT objective, the split
+that meets it wins; and every shape between is a candidate.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from libs.protocol.messages import Role
+from libs.scheduler.cost_model import CostModel
+from libs.scheduler.demand import DemandTracker, Placed, held_blocks_per_seq, mean_decode_step_s, mean_prefill_rate
+from libs.scheduler.node_registry import NodeEntry
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How many nodes take each role."""
+
+    prefill: int
+    hybrid: int
+    decode: int
+
+    @property
+    def num_nodes(self) -> int:
+        return self.prefill + self.hybrid + self.decode
+
+    def count(self, role: Role) -> int:
+        return {Role.PREFILL: self.prefill, Role.HYBRID: self.hybrid, Role.DECODE: self.decode}[role]
+
+    def distance(self, other: Shape) -> int:
+        """Role flips that turn one shape into the other."""
+        return (abs(self.prefill - other.prefill) + abs(self.hybrid - other.hybrid)
+                + abs(self.decode - other.decode)) // 2
+
+    def __str__(self) -> str:
+        return f"{self.prefill}P/{self.hybrid}H/{self.decode}D"
+
+
+@dataclass(frozen=True)
+class Objectives:
+    """The deployment's service-level objectives (0: none on that measure)."""
+
+    ttft_s: float = 0.0
+    tpot_s: float = 0.0
+
+    @property
+    def any(self) -> bool:
+        return self.ttft_s > 0 or self.tpot_s > 0
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What the nodes measured, as the mean node of the cluster.
+
+    Args:
+        prefill_tokens_per_s: prompt tokens/s of a busy node.
+        step_a_s / step_b_s: the decode step, ``a + b x batch`` seconds.
+        batch_cap: the largest decode batch a node holds (its batch slots, or what its KV
+            blocks hold of the recent requests).
+    """
+
+    prefill_tokens_per_s: float
+    step_a_s: float
+    step_b_s: float
+    batch_cap: float
+
+    def full_batch_rate(self) -> float:
+        """Output tokens/s of a node decoding a full batch."""
+        return self.batch_cap / (self.step_a_s + self.step_b_s * self.batch_cap)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """What a shape is predicted to give the window's load."""
+
+    shape: Shape
+    goodput: float  # share of the offered requests served within their objectives (0..1)
+    load: float  # the busiest node's utilisation
+    tpot_decode_s: float  # on a decode node (inf: saturated; 0: no decode node)
+    tpot_hybrid_s: float  # on a hybrid node (inf: saturated; 0: no hybrid node)
+    ttft_wait_s: float  # the prompt queue's mean wait on a prefill-capable node
+
+
+def measured_rates(tracker: DemandTracker, nodes: list[NodeEntry], cost: CostModel, placed: Sequence[Placed]) -> Rates:
+    """The mean node's rates from what ``nodes`` reported (through ``tracker``'s fits and
+    busy prefill rates) and the KV the requests of ``placed`` hold."""
+    busy = tracker.prefill_rates(nodes)
+    rates = {n.node_id: max(busy[n.node_id], tracker.peak_rate.get(n.report.device_name, 0.0)) for n in nodes}
+    prefill = mean_prefill_rate(nodes, cost, rates)
+    line = tracker.fit.line()
+    a, b = line if line is not None else (mean_decode_step_s(nodes, cost), 0.0)
+    held = held_blocks_per_seq(list(placed))
+    caps = [min(n.max_num_seqs, n.report.total_blocks / held) if held > 0 and n.report.total_blocks > 0
+            else n.max_num_seqs for n in nodes]
+    return Rates(prefill, max(a, 1e-6), b, max(sum(caps) / len(caps), 1.0) if caps else 1.0)
+
+
+class Load:
+    """The window's requests grouped by their objectives, ready to be weighed against
+    shapes (each group keeps its prefill times sorted, so a TTFT objective is one bisect).
+
+    Args:
+        placed: the window's requests.
+        window_s: the window's length.
+        rates: the mean node's measured rates.
+        objectives: the deployment's objectives, for requests that bring none.
+        confidence: shapes are weighed at the load this many standard errors of the
+            window's request count above what it measured (1 / sqrt(N) relative each).
+    """
+
+    def __init__(self, placed: Sequence[Placed], window_s: float, rates: Rates, objectives: Objectives,
+                 confidence: float = 1.0) -> None:
+        self.rates = rates
+        self.confidence = confidence
+        self.num_requests = len(placed)
+        rate = rates.prefill_tokens_per_s
+        self.prompt_tokens_per_s = sum(p.prompt_tokens for p in placed) / window_s
+        self.output_tokens_per_s = sum(p.output_tokens for p in placed) / window_s
+        self.requests_per_s = len(placed) / window_s
+        service = [p.prompt_tokens / rate for p in placed]
+        self.service_mean_s = sum(service) / len(service) if service else 0.0
+        self.service_sq_s2 = sum(s * s for s in service) / len(service) if service else 0.0
+        groups: dict[tuple[float, float], list[float]] = {}
+        for p, s in zip(placed, service):
+            key = (p.ttft_slo_s or objectives.ttft_s or math.inf, p.tpot_slo_s or objectives.tpot_s or math.inf)
+            groups.setdefault(key, []).append(s)
+        self.groups = {k: sorted(v) for k, v in groups.items()}
+
+    def forecast(self, shape: Shape, scale: float | None = None) -> Forecast:
+        """Predict ``shape`` under this load (see the module docstring), the load taken
+        ``scale`` times as high (default: the window's own sampling error higher, so a shape
+        that only just keeps up with the window is not preferred to one with room)."""
+        rt = self.rates
+        if scale is None:
+            scale = 1.0 + self.confidence / math.sqrt(max(self.num_requests, 1))
+        n_p, n_d = shape.prefill + shape.hybrid, shape.decode + shape.hybrid
+        u = scale * self.prompt_tokens_per_s / (rt.prefill_tokens_per_s * n_p)
+        r = scale * self.output_tokens_per_s / n_d
+        d_share = r / rt.full_batch_rate()
+        loads = [u] + ([d_share] if shape.decode else []) + ([u + d_share] if shape.hybrid else [])
+        load = max(loads)
+        tpot_d = _tpot(rt, 0.0, r) if shape.decode else 0.0
+        tpot_h = _tpot_hybrid(rt, u, r, scale * self.requests_per_s / n_p) if shape.hybrid else 0.0
+        # Pollaczek-Khinchine: arrivals spread over the prefill-capable nodes.
+        lam = scale * self.requests_per_s / n_p
+        wait = lam * self.service_sq_s2 / (2 * (1 - u)) if u < 1 else math.inf
+        step_h = rt.step_a_s + rt.step_b_s * r * tpot_h if shape.hybrid and math.isfinite(tpot_h) else math.inf
+        within = 0.0
+        for (ttft_slo, tpot_slo), service in self.groups.items():
+            ok_p = _share_within(service, ttft_slo - wait) if shape.prefill else 0.0
+            ok_hp = _share_within(service, ttft_slo - wait - 2 * step_h) if shape.hybrid else 0.0
+            f_ttft = (shape.prefill * ok_p + shape.hybrid * ok_hp) / n_p
+            f_tpot = (shape.decode * _share_tpot(tpot_d, tpot_slo) + shape.hybrid * _share_tpot(tpot_h, tpot_slo)) / n_d
+            within += f_ttft * f_tpot * len(service)
+        goodput = within / self.num_requests if self.num_requests else 0.0
+        return Forecast(shape, goodput * min(1.0, 1.0 / load) if load > 0 else goodput, load, tpot_d, tpot_h, wait)
+
+    def best(self, num_nodes: int, current: Shape, tolerance: float = 0.01) -> tuple[Forecast, Forecast]:
+        """(the best shape's forecast, the current shape's) for ``num_nodes`` nodes."""
+        forecasts = [self.forecast(s) for s in shapes(num_nodes)]
+        # A shape past its capacity falls further behind every second: while some shape
+        # keeps up, only those that do are candidates.
+        keeping_up = [f for f in forecasts if f.load < 1.0]
+        forecasts = keeping_up or forecasts
+        top = max(f.goodput for f in forecasts)
+        near = [f for f in forecasts if f.goodput >= top - tolerance]
+        best = min(near, key=lambda f: (round(f.load, 3), f.shape.distance(current), -f.shape.hybrid))
+        now = self.forecast(current) if current.num_nodes == num_nodes and valid(current) else best
+        return best, now
+
+
+def _tpot(rt: Rates, u: float, r: float, fixed_s: float | None = None) -> float:
+    """Mean time per output token on a node spending ``u`` of its time on prompts and
+    decoding ``r`` tokens/s, with ``fixed_s`` of fixed cost per iteration (default: a
+    decode step's); inf when it cannot keep up, or its batch would overflow."""
+    free = 1.0 - u - rt.step_b_s * r
+    if free <= 0:
+        return math.inf
+    tpot = (rt.step_a_s if fixed_s is None else fixed_s) / free
+    return tpot if r * tpot <= rt.batch_cap else math.inf
+
+
+def _tpot_hybrid(rt: Rates, u: float, r: float, prompts_per_s: float) -> float:
+    """Mean TPOT on a hybrid node: as :func:`_tpot`, with a prefill pass's fixed cost
+    (taken to be a decode step's, ``a``) in the iterations that run one, a share
+    ``min(1, prompts/s x TPOT)`` of them: many short prompts put one in nearly every
+    iteration, a few long ones in few."""
+    a = rt.step_a_s
+    free = 1.0 - u - rt.step_b_s * r
+    if free - a * prompts_per_s > 0:
+        tpot = a / (free - a * prompts_per_s)
+        if prompts_per_s * tpot <= 1.0:
+            return tpot if r * tpot <= rt.batch_cap else math.inf
+    return _tpot(rt, u, r, 2 * a)
+
+
+def _share_tpot(tpot_s: float, slo_s: float) -> float:
+    """Share of requests within a TPOT objective on a node whose mean TPOT is ``tpot_s``.
+
+    Requests' TPOTs spread around the mean (one decoding beside a long prompt's prefill
+    waits longer per token than one that runs between prompts), so the share falls
+    smoothly as the mean nears the objective: half at the objective, 97% at 0.8 of it,
+    18% at 1.1 times it. A cliff would make a window whose mean sits by chance just past
+    the objective look as bad as a saturated shape.
+    """
+    if slo_s == math.inf or tpot_s <= 0:
+        return 1.0
+    if tpot_s == math.inf:
+        return 0.0
+    return 1.0 / (1.0 + (tpot_s / slo_s) ** 16)
+
+
+def _share_within(sorted_service: list[float], limit_s: float) -> float:
+    """Share of the requests whose prefill takes at most ``limit_s``."""
+    if limit_s == math.inf:
+        return 1.0
+    if limit_s < 0 or not sorted_service:
+        return 0.0
+    return bisect.bisect_right(sorted_service, limit_s) / len(sorted_service)
+
+
+def valid(shape: Shape) -> bool:
+    return shape.prefill + shape.hybrid >= 1 and shape.decode + shape.hybrid >= 1
+
+
+def shapes(num_nodes: int) -> list[Shape]:
+    """Every shape of ``num_nodes`` nodes with a node able to prefill and one able to decode."""
+    out = []
+    for h in range(num_nodes + 1):
+        for p in range(num_nodes - h + 1):
+            s = Shape(p, h, num_nodes - h - p)
+            if valid(s):
+                out.append(s)
+    return out
+
+
+def shape_of(roles: Sequence[Role]) -> Shape:
+    return Shape(sum(r == Role.PREFILL for r in roles), sum(r == Role.HYBRID for r in roles),
+                 sum(r == Role.DECODE for r in roles))
+
+
+def next_move(current: Shape, target: Shape) -> list[tuple[Role, Role]]:
+    """(from role, to role) pairs that each take ``current`` one flip toward ``target``,
+    best first: moves into hybrid first (they add to both sides), then from the role
+    with the largest surplus to the one with the largest deficit."""
+    roles = (Role.PREFILL, Role.HYBRID, Role.DECODE)
+    surplus = [(current.count(r) - target.count(r), r) for r in roles if current.count(r) > target.count(r)]
+    deficit = [(target.count(r) - current.count(r), r) for r in roles if target.count(r) > current.count(r)]
+    moves = [(src, dst, (dst != Role.HYBRID, -ns, -nd)) for ns, src in surplus for nd, dst in deficit]
+    return [(src, dst) for src, dst, _ in sorted(moves, key=lambda m: m[2])]
