@@ -141,9 +141,10 @@ def test_plan_disaggregated_with_token_keeps_secrets_off_command_lines():
         assert plan.child("gateway").env["FLOWKV_GATEWAY_API_KEYS"] == "k3y"
         assert "FLOWKV_GATEWAY_API_KEYS" not in plan.child("prefill-0").env
         assert plan.child("prefill-1").argv[3:] == ["--node-id", "prefill-1", "--role", "prefill", "--model", "tiny",
-                                                     "--device", "cpu", "--log-level", "info", "--metrics-port", "8126"]
+                                                     "--device", "cpu", "--log-level", "info", "--metrics-port", "8126",
+                                                     "--metrics-host", "127.0.0.1"]
         assert plan.child("scheduler").argv[3:] == ["--log-level", "info", "--metrics-port", "8124",
-                                                     "--policy", "least_loaded"]
+                                                     "--metrics-host", "127.0.0.1", "--policy", "least_loaded"]
         assert plan.child("gateway").argv[3:] == ["--host", "127.0.0.1", "--port", "8123", "--model", "tiny",
                                                    "--log-level", "info"]
     finally:
@@ -171,12 +172,45 @@ def test_plan_moves_a_derived_metrics_port_that_is_taken():
         assert argv[argv.index("--metrics-port") + 1] == str(taken)
 
 
+def test_plan_scheduler_replicas_on_a_nats_cluster_with_metrics_on_the_gateway_host():
+    cfg = up.UpConfig(model="tiny", host="10.1.2.3", port=8123, schedulers=2, nats_cluster=3, nats_token="t0k")
+    plan = plan_cluster(cfg, base_env={"PATH": os.environ["PATH"]})
+    try:
+        names = [c.name for c in plan.children]
+        assert names == ["nats-0", "nats-1", "nats-2", "scheduler-0", "scheduler-1", "prefill-0", "decode-0", "gateway"]
+        urls = plan.nats_url.split(",")
+        assert len(set(urls)) == 3
+        confs = [Path(plan.child(f"nats-{i}").argv[-1]).read_text() for i in range(3)]
+        routes = [line for line in confs[0].splitlines() if line.startswith("cluster")][0]
+        for i, conf in enumerate(confs):
+            assert f"listen: {urls[i][len('nats://'):]}" in conf and f"server_name: nats-{i}" in conf
+            assert "jetstream {" in conf and 'token: "t0k"' in conf
+            assert [line for line in conf.splitlines() if line.startswith("cluster")][0].split("listen")[1].split(",")[1:] \
+                == routes.split("listen")[1].split(",")[1:]  # the same three routes everywhere
+        for name in names[3:]:
+            assert plan.child(name).env["FLOWKV_NATS_URL"] == plan.nats_url  # every service knows every server
+        for i in range(2):
+            argv = plan.child(f"scheduler-{i}").argv
+            assert argv[argv.index("--scheduler-id") + 1] == f"scheduler-{i}"
+            assert argv[argv.index("--lease-replicas") + 1] == "3"
+        for name in ("scheduler-0", "scheduler-1", "prefill-0", "decode-0"):
+            argv = plan.child(name).argv
+            assert argv[argv.index("--metrics-host") + 1] == "10.1.2.3"
+        assert set(plan.metrics_urls) == {"scheduler-0", "scheduler-1", "prefill-0", "decode-0"}
+        stores = list(plan.dirs)
+        assert len(stores) == 3 and all(d.is_dir() for d in stores)
+    finally:
+        plan.cleanup()
+    assert not any(d.exists() for d in stores)
+
+
 def test_plan_colocated_on_an_external_nats():
     cfg = up.UpConfig(colocated=2, nats_url="nats://broker:4222", dtype="bfloat16")
     plan = plan_cluster(cfg, base_env={"OMP_NUM_THREADS": "1"})
     assert [c.name for c in plan.children] == ["scheduler", "hybrid-0", "hybrid-1", "gateway"]
     node = plan.child("hybrid-1")
-    assert node.argv[-8:] == ["--device", "cpu", "--log-level", "info", "--metrics-port", "8003", "--dtype", "bfloat16"]
+    assert node.argv[-10:] == ["--device", "cpu", "--log-level", "info", "--metrics-port", "8003",
+                               "--metrics-host", "127.0.0.1", "--dtype", "bfloat16"]
     assert node.argv[node.argv.index("--role") + 1] == "hybrid"
     assert node.env["FLOWKV_NATS_URL"] == "nats://broker:4222"
     assert node.env["OMP_NUM_THREADS"] == "1"  # the operator's setting is kept

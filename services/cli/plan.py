@@ -7,6 +7,7 @@ checked without starting anything.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.cli.supervisor import child_env
-from services.common.natsserver import find_binary, free_port, port_is_free, wait_for_port
+from services.common.natsserver import find_binary, free_port, port_is_free, server_conf, wait_for_port
 
 if TYPE_CHECKING:
     from services.cli.up import UpConfig
@@ -42,10 +43,13 @@ class ClusterPlan:
     nats_url: str
     files: list[Path] = field(default_factory=list)  # removed by cleanup()
     metrics_urls: dict[str, str] = field(default_factory=dict)  # child name -> its /metrics URL
+    dirs: list[Path] = field(default_factory=list)  # removed by cleanup() (JetStream stores)
 
     def cleanup(self) -> None:
         for path in self.files:
             path.unlink(missing_ok=True)
+        for path in self.dirs:
+            shutil.rmtree(path, ignore_errors=True)
 
     def child(self, name: str) -> ChildSpec:
         return next(c for c in self.children if c.name == name)
@@ -55,16 +59,35 @@ def _module(name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", name, *args]
 
 
-def _nats_conf(host: str, port: int, token: str) -> Path:
-    """A 0600 nats-server config file: the token lives here, not on a command line."""
+def _nats_conf(host: str, port: int, token: str, store_dir: Path, name: str = "", cluster_port: int = 0,
+               routes: list[str] | None = None) -> Path:
+    """A 0600 nats-server config file (JetStream on, in ``store_dir``; with ``cluster_port``,
+    one server of a routed cluster): the token lives here, not on a command line."""
     fd, path = tempfile.mkstemp(prefix="flowkv-up-nats-", suffix=".conf")
     with os.fdopen(fd, "w") as f:
-        f.write(f"listen: {host}:{port}\nmax_payload: 8MB\n")
-        if token:
-            escaped = token.replace("\\", "\\\\").replace('"', '\\"')
-            f.write(f'authorization {{ token: "{escaped}" }}\n')
+        f.write(server_conf(host, port, token, store_dir=str(store_dir), name=name, cluster_port=cluster_port,
+                            routes=routes))
     os.chmod(path, 0o600)
     return Path(path)
+
+
+def _nats_children(cfg: UpConfig, base: dict[str, str], files: list[Path], dirs: list[Path]) -> tuple[list[ChildSpec], str]:
+    """The embedded broker: one nats-server, or ``nats_cluster`` routed ones; and the URL
+    list every service is given (a client reconnects to any server of it)."""
+    host, size = "127.0.0.1", max(1, cfg.nats_cluster)
+    ports = [cfg.nats_port or free_port()] if size == 1 else [(cfg.nats_port + i if cfg.nats_port else free_port()) for i in range(size)]
+    cluster_ports = [free_port() for _ in range(size)] if size > 1 else [0]
+    routes = [f"nats-route://{host}:{p}" for p in cluster_ports] if size > 1 else None
+    children = []
+    for i, (port, cport) in enumerate(zip(ports, cluster_ports)):
+        store = Path(tempfile.mkdtemp(prefix="flowkv-up-js-"))
+        dirs.append(store)
+        name = "nats" if size == 1 else f"nats-{i}"
+        conf = _nats_conf(host, port, cfg.nats_token, store, name if size > 1 else "", cport, routes)
+        files.append(conf)
+        children.append(ChildSpec(name, [find_binary(), "-c", str(conf)], child_env(base), STAGE_NATS,
+                                  after_start=lambda port=port: wait_for_port(host, port, 10.0)))
+    return children, ",".join(f"nats://{host}:{p}" for p in ports)
 
 
 def node_devices(device: str, num_nodes: int) -> list[str]:
@@ -101,23 +124,18 @@ def plan_cluster(cfg: UpConfig, base_env: dict[str, str] | None = None) -> Clust
     base = dict(os.environ if base_env is None else base_env)
     children: list[ChildSpec] = []
     files: list[Path] = []
+    dirs: list[Path] = []
     if cfg.nats_url:
         nats_url = cfg.nats_url
     else:
-        host, port = "127.0.0.1", cfg.nats_port or free_port()
-        conf = _nats_conf(host, port, cfg.nats_token)
-        files.append(conf)
-        nats_url = f"nats://{host}:{port}"
-        children.append(
-            ChildSpec("nats", [find_binary(), "-c", str(conf)], child_env(base), STAGE_NATS,
-                      after_start=lambda: wait_for_port(host, port, 10.0))
-        )
+        nats, nats_url = _nats_children(cfg, base, files, dirs)
+        children += nats
     shared = {"FLOWKV_NATS_URL": nats_url}
     if cfg.nats_token:
         shared["FLOWKV_NATS_TOKEN"] = cfg.nats_token
     common = ["--log-level", cfg.log_level]
 
-    metrics_port = iter(range(cfg.first_metrics_port, cfg.first_metrics_port + 1 + cfg.num_nodes))
+    metrics_port = iter(range(cfg.first_metrics_port, cfg.first_metrics_port + cfg.schedulers + cfg.num_nodes))
     metrics_urls: dict[str, str] = {}
 
     def metrics_args(name: str) -> list[str]:
@@ -126,11 +144,17 @@ def plan_cluster(cfg: UpConfig, base_env: dict[str, str] | None = None) -> Clust
             # Derived from the gateway's port, not asked for: another process may hold it
             # (a node that cannot bind its /metrics port, on 0.0.0.0, dies at start). Take a free one.
             port = free_port("0.0.0.0")
-        metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
-        return ["--metrics-port", str(port)]
+        metrics_urls[name] = f"http://{cfg.local_host}:{port}/metrics"
+        return ["--metrics-port", str(port), "--metrics-host", cfg.host]
 
-    sched_args = [*common, *metrics_args("scheduler"), *(["--policy", cfg.policy] if cfg.policy else [])]
-    children.append(ChildSpec("scheduler", _module("services.scheduler", *sched_args), child_env(base, **shared), STAGE_SCHEDULER))
+    for i in range(cfg.schedulers):
+        name = "scheduler" if cfg.schedulers == 1 else f"scheduler-{i}"
+        sched_args = [*common, *metrics_args(name), *(["--policy", cfg.policy] if cfg.policy else [])]
+        if cfg.schedulers > 1:
+            sched_args += ["--scheduler-id", name]
+        if cfg.nats_cluster > 1:  # the lease survives the loss of any one server
+            sched_args += ["--lease-replicas", str(min(3, cfg.nats_cluster))]
+        children.append(ChildSpec(name, _module("services.scheduler", *sched_args), child_env(base, **shared), STAGE_SCHEDULER))
 
     roles = node_roles(cfg)
     devices = node_devices(cfg.device, len(roles))
@@ -150,4 +174,4 @@ def plan_cluster(cfg: UpConfig, base_env: dict[str, str] | None = None) -> Clust
         gw_env["FLOWKV_GATEWAY_API_KEYS"] = cfg.api_key
     gw_args = ["--host", cfg.host, "--port", str(cfg.port), "--model", cfg.model, *common]
     children.append(ChildSpec("gateway", _module("services.gateway", *gw_args), child_env(base, **gw_env), STAGE_GATEWAY))
-    return ClusterPlan(children, nats_url, files, metrics_urls)
+    return ClusterPlan(children, nats_url, files, metrics_urls, dirs)

@@ -50,10 +50,12 @@ class UpConfig:
     prefill_nodes: int = field(default=1, metadata={"help": "prefill nodes to run"})
     decode_nodes: int = field(default=1, metadata={"help": "decode nodes to run"})
     colocated: int = field(default=0, metadata={"help": "run K hybrid nodes instead of prefill/decode (the colocated baseline)"})
-    metrics_port: int = field(default=0, metadata={"help": "first /metrics port: the scheduler's, then one per node in order (0: gateway port + 1, a taken one replaced by a free one)"})
+    schedulers: int = field(default=1, metadata={"help": "scheduler replicas (one leads, elected through the broker; the others take over within about 2 s)"})
+    metrics_port: int = field(default=0, metadata={"help": "first /metrics port: the schedulers', then one per node in order (0: gateway port + 1, a taken one replaced by a free one); they bind the gateway's host"})
     nats_url: str = field(default="", metadata={"help": "use this NATS server instead of starting one"})
     nats_token: str = field(default="", metadata={"help": "NATS auth token (the embedded server requires it)", "secret": True})
-    nats_port: int = field(default=0, metadata={"help": "port of the embedded NATS server (0: a free port)"})
+    nats_port: int = field(default=0, metadata={"help": "port of the embedded NATS server, the first of the cluster's (0: free ports)"})
+    nats_cluster: int = field(default=0, metadata={"help": "start this many routed nats-servers (3 survives the loss of any one) instead of one"})
     ready_timeout_s: float = field(default=300.0, metadata={"help": "give up if /ready is not 200 by then"})
     stop_timeout_s: float = field(default=20.0, metadata={"help": "per stage, wait this long before SIGKILL"})
     log_level: str = field(default="info", metadata={"help": "log level of every service"})
@@ -65,8 +67,13 @@ class UpConfig:
             raise ValueError("node counts must be >= 0")
         if self.colocated == 0 and (self.prefill_nodes < 1 or self.decode_nodes < 1):
             raise ValueError("a disaggregated cluster needs at least one prefill and one decode node (or use --colocated K)")
-        if not 0 <= self.metrics_port < 65536 or self.first_metrics_port + self.num_nodes >= 65536:
-            raise ValueError(f"metrics ports {self.first_metrics_port}..{self.first_metrics_port + self.num_nodes} are out of range")
+        if not 1 <= self.schedulers <= 9:
+            raise ValueError(f"schedulers must be in 1..9, got {self.schedulers}")
+        if self.nats_cluster < 0 or self.nats_cluster == 2 or self.nats_cluster > 7:
+            raise ValueError(f"nats_cluster must be 0 (one server), 1, or 3..7 (a cluster needs a majority to survive a loss), got {self.nats_cluster}")
+        last = self.first_metrics_port + self.schedulers + self.num_nodes - 1
+        if not 0 <= self.metrics_port < 65536 or last >= 65536:
+            raise ValueError(f"metrics ports {self.first_metrics_port}..{last} are out of range")
         if not 0 <= self.nats_port < 65536:
             raise ValueError(f"nats_port must be in 0..65535, got {self.nats_port}")
         if self.ready_timeout_s <= 0 or self.stop_timeout_s <= 0:
@@ -81,9 +88,13 @@ class UpConfig:
         return self.metrics_port or self.port + 1
 
     @property
+    def local_host(self) -> str:
+        """Where this machine reaches what binds ``host``."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
     def local_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{self.local_host}:{self.port}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

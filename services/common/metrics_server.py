@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 log = logging.getLogger(__name__)
 
 
-async def serve_metrics(port: int, host: str = "0.0.0.0", before_scrape: Callable[[], None] | None = None) -> web.AppRunner:
+async def serve_metrics(port: int, host: str = "127.0.0.1", before_scrape: Callable[[], None] | None = None) -> web.AppRunner:
     """Serve ``/metrics`` and ``/health`` on ``host:port`` until the runner is cleaned up.
 
     Args:

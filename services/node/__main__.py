@@ -41,7 +41,7 @@ async def serve(config: NodeConfig, nats_config: NatsConfig) -> None:
         # /metrics first: a port that cannot be bound ends the process before the node
         # has announced itself (a node that joins and then dies looks ready for a moment).
         if config.metrics_port:
-            runner = await metrics.serve_metrics(config.metrics_port)
+            runner = await metrics.serve_metrics(config.metrics_port, config.metrics_host)
         await node.start(nc)
         print(f"node {config.node_id} ready", flush=True)  # tests and `flowkv up` wait for this line
         await stop.wait()

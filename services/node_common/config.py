@@ -53,6 +53,7 @@ class NodeConfig:
     log_level: str = field(default="info", metadata={"help": "log level"})
     json_logs: bool = field(default=False, metadata={"help": "log JSON lines"})
 
+    metrics_host: str = field(default="127.0.0.1", metadata={"help": "address the /metrics endpoint binds"})
     def __post_init__(self) -> None:
         check_token(self.node_id, "node id")
         try:

@@ -125,7 +125,7 @@ def transfer_attributes(stats: TransferStats | None) -> dict[str, Any]:
             "flowkv.kv.duration_s": stats.duration_s}
 
 
-async def serve_metrics(port: int, host: str = "0.0.0.0"):  # type: ignore[no-untyped-def]
+async def serve_metrics(port: int, host: str = "127.0.0.1"):  # type: ignore[no-untyped-def]
     """Serve ``/metrics`` and ``/health``; returns the runner (``await runner.cleanup()`` to stop)."""
     from services.common.metrics_server import serve_metrics as serve
 

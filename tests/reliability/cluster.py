@@ -36,7 +36,7 @@ import nats
 from libs.protocol import messages
 from libs.protocol.messages import ClusterQuery, ClusterState, LoadReport
 from libs.protocol.subjects import sched_cluster
-from services.common.natsserver import NatsServer, free_port
+from services.common.natsserver import NatsCluster, NatsServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
@@ -108,6 +108,9 @@ class Cluster:
         nats_token / nats_user / nats_password: broker credentials (given to services by env only).
         gateway_args / scheduler_args / node_args: extra flags for those services.
         node_env: extra environment of every node.
+        schedulers: scheduler replicas (``scheduler``, or ``scheduler-0``, ``scheduler-1``, ...).
+        nats_cluster: with 3 (or more), that many routed nats-servers instead of one
+            (``kill_nats(i)`` / ``restart_nats(i)``); every service is given every URL.
     """
 
     workdir: Path
@@ -121,7 +124,9 @@ class Cluster:
     scheduler_args: list[str] = field(default_factory=list)
     node_args: list[str] = field(default_factory=list)
     node_env: dict[str, str] = field(default_factory=dict)
-    nats: NatsServer | None = None
+    schedulers: int = 1
+    nats_cluster: int = 0
+    nats: NatsServer | NatsCluster | None = None
     services: dict[str, Service] = field(default_factory=dict)
     gateway_port: int = 0
 
@@ -135,6 +140,10 @@ class Cluster:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
 
+    @property
+    def scheduler_names(self) -> list[str]:
+        return ["scheduler"] if self.schedulers == 1 else [f"scheduler-{i}" for i in range(self.schedulers)]
+
     def base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWKV_")}
         env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
@@ -147,6 +156,9 @@ class Cluster:
         return env
 
     def start_broker(self, port: int | None = None) -> None:
+        if self.nats_cluster > 1:
+            self.nats = NatsCluster(self.nats_cluster, token=self.nats_token, log_dir=str(self.workdir)).start()
+            return
         self.nats = NatsServer(port=port, token=self.nats_token, user=self.nats_user, password=self.nats_password,
                                log_file=str(self.workdir / "nats.log")).start()
 
@@ -166,7 +178,8 @@ class Cluster:
     def start(self) -> Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.start_broker()
-        self._spawn("scheduler", "services.scheduler", ["--node-timeout-s", "1.5", *self.scheduler_args])
+        for name in self.scheduler_names:
+            self.start_scheduler(name)
         for nid in self.node_ids:
             self.start_node(nid)
         self.gateway_port = free_port()
@@ -184,7 +197,8 @@ class Cluster:
 
         deadline = time.monotonic() + timeout
         while True:
-            dead = [s.name for s in self.services.values() if not s.alive() and s.name in nodes | {"scheduler", "gateway"}]
+            dead = [s.name for s in self.services.values()
+                    if not s.alive() and s.name in nodes | {*self.scheduler_names, "gateway"}]
             assert not dead, f"{dead} died during start:\n" + "\n".join(self.services[d].log()[-3000:] for d in dead)
             with contextlib.suppress(OSError, ValueError):
                 with urllib.request.urlopen(self.url + "/ready", timeout=2) as resp:
@@ -193,9 +207,16 @@ class Cluster:
             assert time.monotonic() < deadline, f"cluster not ready after {timeout}s"
             time.sleep(0.3)
 
+    def start_scheduler(self, name: str) -> Service:
+        args = ["--node-timeout-s", "1.5", "--scheduler-id", name, *self.scheduler_args]
+        if self.nats_cluster > 1:
+            args += ["--lease-replicas", str(min(3, self.nats_cluster))]
+        return self._spawn(name, "services.scheduler", args)
+
     def stop(self) -> None:
-        """Stop every service (gateway, nodes, scheduler), then the broker; remove leftover shm."""
-        order = ["gateway", *[n for n in self.services if n not in ("gateway", "scheduler")], "scheduler"]
+        """Stop every service (gateway, nodes, schedulers), then the broker; remove leftover shm."""
+        order = ["gateway", *[n for n in self.services if n != "gateway" and not n.startswith("scheduler")],
+                 *[n for n in self.services if n.startswith("scheduler")]]
         for name in order:
             if name in self.services:
                 self.services[name].stop()
@@ -226,9 +247,30 @@ class Cluster:
         svc.proc.kill()
         svc.proc.wait(10)
 
+    def kill_service(self, name: str) -> None:
+        """SIGKILL one service process (a scheduler replica, say)."""
+        svc = self.services[name]
+        assert svc.proc is not None
+        svc.proc.kill()
+        svc.proc.wait(10)
+
+    def kill_nats(self, i: int) -> None:
+        """SIGKILL server ``i`` of the NATS cluster."""
+        assert isinstance(self.nats, NatsCluster)
+        self.nats.servers[i].kill()
+
+    def restart_nats(self, i: int) -> None:
+        """Start server ``i`` of the NATS cluster again, on its ports."""
+        assert isinstance(self.nats, NatsCluster)
+        self.nats.restart(i)
+
+    async def leader(self) -> str:
+        """The id of the scheduler replica that answers (the leader)."""
+        return (await self.cluster_state(brief=True)).leader
+
     def kill_broker(self) -> int:
         """SIGKILL nats-server; returns its port (to restart it on the same one)."""
-        assert self.nats is not None
+        assert isinstance(self.nats, NatsServer)
         port = self.nats.port
         self.nats.kill()
         self.nats.stop()  # removes its config file
@@ -238,7 +280,7 @@ class Cluster:
 
     async def nats_connect(self) -> Any:
         assert self.nats is not None
-        opts: dict[str, Any] = dict(servers=[self.nats.url], connect_timeout=2, max_reconnect_attempts=0,
+        opts: dict[str, Any] = dict(servers=self.nats.url.split(","), connect_timeout=2, max_reconnect_attempts=0,
                                     allow_reconnect=False)
         if self.nats_token:
             opts["token"] = self.nats_token
@@ -246,10 +288,10 @@ class Cluster:
             opts["user"], opts["password"] = self.nats_user, self.nats_password
         return await nats.connect(**opts)
 
-    async def cluster_state(self) -> ClusterState:
+    async def cluster_state(self, brief: bool = False) -> ClusterState:
         nc = await self.nats_connect()
         try:
-            reply = await nc.request(sched_cluster(), messages.encode(ClusterQuery()), timeout=3)
+            reply = await nc.request(sched_cluster(), messages.encode(ClusterQuery(brief=brief)), timeout=3)
         finally:
             await nc.close()
         state = messages.decode(reply.data)
