@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 RAW = (ROOT / "compose.yaml").read_text()
 SERVICES = COMPOSE["services"]
-FLOWKV_SERVICES = ["scheduler", "prefill", "decode", "gateway"]
+FLOWKV_SERVICES = ["scheduler", "scheduler-2", "prefill", "decode", "gateway"]
+NATS_URL = "nats://nats:4222,nats://nats-2:4222,nats://nats-3:4222"
 
 # The parser each service's __main__ uses, and the env prefixes that service reads.
 PARSERS = {
@@ -97,8 +98,15 @@ def test_interpolation_needs_only_the_token_and_documents_every_variable():
 
 
 def test_services_shape():
-    assert set(SERVICES) == {"nats", "scheduler", "gateway", "prefill", "decode"}
-    assert SERVICES["nats"]["image"].startswith("nats:")
+    assert set(SERVICES) == {"nats", "nats-2", "nats-3", "scheduler", "scheduler-2", "gateway", "prefill", "decode"}
+    for name in ("nats", "nats-2", "nats-3"):  # three routed servers with JetStream, each named
+        assert SERVICES[name]["image"].startswith("nats:")
+        assert SERVICES[name]["command"][-2:] == ["--name", "nats-1" if name == "nats" else name]
+    conf = COMPOSE["configs"]["nats_conf"]["content"]
+    assert "jetstream {" in conf and "nats-route://nats:6222, nats-route://nats-2:6222, nats-route://nats-3:6222" in conf
+    for name in ("scheduler", "scheduler-2"):  # two replicas, distinct ids, lease on three servers
+        assert SERVICES[name]["command"][-2:] == ["--scheduler-id", "scheduler-1" if name == "scheduler" else "scheduler-2"]
+        assert SERVICES[name]["environment"]["FLOWKV_SCHEDULER_LEASE_REPLICAS"] == "3"
     assert SERVICES["gateway"]["ports"] == ["${FLOWKV_PORT:-8000}:8000"]
     for name, gpu in [("prefill", "0"), ("decode", "1")]:
         (device,) = SERVICES[name]["deploy"]["resources"]["reservations"]["devices"]
@@ -108,7 +116,7 @@ def test_services_shape():
         assert svc["restart"] == "unless-stopped"
         assert "healthcheck" in svc
         assert all(dep["condition"] in ("service_healthy", "service_started") for dep in svc["depends_on"].values())
-    assert SERVICES["scheduler"]["depends_on"] == {"nats": {"condition": "service_healthy"}}
+    assert SERVICES["scheduler"]["depends_on"] == {n: {"condition": "service_healthy"} for n in ("nats", "nats-2", "nats-3")}
 
 
 def _service_env(name: str) -> dict[str, str]:
@@ -124,7 +132,7 @@ def test_every_flowkv_variable_is_read_by_that_service(name):
     for var in _service_env(name):
         assert var in known, f"{name}: {var} is read by no service"
         assert var.startswith(own + SHARED_PREFIXES), f"{name}: {var} belongs to another service"
-    assert _service_env(name)["FLOWKV_NATS_URL"] == "nats://nats:4222"
+    assert _service_env(name)["FLOWKV_NATS_URL"] == NATS_URL
     assert _service_env(name)["FLOWKV_NATS_TOKEN"] == "tok"
 
 
@@ -143,7 +151,7 @@ def test_every_command_is_a_real_entry_point_that_parses(name, monkeypatch, caps
         monkeypatch.setenv(key, value)
     module_name, func, _ = PARSERS[command[1]]
     service_config, nats_config = getattr(importlib.import_module(module_name), func)(command[2:])
-    assert nats_config.url == "nats://nats:4222" and nats_config.token == "tok"
+    assert nats_config.url == NATS_URL and nats_config.token == "tok"
     if command[1] == "node":
         assert (service_config.node_id, service_config.role, service_config.device) == (
             f"{name}-0", name, "cuda:0")

@@ -52,7 +52,7 @@ class SchedulerConfig:
     set_role_timeout_s: float = field(default=5.0, metadata=_h("timeout of the SetRole request to a node"))
     max_events: int = field(default=200, metadata=_h("recent events kept for cluster queries"))
     scheduler_id: str = field(default="", metadata=_h("this replica's id among the scheduler replicas (default: host-pid)"))
-    leader_lease_s: float = field(default=1.5, metadata=_h("the leader's lease in the broker's JetStream KV: a dead leader is replaced within about this long"))
+    leader_lease_s: float = field(default=1.2, metadata=_h("the leader's lease in the broker's JetStream KV: a dead leader is replaced within about this long"))
     lease_replicas: int = field(default=1, metadata=_h("JetStream replicas of the lease buckets (3 on a 3-server NATS cluster)"))
     metrics_port: int = field(default=0, metadata=_h("serve Prometheus /metrics and /health on this port (0: off)"))
     metrics_host: str = field(default="127.0.0.1", metadata=_h("address the /metrics endpoint binds"))
