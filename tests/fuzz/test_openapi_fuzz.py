@@ -1,5 +1,10 @@
 """Schemathesis against a real gateway: no 5xx and no hang on any generated request.
 
+The request schemas in that document are generated from the Structs the gateway decodes
+bodies into, so every field of the API is fuzzed: sampling and penalties, ``n`` and
+``best_of``, batches of prompts, ``response_format`` and the guided-decoding fields,
+``tools`` and ``tool_choice``, and the ``/tokenize`` and ``/detokenize`` bodies.
+
 The cluster is real: a nats-server, the scheduler, one hybrid node with the ``tiny``
 preset and the gateway, each its own process. Schemathesis reads the OpenAPI document the
 gateway serves on ``/openapi.json`` and generates, per operation, bodies that follow it
@@ -73,7 +78,8 @@ def test_no_server_error_or_hang_on_any_operation(gateway_url, mode) -> None:
         _fuzz(operation.as_strategy(generation_mode=mode), gateway_url, mode, seen)
     # Every operation was exercised, and generation did get through (positive) or got refused (negative).
     gets = {"GET /v1/models", "GET /health", "GET /ready", "GET /metrics"} if mode is GenerationMode.POSITIVE else set()
-    assert set(statuses) == {"POST /v1/completions", "POST /v1/chat/completions"} | gets
+    assert set(statuses) == {"POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize",
+                             "POST /detokenize"} | gets
     print({label: sorted(seen) for label, seen in statuses.items()})
     assert all(statuses.values())
     generation = statuses["POST /v1/completions"] + statuses["POST /v1/chat/completions"]
