@@ -80,6 +80,22 @@ def engine_config(config: NodeConfig) -> EngineConfig:
     )
 
 
+def build_engine(config: NodeConfig) -> Engine:
+    """The engine ``config.engine`` names, not started."""
+    if config.engine == "vllm":
+        from libs.engine.loader import smollm2_dir
+        from libs.vllm_engine.engine import VllmEngine
+
+        model = smollm2_dir() if config.model == "smollm2" else config.model
+        return VllmEngine(model, model_name=config.model, dtype=config.dtype, block_size=config.block_size,
+                          num_blocks=config.num_blocks, max_model_len=config.max_model_len,
+                          max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                          enable_prefix_caching=config.enable_prefix_caching, seed=config.seed,
+                          alloc_timeout_s=config.kv_alloc_timeout_s / 2)
+    return AsyncEngine(engine_config(config), prefix_hash_sample=config.prefix_hash_sample,
+                       step_delay_s=faults.seconds("engine_slow_step"))
+
+
 class Node:
     """A FlowKV node. ``await start(nc)``, serve, then ``await stop()``.
 
@@ -116,8 +132,7 @@ class Node:
         """Build what is missing, subscribe, start reporting. ``nc`` stays the caller's."""
         self.nc = nc
         if self.engine is None:
-            self.engine = AsyncEngine(engine_config(self.config), prefix_hash_sample=self.config.prefix_hash_sample,
-                                      step_delay_s=faults.seconds("engine_slow_step"))
+            self.engine = build_engine(self.config)
             await self.engine.start()
         self.agent = KVAgent(self.engine.pool, self.node_id, rendezvous=self._rendezvous,
                              tcp_host=self.config.kv_host, tcp_port=self.config.kv_port,

@@ -24,6 +24,9 @@ class NodeConfig:
     node_id: str = field(default="node0", metadata={"help": "this node's id (a NATS subject token)"})
     role: str = field(default="hybrid", metadata={"help": "prefill, decode or hybrid"})
     model: str = field(default="smollm2", metadata={"help": "engine model: smollm2, tiny, a HF dir or a .gguf"})
+    engine: str = field(default="flowkv", metadata={
+        "help": "the node's engine: flowkv (FlowKV's own) or vllm (vLLM's v1 engine with FlowKV's KV connector; "
+                "needs the vllm extra, a HF dir or smollm2 as model, a block size that is a multiple of 32 on CPU)"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "weights and KV dtype"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
@@ -63,6 +66,8 @@ class NodeConfig:
         for name in ("report_interval_s", "lease_s", "kv_alloc_timeout_s", "transfer_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.engine not in ("flowkv", "vllm"):
+            raise ValueError(f"engine must be flowkv or vllm, got {self.engine!r}")
         if self.kv_transfer_granularity not in KV_TRANSFER_GRANULARITIES:
             raise ValueError(f"kv_transfer_granularity must be one of {list(KV_TRANSFER_GRANULARITIES)}, "
                              f"got {self.kv_transfer_granularity!r}")

@@ -1,0 +1,269 @@
+"""FlowKV's hand-off as a vLLM v1 KV connector (``KVConnectorBase_V1``).
+
+vLLM loads this module by path (``kv_connector_module_path``) in its engine-core process.
+The connector moves no bytes itself: the node's :class:`libs.kvtransfer.agent.KVAgent`
+does, with FlowKV's transports, straight between the two engines' KV caches. What the
+connector does is make vLLM's cache reachable and let the node's control plane decide
+when blocks are held, reserved, filled and given back:
+
+- **Where the KV lives.** :meth:`FlowKVConnector.get_mem_pool_context` makes vLLM allocate
+  its KV cache (one buffer for every layer, layer-major) in named POSIX shared memory; the
+  node maps the same segment as a layer-major :class:`libs.kvtransfer.pool.KVPool`
+  (:meth:`FlowKVWorkerExtension.flowkv_pool_info` says where and what). A CUDA cache would
+  be exported the same way through a CUDA IPC handle; only the CPU build is wired here.
+- **P holds.** A request sent with ``kv_transfer_params={"flowkv_hold": True}`` and
+  ``max_tokens=1`` keeps its blocks when it finishes by length (``request_finished``
+  returns ``True``); its block ids come back in the output's ``kv_transfer_params``. The
+  node's ``flowkv_release`` ends the hold: the worker reports the request as finished
+  sending and vLLM frees the blocks.
+- **D reserves.** A request (prompt + P's first token) sent with
+  ``{"flowkv_remote": True, "num_prompt_tokens": n}`` matches the prompt's uncached
+  tokens as an asynchronous external load: vLLM allocates its blocks and parks it in
+  ``WAITING_FOR_REMOTE_KVS``. The connector tells the node the block ids (a datagram on
+  the node's socket, ``kv_connector_extra_config["events_socket"]``); P writes into them;
+  the node's ``flowkv_landed`` reports the load finished and vLLM computes the first
+  token's position and decodes on. ``flowkv_landed`` after an abort frees the blocks.
+
+Reports to vLLM happen only for requests the worker knows are held or reserved (from the
+scheduler side's metadata), each once, so a late or repeated command cannot touch a
+request vLLM has already freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import torch
+from torch.overrides import TorchFunctionMode
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from libs.kvtransfer.layout import dtype_name
+from libs.kvtransfer.pool import sweep_stale_segments
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+HOLD = "flowkv_hold"
+REMOTE = "flowkv_remote"
+BLOCK_IDS = "flowkv_block_ids"
+_SHM_PREFIX = "flowkv-"  # the same prefix as KVPool's segments: sweep_stale_segments cleans both
+
+
+class Allocation(msgspec.Struct, frozen=True):
+    """Engine core -> node: vLLM reserved ``block_ids`` for a remote request's prompt."""
+
+    request_id: str
+    block_ids: list[int]
+    num_cached_tokens: int
+
+
+@dataclass
+class FlowKVMetadata(KVConnectorMetadata):
+    """Scheduler side -> worker side, every step: requests newly held (P) or reserved (D)."""
+
+    held: list[str] = field(default_factory=list)
+    reserved: list[str] = field(default_factory=list)
+
+
+class _SharedAllocation(TorchFunctionMode):
+    """Turns vLLM's one KV-cache allocation (``torch.zeros(n, dtype=int8)`` on CPU) into a
+    tensor over a new named shared-memory segment."""
+
+    def __init__(self, owner: FlowKVConnector) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if (func is torch.zeros and self.owner.shm is None and kwargs.get("dtype") is torch.int8
+                and torch.device(kwargs.get("device") or "cpu").type == "cpu"):
+            size = args[0] if len(args) == 1 else args
+            nbytes = int(size if isinstance(size, int) else torch.Size(size).numel())
+            sweep_stale_segments()
+            name = f"{_SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+            self.owner.shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+            buf = torch.frombuffer(self.owner.shm.buf, dtype=torch.int8, count=nbytes)
+            buf.zero_()
+            return buf
+        return func(*args, **kwargs)
+
+
+class FlowKVConnector(KVConnectorBase_V1):
+    """See the module docstring. One instance per role (scheduler, worker) per engine."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig | None = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)  # type: ignore[arg-type]
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self.block_size = vllm_config.cache_config.block_size
+        # scheduler side
+        self._events_path: str = str(extra.get("events_socket", ""))
+        self._events: socket.socket | None = None
+        self._local_hits: dict[str, int] = {}  # request -> locally cached tokens at its last match
+        self._reserved: set[str] = set()  # requests whose reservation the node has been told of
+        self._new_held: list[str] = []
+        self._new_reserved: list[str] = []
+        # worker side
+        self.shm: shared_memory.SharedMemory | None = None
+        self.pool_info: dict[str, Any] = {}
+        self._held: set[str] = set()
+        self._awaiting: set[str] = set()
+        self._release_asked: set[str] = set()
+        self._landed_asked: set[str] = set()
+
+    # ====================================================== scheduler side
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        params = request.kv_transfer_params or {}
+        if not params.get(REMOTE) or request.request_id in self._reserved:
+            return 0, False
+        self._local_hits[request.request_id] = num_computed_tokens
+        missing = int(params["num_prompt_tokens"]) - num_computed_tokens
+        return (missing, True) if missing > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        params = request.kv_transfer_params or {}
+        if not params.get(REMOTE) or request.request_id in self._reserved:
+            return
+        rid = request.request_id
+        self._reserved.add(rid)
+        assert self._kv_cache_manager is not None
+        prompt_blocks = -(-int(params["num_prompt_tokens"]) // self.block_size)
+        block_ids = list(self._kv_cache_manager.get_block_ids(rid)[0][:prompt_blocks])
+        if num_external_tokens > 0:
+            self._new_reserved.append(rid)
+        self._notify(Allocation(rid, block_ids, self._local_hits.pop(rid, 0)))
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        meta = FlowKVMetadata(held=self._new_held, reserved=self._new_reserved)
+        self._new_held, self._new_reserved = [], []
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        self._reserved.discard(rid)
+        self._local_hits.pop(rid, None)
+        params = request.kv_transfer_params or {}
+        if not params.get(HOLD) or request.get_finished_reason() != "length" or not block_ids:
+            return False, None
+        self._new_held.append(rid)
+        return True, {BLOCK_IDS: list(block_ids)}
+
+    def _notify(self, event: Allocation) -> None:
+        if not self._events_path:
+            return
+        if self._events is None:
+            self._events = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self._events.sendto(msgspec.msgpack.encode(event), self._events_path)
+        except OSError as exc:  # the node is gone: its reservation ends with its process
+            log.warning("cannot tell the node of %s's blocks: %s", event.request_id, exc)
+
+    # ========================================================= worker side
+
+    def get_mem_pool_context(self) -> Any:
+        return _SharedAllocation(self) if self._role == KVConnectorRole.WORKER else None
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Check that vLLM laid the cache out as one layer-major buffer in our segment."""
+        if self.shm is None:
+            raise RuntimeError("FlowKV connector: vLLM allocated its KV cache outside the shared segment "
+                               "(only the CPU build is supported)")
+        base = torch.frombuffer(self.shm.buf, dtype=torch.int8, count=1).data_ptr()
+        views = sorted({t.data_ptr(): t for t in kv_caches.values()}.items())
+        num_layers = len(views)
+        first = views[0][1]
+        num_blocks, num_kv_heads, block_size = (int(x) for x in first.shape[:3])
+        page = first[0].numel() * first.element_size()
+        for layer, (ptr, view) in enumerate(views):
+            if ptr != base + layer * num_blocks * page or view.stride(0) * view.element_size() != page:
+                raise RuntimeError("FlowKV connector: vLLM's KV cache is not one layer-major buffer")
+        head_dim = page // (2 * block_size * num_kv_heads * first.element_size())
+        self.pool_info = {"shm_name": self.shm.name, "num_blocks": num_blocks, "num_layers": num_layers,
+                          "block_size": block_size, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
+                          "dtype": dtype_name(first.dtype)}
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, FlowKVMetadata):
+            self._held.update(connector_metadata.held)
+            self._awaiting.update(connector_metadata.reserved)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        """Nothing to load: P's agent has written the blocks before the node reports them."""
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Loads are complete before a request leaves WAITING_FOR_REMOTE_KVS."""
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        """Nothing to save: held blocks are read in place by the node's agent."""
+
+    def wait_for_save(self) -> None:
+        """Nothing in flight inside vLLM."""
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        sent = self._held & self._release_asked
+        received = self._awaiting & self._landed_asked
+        self._held -= sent
+        self._release_asked -= sent
+        self._awaiting -= received
+        self._landed_asked -= received
+        return (sent or None), (received or None)
+
+    def release(self, request_id: str) -> None:
+        """The node is done with a held prefill's blocks."""
+        self._release_asked.add(request_id)
+
+    def landed(self, request_id: str) -> None:
+        """A reservation's bytes are in (or it is being dropped after an abort)."""
+        self._landed_asked.add(request_id)
+
+    def shutdown(self) -> None:
+        if self.shm is not None:
+            shm, self.shm = self.shm, None
+            try:
+                shm.close()
+            except BufferError:
+                pass  # vLLM's views are still alive; the mapping goes with the process
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class FlowKVWorkerExtension:
+    """Methods the node calls in vLLM's worker (``AsyncLLM.collective_rpc``); vLLM mixes
+    this class into its worker (``worker_extension_cls``)."""
+
+    def _flowkv(self) -> FlowKVConnector:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        connector = get_kv_transfer_group()
+        if not isinstance(connector, FlowKVConnector):
+            raise RuntimeError("the FlowKV connector is not this engine's KV connector")
+        return connector
+
+    def flowkv_pool_info(self) -> dict[str, Any]:
+        return dict(self._flowkv().pool_info)
+
+    def flowkv_release(self, request_id: str) -> None:
+        self._flowkv().release(request_id)
+
+    def flowkv_landed(self, request_id: str) -> None:
+        self._flowkv().landed(request_id)
