@@ -31,10 +31,10 @@ from libs.kvtransfer.base import (
     TransferError,
     TransferMode,
     TransferState,
-    TransferStats,
 )
 from libs.kvtransfer.layout import LayoutMismatch
 from libs.kvtransfer.pool import KVPool
+from libs.protocol.messages import TransferReport
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class _Record:
         self.role = role
         self.state = TransferState.PENDING
         self.reason = ""
-        self.stats: TransferStats | None = None
+        self.stats: TransferReport | None = None
         self.completed: asyncio.Future[None] | None = None
 
 
@@ -197,7 +197,7 @@ class KVAgent:
         rec = self._records.get(transfer_id)
         return rec.reason if rec else ""
 
-    def stats(self, transfer_id: str) -> TransferStats | None:
+    def stats(self, transfer_id: str) -> TransferReport | None:
         """The counters of a finished transfer (kept for the last few thousand)."""
         rec = self._records.get(transfer_id)
         return rec.stats if rec else None
@@ -223,8 +223,8 @@ class KVAgent:
         except (LayoutMismatch, ValueError) as exc:
             raise TransferError(str(exc)) from exc
 
-    def _finish(self, rec: _Record, transport: str, mode: TransferMode, ops: list[CopyOp], t0: float) -> TransferStats:
-        rec.stats = TransferStats(
+    def _finish(self, rec: _Record, transport: str, mode: TransferMode, ops: list[CopyOp], t0: float) -> TransferReport:
+        rec.stats = TransferReport(
             transport=transport, mode=mode.value, calls=num_calls(ops, self.pool.layout, mode),
             bytes=num_blocks_of(ops) * self.pool.layout.block_bytes, segments=len(ops),
             duration_s=time.perf_counter() - t0,
@@ -245,7 +245,7 @@ class KVAgent:
         dst_block_ids: Sequence[int],
         mode: TransferMode = TransferMode.MERGED,
         timeout: float = 30.0,
-    ) -> TransferStats:
+    ) -> TransferReport:
         """P side: move the request's KV into the peer's blocks.
 
         Returns:
@@ -283,7 +283,7 @@ class KVAgent:
         src_block_ids: Sequence[int],
         mode: TransferMode = TransferMode.MERGED,
         timeout: float = 30.0,
-    ) -> asyncio.Future[TransferStats]:
+    ) -> asyncio.Future[TransferReport]:
         """D side: a future that resolves with the stats once the bytes have landed.
 
         The future raises :class:`TransferError` on timeout, abort or a lost peer. Call it
@@ -293,7 +293,7 @@ class KVAgent:
         return asyncio.ensure_future(self._expect(transfer_id, rec, peer, dst_block_ids, src_block_ids, mode, timeout))
 
     async def _expect(self, transfer_id: str, rec: _Record, peer: AgentInfo, dst_ids: Sequence[int],
-                      src_ids: Sequence[int], mode: TransferMode, timeout: float) -> TransferStats:
+                      src_ids: Sequence[int], mode: TransferMode, timeout: float) -> TransferReport:
         t0 = time.perf_counter()
         rec.completed = asyncio.get_running_loop().create_future()
         try:

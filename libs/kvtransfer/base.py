@@ -59,17 +59,6 @@ class TransferMode(str, enum.Enum):
                              f"{', '.join(m.value for m in cls)}") from None
 
 
-class TransferStats(msgspec.Struct, frozen=True):
-    """Counters of one finished transfer, as seen by one side."""
-
-    transport: str
-    mode: str
-    calls: int
-    bytes: int
-    segments: int
-    duration_s: float
-
-
 class TransferError(Exception):
     """A transfer ended FAILED; ``reason`` says why."""
 

@@ -341,6 +341,9 @@ class KVAllocReply(Message, tag="kv_alloc_reply"):
 
 
 class TransferReport(msgspec.Struct, kw_only=True):
+    """Counters of one finished KV transfer, as seen by one side: what ``KVAgent`` returns
+    for a send or a receive, and what ``KVDone.stats`` carries to the decode node."""
+
     transport: str
     mode: str
     calls: int

@@ -33,10 +33,9 @@ import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry.trace import StatusCode
 
-from libs.kvtransfer.agent import choose_transport
 from libs.kvtransfer.allocator import NoFreeBlocks
-from libs.kvtransfer.base import AgentInfo, TransferError, TransferMode, TransferStats
-from libs.protocol.messages import Ack, ErrorCode, KVAllocReply, KVAllocRequest, KVDone
+from libs.kvtransfer.base import AgentInfo, TransferError, TransferMode
+from libs.protocol.messages import Ack, ErrorCode, KVAllocReply, KVAllocRequest, KVDone, TransferReport
 from services.common.logs import request_id_var
 from services.common.tracing import extract_context, tracer
 from services.node_common import metrics
@@ -67,7 +66,7 @@ class Reservation:
     done: asyncio.Future[KVDone]
     phase: Phase = Phase.AWAITING
     cancelled: bool = False
-    received: TransferStats | None = None  # what landed (None: nothing moved, or not yet)
+    received: TransferReport | None = None  # what landed (None: nothing moved, or not yet)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -98,10 +97,8 @@ class DecodeHandler:
             check_reply_subject(req.reply_subject)
             check_offsets(req.output_offset, req.num_original_prompt_tokens, len(req.prompt_token_ids))
             check_block_ids(req.src_block_ids, peer.num_blocks, "source block ids")
-            transport = choose_transport(ctx.agent.info(), peer, ctx.agent.force_transport)
-            if transport not in ctx.agent.transports:
-                raise ValueError(f"transport {transport} is not enabled on {ctx.node_id}")
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            transport = ctx.agent.transport_for(peer).name
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TransferError) as exc:
             return KVAllocReply(**refuse, code=ErrorCode.INVALID, error=str(exc))
         try:
             alloc = await ctx.engine.allocate_remote(req.request_id, list(req.prompt_token_ids),
@@ -128,7 +125,7 @@ class DecodeHandler:
             expect.add_done_callback(_retrieve)
         res = Reservation(req, dst, alloc.num_cached_tokens, expect, asyncio.get_running_loop().create_future())
         self.reservations[req.request_id] = res
-        res.task = asyncio.create_task(self._run(res, params, headers), name=f"decode:{req.request_id}")
+        res.task = ctx.tasks.spawn(self._run(res, params, headers), f"decode:{req.request_id}", critical=False)
         return KVAllocReply(request_id=req.request_id, transfer_id=req.transfer_id, ok=True, dst_block_ids=dst,
                             num_cached_tokens=alloc.num_cached_tokens,
                             receiver_info=msgspec.msgpack.encode(ctx.agent.info()), transport=transport)
@@ -156,13 +153,8 @@ class DecodeHandler:
         return True
 
     async def wait_idle(self, timeout: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.reservations:
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+        """Wait until no reservation is held; False on timeout."""
+        return await self.ctx.work_finished.wait_until(lambda: not self.reservations, timeout)
 
     async def cancel_all(self) -> None:
         for rid in list(self.reservations):
@@ -219,6 +211,7 @@ class DecodeHandler:
             await engine.abort(req.request_id)
         finally:
             self.reservations.pop(req.request_id, None)
+            self.ctx.work_finished.notify()
             metrics.REQUESTS.labels("decode", outcome).inc()
 
     async def _await_done(self, res: Reservation) -> KVDone | None:

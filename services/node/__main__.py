@@ -2,7 +2,8 @@
 
 Every flag also reads ``FLOWKV_NODE_<FIELD>`` (NATS: ``FLOWKV_NATS_<FIELD>``). SIGINT or
 SIGTERM: NodeBye, drain in-flight requests (bounded), stop the engine, close the agent,
-``nc.drain()``.
+``nc.drain()``. A critical background task that fails (the load reports, a role flip) stops
+the node the same way, with exit status 1.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import contextlib
 import logging
 import os
 import sys
+from contextlib import AsyncExitStack
+from typing import Any
 
-from services.common.lifecycle import install_signal_handlers
+from services.common import lifecycle
+from services.common.lifecycle import install_signal_handlers, wait_for_stop
 from services.common.logs import setup_logging
 from services.common.nats import NatsAuthError, parse_service_args
 from services.common.nats import NatsConfig, connect
@@ -28,32 +32,39 @@ def parse(argv: list[str] | None = None) -> tuple[NodeConfig, NatsConfig]:
     return parse_service_args(NodeConfig, ENV_PREFIX, "python -m services.node", "A FlowKV node", argv)
 
 
-async def serve(config: NodeConfig, nats_config: NatsConfig) -> None:
+async def serve(config: NodeConfig, nats_config: NatsConfig) -> int:
     from services.node_common import metrics
     from services.node.node import Node
 
     stop = asyncio.Event()
     install_signal_handlers(stop)
-    nc = await connect(nats_config, f"flowkv-node-{config.node_id}")
-    node = Node(config)
-    runner = None
-    try:
+    async with AsyncExitStack() as stack:
+        nc = await connect(nats_config, f"flowkv-node-{config.node_id}")
+        stack.push_async_callback(_drain, nc)
         # /metrics first: a port that cannot be bound ends the process before the node
         # has announced itself (a node that joins and then dies looks ready for a moment).
         if config.metrics_port:
             runner = await metrics.serve_metrics(config.metrics_port, config.metrics_host)
+            stack.push_async_callback(runner.cleanup)
+        node = Node(config)
         await node.start(nc)
+
+        async def stop_node() -> None:
+            await node.stop("a background task failed" if node.tasks.failed.is_set() else "signal")
+
+        stack.push_async_callback(stop_node)
         print(f"node {config.node_id} ready", flush=True)  # tests and `flowkv up` wait for this line
-        await stop.wait()
-        await node.stop("signal")
-    finally:
-        if runner is not None:
-            await runner.cleanup()
-        with contextlib.suppress(Exception):
-            await nc.drain()
+        await wait_for_stop(stop, node.tasks)
+        failed = node.tasks.failed.is_set()
+    return 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> None:
+async def _drain(nc: Any) -> None:
+    with contextlib.suppress(Exception):  # the broker may be gone already: nothing left to flush
+        await nc.drain()
+
+
+def main(argv: list[str] | None = None) -> int:
     config, nats_config = parse(argv)
     setup_logging(f"node-{config.node_id}", config.log_level, config.json_logs)
     setup_tracing("flowkv-node", config.node_id)
@@ -63,13 +74,12 @@ def main(argv: list[str] | None = None) -> None:
         # `flowkv up` divides the cores among its nodes through OMP_NUM_THREADS.
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))))
     try:
-        asyncio.run(serve(config, nats_config))
+        return lifecycle.run(serve(config, nats_config))
     except NatsAuthError as exc:  # a clear line, not a traceback: retrying cannot help
         raise SystemExit(f"error: {exc}") from None
     finally:
         shutdown_tracing()
-    sys.exit(0)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

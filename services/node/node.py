@@ -42,6 +42,7 @@ from libs.protocol.messages import (
 )
 from libs.protocol.subjects import NodeVerb, check_token, node, node_bye, node_load, request_cancel
 from services.common import faults
+from services.common.lifecycle import TaskGroup
 from services.common.messaging import respond, subscribe
 from services.decode.handler import DecodeHandler
 from services.node_common import metrics
@@ -121,6 +122,7 @@ class Node:
         self.decode: DecodeHandler | None = None
         self._seq = 0
         self._subs: list[Any] = []
+        self.tasks = TaskGroup(f"node-{self.node_id}")  # a failed critical task ends the process
         self._report_task: asyncio.Task[None] | None = None
         self._flip_task: asyncio.Task[None] | None = None
         self.leader_epoch = 0  # the highest scheduler-leader epoch a SetRole came with (the fence)
@@ -138,7 +140,7 @@ class Node:
                              tcp_host=self.config.kv_host, tcp_port=self.config.kv_port,
                              force_transport=self.config.kv_transport or None)
         await self.agent.start()
-        self.ctx = NodeContext(nc, self.engine, self.agent, self.config)
+        self.ctx = NodeContext(nc, self.engine, self.agent, self.config, tasks=self.tasks)
         self.prefill = PrefillHandler(self.ctx)
         self.decode = DecodeHandler(self.ctx)
         verbs = [
@@ -152,7 +154,7 @@ class Node:
         for subject, handler, accept in verbs:
             self._subs.append(await subscribe(nc, subject, handler, accept))
         await nc.flush()
-        self._report_task = asyncio.create_task(self._report_loop(), name=f"{self.node_id}:load")
+        self._report_task = self.tasks.spawn(self._report_loop(), "load")
         log.info("node %s up: role %s, model %s on %s, kv transports %s", self.node_id, self.role.value,
                  self.config.model, self._device.device_name, sorted(self.agent.transports))
 
@@ -212,16 +214,15 @@ class Node:
         self.target_role = role
         if self.state is not NodeState.STOPPING:
             self.state = NodeState.DRAINING
-        self._flip_task = asyncio.create_task(self._flip(role), name=f"{self.node_id}:flip")
+        self._flip_task = self.tasks.spawn(self._flip(role), "flip")
 
     async def _flip(self, role: Role) -> None:
         old = self.role
         leaving = SERVES[old] - SERVES[role]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.role_drain_timeout_s
-        while any(self._inflight(w) for w in leaving) and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        if any(self._inflight(w) for w in leaving):
+        assert self.ctx is not None
+        drained = await self.ctx.work_finished.wait_until(lambda: not any(self._inflight(w) for w in leaving),
+                                                          self.config.role_drain_timeout_s)
+        if not drained:
             log.warning("role flip %s -> %s: old-role work still running after %.0fs; it finishes in the new role",
                         old.value, role.value, self.config.role_drain_timeout_s)
         self.role = role
@@ -230,7 +231,10 @@ class Node:
         if old is not role:
             metrics.ROLE_FLIPS.labels(old.value, role.value).inc()
             log.info("role %s -> %s", old.value, role.value)
-        await self._publish_report()
+        try:
+            await self._publish_report()  # the new role now, not at the next interval
+        except Exception:  # a report lost is not worth the node: the next one follows
+            log.exception("load report failed")
 
     # --------------------------------------------------------------- handlers
 

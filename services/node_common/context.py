@@ -9,6 +9,7 @@ from nats.aio.client import Client
 
 from libs.engine.protocol import Engine
 from libs.kvtransfer.agent import KVAgent
+from services.common.lifecycle import Changes, TaskGroup
 from services.node_common.config import NodeConfig
 from services.node_common.metrics import TransferTotals
 
@@ -24,6 +25,9 @@ class NodeContext:
         engine: the node's engine (FlowKV's own or vLLM's, see :mod:`libs.engine.protocol`).
         agent: the node's started ``KVAgent``.
         config: the node's configuration.
+        tasks: the node's background tasks; the handlers run each request as one.
+        work_finished: notified whenever a request leaves a handler (drains and role
+            flips wait on it).
     """
 
     nc: Client
@@ -31,6 +35,8 @@ class NodeContext:
     agent: KVAgent
     config: NodeConfig
     transfers: TransferTotals = field(default_factory=TransferTotals)
+    tasks: TaskGroup = field(default_factory=lambda: TaskGroup("node"))
+    work_finished: Changes = field(default_factory=Changes)
     _cancelled: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     @property

@@ -12,8 +12,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from libs.kvtransfer.base import TransferStats
-from libs.protocol.messages import LoadReport, Role
+from libs.protocol.messages import LoadReport, Role, TransferReport
 from services.node_common.kv_links import KVLinkTable
 
 REQUESTS = Counter(
@@ -95,7 +94,7 @@ class TransferTotals:
     links: KVLinkTable = dataclasses.field(default_factory=KVLinkTable)  # sent, by decode peer
 
 
-def record_send(stats: TransferStats, totals: TransferTotals, peer: str) -> None:
+def record_send(stats: TransferReport, totals: TransferTotals, peer: str) -> None:
     """Count one finished hand-off to the decode node ``peer`` on the sender."""
     totals.links.record(peer, stats.bytes, stats.duration_s)
     totals.sent_transfers += 1
@@ -108,7 +107,7 @@ def record_send(stats: TransferStats, totals: TransferTotals, peer: str) -> None
     TRANSFER_SECONDS.labels(stats.transport).observe(stats.duration_s)
 
 
-def record_receive(stats: TransferStats, totals: TransferTotals) -> None:
+def record_receive(stats: TransferReport, totals: TransferTotals) -> None:
     """Count one hand-off that landed on the receiver."""
     totals.received_transfers += 1
     totals.received_bytes += stats.bytes
@@ -116,7 +115,7 @@ def record_receive(stats: TransferStats, totals: TransferTotals) -> None:
     RECEIVED_BYTES.labels(stats.transport).inc(stats.bytes)
 
 
-def transfer_attributes(stats: TransferStats | None) -> dict[str, Any]:
+def transfer_attributes(stats: TransferReport | None) -> dict[str, Any]:
     """Span attributes of one transfer (zeros when nothing moved: D had every block cached)."""
     if stats is None:
         return {"flowkv.kv.bytes": 0, "flowkv.kv.calls": 0, "flowkv.kv.segments": 0}

@@ -25,8 +25,8 @@ Cancel: in PREFILL or LOCAL the task is cancelled and the engine aborts the requ
 HANDOFF the transfer is aborted instead and the task runs to its end (release, then
 ``KVDone(ok=False)`` so D frees its reservation): blocks in flight belong to the transfer.
 
-Deviation from the first design: P asks for the reservation after its prefill, not during
-it, because D's ``expect`` must know P's block ids to plan the same copies as P.
+P asks for the reservation after its prefill, not while it runs: D's ``expect`` needs P's
+block ids to plan the same copies as P, and they are final only once the prompt is cached.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, StatusCode
 
-from libs.kvtransfer.base import AgentInfo, TransferError, TransferMode, TransferStats
+from libs.kvtransfer.base import AgentInfo, TransferError, TransferMode
 from libs.protocol import messages
 from libs.protocol.messages import (
     ErrorCode,
@@ -115,7 +115,7 @@ class PrefillHandler:
         local = req.decode_node == self.ctx.node_id
         job = PrefillJob(req, Phase.LOCAL if local else Phase.PREFILL, colocated=local)
         self.jobs[req.request_id] = job
-        job.task = asyncio.create_task(self._run(job, headers), name=f"prefill:{req.request_id}")
+        job.task = self.ctx.tasks.spawn(self._run(job, headers), f"prefill:{req.request_id}", critical=False)
 
     def cancel(self, request_id: str) -> bool:
         """Abort a request wherever it is on this node; returns whether it was here."""
@@ -132,13 +132,7 @@ class PrefillHandler:
 
     async def wait_idle(self, timeout: float, colocated: bool | None = None) -> bool:
         """Wait until no request (of the given kind) is in flight; False on timeout."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.num_inflight(colocated):
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+        return await self.ctx.work_finished.wait_until(lambda: not self.num_inflight(colocated), timeout)
 
     async def cancel_all(self) -> None:
         for rid in list(self.jobs):
@@ -172,6 +166,7 @@ class PrefillHandler:
             await self.ctx.engine.abort(req.request_id)
         finally:
             self.jobs.pop(req.request_id, None)
+            self.ctx.work_finished.notify()
             metrics.REQUESTS.labels("colocated" if job.colocated else "prefill", outcome).inc()
 
     def _usage(self, req: SubmitRequest) -> Usage:
@@ -249,7 +244,7 @@ class PrefillHandler:
                                  "flowkv.kv.transport": reply.transport})
             try:
                 stats = await self._send(job, reply, src_ids[k:], list(reply.dst_block_ids[k:]))
-                done.stats = None if stats is None else TransferReport(**msgspec.structs.asdict(stats))
+                done.stats = stats
                 span.set_attributes(transfer_attributes(stats))
             except TransferError as exc:
                 log.warning("transfer %s to %s failed: %s", job.transfer_id, req.decode_node, exc.reason)
@@ -321,7 +316,7 @@ class PrefillHandler:
             info = msgspec.structs.replace(info, transfer_mode=self.transfer_mode.value)
         return msgspec.msgpack.encode(info)
 
-    async def _send(self, job: PrefillJob, reply: KVAllocReply, src: list[int], dst: list[int]) -> TransferStats | None:
+    async def _send(self, job: PrefillJob, reply: KVAllocReply, src: list[int], dst: list[int]) -> TransferReport | None:
         if not src:  # D had every block cached: nothing moves
             return None
         peer = msgspec.msgpack.decode(reply.receiver_info, type=AgentInfo)

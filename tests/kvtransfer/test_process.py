@@ -14,10 +14,11 @@ import pytest
 from libs.kvtransfer.agent import KVAgent
 from libs.kvtransfer.align import align
 from libs.kvtransfer.allocator import SegmentAllocator
-from libs.kvtransfer.base import AgentInfo, TransferError, TransferMode, TransferState, TransferStats
+from libs.kvtransfer.base import AgentInfo, TransferError, TransferMode, TransferState
 from libs.kvtransfer.layout import KVLayout
 from libs.kvtransfer.pool import KVPool
 from libs.kvtransfer.transports.tcp import TcpHeader, encode_header
+from libs.protocol.messages import TransferReport
 from tests.kvtransfer import _peer
 
 NUM_BLOCKS = 64
@@ -94,7 +95,7 @@ async def test_two_process_transfer(transport: str, dtype: str) -> None:
             assert stats.bytes == len(src) * layout.block_bytes
             r = await child.call(op="await", tid=tid, complete=transport == "shm")
             assert r["ok"], r
-            d_stats = msgspec.msgpack.decode(r["stats"], type=TransferStats)
+            d_stats = msgspec.msgpack.decode(r["stats"], type=TransferReport)
             assert (d_stats.calls, d_stats.bytes) == (stats.calls, stats.bytes)
             assert agent.state(tid) == TransferState.DONE
             r = await child.call(op="read", ids=dst)
