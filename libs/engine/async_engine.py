@@ -152,19 +152,26 @@ class AsyncEngine:
     # ---------------------------------------------------------------- requests
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+        num_prior_output_tokens: int = 0,
     ) -> AsyncIterator[TokenOutput]:
-        """Run a request here from prompt to finish; yields its outputs (the last has ``finished``)."""
+        """Run a request here from prompt to finish; yields its outputs (the last has ``finished``).
+
+        ``num_prior_output_tokens``: the prompt's last tokens that are the request's own
+        earlier output (see :meth:`LLMEngine.add_request`).
+        """
         queue = self._open(request_id)
         try:
-            await self._call(lambda e: e.add_request(request_id, list(prompt_token_ids), params))
+            await self._call(lambda e: e.add_request(request_id, list(prompt_token_ids), params,
+                                                     num_prior_output_tokens=num_prior_output_tokens))
         except BaseException:
             self._streams.pop(request_id, None)
             raise
         async for out in self._drain(request_id, queue):
             yield out
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> PrefillResult:
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                      num_prior_output_tokens: int = 0) -> PrefillResult:
         """Prefill a prompt and sample its first token; the prompt's blocks stay held.
 
         Returns once the KV is complete in the pool (device synchronised). Call
@@ -172,7 +179,8 @@ class AsyncEngine:
         """
         queue = self._open(request_id)
         try:
-            await self._call(lambda e: e.add_request(request_id, list(prompt_token_ids), params, prefill_only=True))
+            await self._call(lambda e: e.add_request(request_id, list(prompt_token_ids), params, prefill_only=True,
+                                                     num_prior_output_tokens=num_prior_output_tokens))
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -196,12 +204,14 @@ class AsyncEngine:
         return await self._call(lambda e: e.allocate_remote(request_id, list(prompt_token_ids)))
 
     async def decode_remote(
-        self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams,
+        self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams, *,
+        num_prior_output_tokens: int = 0,
     ) -> AsyncIterator[TokenOutput]:
         """Commit a landed hand-off and yield the tokens after the first."""
         queue = self._open(request_id)
         try:
-            await self._call(lambda e: e.commit_remote(request_id, list(prompt_token_ids), first_token_id, params))
+            await self._call(lambda e: e.commit_remote(request_id, list(prompt_token_ids), first_token_id, params,
+                                                       num_prior_output_tokens=num_prior_output_tokens))
         except BaseException:
             self._streams.pop(request_id, None)
             raise

@@ -41,7 +41,7 @@ from services.common.tracing import extract_context, tracer
 from services.node_common import metrics
 from services.node_common.context import NodeContext
 from services.node_common.metrics import transfer_attributes
-from services.node_common.streaming import Streamer, Usage, continuation_params, engine_params
+from services.node_common.streaming import Streamer, Usage, continuation_params, engine_params, prior_outputs
 from services.node_common.validation import (check_block_ids, check_offsets, check_prompt, check_reply_subject,
                                              vocab_size)
 
@@ -194,7 +194,9 @@ class DecodeHandler:
                 with _TRACER.start_as_current_span("node.decode") as span:
                     span.set_attributes(self._span_attributes(res))
                     outputs = engine.decode_remote(req.request_id, list(req.prompt_token_ids), done.first_token_id,
-                                                   params)
+                                                   params, **prior_outputs(len(req.prompt_token_ids),
+                                                                           len(req.prompt_token_ids),
+                                                                           req.num_original_prompt_tokens))
                     last = await streamer.stream(outputs, req.output_offset + 1, usage)
                     if last is not None:
                         span.set_attributes({"flowkv.finish_reason": last.finish_reason or "",
@@ -261,7 +263,8 @@ class DecodeHandler:
             raise RuntimeError(f"KVDone for {req.request_id} carries no first token")
         prompt = list(req.prompt_token_ids) + [done.first_token_id]
         usage = Usage(req.num_original_prompt_tokens or len(req.prompt_token_ids))
-        outputs = self.ctx.engine.generate(req.request_id, prompt, continuation_params(params))
+        outputs = self.ctx.engine.generate(req.request_id, prompt, continuation_params(params), **prior_outputs(
+            len(prompt), len(req.prompt_token_ids), req.num_original_prompt_tokens))
         await streamer.stream(outputs, req.output_offset + 1, usage)
 
 

@@ -38,6 +38,23 @@ def continuation_params(params: EngineSamplingParams) -> EngineSamplingParams:
     )
 
 
+def prior_outputs(num_prompt_tokens: int, submitted_prompt_tokens: int, num_original_prompt_tokens: int) -> dict[str, int]:
+    """Keyword arguments telling the engine how many of a prompt's last tokens are earlier output.
+
+    A retry submits the original prompt + the tokens the client already has, and a
+    recompute appends the first token to that: the seeds, the penalties and the grammar
+    must go on after those tokens, not start over. Empty when there are none, so an engine
+    that cannot take them is called as for a fresh request.
+
+    Args:
+        num_prompt_tokens: the prompt handed to the engine.
+        submitted_prompt_tokens: the prompt of the request as submitted to the node.
+        num_original_prompt_tokens: the client's prompt (0: the submitted one).
+    """
+    n = num_prompt_tokens - (num_original_prompt_tokens or submitted_prompt_tokens)
+    return {"num_prior_output_tokens": n} if n > 0 else {}
+
+
 def wire_logprobs(out: TokenOutput) -> list[TokenLogprob] | None:
     if out.logprobs is None:
         return None

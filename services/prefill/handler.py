@@ -70,6 +70,7 @@ from services.node_common.streaming import (
     continuation_params,
     engine_params,
     error_chunk,
+    prior_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,8 @@ class PrefillHandler:
     async def _generate(self, req: SubmitRequest, prompt: list[int], params, first_index: int,  # type: ignore[no-untyped-def]
                         streamer: Streamer) -> None:
         usage = self._usage(req)
-        outputs = self.ctx.engine.generate(req.request_id, prompt, params)
+        outputs = self.ctx.engine.generate(req.request_id, prompt, params, **prior_outputs(
+            len(prompt), len(req.prompt_token_ids), req.num_original_prompt_tokens))
         await streamer.stream(outputs, first_index, usage)
 
     async def _prefill_and_hand_off(self, job: PrefillJob, params, streamer: Streamer,  # type: ignore[no-untyped-def]
@@ -185,7 +187,8 @@ class PrefillHandler:
         with _TRACER.start_as_current_span("node.prefill") as span:
             span.set_attributes({"flowkv.request_id": req.request_id, "flowkv.node_id": self.ctx.node_id,
                                  "flowkv.role": "prefill", "flowkv.tokens.prompt": len(req.prompt_token_ids)})
-            result = await engine.prefill(req.request_id, req.prompt_token_ids, params)
+            result = await engine.prefill(req.request_id, req.prompt_token_ids, params, **prior_outputs(
+                len(req.prompt_token_ids), len(req.prompt_token_ids), req.num_original_prompt_tokens))
             span.set_attributes({"flowkv.tokens.cached": result.output.num_cached_tokens,
                                  "flowkv.kv.blocks": len(result.block_ids)})
         out = result.output
