@@ -40,7 +40,6 @@ class StreamOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     """``stream_options``: what a streamed response adds."""
 
     include_usage: bool | None = None
-    continuous_usage_stats: bool | None = None  # vLLM's: usage in every chunk
 
 
 class JsonSchemaFormat(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

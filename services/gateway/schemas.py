@@ -314,8 +314,6 @@ def parse_chat(body: bytes | Any, served_model: str) -> GenerationRequest:
         req.logprobs = b.top_logprobs or 0
     elif b.top_logprobs is not None:
         raise invalid("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
-    if len(req.prompts) * req.n > MAX_SUBREQUESTS:
-        raise invalid(f"'n' must be at most {MAX_SUBREQUESTS}", "n")
     req.messages = chat_messages(b.messages)
     req.prompts = [Prompt()]
     req.add_generation_prompt = b.add_generation_prompt is not False

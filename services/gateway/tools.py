@@ -58,7 +58,7 @@ class ToolSpec:
         one_of = [{"type": "object",
                    "properties": {"name": {"type": "string", "enum": [d["function"]["name"]]},
                                   "parameters": self._parameters(d["function"]["name"])},
-                   "required": ["name", "parameters"]} for d in self.definitions]
+                   "required": ["name", "parameters"], "additionalProperties": False} for d in self.definitions]
         schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
         if not self.parallel:
             schema["maxItems"] = 1
