@@ -311,6 +311,35 @@ async def test_tool_calls_required_and_named_parse(served: Served) -> None:
     assert after.choices[0].message.content and after.choices[0].message.tool_calls is None
 
 
+async def test_auto_tool_choice_reads_hermes_calls(served: Served) -> None:
+    """``auto``: the calls are read from <tool_call> blocks in the text. A regex makes the model
+    write one (the default model's template shows it no tools)."""
+    client = served.client
+    forced = {"structured_outputs": {"regex": r'Checking\. <tool_call>\{"name": "get_time", "arguments": '
+                                              r'\{"zone": "(UTC|CET)"\}\}</tool_call>'}}
+    out = await client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], max_tokens=60,
+                                               temperature=1.0, seed=2, extra_body=forced)
+    msg = out.choices[0].message
+    assert out.choices[0].finish_reason == "tool_calls" and msg.content == "Checking. "
+    (call,) = msg.tool_calls
+    assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in {"UTC", "CET"}
+
+    stream = await client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], max_tokens=60,
+                                                  temperature=1.0, seed=2, stream=True, extra_body=forced)
+    content, calls, finish = "", [], None
+    async for ch in stream:
+        for c in ch.choices:
+            content += c.delta.content or ""
+            calls += c.delta.tool_calls or []
+            finish = c.finish_reason or finish
+    assert content == "Checking. " and finish == "tool_calls"
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == [
+        (0, "get_time", call.function.arguments)]
+    plain = await client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="none",
+                                                 max_tokens=60, temperature=1.0, seed=2, extra_body=forced)
+    assert plain.choices[0].message.tool_calls is None and "<tool_call>" in plain.choices[0].message.content
+
+
 async def test_tokenize_and_detokenize(served: Served) -> None:
     tok = served.cluster.reference.tokenizer
     async with aiohttp.ClientSession() as http:
