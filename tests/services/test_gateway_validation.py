@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.services.gateway_harness import MODEL, gateway, tokenizer  # noqa: F401 (fixture)
@@ -207,3 +209,60 @@ async def test_hostile_bodies_get_a_4xx_and_the_gateway_serves_after(gw):
     assert gw.cluster.places == []
     status, out, _ = await gw.post(C, OK_C)
     assert status == 200 and out["choices"][0]["finish_reason"] == "length"
+
+
+def _types(schema: dict, components: dict) -> set[str]:
+    """The JSON types a property's schema admits."""
+    if "$ref" in schema:
+        return _types(components[schema["$ref"].rsplit("/", 1)[1]], components)
+    if "anyOf" in schema:
+        return set().union(*(_types(s, components) for s in schema["anyOf"]))
+    if "enum" in schema:
+        return {{str: "string", int: "integer", type(None): "null"}[type(v)] for v in schema["enum"]}
+    t = schema.get("type")
+    if t is None:
+        return {"string", "integer", "number", "boolean", "array", "object", "null"}
+    return set(t) if isinstance(t, list) else {t}
+
+
+_WRONG = {"object": {"x": [1]}, "array": [[{}]], "string": "?", "number": 1.5, "boolean": True}
+
+
+async def test_a_wrong_type_in_any_field_at_any_level_is_a_400_naming_it(gw):
+    """For every field of every (nested) request object, a value of a JSON type its schema does not
+    admit: always a 400 whose ``param`` is that field's path."""
+    from services.gateway.openapi import openapi_document
+
+    components = openapi_document(MODEL)["components"]["schemas"]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    # (path, body with a hole, where the hole is, that object's schema)
+    places = [
+        (C, OK_C, lambda b: b, "CompletionRequest", ""),
+        (CHAT, OK_CHAT, lambda b: b, "ChatCompletionRequest", ""),
+        (CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": "x"}]}, lambda b: b["messages"][0], "ChatMessage",
+         "messages[0]."),
+        (CHAT, {**OK_CHAT, "tools": [tool]}, lambda b: b["tools"][0]["function"], "FunctionDef", "tools[0].function."),
+        (C, {**OK_C, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {}}}},
+         lambda b: b["response_format"]["json_schema"], "JsonSchemaFormat", "response_format.json_schema."),
+        (C, {**OK_C, "stream_options": {"include_usage": True}}, lambda b: b["stream_options"], "StreamOptions",
+         "stream_options."),
+    ]
+    wrong = []
+    tried = 0
+    for path, base, hole, name, prefix in places:
+        for field_name, schema in components[name]["properties"].items():
+            allowed = _types(schema, components)
+            if "number" in allowed:
+                allowed.add("integer")
+            for jtype, value in _WRONG.items():
+                if jtype in allowed:
+                    continue
+                body = json.loads(json.dumps(base))
+                hole(body)[field_name] = value
+                got, out, _ = await gw.post(path, body)
+                tried += 1
+                if got != 400 or not (out["error"]["param"] or "").startswith(prefix + field_name):
+                    wrong.append((path, prefix + field_name, value, got, out))
+    print(f"{tried} wrong-typed bodies")
+    assert tried > 150 and not wrong, wrong[:5]
+    assert gw.cluster.places == []
