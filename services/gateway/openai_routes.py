@@ -43,7 +43,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, parse_chat)
 
 
-async def _read_body(request: web.Request, max_bytes: int) -> bytes:
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
+    """The raw request body; 413 past ``max_bytes``."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
     try:
@@ -66,7 +67,7 @@ async def _serve_traced(request: web.Request, parse: Callable[[Any, str], Genera
     st = request.app[STATE]
     if st.stopping:
         raise ApiError(503, "the gateway is shutting down", type="server_error", code="shutting_down")
-    req = parse(await _read_body(request, st.config.max_body_bytes), st.config.served_model_name)
+    req = parse(await read_body(request, st.config.max_body_bytes), st.config.served_model_name)
     if sum(len(p.text or "") for p in req.prompts) > _INLINE_TOKENIZE_CHARS or req.messages:
         await asyncio.to_thread(tokenize, req, st.tokenizer)
     else:

@@ -74,10 +74,6 @@ class GenerationRequest:
         """The first prompt's token ids (the only prompt of a chat request)."""
         return self.prompts[0].token_ids
 
-    @property
-    def prompt(self) -> str | None:
-        return self.prompts[0].text if self.prompts else None
-
 
 # --- decoding --------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from services.gateway import bodies
 from services.gateway.errors import invalid
-from services.gateway.openai_routes import _read_body
+from services.gateway.openai_routes import read_body
 from services.gateway.schemas import chat_messages, check_model, decode, render_chat
 from services.gateway.state import STATE
 from services.gateway.tools import tool_spec
@@ -36,7 +36,7 @@ def _parse_any(raw: bytes) -> Any:
 async def tokenize(request: web.Request) -> web.Response:
     st = request.app[STATE]
     mt = st.tokenizer
-    body = _parse_any(await _read_body(request, st.config.max_body_bytes))
+    body = _parse_any(await read_body(request, st.config.max_body_bytes))
     if isinstance(body, dict) and "messages" in body:
         chat = decode(body, bodies.TokenizeChat)
         check_model(chat.model, st.config.served_model_name)
@@ -59,7 +59,7 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     st = request.app[STATE]
     mt = st.tokenizer
-    body = decode(await _read_body(request, st.config.max_body_bytes), bodies.Detokenize)
+    body = decode(await read_body(request, st.config.max_body_bytes), bodies.Detokenize)
     check_model(body.model, st.config.served_model_name)
     if any(t >= mt.vocab_size for t in body.tokens):
         raise invalid(f"token ids must be in [0, {mt.vocab_size})", "tokens")
