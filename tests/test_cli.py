@@ -334,7 +334,8 @@ async def test_status_queries_a_real_scheduler(nats_server):
                 break
         assert state.policy == "round_robin"
         assert [n.node_id for n in state.nodes] == ["decode-0"]
-        assert [(e.kind, e.node_id) for e in state.events] == [(EventKind.NODE_UP, "decode-0")]
+        # The scheduler took the lead (it is the only replica), then saw the node.
+        assert [(e.kind, e.node_id) for e in state.events] == [(EventKind.LEADER, ""), (EventKind.NODE_UP, "decode-0")]
     finally:
         await service.close()
         await nc.close()
