@@ -121,13 +121,16 @@ class DemandTracker:
         busy_backlog_s: a node with this many seconds of prompts queued (at its rate) is
             backlogged: its batches are full and its reported rate is its capacity.
         busy_fade: a node's best backlogged rate fades by this factor per backlogged report.
+        keep_s: placements are kept this long (at least twice ``window_s``) for
+            :meth:`history`, the longer view that goodput planning averages over.
     """
 
     def __init__(self, window_s: float = 5.0, min_placements: int = 8, busy_backlog_s: float = 1.0,
-                 busy_fade: float = 0.99) -> None:
+                 busy_fade: float = 0.99, keep_s: float = 0.0) -> None:
         if window_s <= 0:
             raise ValueError("window_s must be positive")
         self.window_s = window_s
+        self.keep_s = max(keep_s, 2 * window_s)
         self.min_placements = min_placements
         self.busy_backlog_s = busy_backlog_s
         self.busy_fade = busy_fade
@@ -185,10 +188,10 @@ class DemandTracker:
         return {n.node_id: max(self._busy_rate.get(n.node_id, 0.0), n.report.prefill_tokens_per_s) for n in nodes}
 
     def _trim(self, now: float) -> None:
-        # Ids are kept twice the window: a retry after a long Retry-After is not new demand.
+        # Ids are kept at least twice the window: a retry after a long Retry-After is not new demand.
         while self._placed and self._placed[0].t <= now - self.window_s:
             self._old.append(self._placed.popleft())
-        while self._old and self._old[0].t <= now - 2 * self.window_s:
+        while self._old and self._old[0].t <= now - self.keep_s:
             self._ids.discard(self._old.popleft().request_id)
 
     def __len__(self) -> int:
@@ -198,6 +201,11 @@ class DemandTracker:
         """The placements in ``(now - window_s, now]``, oldest first."""
         self._trim(now)
         return list(self._placed)
+
+    def history(self, now: float, span_s: float) -> list[Placed]:
+        """The placements in ``(now - span_s, now]`` (``span_s`` at most ``keep_s``), oldest first."""
+        self._trim(now)
+        return [p for p in self._old if p.t > now - span_s] + list(self._placed)
 
     def demand(self, now: float, nodes: list[NodeEntry], cost: CostModel) -> Demand | None:
         """Demand of the placements in ``(now - window_s, now]`` against ``nodes``' measured figures.

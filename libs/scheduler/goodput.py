@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from libs.protocol.messages import Role
 from libs.scheduler.cost_model import CostModel
@@ -93,12 +94,16 @@ class Rates:
         step_a_s / step_b_s: the decode step, ``a + b x batch`` seconds.
         batch_cap: the largest decode batch a node holds (its batch slots, or what its KV
             blocks hold of the recent requests).
+        hybrid_prefill_tokens_per_s: the prompt tokens/s hybrid nodes report, from the
+            passes they run between decode steps (each pays a pass's fixed cost for the
+            prompts queued since the last); 0 when no hybrid node has prefilled.
     """
 
     prefill_tokens_per_s: float
     step_a_s: float
     step_b_s: float
     batch_cap: float
+    hybrid_prefill_tokens_per_s: float = 0.0  # what hybrid nodes measured in their own passes (0: none)
 
     def full_batch_rate(self) -> float:
         """Output tokens/s of a node decoding a full batch."""
@@ -128,7 +133,9 @@ def measured_rates(tracker: DemandTracker, nodes: list[NodeEntry], cost: CostMod
     held = held_blocks_per_seq(list(placed))
     caps = [min(n.max_num_seqs, n.report.total_blocks / held) if held > 0 and n.report.total_blocks > 0
             else n.max_num_seqs for n in nodes]
-    return Rates(prefill, max(a, 1e-6), b, max(sum(caps) / len(caps), 1.0) if caps else 1.0)
+    hybrid = [n.report.prefill_tokens_per_s for n in nodes if n.role == Role.HYBRID and n.report.prefill_tokens_per_s > 0]
+    return Rates(prefill, max(a, 1e-6), b, max(sum(caps) / len(caps), 1.0) if caps else 1.0,
+                 sum(hybrid) / len(hybrid) if hybrid else 0.0)
 
 
 class Load:
@@ -176,7 +183,12 @@ class Load:
         loads = [u] + ([d_share] if shape.decode else []) + ([u + d_share] if shape.hybrid else [])
         load = max(loads)
         tpot_d = _tpot(rt, 0.0, r) if shape.decode else 0.0
-        tpot_h = _tpot_hybrid(rt, u, r, scale * self.requests_per_s / n_p) if shape.hybrid else 0.0
+        if rt.hybrid_prefill_tokens_per_s > 0:
+            # Measured on hybrid nodes: the rate holds the fixed cost of their own passes.
+            u_h = scale * self.prompt_tokens_per_s / (rt.hybrid_prefill_tokens_per_s * n_p)
+            tpot_h = _tpot(rt, u_h, r) if shape.hybrid else 0.0
+        else:
+            tpot_h = _tpot_hybrid(rt, u, r, scale * self.requests_per_s / n_p) if shape.hybrid else 0.0
         # Pollaczek-Khinchine: arrivals spread over the prefill-capable nodes.
         lam = scale * self.requests_per_s / n_p
         wait = lam * self.service_sq_s2 / (2 * (1 - u)) if u < 1 else math.inf
@@ -284,3 +296,24 @@ def next_move(current: Shape, target: Shape) -> list[tuple[Role, Role]]:
     deficit = [(target.count(r) - current.count(r), r) for r in roles if target.count(r) > current.count(r)]
     moves = [(src, dst, (dst != Role.HYBRID, -ns, -nd)) for ns, src in surplus for nd, dst in deficit]
     return [(src, dst) for src, dst, _ in sorted(moves, key=lambda m: m[2])]
+
+
+def moved(shape: Shape, src: Role, dst: Role) -> Shape:
+    """``shape`` after one node moves from ``src`` to ``dst``."""
+    counts = {r: shape.count(r) for r in (Role.PREFILL, Role.HYBRID, Role.DECODE)}
+    counts[src] -= 1
+    counts[dst] += 1
+    return Shape(counts[Role.PREFILL], counts[Role.HYBRID], counts[Role.DECODE])
+
+
+def path(current: Shape, target: Shape, rank: Callable[[Shape], Any] | None = None) -> list[Shape]:
+    """The shapes one flip after another from ``current`` to ``target``, ``target`` last
+    (empty when they are equal): each flip the one of :func:`next_move` whose shape ranks
+    lowest by ``rank`` (default: the first)."""
+    out: list[Shape] = []
+    shape = current
+    while shape != target:
+        steps = [moved(shape, src, dst) for src, dst in next_move(shape, target)]
+        shape = min(steps, key=rank) if rank is not None else steps[0]
+        out.append(shape)
+    return out

@@ -193,7 +193,8 @@ class LeastLoaded(Policy):
 
 class FlowKV(Policy):
     """Cost-model placement: minimise predicted TTFT (backlog, prefix-cache hit, hand-off)
-    plus the decode load of D; the role controller moves nodes between roles."""
+    plus the decode load of D; the role controller moves nodes between roles. A hybrid
+    node with room decodes what it prefills (as a colocated server does: no hand-off)."""
 
     name = "flowkv"
 
@@ -204,7 +205,10 @@ class FlowKV(Policy):
         best: tuple[float, str, str] | None = None
         pair: tuple[NodeEntry, NodeEntry] = (ps[0], top[0])
         for p in ps:
-            cands = top if not (p.node_id in d_loads and p not in top) else [*top, p]
+            if p.role == Role.HYBRID and p.node_id in d_loads:
+                cands = [p]
+            else:
+                cands = top if not (p.node_id in d_loads and p not in top) else [*top, p]
             for d in cands:
                 score = estimate(cost, req, p, d).ttft_s + d_loads[d.node_id]
                 key = (score, p.node_id, d.node_id)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from libs.protocol.messages import EventKind, Role, SchedEvent
 from libs.scheduler.cost_model import CostModel, decode_utilisation
 from libs.scheduler.demand import Demand, DemandTracker
-from libs.scheduler.goodput import Forecast, Load, Objectives, measured_rates, next_move, shape_of
+from libs.scheduler.goodput import Forecast, Load, Objectives, Shape, measured_rates, moved, next_move, path, shape_of
 from libs.scheduler.node_registry import NodeEntry, NodeRegistry
 
 
@@ -57,6 +57,17 @@ class RoleConfig:
         goodput_margin: a goodput move must raise the predicted share of requests within
             their objectives by more than this (or, at equal goodput, cut the busiest
             node's load by more than ``demand_margin`` while it is above ``demand_busy``).
+        planner: ``goodput`` (default): roles follow the goodput plan whether or not
+            objectives are set; without any, every served request counts and the plan is
+            the shape of most measured capacity (throughput). ``split``: without
+            objectives, the prefill/decode split rules (queue signals, demand) with hybrid
+            nodes only when both sides are saturated.
+        goodput_window_s: the goodput plan weighs the placements of this many recent
+            seconds (at least ``demand_window_s``): a shape is chosen for what wins on
+            average, not for one burst.
+        flip_cost_s: what one flip costs in seconds of the cluster serving the shape it
+            passes through; a move is made only when the predicted gain, held for
+            ``reverse_cooldown_s``, outweighs the losses of the shapes on its way.
     """
 
     min_dwell_s: float = 10.0
@@ -74,8 +85,15 @@ class RoleConfig:
     ttft_slo_s: float = 0.0
     tpot_slo_s: float = 0.0
     goodput_margin: float = 0.02
+    planner: str = "goodput"
+    goodput_window_s: float = 30.0
+    flip_cost_s: float = 2.0
 
     def __post_init__(self) -> None:
+        if self.planner not in ("goodput", "split"):
+            raise ValueError(f"planner must be goodput or split, got {self.planner!r}")
+        if self.goodput_window_s < 0 or self.flip_cost_s < 0:
+            raise ValueError("goodput_window_s and flip_cost_s must be >= 0")
         if self.ttft_slo_s < 0 or self.tpot_slo_s < 0 or not 0 <= self.goodput_margin < 1:
             raise ValueError("ttft_slo_s and tpot_slo_s must be >= 0, goodput_margin in [0, 1)")
         if self.demand_window_s < 0 or self.demand_busy < 0 or self.demand_confidence < 0:
@@ -141,11 +159,14 @@ class RoleController:
         self.target = target
         # Only a controller that chooses roles itself needs to know the demand.
         use_demand = target is None and config.demand_window_s > 0
-        self.demand: DemandTracker | None = DemandTracker(config.demand_window_s) if use_demand else None
+        self.demand: DemandTracker | None = (
+            DemandTracker(config.demand_window_s, keep_s=config.goodput_window_s) if use_demand else None)
         self.in_flight: RoleChange | None = None
         self.num_flips = 0
         self._last: tuple[Role, float] | None = None  # direction (the role gained) and time of the last flip
         self.last_plan: Forecast | None = None  # the goodput planner's latest best shape
+        self._heading: Shape | None = None  # the shape the goodput planner's last flip moved toward
+        self._moved: set[str] = set()  # nodes this controller has flipped
 
     def step(self) -> tuple[RoleChange | None, list[SchedEvent]]:
         """Advance the flip in flight; if none, maybe start one.
@@ -184,6 +205,7 @@ class RoleController:
         if entry.role == change.new_role and entry.ready:
             self.in_flight = None
             self.num_flips += 1
+            self._moved.add(change.node_id)
             self._last = (change.new_role, now)
             return [self._event(change, "done")]
         if now - change.requested_at > self.config.flip_timeout_s:
@@ -221,8 +243,11 @@ class RoleController:
         decodes = [n for n in free if n.role == Role.DECODE]
         why = (f"prefill backlog {pr.prefill_backlog_s:.2f}s, decode occupancy {pr.decode_occupancy:.2f}, "
                f"waiting {pr.decode_waiting:.2f}")
-        planned, change = self._decide_by_goodput(nodes, free)
-        if planned or c.ttft_slo_s > 0 or c.tpot_slo_s > 0:
+        # A node in the role it was started with has no flip of this controller to dwell
+        # on: the goodput plan may move it at once (the dwell keeps its later roles).
+        movable = [n for n in nodes if n.ready and (n in free or n.node_id not in self._moved)]
+        planned, change = self._decide_by_goodput(nodes, movable)
+        if planned or c.planner == "goodput" or c.ttft_slo_s > 0 or c.tpot_slo_s > 0:
             # With objectives, roles follow the goodput plan only; a window too thin to
             # plan from is a light load, which any shape serves.
             return change
@@ -259,22 +284,28 @@ class RoleController:
                 return self._change(self._least_busy(cands), Role.DECODE, f"decode short ({why})")
         return None
 
-    def goodput_load(self, nodes: list[NodeEntry]) -> tuple[Load, Demand] | None:
-        """The window's load for goodput planning, or None: no objectives (neither the
-        deployment's nor any request's), no demand tracker, or too few placements."""
+    def goodput_load(self, nodes: list[NodeEntry], span_s: float | None = None) -> tuple[Load, Demand] | None:
+        """The load of the last ``span_s`` seconds (default: ``goodput_window_s``, at least
+        the demand window, at most what has been seen) for goodput planning, or None: the
+        ``split`` planner and no objectives (neither the deployment's nor any request's),
+        no demand tracker, or too few placements in the demand window."""
         ready = [n for n in nodes if n.ready]
         if self.demand is None or len(ready) < 2:
             return None
+        c = self.config
         now = self.registry.clock.now()
         demand = self.demand.demand(now, ready, self.cost)
         if demand is None:
             return None
-        placed = self.demand.window(now)
-        objectives = Objectives(self.config.ttft_slo_s, self.config.tpot_slo_s)
-        if not objectives.any and not any(p.ttft_slo_s or p.tpot_slo_s for p in placed):
+        span = max(c.goodput_window_s if span_s is None else span_s, self.demand.window_s)
+        placed = self.demand.history(now, span)
+        objectives = Objectives(c.ttft_slo_s, c.tpot_slo_s)
+        if c.planner == "split" and not objectives.any and not any(p.ttft_slo_s or p.tpot_slo_s for p in placed):
             return None
+        # A window reaching back past the first placement seen covers only the time since.
+        span = min(span, max(now - placed[0].t, self.demand.window_s))
         rates = measured_rates(self.demand, ready, self.cost, placed)
-        return Load(placed, self.demand.window_s, rates, objectives, self.config.demand_confidence), demand
+        return Load(placed, span, rates, objectives, c.demand_confidence), demand
 
     def _decide_by_goodput(self, nodes: list[NodeEntry], free: list[NodeEntry]) -> tuple[bool, RoleChange | None]:
         """(whether goodput planning applies, the flip it asks for): one flip toward the
@@ -297,14 +328,35 @@ class RoleController:
                    and best.load < now.load * (1.0 - c.demand_margin))
         if best.shape == current or not (gains or lighter):
             return True, None
+        # The move must pay for its way: each flip leaves the cluster for a while in a
+        # shape between the two, which may serve fewer requests than the current one.
+        # Each flip goes to the shape between that is predicted to serve best.
+        memo: dict[Shape, Forecast] = {}
+
+        def forecast(s: Shape) -> Forecast:
+            if s not in memo:
+                memo[s] = load.forecast(s)
+            return memo[s]
+
+        def rank(s: Shape) -> tuple[float, float]:
+            return -round(forecast(s).goodput, 3), forecast(s).load
+
+        passing = path(current, best.shape, rank)[:-1]
+        cost = sum(max(now.goodput - forecast(s).goodput, 0.0) for s in passing) * c.flip_cost_s
+        if gains and (best.goodput - now.goodput) * c.reverse_cooldown_s <= cost:
+            return True, None
+        if not gains and any(forecast(s).goodput < now.goodput - margin for s in passing):
+            return True, None
         settled = self._last is not None and self.registry.clock.now() - self._last[1] < c.reverse_cooldown_s
-        if settled and self.in_flight is None and not best.goodput > now.goodput + 2 * margin:
+        heading = self._heading is not None and best.shape == self._heading
+        if settled and not heading and not best.goodput > now.goodput + 2 * margin:
             # A shape just reached is kept for the cooldown unless another is clearly better:
             # windows near a boundary between two shapes would otherwise swing between them.
+            # A move on its way to the shape it set out for goes on.
             return True, None
         why = (f"goodput: {current} predicted {now.goodput:.2f} within objectives at load {now.load:.2f}, "
                f"{best.shape} {best.goodput:.2f} at {best.load:.2f}")
-        for src, dst in next_move(current, best.shape):
+        for src, dst in sorted(next_move(current, best.shape), key=lambda m: rank(moved(current, *m))):
             movers = [n for n in free if n.role == src]
             if not movers:
                 continue
@@ -315,6 +367,7 @@ class RoleController:
                                               n.num_decode_seqs(), n.node_id))
             change = self._change(node, dst, why)
             if keeps_both_sides(nodes, change):
+                self._heading = best.shape
                 return True, change
         return True, None
 

@@ -20,11 +20,11 @@ def test_defaults_come_from_the_core():
 def test_every_role_setting_reaches_the_controller():
     own = {f.name for f in fields(SchedulerConfig)}
     shared = [f.name for f in fields(RoleConfig) if f.name in own]
-    assert len(shared) == 13  # all but reverse_cooldown_s and goodput_margin
+    assert len(shared) == 16  # all but reverse_cooldown_s and goodput_margin
     changed = SchedulerConfig(min_dwell_s=3.0, flip_timeout_s=7.0, prefill_high_s=4.0, prefill_low_s=1.0,
                               decode_high=0.9, decode_low=0.2, demand_window_s=5.0, demand_busy=0.3,
                               demand_margin=0.1, demand_confidence=2.0, allow_hybrid=False, ttft_slo_s=2.0,
-                              tpot_slo_s=0.05)
+                              tpot_slo_s=0.05, planner="split", goodput_window_s=20.0, flip_cost_s=1.0)
     roles = changed.role_config()
     for name in shared:
         assert getattr(roles, name) == getattr(changed, name) != getattr(RoleConfig(), name), name

@@ -61,7 +61,7 @@ def test_prefill_speed_by_measured_rate_and_device_kind() -> None:
 
 
 def _controller(reg: NodeRegistry, **kw) -> RoleController:
-    return RoleController(reg, RoleConfig(min_dwell_s=10.0, demand_window_s=10.0, **kw), CostModel())
+    return RoleController(reg, RoleConfig(min_dwell_s=10.0, demand_window_s=10.0, planner="split", **kw), CostModel())
 
 
 def test_prompt_heavy_demand_flips_a_decode_node_before_any_queue_builds() -> None:

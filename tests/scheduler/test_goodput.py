@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 
 import pytest
 
@@ -67,7 +68,9 @@ def test_prompt_heavy_load_with_tpot_slack_goes_all_hybrid() -> None:
     _prompt_heavy(ctl, clock.now())
     change, events = ctl.step()
     assert ctl.last_plan is not None and ctl.last_plan.shape == Shape(0, 4, 0)
-    assert change is not None and change.new_role == Role.HYBRID and change.old_role == Role.PREFILL
+    # The first flip is the one whose shape on the way serves best: a decode node going
+    # hybrid gives the prompts a third node (2P/1H/1D), a prefill node would not (1P/1H/2D).
+    assert change is not None and change.new_role == Role.HYBRID and change.old_role == Role.DECODE
     assert "goodput: 2P/0H/2D" in events[0].detail and "0P/4H/0D" in events[0].detail
 
 
@@ -84,12 +87,25 @@ def test_decode_interference_breaking_tpot_splits_a_hybrid_cluster() -> None:
     assert change is not None and change.old_role == Role.HYBRID and change.new_role in (Role.PREFILL, Role.DECODE)
 
 
-def test_objectives_per_request_turn_planning_on_and_none_leave_it_off() -> None:
+def test_without_objectives_the_default_planner_plans_for_throughput() -> None:
     clock, reg = _registry(report("p1"), report("p2"), report("d1", Role.DECODE, running=1), report("d2", Role.DECODE))
-    ctl = _controller(reg)  # no deployment objectives
+    ctl = _controller(reg)  # no objectives: every served request counts
+    _prompt_heavy(ctl, clock.now())
+    load, _ = ctl.goodput_load(reg.nodes())
+    assert list(load.groups) == [(math.inf, math.inf)]
+    # 2P/2D: prefill nodes at u = 18k / 20k = 0.9 (x 1.18 for the window's 30 requests: past
+    # capacity); four hybrid nodes share the prompts at 0.53: the shape of most capacity.
+    change, _ = ctl.step()
+    assert ctl.last_plan is not None and ctl.last_plan.shape == Shape(0, 4, 0)
+    assert change is not None and change.new_role == Role.HYBRID
+
+
+def test_objectives_per_request_turn_planning_on_under_the_split_planner() -> None:
+    clock, reg = _registry(report("p1"), report("p2"), report("d1", Role.DECODE, running=1), report("d2", Role.DECODE))
+    ctl = _controller(reg, planner="split")  # no deployment objectives: the split rules
     _prompt_heavy(ctl, clock.now())
     assert ctl.goodput_load(reg.nodes()) is None
-    ctl2 = _controller(reg)
+    ctl2 = _controller(reg, planner="split")
     _prompt_heavy(ctl2, clock.now(), ttft_slo_s=3.0, tpot_slo_s=0.2)
     load, _ = ctl2.goodput_load(reg.nodes())
     assert list(load.groups) == [(3.0, 0.2)]

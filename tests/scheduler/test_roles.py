@@ -17,7 +17,7 @@ def _setup(*reports, at: float = 20.0):
     for r in reports:
         reg.update(r)
     clock.set(at)
-    return clock, reg, RoleController(reg, RoleConfig(min_dwell_s=10.0), CostModel())
+    return clock, reg, RoleController(reg, RoleConfig(min_dwell_s=10.0, planner="split"), CostModel())
 
 
 def test_prefill_backlog_flips_idle_decode_node_then_waits_for_its_report() -> None:

@@ -1,0 +1,180 @@
+"""Goodput on real processes: ``flowkv`` against colocated nodes and fixed splits.
+
+For each policy, one ``flowkv up`` of ``--nodes`` nodes (colocated: ``--colocated N`` with
+the ``colocated`` policy; a fixed split ``P:D``: launched P prefill and D decode nodes;
+``flowkv``: launched half prefill, half decode, with the objectives as the scheduler's
+``ttft_slo_s`` / ``tpot_slo_s``), one after another, each driven with the same requests
+(seeded prompt and output lengths, Poisson arrivals): an unmeasured lead-in, then the
+measured window, then a drain. Goodput is the number of requests per second of the window
+that completed within both objectives.
+
+  .venv/bin/python benchmarks/goodput_real.py --model tiny --rate 4 --out /tmp/goodput_real
+  python3 benchmarks/goodput_real.py --device cuda --model llama-3.1-8b --dtype bfloat16 ...
+
+Writes ``results.json`` and ``results.md`` under ``--out``, and each cluster's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE / "gpu")]
+
+from libs.loadgen.client import ClientOptions  # noqa: E402
+from libs.loadgen.runner import run_benchmark  # noqa: E402
+from libs.loadgen.workloads import RequestSpec  # noqa: E402
+from stack_cluster import Cluster, Shape, wait_all_ready  # noqa: E402
+
+# The role controller on the time scale of a run of minutes (its defaults suit hours).
+SCHED_ENV = {"FLOWKV_SCHEDULER_MIN_DWELL_S": "3", "FLOWKV_SCHEDULER_DEMAND_WINDOW_S": "5",
+             "FLOWKV_SCHEDULER_GOODPUT_WINDOW_S": "15", "FLOWKV_SCHEDULER_REVERSE_COOLDOWN_S": "15",
+             "FLOWKV_SCHEDULER_ROLE_INTERVAL_S": "0.25"}
+
+
+def shape_of(policy: str, nodes: int, device: str) -> Shape:
+    if policy == "colocated":
+        return Shape(colocated=nodes, device=device, policy="colocated")
+    if policy.startswith("fixed:"):
+        p, d = (int(x) for x in policy.split(":")[1:])
+        return Shape(p, d, 0, device, policy)
+    return Shape(nodes // 2, nodes - nodes // 2, 0, device, policy)
+
+
+def workload(args: argparse.Namespace) -> tuple[list[RequestSpec], list[float]]:
+    """The requests and their gaps: the same for every policy (seeded)."""
+    rng = random.Random(args.seed)
+    total = args.lead_in_s + args.duration_s
+    gaps, t = [], 0.0
+    while True:
+        gap = rng.expovariate(args.rate)
+        if t + gap >= total:
+            break
+        t += gap
+        gaps.append(gap)
+    lo, hi = (int(x) for x in args.input_len.split(":"))
+    olo, ohi = (int(x) for x in args.output_len.split(":"))
+    specs = [RequestSpec(i, [rng.randint(100, 4000) for _ in range(rng.randint(lo, hi))], rng.randint(olo, ohi))
+             for i in range(len(gaps))]
+    return specs, gaps
+
+
+def measure(records: list[Any], starts: list[float], args: argparse.Namespace) -> dict[str, Any]:
+    window = [(r, s) for r, s in zip(records, starts) if args.lead_in_s <= s < args.lead_in_s + args.duration_s]
+    done = [r for r, _ in window if r.ok]
+    good = [r for r in done if r.ttft <= args.ttft_slo and (r.tpot is None or r.tpot <= args.tpot_slo)]
+    ttft = sorted(r.ttft for r in done)
+    tpot = sorted(r.tpot for r in done if r.tpot is not None)
+
+    def pct(xs: list[float], p: float) -> float:
+        return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else 0.0
+
+    return {"num_requests": len(window), "num_completed": len(done), "goodput_rps": len(good) / args.duration_s,
+            "slo_attainment": len(good) / len(window) if window else 0.0,
+            "throughput_tok_s": sum(r.output_tokens for r in done) / args.duration_s,
+            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99)}
+
+
+def run_policy(policy: str, args: argparse.Namespace, specs: list[RequestSpec], gaps: list[float],
+               log: Any) -> dict[str, Any]:
+    env = {**SCHED_ENV, **dict(kv.split("=", 1) for kv in args.env)}
+    if policy == "flowkv":
+        env |= {"FLOWKV_SCHEDULER_TTFT_SLO_S": str(args.ttft_slo), "FLOWKV_SCHEDULER_TPOT_SLO_S": str(args.tpot_slo)}
+    cluster = Cluster(policy.replace(":", "_"), shape_of(policy, args.nodes, args.device), args.model, args.dtype, env, log)
+    t0 = time.monotonic()
+    cluster.start()
+    try:
+        ready_s = wait_all_ready([cluster], args.ready_timeout_s)
+        client = ClientOptions(base_url=cluster.url, model=args.model, timeout_s=args.request_timeout_s)
+        cutoff = args.lead_in_s + args.duration_s + args.drain_s
+        result = asyncio.run(run_benchmark(specs, client, gaps=gaps, cutoff_s=cutoff))
+    finally:
+        cluster.stop()
+    starts = [sum(gaps[: i + 1]) for i in range(len(gaps))]
+    row = {"policy": policy, "ready_s": round(ready_s, 1), "wall_s": round(time.monotonic() - t0, 1),
+           **measure(result.records, starts, args)}
+    print(f"{policy:11s} goodput {row['goodput_rps']:6.2f} req/s  tok/s {row['throughput_tok_s']:7.1f}  "
+          f"TTFT p50/p99 {row['ttft_p50']:.2f}/{row['ttft_p99']:.2f} s  TPOT p50/p99 "
+          f"{row['tpot_p50'] * 1e3:.0f}/{row['tpot_p99'] * 1e3:.0f} ms  done {row['num_completed']}/{row['num_requests']}"
+          f"  [{row['wall_s']}s]", flush=True)
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [f"{meta['nodes']} nodes, {meta['model']} on {meta['device']}; objectives TTFT {meta['ttft_slo']:g} s, "
+             f"TPOT {meta['tpot_slo'] * 1e3:g} ms; {meta['rate']:g} req/s, prompts {meta['input_len']}, outputs "
+             f"{meta['output_len']}; lead-in {meta['lead_in_s']:g} s, window {meta['duration_s']:g} s.", "",
+             "| policy | goodput req/s | SLO | out tok/s | TTFT p50/p99 s | TPOT p50/p99 ms | completed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['policy']} | {r['goodput_rps']:.2f} | {r['slo_attainment']:.0%} | {r['throughput_tok_s']:.1f} | "
+                     f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f} | {r['tpot_p50'] * 1e3:.0f}/{r['tpot_p99'] * 1e3:.0f} | "
+                     f"{r['num_completed']}/{r['num_requests']} |")
+    flow = next((r for r in rows if r["policy"] == "flowkv"), None)
+    others = [r for r in rows if r["policy"] != "flowkv"]
+    if flow and others:
+        bg = max(others, key=lambda r: r["goodput_rps"])
+        bt = max(others, key=lambda r: r["throughput_tok_s"])
+        g = flow["goodput_rps"] / bg["goodput_rps"] if bg["goodput_rps"] else 1.0
+        t = flow["throughput_tok_s"] / bt["throughput_tok_s"] if bt["throughput_tok_s"] else 1.0
+        lines += ["", f"flowkv goodput / best other ({bg['policy']}): {g:.3f}; tok/s / best ({bt['policy']}): {t:.3f}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="")
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--policies", default="flowkv,colocated,fixed:1:3,fixed:2:2,fixed:3:1")
+    ap.add_argument("--rate", type=float, default=2.0, help="requests/s")
+    ap.add_argument("--input-len", default="200:600", help="LO:HI prompt tokens")
+    ap.add_argument("--output-len", default="16:48", help="LO:HI output tokens")
+    ap.add_argument("--ttft-slo", type=float, default=3.0)
+    ap.add_argument("--tpot-slo", type=float, default=0.3)
+    ap.add_argument("--lead-in-s", type=float, default=10.0)
+    ap.add_argument("--duration-s", type=float, default=30.0)
+    ap.add_argument("--drain-s", type=float, default=20.0)
+    ap.add_argument("--ready-timeout-s", type=float, default=300.0)
+    ap.add_argument("--request-timeout-s", type=float, default=120.0)
+    ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for every service (repeatable)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-budget-s", type=float, default=0.0,
+                    help="start no cluster that would end past this many seconds (by the longest so far; 0: none)")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    specs, gaps = workload(args)
+    meta = {k: v for k, v in vars(args).items() if k != "out"}
+    rows: list[dict[str, Any]] = []
+    t0, longest = time.monotonic(), 0.0
+    with open(args.out / "clusters.log", "a") as log:
+        for policy in [p for p in args.policies.split(",") if p]:
+            if args.time_budget_s and time.monotonic() - t0 + longest > args.time_budget_s:
+                print(f"{policy}: skipped (the time budget of {args.time_budget_s:g} s would run out)", flush=True)
+                rows.append({"policy": policy, "error": "skipped: time budget"})
+                continue
+            started = time.monotonic()
+            try:
+                rows.append(run_policy(policy, args, specs, gaps, log))
+            except Exception as e:  # one cluster failing leaves the others' rows
+                print(f"{policy}: failed: {e!r}", flush=True)
+                rows.append({"policy": policy, "error": repr(e)})
+            longest = max(longest, time.monotonic() - started)
+            ok = [r for r in rows if "error" not in r]
+            (args.out / "results.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
+            (args.out / "results.md").write_text(markdown(ok, meta))
+    print(markdown([r for r in rows if "error" not in r], meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
