@@ -10,7 +10,7 @@ from libs.protocol.messages import Placement, PlaceRequest, Role
 from libs.scheduler.clock import ManualClock
 from libs.scheduler.cost_model import CostModel
 from libs.scheduler.demand import Placed
-from libs.scheduler.goodput import Load, Objectives, Rates, Shape, next_move, shapes
+from libs.scheduler.goodput import Load, Objectives, Rates, Shape, next_move, path, shapes
 from libs.scheduler.node_registry import NodeRegistry
 from libs.scheduler.placement_policies import make_policy
 from libs.scheduler.role_controller import RoleConfig, RoleController
@@ -42,6 +42,19 @@ def test_shapes_cover_every_split_and_keep_both_sides() -> None:
     assert Shape(4, 0, 0) not in shapes(4) and Shape(0, 4, 0) in shapes(4) and Shape(1, 0, 3) in shapes(4)
     assert next_move(Shape(2, 0, 2), Shape(0, 4, 0))[0] == (Role.PREFILL, Role.HYBRID)
     assert next_move(Shape(0, 4, 0), Shape(3, 0, 1)) == [(Role.HYBRID, Role.PREFILL), (Role.HYBRID, Role.DECODE)]
+
+
+def test_a_move_goes_through_the_best_shapes_on_its_way() -> None:
+    assert path(Shape(2, 0, 2), Shape(2, 0, 2)) == []
+    assert path(Shape(2, 0, 2), Shape(0, 4, 0)) == [Shape(1, 1, 2), Shape(1, 2, 1), Shape(0, 3, 1), Shape(0, 4, 0)]
+    rates = Rates(prefill_tokens_per_s=10_000.0, step_a_s=0.02, step_b_s=0.0, batch_cap=64.0)
+    load = Load([Placed(0.0, f"r{i}", 6000, 20, 377) for i in range(30)], 10.0, rates, Objectives(3.0, 0.2), 0.0)
+    # Ranked by the forecast, decode nodes go first: 2P/1H/1D gives the prompts three nodes
+    # (u = 0.6, all within the objectives), 1P/1H/2D leaves them two (u = 0.9: the 2.7 s
+    # wait puts every prompt past the 3 s TTFT objective).
+    way = path(Shape(2, 0, 2), Shape(0, 4, 0), lambda s: -load.forecast(s).goodput)
+    assert way == [Shape(2, 1, 1), Shape(2, 2, 0), Shape(1, 3, 0), Shape(0, 4, 0)]
+    assert load.forecast(Shape(2, 1, 1)).goodput == pytest.approx(1.0) and load.forecast(Shape(1, 1, 2)).goodput == 0.0
 
 
 def test_forecast_tpot_on_decode_and_hybrid_nodes() -> None:

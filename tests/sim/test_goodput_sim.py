@@ -1,6 +1,6 @@
 """The flowkv policy on the simulator, planning for goodput: small fast scenarios where the
 wrong shape loses (all-colocated breaks TPOT on the 1k set, splits with one side short
-lose the long mix), and role moves that lose and repeat no request."""
+lose the long mix and the 10k set), and role moves that lose and repeat no request."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _goodput(scenario: str, policy: str) -> tuple[float, float]:
     return m.goodput_rps, m.throughput_tok_s
 
 
-@pytest.mark.parametrize("scenario", ["1k", "long"])
+@pytest.mark.parametrize("scenario", ["1k", "long", "10k"])
 def test_flowkv_goodput_is_the_best_and_throughput_within_3_percent(scenario: str) -> None:
     flow_g, flow_t = _goodput(scenario, "flowkv")
     others = {p: _goodput(scenario, p) for p in OTHERS}
