@@ -31,6 +31,7 @@ request vLLM has already freed.
 
 from __future__ import annotations
 
+import _posixshmem
 import logging
 import os
 import secrets
@@ -47,6 +48,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.v1.engine import FinishReason
 
 from libs.kvtransfer.layout import dtype_name
 from libs.kvtransfer.pool import sweep_stale_segments
@@ -62,6 +64,9 @@ log = logging.getLogger(__name__)
 HOLD = "flowkv_hold"
 REMOTE = "flowkv_remote"
 BLOCK_IDS = "flowkv_block_ids"
+# The node's request id. vLLM gives each request an internal id of its own (the node's
+# plus a random suffix); events to the node and commands from it use the node's.
+NODE_ID = "flowkv_id"
 _SHM_PREFIX = "flowkv-"  # the same prefix as KVPool's segments: sweep_stale_segments cleans both
 
 
@@ -77,8 +82,8 @@ class Allocation(msgspec.Struct, frozen=True):
 class FlowKVMetadata(KVConnectorMetadata):
     """Scheduler side -> worker side, every step: requests newly held (P) or reserved (D)."""
 
-    held: list[str] = field(default_factory=list)
-    reserved: list[str] = field(default_factory=list)
+    held: dict[str, str] = field(default_factory=dict)  # node's id -> vLLM's id
+    reserved: dict[str, str] = field(default_factory=dict)
 
 
 class _SharedAllocation(TorchFunctionMode):
@@ -98,10 +103,20 @@ class _SharedAllocation(TorchFunctionMode):
             sweep_stale_segments()
             name = f"{_SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
             self.owner.shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+            # The node maps this segment too and shares vLLM's resource tracker (spawned
+            # processes inherit it); left registered, the tracker's books go wrong. The
+            # connector unlinks it at shutdown, sweep_stale_segments after a SIGKILL.
+            from multiprocessing import resource_tracker
+
+            resource_tracker.unregister(self.owner.shm._name, "shared_memory")  # type: ignore[attr-defined]
             buf = torch.frombuffer(self.owner.shm.buf, dtype=torch.int8, count=nbytes)
             buf.zero_()
             return buf
         return func(*args, **kwargs)
+
+
+def _node_id(request: Request) -> str:
+    return str((request.kv_transfer_params or {}).get(NODE_ID, request.request_id))
 
 
 class FlowKVConnector(KVConnectorBase_V1):
@@ -117,13 +132,13 @@ class FlowKVConnector(KVConnectorBase_V1):
         self._events: socket.socket | None = None
         self._local_hits: dict[str, int] = {}  # request -> locally cached tokens at its last match
         self._reserved: set[str] = set()  # requests whose reservation the node has been told of
-        self._new_held: list[str] = []
-        self._new_reserved: list[str] = []
+        self._new_held: dict[str, str] = {}
+        self._new_reserved: dict[str, str] = {}
         # worker side
         self.shm: shared_memory.SharedMemory | None = None
         self.pool_info: dict[str, Any] = {}
-        self._held: set[str] = set()
-        self._awaiting: set[str] = set()
+        self._held: dict[str, str] = {}  # node's id -> vLLM's id, until released
+        self._awaiting: dict[str, str] = {}  # the same, until landed
         self._release_asked: set[str] = set()
         self._landed_asked: set[str] = set()
 
@@ -147,12 +162,12 @@ class FlowKVConnector(KVConnectorBase_V1):
         prompt_blocks = -(-int(params["num_prompt_tokens"]) // self.block_size)
         block_ids = list(self._kv_cache_manager.get_block_ids(rid)[0][:prompt_blocks])
         if num_external_tokens > 0:
-            self._new_reserved.append(rid)
-        self._notify(Allocation(rid, block_ids, self._local_hits.pop(rid, 0)))
+            self._new_reserved[_node_id(request)] = rid
+        self._notify(Allocation(_node_id(request), block_ids, self._local_hits.pop(rid, 0)))
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         meta = FlowKVMetadata(held=self._new_held, reserved=self._new_reserved)
-        self._new_held, self._new_reserved = [], []
+        self._new_held, self._new_reserved = {}, {}
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -160,9 +175,9 @@ class FlowKVConnector(KVConnectorBase_V1):
         self._reserved.discard(rid)
         self._local_hits.pop(rid, None)
         params = request.kv_transfer_params or {}
-        if not params.get(HOLD) or request.get_finished_reason() != "length" or not block_ids:
+        if not params.get(HOLD) or request.get_finished_reason() != FinishReason.LENGTH or not block_ids:
             return False, None
-        self._new_held.append(rid)
+        self._new_held[_node_id(request)] = rid
         return True, {BLOCK_IDS: list(block_ids)}
 
     def _notify(self, event: Allocation) -> None:
@@ -218,12 +233,13 @@ class FlowKVConnector(KVConnectorBase_V1):
         """Nothing in flight inside vLLM."""
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        sent = self._held & self._release_asked
-        received = self._awaiting & self._landed_asked
-        self._held -= sent
-        self._release_asked -= sent
-        self._awaiting -= received
-        self._landed_asked -= received
+        # A command may come before the metadata that names its request: it waits here.
+        released = self._release_asked & self._held.keys()
+        landed = self._landed_asked & self._awaiting.keys()
+        self._release_asked -= released
+        self._landed_asked -= landed
+        sent = {self._held.pop(n) for n in released}
+        received = {self._awaiting.pop(n) for n in landed}
         return (sent or None), (received or None)
 
     def release(self, request_id: str) -> None:
@@ -242,7 +258,8 @@ class FlowKVConnector(KVConnectorBase_V1):
             except BufferError:
                 pass  # vLLM's views are still alive; the mapping goes with the process
             try:
-                shm.unlink()
+                # unlink() would also unregister from the tracker, which never had it.
+                _posixshmem.shm_unlink(shm._name)  # type: ignore[attr-defined]
             except FileNotFoundError:
                 pass
 

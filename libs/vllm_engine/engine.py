@@ -31,16 +31,31 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+import torch
 
-from libs.engine.outputs import EngineStats, PrefillResult, RemoteAllocation, TokenOutput
+from libs.engine.outputs import EngineStats, PrefillResult, RemoteAllocation, TokenLogprob, TokenOutput
 from libs.engine.sampling import SamplingParams
 from libs.kvtransfer.allocator import NoFreeBlocks
 from libs.kvtransfer.layout import KVLayout
 from libs.kvtransfer.pool import KVPool
-from libs.vllm_engine.connector import BLOCK_IDS, HOLD, REMOTE, Allocation
+from libs.vllm_engine.connector import BLOCK_IDS, HOLD, NODE_ID, REMOTE, Allocation
 
 log = logging.getLogger(__name__)
 _EMA = 0.2  # weight of the newest step in the prefill-rate and decode-step averages
+
+
+def _logprobs(comp: Any, num_top: int | None) -> list[TokenLogprob] | None:
+    """vLLM's per-token logprob maps (sampled token and the ``num_top`` best, by rank) as
+    FlowKV's :class:`TokenLogprob` list."""
+    if num_top is None or comp.logprobs is None:
+        return None
+    entries = []
+    for token_id, ranked in zip(comp.token_ids, comp.logprobs):
+        best = sorted((lp.rank, tid, lp.logprob) for tid, lp in ranked.items() if lp.rank is not None)[:num_top]
+        entries.append(TokenLogprob(token_id=int(token_id), logprob=float(ranked[token_id].logprob),
+                                    top_token_ids=[int(t) for _, t, _ in best],
+                                    top_logprobs=[float(v) for _, _, v in best]))
+    return entries
 
 
 class VllmEngine:
@@ -58,12 +73,14 @@ class VllmEngine:
         seed: vLLM's seed.
         alloc_timeout_s: how long ``allocate_remote`` waits for vLLM to reserve the blocks
             before it answers that the pool is full.
+        enforce_eager: run the model eagerly (no torch.compile). With ``num_blocks`` set
+            too, vLLM skips its warm-up pass, so the engine starts in seconds on CPU.
     """
 
     def __init__(self, model: str, model_name: str = "", dtype: str = "float32", block_size: int = 32,
                  num_blocks: int | None = None, max_model_len: int | None = None, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
-                 alloc_timeout_s: float = 2.0) -> None:
+                 alloc_timeout_s: float = 2.0, enforce_eager: bool = False) -> None:
         self._model = model
         self._model_name = model_name or os.path.basename(model.rstrip("/"))
         self._dtype = dtype
@@ -75,6 +92,7 @@ class VllmEngine:
         self._prefix_caching = enable_prefix_caching
         self._seed = seed
         self._alloc_timeout_s = alloc_timeout_s
+        self._enforce_eager = enforce_eager
         self._llm: Any = None
         self._tokenizer: Any = None
         self._pool: KVPool | None = None
@@ -109,7 +127,8 @@ class VllmEngine:
         args = AsyncEngineArgs(
             model=self._model, served_model_name=[self._model_name], dtype=self._dtype, block_size=self._block_size,
             max_model_len=self._max_model_len, enable_prefix_caching=self._prefix_caching, seed=self._seed,
-            num_gpu_blocks_override=self._num_blocks, worker_extension_cls="libs.vllm_engine.connector.FlowKVWorkerExtension",
+            num_gpu_blocks_override=self._num_blocks, kv_cache_memory_bytes=self._kv_cache_bytes(),
+            enforce_eager=self._enforce_eager, worker_extension_cls="libs.vllm_engine.connector.FlowKVWorkerExtension",
             kv_transfer_config=KVTransferConfig(
                 kv_connector="FlowKVConnector", kv_connector_module_path="libs.vllm_engine.connector",
                 kv_role="kv_both", kv_connector_extra_config={"events_socket": path}),
@@ -123,6 +142,18 @@ class VllmEngine:
                                 num_kv_heads=info["num_kv_heads"], head_dim=info["head_dim"], order="layer")
         self._pool = KVPool.attach_shm(info["shm_name"], self._layout, info["num_blocks"])
         self._stats.total_blocks = self._stats.free_blocks = self._stats.largest_free_segment = info["num_blocks"]
+
+    def _kv_cache_bytes(self) -> int | None:
+        """The bytes ``num_blocks`` blocks take, so vLLM sizes its cache without profiling."""
+        if self._num_blocks is None:
+            return None
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(self._model)
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        itemsize = getattr(torch, self._dtype).itemsize
+        return self._num_blocks * cfg.num_hidden_layers * 2 * self._block_size * kv_heads * head_dim * itemsize
 
     async def stop(self) -> None:
         if self._reader is not None:
@@ -203,7 +234,7 @@ class VllmEngine:
         fields.update(override)
         return VllmParams(**fields)
 
-    def _output(self, request_id: str, out: Any, prefilled: bool = False) -> TokenOutput:
+    def _output(self, request_id: str, out: Any, num_top: int | None, prefilled: bool = False) -> TokenOutput:
         comp = out.outputs[0]
         finished = bool(out.finished)
         reason = comp.finish_reason if finished and not prefilled else None
@@ -211,16 +242,17 @@ class VllmEngine:
             request_id=request_id, token_ids=list(comp.token_ids), text=comp.text, finished=finished,
             finish_reason=None if reason is None else str(reason), num_prompt_tokens=len(out.prompt_token_ids or []),
             num_output_tokens=len(comp.token_ids), num_cached_tokens=int(out.num_cached_tokens or 0),
-            prefilled=prefilled,
+            prefilled=prefilled, logprobs=_logprobs(comp, num_top),
         )
 
-    async def _stream(self, request_id: str, collector: Any, offset_tokens: int = 0) -> AsyncIterator[TokenOutput]:
+    async def _stream(self, request_id: str, collector: Any, num_top: int | None,
+                      offset_tokens: int = 0) -> AsyncIterator[TokenOutput]:
         finished = False
         produced = offset_tokens
         try:
             while not finished:
                 out = collector.get_nowait() or await collector.get()
-                token = self._output(request_id, out)
+                token = self._output(request_id, out, num_top)
                 produced += len(token.token_ids)
                 token.num_output_tokens = produced
                 finished = token.finished
@@ -233,13 +265,13 @@ class VllmEngine:
                        params: SamplingParams) -> AsyncIterator[TokenOutput]:
         collector = await self._llm.add_request(request_id, {"prompt_token_ids": list(prompt_token_ids)},
                                                 self._params(params))
-        async for out in self._stream(request_id, collector):
+        async for out in self._stream(request_id, collector, params.logprobs):
             yield out
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> PrefillResult:
         hold = params.max_tokens > 1
         vparams = self._params(params, max_tokens=1, min_tokens=min(params.min_tokens, 1),
-                               extra_args={"kv_transfer_params": {HOLD: hold}})
+                               extra_args={"kv_transfer_params": {HOLD: hold, NODE_ID: request_id}})
         collector = await self._llm.add_request(request_id, {"prompt_token_ids": list(prompt_token_ids)}, vparams)
         out = None
         try:
@@ -253,7 +285,7 @@ class VllmEngine:
             self._held.add(request_id)
         comp = out.outputs[0]
         ended = not block_ids or comp.finish_reason != "length" or not comp.token_ids
-        return PrefillResult(self._output(request_id, out, prefilled=not ended), block_ids)
+        return PrefillResult(self._output(request_id, out, params.logprobs, prefilled=not ended), block_ids)
 
     async def allocate_remote(self, request_id: str, prompt_token_ids: list[int], *, first_token_id: int = -1,
                               params: SamplingParams | None = None) -> RemoteAllocation:
@@ -265,7 +297,7 @@ class VllmEngine:
         fut: asyncio.Future[Allocation] = asyncio.get_running_loop().create_future()
         self._allocations[request_id] = fut
         rest = self._params(params, max_tokens=max(1, params.max_tokens - 1), min_tokens=max(0, params.min_tokens - 1),
-                            extra_args={"kv_transfer_params": {REMOTE: True,
+                            extra_args={"kv_transfer_params": {REMOTE: True, NODE_ID: request_id,
                                                                "num_prompt_tokens": len(prompt_token_ids)}})
         try:
             self._collectors[request_id] = await self._llm.add_request(
@@ -287,7 +319,7 @@ class VllmEngine:
         if collector is None:
             raise ValueError(f"{request_id} has no reservation here")
         await self._llm.collective_rpc("flowkv_landed", args=(request_id,))
-        async for out in self._stream(request_id, collector, offset_tokens=1):
+        async for out in self._stream(request_id, collector, params.logprobs, offset_tokens=1):
             yield out
 
     async def release(self, request_id: str) -> None:

@@ -92,7 +92,7 @@ def build_engine(config: NodeConfig) -> Engine:
                           num_blocks=config.num_blocks, max_model_len=config.max_model_len,
                           max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                           enable_prefix_caching=config.enable_prefix_caching, seed=config.seed,
-                          alloc_timeout_s=config.kv_alloc_timeout_s / 2)
+                          alloc_timeout_s=config.kv_alloc_timeout_s / 2, enforce_eager=config.vllm_enforce_eager)
     return AsyncEngine(engine_config(config), prefix_hash_sample=config.prefix_hash_sample,
                        step_delay_s=faults.seconds("engine_slow_step"))
 

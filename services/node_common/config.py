@@ -27,6 +27,9 @@ class NodeConfig:
     engine: str = field(default="flowkv", metadata={
         "help": "the node's engine: flowkv (FlowKV's own) or vllm (vLLM's v1 engine with FlowKV's KV connector; "
                 "needs the vllm extra, a HF dir or smollm2 as model, a block size that is a multiple of 32 on CPU)"})
+    vllm_enforce_eager: bool = field(default=False, metadata={
+        "help": "vllm engine: run the model eagerly (no torch.compile); with --num-blocks vLLM also skips its "
+                "warm-up pass and starts in seconds on CPU"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "weights and KV dtype"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
