@@ -45,9 +45,10 @@ async def cluster(url: str) -> AsyncIterator[tuple[SchedulerService, dict[str, N
     torch.set_num_threads(1)
     sched_nc = await nats.connect(url)
     # Small dwell and a short demand window so a burst of a few seconds is a real
-    # imbalance to the controller; demand_busy 0: the tiny model never fills a node.
+    # imbalance to the controller; demand_busy 0: the tiny model never fills a node. The
+    # split planner: a prefill/decode flip by demand, over the wire.
     config = SchedulerConfig(policy="flowkv", min_dwell_s=0.5, role_interval_s=0.1, node_timeout_s=10.0,
-                             demand_window_s=3.0, demand_busy=0.0, inflight_grace_s=0.2)
+                             demand_window_s=3.0, demand_busy=0.0, inflight_grace_s=0.2, planner="split")
     sched = SchedulerService(config, sched_nc)
     await sched.start()
     nodes: dict[str, Node] = {}
