@@ -5,8 +5,8 @@
 #   bash benchmarks/cpu_wait_policy.sh [CORES] [MODEL]      # default: 0,1 and smollm2
 #
 # Runs `flowkv up --colocated 1` three times: GOMP_SPINCOUNT=300000 (threads spin a while
-# before they sleep: libgomp's own default), OMP_WAIT_POLICY=PASSIVE (they sleep at once:
-# the node's default on CPU) and one thread; each with
+# before they sleep: libgomp's own default, which nodes keep), OMP_WAIT_POLICY=PASSIVE
+# (they sleep at once) and one thread; each with
 # `flowkv bench` fixed 256/64 at concurrency 1, 4 and 16 (max(8, 3 x c) requests).
 # Prints one line per run: completed, failed, output tok/s, TTFT and TPOT percentiles.
 set -u

@@ -69,12 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(f"node-{config.node_id}", config.log_level, config.json_logs)
     setup_tracing("flowkv-node", config.node_id)
     if config.device == "cpu":
-        # OpenMP threads that wait for work sleep instead of spinning (unless the operator
-        # chose otherwise): the node shares its cores with the gateway, the broker and the
-        # other nodes, and a spinning thread holds the core they need. Set before torch
-        # loads the OpenMP runtime. On 2 cores, one colocated node at 16 streams: +11% tok/s,
-        # TPOT p50 -17% (docs/benchmarks/cpu-serving-vs-vllm.md).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
         # `flowkv up` divides the cores among its nodes through OMP_NUM_THREADS.
