@@ -113,7 +113,7 @@ class Leadership:
                     await self.campaign()
             except asyncio.CancelledError:
                 raise
-            except (nats.errors.NoRespondersError, nats.js.errors.NotFoundError):
+            except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError, nats.js.errors.NotFoundError):
                 # No stream behind the bucket: a restarted broker lost it. Make it again.
                 with contextlib.suppress(Exception):
                     await self._open()
