@@ -102,7 +102,7 @@ def netns_cluster(tmp_path):
         for host, role in (("p", "prefill"), ("d1", "decode"), ("d2", "decode")):
             addr = f"{NET}.{HOSTS[host]}"
             cluster.start_node(host, role, "--kv-host", addr, "--kv-transport", "tcp",
-                               "--metrics-port", str(METRICS_PORT), "--transfer-timeout-s", "10",
+                               "--metrics-host", addr, "--metrics-port", str(METRICS_PORT), "--transfer-timeout-s", "10",
                                "--kv-alloc-timeout-s", "3", prefix=net.exec(host))
         cluster.start_gateway(GATEWAY_PORT, "--stall-timeout-s", "10", "--submit-timeout-s", "3",
                               host=ctl, prefix=net.exec("ctl"))
