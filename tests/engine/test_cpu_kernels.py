@@ -12,11 +12,19 @@ from libs.engine.kernels.fused import add_rms_norm_ref, rotary_ref, silu_mul_ref
 pytestmark = pytest.mark.skipif(cpu.native() is None, reason="no C compiler: the native CPU kernels are not built")
 
 
+# (block_size, kv_heads, head_dim, heads): SmolLM2's shapes; head_dim 128 with groups of 4
+# and of 1 and blocks shorter and longer than the kernel's 16-key tiles; a head_dim the
+# vectorised path does not take (the scalar loop).
+SHAPES = [(16, 3, 64, 9), (8, 2, 128, 8), (32, 4, 128, 4), (16, 2, 80, 6)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_seqs", [1, 5, 33])
-def test_paged_decode_attention_matches_the_torch_path(dtype, num_seqs):
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "bs{}-kv{}-d{}-h{}".format(*s))
+def test_paged_decode_attention_matches_the_torch_path(dtype, num_seqs, shape):
     gen = torch.Generator().manual_seed(num_seqs)
-    blocks, layers, block_size, kv_heads, head_dim, heads, width = 90, 4, 16, 3, 64, 9, 12
+    block_size, kv_heads, head_dim, heads = shape
+    blocks, layers, width = 90, 4, 12
     pool = torch.randn(blocks, layers, 2, block_size, kv_heads, head_dim, generator=gen).to(dtype)
     tables = torch.randint(0, blocks, (num_seqs, width), generator=gen, dtype=torch.int32)
     lens = torch.randint(1, width * block_size + 1, (num_seqs,), generator=gen, dtype=torch.int32)

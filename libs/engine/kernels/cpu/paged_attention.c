@@ -10,12 +10,21 @@
  * key and value row is read once for the whole group: the floor of a decode step's
  * attention is reading the context's KV bytes once, and this does not copy them.
  * Softmax in float32 with the running maximum subtracted, as torch does.
+ *
+ * With AVX-512 and a head_dim of 64 or 128 an item is scored sixteen keys at a time in
+ * vector registers (see DEFINE_VEC_ITEM); items are whole sequences (every kv head) when
+ * there are at least two sequences a thread. On a 2-core AMD EPYC (Zen 4), one thread,
+ * SmolLM2 shapes (3 kv heads of 64, 16-token blocks), 16 sequences of 300 tokens: 9.6 ms
+ * a step's 30 layers against 22 ms for the scalar loop when the KV is in cache; from
+ * memory both wait on the scattered blocks (28 against 30 ms in float32, 15 against 25 ms
+ * in bfloat16).
  */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #define MAX_GROUP 32
 #define MAX_HEAD_DIM 256
@@ -34,13 +43,29 @@ typedef struct {
     int block_size, kv_heads, head_dim;
 } pool_geometry;
 
-#define DEFINE_KERNEL(NAME, KV_T, LOAD)                                                            \
+#define DEFINE_KERNEL(NAME, KV_T, LOAD, VEC_ITEM)                                                  \
 int NAME(const float *q, const KV_T *pool, pool_geometry g, const int32_t *block_tables,          \
          int64_t max_blocks, const int32_t *context_lens, int num_seqs, int num_heads,            \
          float scale, float *out) {                                                                \
     const int group = num_heads / g.kv_heads, D = g.head_dim, bs = g.block_size;                   \
     if (group > MAX_GROUP || D > MAX_HEAD_DIM || num_heads % g.kv_heads) return -1;                \
     int failed = 0;                                                                                \
+    if (HAVE_VEC_ITEM && VEC_HEAD_DIM(D)) {                                                        \
+        /* A sequence's kv heads in one item when there are enough sequences to go round the  \
+         * threads; one item a kv head otherwise. */                                            \
+        const int whole = num_seqs >= 2 * omp_get_max_threads();                                   \
+        const int split = whole ? 1 : g.kv_heads, nh = g.kv_heads / split;                         \
+        _Pragma("omp parallel for schedule(dynamic, 1)")                                           \
+        for (int it = 0; it < num_seqs * split; ++it) {                                            \
+            const int b = it / split, h0 = (it % split) * nh, len = context_lens[b];               \
+            const float *qh = q + ((int64_t)b * num_heads + (int64_t)h0 * group) * D;              \
+            float *oh = out + ((int64_t)b * num_heads + (int64_t)h0 * group) * D;                  \
+            if (len <= 0) { memset(oh, 0, sizeof(float) * nh * group * D); continue; }             \
+            if (VEC_ITEM(qh, pool, &g, block_tables + (int64_t)b * max_blocks, len, h0, nh, group, \
+                         scale, oh)) failed = 1;                                                   \
+        }                                                                                          \
+        return failed ? -2 : 0;                                                                    \
+    }                                                                                              \
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")                                   \
     for (int b = 0; b < num_seqs; ++b) {                                                           \
         for (int h = 0; h < g.kv_heads; ++h) {                                                     \
@@ -101,5 +126,138 @@ int NAME(const float *q, const KV_T *pool, pool_geometry g, const int32_t *block
 #define LOAD_F32(x) (x)
 #define LOAD_BF16(x) bf16_to_f32(x)
 
-DEFINE_KERNEL(flowkv_paged_decode_f32, float, LOAD_F32)
-DEFINE_KERNEL(flowkv_paged_decode_bf16, uint16_t, LOAD_BF16)
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_VEC_ITEM 1
+
+/* Sixteen vectors in, one out: lane i is the sum of v[i]'s sixteen lanes (a transpose-and-add
+ * tree: 45 shuffles and adds for sixteen dot products, against about eight a product when each
+ * is reduced on its own). */
+static inline __m512 sum16(const __m512 v[16]) {
+    __m512 t[8], u[4];
+    for (int k = 0; k < 8; ++k)  /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        t[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    for (int m = 0; m < 4; ++m) {  /* per 128-bit lane: the four vectors 4m..4m+3, partly summed */
+        const __m512d a = _mm512_castps_pd(t[2 * m]), c = _mm512_castps_pd(t[2 * m + 1]);
+        u[m] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, c)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, c)));
+    }
+    const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+    const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xDD));
+}
+
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* Kv heads [h0, h0 + nh) of one sequence with AVX-512, head_dim 16 * NV. For each kv head:
+ * the scores of its query-head group go sixteen keys at a time, each key row loaded once for
+ * the group, the products kept in vectors and reduced sixteen at once by sum16, the next
+ * sixteen keys prefetched meanwhile (a sequence's blocks lie anywhere in the pool); softmax
+ * as the scalar path; then the values, each row loaded once and added to the group's
+ * accumulators (registers) with broadcast FMAs. Returns nonzero on failure. */
+#define DEFINE_VEC_ITEM(NAME, KV_T, LOAD16, NV)                                                   \
+static int NAME(const float *qh, const KV_T *pool, const pool_geometry *g, const int32_t *table,  \
+                int len, int h0, int nh, int group, float scale, float *oh) {                    \
+    const int bs = g->block_size, D = 16 * (NV);                                                   \
+    const int64_t row = (int64_t)g->kv_heads * D, stride = ((int64_t)len + 31) & ~(int64_t)15;     \
+    float *scores = (float *)malloc(sizeof(float) * (size_t)group * (size_t)stride);               \
+    if (!scores) return 1;                                                                         \
+    const __m512 sv = _mm512_set1_ps(scale);                                                       \
+    for (int hh = 0; hh < nh; ++hh) {                                                              \
+        const KV_T *kbase = pool + g->layer_offset + (int64_t)(h0 + hh) * D;                       \
+        const KV_T *vbase = kbase + g->v_offset;                                                   \
+        const float *qg = qh + (int64_t)hh * group * D;                                            \
+        const int span = D * (int)sizeof(KV_T);                                                    \
+        float *og = oh + (int64_t)hh * group * D;                                                  \
+        __m512 qv[MAX_GROUP][NV];                                                                  \
+        float maxs[MAX_GROUP];                                                                     \
+        for (int j = 0; j < group; ++j) {                                                          \
+            maxs[j] = -FLT_MAX;                                                                    \
+            for (int c = 0; c < (NV); ++c) qv[j][c] = _mm512_mul_ps(_mm512_loadu_ps(qg + j * D + 16 * c), sv); \
+        }                                                                                          \
+        const KV_T *rows[32];                                                                      \
+        int nrows = 0;                                                                             \
+        for (int t = 0; t < len && t < 16; ++t)                                                    \
+            rows[nrows++] = kbase + (int64_t)table[t / bs] * g->block_stride + (int64_t)(t % bs) * row; \
+        for (int t0 = 0; t0 < len; t0 += 16) {                                                     \
+            const int n = len - t0 < 16 ? len - t0 : 16;                                           \
+            for (int t = t0 + 16; t < len && t < t0 + 32; ++t) {  /* the next tile, ahead */       \
+                const KV_T *r = kbase + (int64_t)table[t / bs] * g->block_stride + (int64_t)(t % bs) * row; \
+                rows[16 + (t - t0 - 16)] = r;                                                      \
+                for (int c = 0; c < span; c += 64) _mm_prefetch((const char *)r + c, _MM_HINT_T0);  \
+            }                                                                                      \
+            __m512 prod[MAX_GROUP][16];                                                            \
+            for (int i = 0; i < n; ++i) {                                                          \
+                __m512 kv[NV];                                                                     \
+                for (int c = 0; c < (NV); ++c) kv[c] = LOAD16(rows[i] + 16 * c);                   \
+                for (int j = 0; j < group; ++j) {                                                  \
+                    __m512 acc = _mm512_mul_ps(qv[j][0], kv[0]);                                   \
+                    for (int c = 1; c < (NV); ++c) acc = _mm512_fmadd_ps(qv[j][c], kv[c], acc);    \
+                    prod[j][i] = acc;                                                              \
+                }                                                                                  \
+            }                                                                                      \
+            const __mmask16 m = (__mmask16)((1u << n) - 1u);                                       \
+            for (int j = 0; j < group; ++j) {                                                      \
+                for (int i = n; i < 16; ++i) prod[j][i] = _mm512_setzero_ps();                     \
+                const __m512 s = sum16(prod[j]);                                                   \
+                _mm512_mask_storeu_ps(scores + j * stride + t0, m, s);                             \
+                const float mx = _mm512_mask_reduce_max_ps(m, s);                                  \
+                if (mx > maxs[j]) maxs[j] = mx;                                                    \
+            }                                                                                      \
+            for (int i = 0; i < 16; ++i) rows[i] = rows[16 + i];                                   \
+        }                                                                                          \
+        float inv[MAX_GROUP];                                                                      \
+        for (int j = 0; j < group; ++j) {                                                          \
+            float *s = scores + j * stride, mx = maxs[j], sum = 0.f;                               \
+            _Pragma("omp simd reduction(+:sum)")                                                   \
+            for (int t = 0; t < len; ++t) { s[t] = expf(s[t] - mx); sum += s[t]; }                 \
+            inv[j] = 1.f / sum;                                                                    \
+        }                                                                                          \
+        __m512 acc[MAX_GROUP][NV];                                                                 \
+        for (int j = 0; j < group; ++j)                                                            \
+            for (int c = 0; c < (NV); ++c) acc[j][c] = _mm512_setzero_ps();                        \
+        for (int t = 0; t < len; ++t) {                                                            \
+            if ((t & 15) == 0) {  /* the next sixteen value rows, ahead */                         \
+                for (int ta = t + 16; ta < len && ta < t + 32; ++ta) {                             \
+                    const char *r = (const char *)(vbase + (int64_t)table[ta / bs] * g->block_stride \
+                                  + (int64_t)(ta % bs) * row);                                     \
+                    for (int c = 0; c < span; c += 64) _mm_prefetch(r + c, _MM_HINT_T0);           \
+                }                                                                                  \
+            }                                                                                      \
+            const KV_T *v = vbase + (int64_t)table[t / bs] * g->block_stride + (int64_t)(t % bs) * row; \
+            __m512 vv[NV];                                                                         \
+            for (int c = 0; c < (NV); ++c) vv[c] = LOAD16(v + 16 * c);                             \
+            for (int j = 0; j < group; ++j) {                                                      \
+                const __m512 p = _mm512_set1_ps(scores[j * stride + t]);                           \
+                for (int c = 0; c < (NV); ++c) acc[j][c] = _mm512_fmadd_ps(p, vv[c], acc[j][c]);   \
+            }                                                                                      \
+        }                                                                                          \
+        for (int j = 0; j < group; ++j) {                                                          \
+            const __m512 iv = _mm512_set1_ps(inv[j]);                                              \
+            for (int c = 0; c < (NV); ++c) _mm512_storeu_ps(og + j * D + 16 * c, _mm512_mul_ps(acc[j][c], iv)); \
+        }                                                                                          \
+    }                                                                                              \
+    free(scores);                                                                                  \
+    return 0;                                                                                      \
+}
+
+DEFINE_VEC_ITEM(vec_item_f32_d64, float, load16_f32, 4)
+DEFINE_VEC_ITEM(vec_item_f32_d128, float, load16_f32, 8)
+DEFINE_VEC_ITEM(vec_item_bf16_d64, uint16_t, load16_bf16, 4)
+DEFINE_VEC_ITEM(vec_item_bf16_d128, uint16_t, load16_bf16, 8)
+#define VEC_HEAD_DIM(D) ((D) == 64 || (D) == 128)
+#define vec_item_f32(q, p, g, t, l, h0, nh, gr, sc, o) \
+    ((g)->head_dim == 64 ? vec_item_f32_d64(q, p, g, t, l, h0, nh, gr, sc, o) : vec_item_f32_d128(q, p, g, t, l, h0, nh, gr, sc, o))
+#define vec_item_bf16(q, p, g, t, l, h0, nh, gr, sc, o) \
+    ((g)->head_dim == 64 ? vec_item_bf16_d64(q, p, g, t, l, h0, nh, gr, sc, o) : vec_item_bf16_d128(q, p, g, t, l, h0, nh, gr, sc, o))
+#else
+#define HAVE_VEC_ITEM 0
+#define VEC_HEAD_DIM(D) 0
+#define vec_item_f32(...) 0
+#define vec_item_bf16(...) 0
+#endif
+
+DEFINE_KERNEL(flowkv_paged_decode_f32, float, LOAD_F32, vec_item_f32)
+DEFINE_KERNEL(flowkv_paged_decode_bf16, uint16_t, LOAD_BF16, vec_item_bf16)
