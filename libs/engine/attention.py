@@ -51,7 +51,19 @@ class DecodeMetadata:
     cpu_mask: torch.Tensor | None = None
 
 
-AttentionMetadata = PrefillMetadata | DecodeMetadata
+@dataclasses.dataclass
+class MixedMetadata:
+    """A step of prefill chunks and decodes in one forward (CPU): the first
+    ``num_prefill_tokens`` rows are the chunks (``prefill``), the rest one token a decoding
+    sequence (``decode``). The linear layers read their weights once for both."""
+
+    slot_mapping: torch.Tensor  # [T] int64: the chunks' slots, then the decodes'
+    prefill: PrefillMetadata
+    decode: DecodeMetadata
+    num_prefill_tokens: int
+
+
+AttentionMetadata = PrefillMetadata | DecodeMetadata | MixedMetadata
 
 
 def write_kv(pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -349,6 +349,9 @@ class LLMEngine:
             self._requests.pop(req.request_id, None)
             self._sampler.forget(req.request_id)
             outputs.append(self._final(req, FinishReason.ERROR, error=reason))
+        if plan.prefills and plan.decodes and self.runner.device.type == "cpu":
+            outputs.extend(self._run_mixed(plan))
+            return outputs
         if plan.prefills:
             outputs.extend(self._run_prefills(plan))
         if plan.decodes:
@@ -371,15 +374,50 @@ class LLMEngine:
         return min(cfg.max_num_batched_tokens, decodes + tokens)
 
     def _run_prefills(self, plan: StepPlan) -> list[TokenOutput]:
-        t0 = time.perf_counter()
         mark = self._prefill_clock.start()
+        hidden = self.runner.prefill(self._prefill_chunks(plan))
+        done_rows, done = self._prefilled(plan)
+        outputs = self._sample(done, self.runner.logits(hidden[done_rows])) if done else []
+        self._prefill_clock.stop(mark, sum(n for _, n in plan.prefills))
+        return outputs
+
+    def _run_decodes(self, plan: StepPlan) -> list[TokenOutput]:
+        t0 = time.perf_counter()
+        logits = self.runner.decode(self._decode_seqs(plan))
+        self._decoded(plan)
+        outputs = self._sample(plan.decodes, logits)
+        self._decode_step_s = ema(self._decode_step_s, time.perf_counter() - t0, _EMA)
+        return outputs
+
+    def _run_mixed(self, plan: StepPlan) -> list[TokenOutput]:
+        """Prefill chunks and decodes in one forward (CPU). The prefill clock is charged the
+        step less a decode step's measured time, so the rate the step budget uses stays the
+        prefill's own; the decode step's average is left to decode-only steps."""
+        t0 = time.perf_counter()
+        hidden = self.runner.mixed(self._prefill_chunks(plan), self._decode_seqs(plan))
+        done_rows, done = self._prefilled(plan)
+        self._decoded(plan)
+        n = len(plan.prefills)
+        rows = hidden[done_rows + list(range(n, n + len(plan.decodes)))]
+        reqs = done + list(plan.decodes)
+        outputs = self._sample(reqs, self.runner.logits(rows))
+        prefill_s = time.perf_counter() - t0 - self._decode_step_s
+        if prefill_s > 0:
+            self._prefill_clock.add(prefill_s, sum(k for _, k in plan.prefills))
+        return outputs
+
+    def _prefill_chunks(self, plan: StepPlan) -> list[tuple[list[int], int, list[int]]]:
+        t0 = time.perf_counter()
         chunks = []
         for req, n in plan.prefills:
             if req.prefill_started_at is None:
                 req.prefill_started_at = t0
             start = req.num_computed_tokens
             chunks.append((req.token_ids[start : start + n], start, self.blocks.block_ids(req.request_id)))
-        hidden = self.runner.prefill(chunks)
+        return chunks
+
+    def _prefilled(self, plan: StepPlan) -> tuple[list[int], list[Request]]:
+        """Advance the prefilled requests; -> the rows and requests whose prompt is complete (they sample)."""
         done_rows, done = [], []
         for i, (req, n) in enumerate(plan.prefills):
             req.num_computed_tokens += n
@@ -387,23 +425,15 @@ class LLMEngine:
             if req.num_uncomputed == 0:
                 done_rows.append(i)
                 done.append(req)
-        outputs = []
-        if done:
-            logits = self.runner.logits(hidden[done_rows])
-            outputs = self._sample(done, logits)
-        self._prefill_clock.stop(mark, sum(n for _, n in plan.prefills))
-        return outputs
+        return done_rows, done
 
-    def _run_decodes(self, plan: StepPlan) -> list[TokenOutput]:
-        t0 = time.perf_counter()
-        seqs = [(r.token_ids[-1], len(r.token_ids) - 1, self.blocks.block_ids(r.request_id)) for r in plan.decodes]
-        logits = self.runner.decode(seqs)
+    def _decode_seqs(self, plan: StepPlan) -> list[tuple[int, int, list[int]]]:
+        return [(r.token_ids[-1], len(r.token_ids) - 1, self.blocks.block_ids(r.request_id)) for r in plan.decodes]
+
+    def _decoded(self, plan: StepPlan) -> None:
         for req in plan.decodes:
             req.num_computed_tokens += 1
             self.blocks.register_computed(req.request_id, req.token_ids, req.num_computed_tokens)
-        outputs = self._sample(plan.decodes, logits)
-        self._decode_step_s = ema(self._decode_step_s, time.perf_counter() - t0, _EMA)
-        return outputs
 
     def _start_masks(self, plan: StepPlan) -> MaskJob | None:
         """Start filling the grammar bitmasks of this step's sampling requests (during the forward)."""

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from libs.engine.attention import AttentionMetadata, DecodeMetadata, decode_attention, prefill_attention, write_kv
+from libs.engine.attention import (
+    AttentionMetadata, DecodeMetadata, MixedMetadata, decode_attention, prefill_attention, write_kv,
+)
 from libs.engine.kernels.fused import add_rms_norm, add_rms_norm_ref, rotary_, silu_mul
 from libs.engine.model_config import ModelConfig
 from libs.engine.rope import RotaryEmbedding
@@ -78,6 +80,10 @@ class LlamaAttention(nn.Module):
         write_kv(pool, self.layer, k, v, meta.slot_mapping)
         if isinstance(meta, DecodeMetadata):
             o = decode_attention(q, pool, self.layer, meta, self.scale)
+        elif isinstance(meta, MixedMetadata):
+            p = meta.num_prefill_tokens
+            o = torch.cat((prefill_attention(q[:p], k[:p], v[:p], pool, self.layer, meta.prefill, self.scale),
+                           decode_attention(q[p:], pool, self.layer, meta.decode, self.scale)))
         else:
             o = prefill_attention(q, k, v, pool, self.layer, meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))

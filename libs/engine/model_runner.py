@@ -1,7 +1,8 @@
 """Builds the per-step input tensors and runs the model on them.
 
 Prefill chunks of a step run as one varlen forward; decodes run as a second forward
-with static-shaped tensors (``input_ids [B]``, ``positions [B]``, ``block_tables [B, M]``,
+(on the CPU, a step with both runs them as one, :meth:`ModelRunner.mixed`) with
+static-shaped tensors (``input_ids [B]``, ``positions [B]``, ``block_tables [B, M]``,
 ``context_lens [B]``, ``slot_mapping [B]``), the function a CUDA graph captures
 (:attr:`ModelRunner.decode_fn` may be replaced by a graph runner with the same signature).
 """
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from libs.engine.attention import DecodeMetadata, PrefillMetadata, PrefillSeq
+from libs.engine.attention import DecodeMetadata, MixedMetadata, PrefillMetadata, PrefillSeq
 from libs.engine.model import LlamaForCausalLM
 from libs.engine.model_config import ModelConfig
 from libs.engine.weight_fusion import fuse_state_dict
@@ -67,6 +68,42 @@ class ModelRunner:
             chunks: per sequence ``(token_ids of the chunk, context_start, block_ids)``
                 where ``block_ids`` cover ``context_start + len(chunk)`` tokens.
         """
+        ids, positions, slots, seqs = self._prefill_inputs(chunks)
+        meta = PrefillMetadata(slot_mapping=self._tensor(slots), seqs=seqs)
+        hidden = self.model(self._tensor(ids), self._tensor(positions), meta, self.pool)
+        last = self._tensor([s.q_start + s.q_len - 1 for s in seqs])
+        return hidden.index_select(0, last)
+
+    @torch.inference_mode()
+    def mixed(
+        self, chunks: list[tuple[list[int], int, list[int]]], seqs: list[tuple[int, int, list[int]]],
+    ) -> torch.Tensor:
+        """Prefill chunks and decodes in one forward (CPU): each weight is read once for both,
+        and the decodes' rows ride in the chunks' GEMMs. Arguments as :meth:`prefill` and
+        :meth:`decode`; -> the hidden states of each chunk's last token, then of each
+        decode, ``[n + B, hidden]`` (:meth:`logits` turns the rows that sample into logits)."""
+        ids, positions, slots, pseqs = self._prefill_inputs(chunks)
+        num_prefill = len(ids)
+        bs = self.block_size
+        width = max(len(b) for _, _, b in seqs)
+        ids.extend(t for t, _, _ in seqs)
+        positions.extend(p for _, p, _ in seqs)
+        slots.extend(b[p // bs] * bs + p % bs for _, p, b in seqs)
+        slot_mapping = self._tensor(slots)
+        decode = DecodeMetadata(
+            slot_mapping=slot_mapping[num_prefill:],
+            block_tables=torch.tensor([b + [0] * (width - len(b)) for _, _, b in seqs], dtype=torch.int32),
+            context_lens=torch.tensor([p + 1 for _, p, _ in seqs], dtype=torch.int32),
+        )
+        meta = MixedMetadata(slot_mapping=slot_mapping, prefill=PrefillMetadata(slot_mapping[:num_prefill], pseqs),
+                             decode=decode, num_prefill_tokens=num_prefill)
+        hidden = self.model(self._tensor(ids), self._tensor(positions), meta, self.pool)
+        rows = self._tensor([s.q_start + s.q_len - 1 for s in pseqs] + list(range(num_prefill, len(ids))))
+        return hidden.index_select(0, rows)
+
+    def _prefill_inputs(
+        self, chunks: list[tuple[list[int], int, list[int]]],
+    ) -> tuple[list[int], list[int], list[int], list[PrefillSeq]]:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -80,10 +117,7 @@ class ModelRunner:
             slots.extend(block_ids[p // bs] * bs + p % bs for p in pos)
             nb = -(-(start + len(tokens)) // bs)
             seqs.append(PrefillSeq(q_start, len(tokens), start, self._tensor(block_ids[:nb])))
-        meta = PrefillMetadata(slot_mapping=self._tensor(slots), seqs=seqs)
-        hidden = self.model(self._tensor(ids), self._tensor(positions), meta, self.pool)
-        last = self._tensor([s.q_start + s.q_len - 1 for s in seqs])
-        return hidden.index_select(0, last)
+        return ids, positions, slots, seqs
 
     @torch.inference_mode()
     def decode(self, seqs: list[tuple[int, int, list[int]]]) -> torch.Tensor:

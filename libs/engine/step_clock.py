@@ -56,6 +56,10 @@ class StepClock:
         self._pending.append((tokens, started, end))
         self.poll()
 
+    def add(self, seconds: float, tokens: int) -> None:
+        """Fold in a step the caller timed itself (CPU steps, where the clock is exact)."""
+        self._fold(tokens, seconds)
+
     def poll(self) -> None:
         """Fold in every pending step whose end event has completed (never waits)."""
         while self._pending and self._pending[0][2].query():

@@ -75,3 +75,31 @@ def test_warmup_is_off_by_default_on_cpu() -> None:
     engine = make_engine()
     assert not engine.config.warms_up
     assert engine.pool.tensor.abs().sum().item() == 0
+
+
+def test_steps_of_prefills_and_decodes_run_as_one_forward_on_cpu(reference) -> None:  # type: ignore[no-untyped-def]
+    """Prompts arriving while others decode: on the CPU such steps run one forward for both
+    (ModelRunner.mixed), and the tokens are still transformers'."""
+    engine = make_engine(max_num_batched_tokens=24)
+    mixed_calls: list[tuple[int, int]] = []
+    run_mixed = engine.runner.mixed
+
+    def spy(chunks, seqs):  # type: ignore[no-untyped-def]
+        mixed_calls.append((len(chunks), len(seqs)))
+        return run_mixed(chunks, seqs)
+
+    engine.runner.mixed = spy  # type: ignore[method-assign]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    prompts = _prompts()
+    pending = list(prompts.items())
+    outs: dict[str, list] = {rid: [] for rid in prompts}  # type: ignore[type-arg]
+    while pending or engine.has_work():
+        if pending:  # one new prompt a step, the earlier ones decoding
+            rid, ids = pending.pop(0)
+            engine.add_request(rid, ids, params)
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    assert {rid: tokens_of(o) for rid, o in outs.items()} == reference
+    assert len(mixed_calls) >= len(prompts) - 2, mixed_calls
+    stats = engine.stats()
+    assert stats.free_blocks == stats.total_blocks
