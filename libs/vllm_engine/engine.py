@@ -13,6 +13,10 @@ prefill, decode or hybrid role under FlowKV's scheduler and gateway:
   streams the tokens after the first. ``release`` aborts it and frees the blocks.
 - ``pool``: vLLM's own KV cache, mapped from the shared segment vLLM allocated it in.
 
+``num_prior_output_tokens`` (a retry's or a recompute's earlier output at the end of the
+prompt) is accepted and not used: vLLM takes every prompt token as prompt, so greedy
+output continues exactly, while seeded sampling and output penalties start over.
+
 Load (``stats``) comes from vLLM's scheduler stats (a stat logger): waiting and running
 requests, KV usage, the prompt tokens per second of steps that prefilled, the time of
 steps that only decoded.
@@ -41,6 +45,7 @@ from libs.kvtransfer.pool import KVPool
 from libs.vllm_engine.connector import BLOCK_IDS, HOLD, NODE_ID, REMOTE, Allocation
 
 log = logging.getLogger(__name__)
+_DEFAULT_KV_BYTES = 1 << 30
 _EMA = 0.2  # weight of the newest step in the prefill-rate and decode-step averages
 
 
@@ -66,7 +71,7 @@ class VllmEngine:
         model_name: the name the node reports.
         dtype: the weights' and KV cache's dtype.
         block_size: vLLM's KV block size (a multiple of 32 on CPU).
-        num_blocks: KV blocks (None: vLLM's own sizing from ``VLLM_CPU_KVCACHE_SPACE``).
+        num_blocks: KV blocks (None: 1 GiB of them, or ``VLLM_CPU_KVCACHE_SPACE`` GiB if set).
         max_model_len: longest prompt plus output (None: the model's).
         max_num_seqs, max_num_batched_tokens: vLLM's batch limits (None: vLLM's defaults).
         enable_prefix_caching: vLLM's prefix cache.
@@ -131,7 +136,7 @@ class VllmEngine:
             enforce_eager=self._enforce_eager, worker_extension_cls="libs.vllm_engine.connector.FlowKVWorkerExtension",
             kv_transfer_config=KVTransferConfig(
                 kv_connector="FlowKVConnector", kv_connector_module_path="libs.vllm_engine.connector",
-                kv_role="kv_both", kv_connector_extra_config={"events_socket": path}),
+                kv_role="kv_both", kv_connector_extra_config={"events_socket": path, "node_pid": os.getpid()}),
             **{k: v for k, v in (("max_num_seqs", self._max_num_seqs),
                                  ("max_num_batched_tokens", self._max_num_batched_tokens)) if v is not None},
         )
@@ -144,9 +149,14 @@ class VllmEngine:
         self._stats.total_blocks = self._stats.free_blocks = self._stats.largest_free_segment = info["num_blocks"]
 
     def _kv_cache_bytes(self) -> int | None:
-        """The bytes ``num_blocks`` blocks take, so vLLM sizes its cache without profiling."""
+        """The bytes ``num_blocks`` blocks take, so vLLM sizes its cache without profiling.
+
+        Without ``num_blocks``: ``_DEFAULT_KV_BYTES`` (``VLLM_CPU_KVCACHE_SPACE``, in GiB,
+        overrides it inside vLLM). vLLM's own default reserves 90% of the machine's memory
+        per engine, which two nodes on one host cannot both have.
+        """
         if self._num_blocks is None:
-            return None
+            return _DEFAULT_KV_BYTES
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(self._model)
@@ -261,14 +271,15 @@ class VllmEngine:
             if not finished:
                 await self._llm.abort(request_id)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[TokenOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                       num_prior_output_tokens: int = 0) -> AsyncIterator[TokenOutput]:
         collector = await self._llm.add_request(request_id, {"prompt_token_ids": list(prompt_token_ids)},
                                                 self._params(params))
         async for out in self._stream(request_id, collector, params.logprobs):
             yield out
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> PrefillResult:
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                      num_prior_output_tokens: int = 0) -> PrefillResult:
         hold = params.max_tokens > 1
         vparams = self._params(params, max_tokens=1, min_tokens=min(params.min_tokens, 1),
                                extra_args={"kv_transfer_params": {HOLD: hold, NODE_ID: request_id}})
@@ -314,7 +325,7 @@ class VllmEngine:
         return RemoteAllocation(block_ids=list(alloc.block_ids), num_cached_tokens=alloc.num_cached_tokens)
 
     async def decode_remote(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
-                            params: SamplingParams) -> AsyncIterator[TokenOutput]:
+                            params: SamplingParams, *, num_prior_output_tokens: int = 0) -> AsyncIterator[TokenOutput]:
         collector = self._collectors.pop(request_id, None)
         if collector is None:
             raise ValueError(f"{request_id} has no reservation here")

@@ -111,6 +111,18 @@ def node_roles(cfg: UpConfig) -> list[tuple[str, str]]:
     ]
 
 
+def vllm_core_lists(num_nodes: int) -> list[str]:
+    """Each vLLM node's cores (``VLLM_CPU_OMP_THREADS_BIND``): this process's cores split evenly,
+    at least one each (nodes share cores round-robin when there are more nodes than cores)."""
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // max(1, num_nodes))
+    lists = []
+    for i in range(num_nodes):
+        start = (i * per) % len(cores)
+        lists.append(",".join(str(c) for c in cores[start:start + per]))
+    return lists
+
+
 def plan_cluster(cfg: UpConfig, base_env: dict[str, str] | None = None) -> ClusterPlan:
     """Every child of ``flowkv up`` for ``cfg``, in start order.
 
@@ -162,12 +174,21 @@ def plan_cluster(cfg: UpConfig, base_env: dict[str, str] | None = None) -> Clust
     if "OMP_NUM_THREADS" not in base and cfg.device == "cpu":
         # Nodes on one CPU share its cores; more threads than cores each only thrash.
         node_env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // len(roles)))
-    for (node_id, role), device in zip(roles, devices):
+    vllm_cores = vllm_core_lists(len(roles)) if cfg.engine == "vllm" and "VLLM_CPU_OMP_THREADS_BIND" not in base else []
+    for i, ((node_id, role), device) in enumerate(zip(roles, devices)):
         argv = ["--node-id", node_id, "--role", role, "--model", cfg.model, "--device", device, *common,
                 *metrics_args(node_id)]
         if cfg.dtype:
             argv += ["--dtype", cfg.dtype]
-        children.append(ChildSpec(node_id, _module("services.node", *argv), child_env(base, **node_env), STAGE_NODES))
+        env = dict(node_env)
+        if cfg.engine == "vllm":
+            # vLLM's CPU attention wants blocks of a multiple of 32 tokens.
+            argv += ["--engine", "vllm", "--block-size", "32"]
+            if vllm_cores:
+                # vLLM binds its compute threads to cores; left to itself every engine takes the same ones.
+                env["VLLM_CPU_OMP_THREADS_BIND"] = vllm_cores[i]
+                env["OMP_NUM_THREADS"] = str(len(vllm_cores[i].split(",")))
+        children.append(ChildSpec(node_id, _module("services.node", *argv), child_env(base, **env), STAGE_NODES))
 
     gw_env = dict(shared)
     if cfg.api_key:

@@ -41,6 +41,7 @@ class UpConfig:
     """What ``flowkv up`` runs (flags ``--*``, env ``FLOWKV_UP_*``)."""
 
     model: str = field(default="smollm2", metadata={"help": "model every node serves (smollm2, tiny, a directory or a .gguf)"})
+    engine: str = field(default="flowkv", metadata={"help": "every node's engine: flowkv or vllm (vLLM's v1 engine with FlowKV's KV connector; needs the vllm extra; CPU only)"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda (nodes spread over the GPUs) or cuda:N"})
     dtype: str = field(default="", metadata={"help": "weights and KV dtype (default: the engine's for the device)"})
     host: str = field(default="127.0.0.1", metadata={"help": "gateway listen address"})
@@ -63,6 +64,10 @@ class UpConfig:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.engine not in ("flowkv", "vllm"):
+            raise ValueError(f"engine must be flowkv or vllm, got {self.engine!r}")
+        if self.engine == "vllm" and self.device != "cpu":
+            raise ValueError("the vllm engine runs on cpu here (its KV connector maps CPU caches only)")
         if self.colocated < 0 or self.prefill_nodes < 0 or self.decode_nodes < 0:
             raise ValueError("node counts must be >= 0")
         if self.colocated == 0 and (self.prefill_nodes < 1 or self.decode_nodes < 1):

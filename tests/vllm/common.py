@@ -1,0 +1,139 @@
+"""What the vLLM test modules share: a cluster of vLLM nodes, the references, trace spans."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from libs.kvtransfer.pool import sweep_stale_segments
+from tests.reliability.cluster import REPO, Cluster
+
+BLOCK_SIZE = 32  # vLLM's CPU attention wants a multiple of 32
+
+TEXTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "def fibonacci(n):",
+    "Translate to French: I like green apples.",
+    "1, 2, 3, 4,",
+    "The three primary colors are",
+    "Q: What is the boiling point of water at sea level?\nA:",
+    "Write a haiku about autumn leaves.",
+    "import numpy as np\nx = np.arange(10)\n",
+    "My favourite book is",
+    "The quick brown fox",
+    "In 1969, astronauts",
+    "A list of fruits: apple, banana,",
+    "Dear Sir or Madam, I am writing to",
+    "SELECT name FROM users WHERE",
+    "The mitochondria is",
+    "Rain is falling on the roof, and the children",
+    "Explain gravity to a five year old. " * 4,
+    "Here is a long story about a dragon who loved books. " * 9,
+    "<html><body><h1>",
+]
+
+
+def tokenize(model_dir: str, texts: list[str]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def node_args(model: str, num_blocks: int, max_model_len: int) -> list[str]:
+    """A small vLLM node: eager (no compile), a fixed pool (no memory profiling), few sequences."""
+    return ["--engine", "vllm", "--model", model, "--block-size", str(BLOCK_SIZE), "--num-blocks", str(num_blocks),
+            "--max-model-len", str(max_model_len), "--vllm-enforce-eager", "true", "--max-num-seqs", "8"]
+
+
+def run_vllm_alone(workdir: Path, model: str, prompts: list[list[int]], max_tokens: int,
+                   max_model_len: int) -> dict[str, Any]:
+    """vLLM serving alone (no FlowKV, no connector), greedy, in its own process group."""
+    spec, out = workdir / "alone-in.json", workdir / "alone-out.json"
+    spec.write_text(json.dumps({"model": model, "prompts": prompts, "max_tokens": max_tokens,
+                                "max_model_len": max_model_len}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(workdir / "alone.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.vllm.references", str(spec), str(out)], cwd=REPO,
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            assert proc.wait(600) == 0, (workdir / "alone.log").read_text()[-3000:]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # vLLM's engine children
+    return json.loads(out.read_text())
+
+
+@contextlib.contextmanager
+def vllm_cluster(workdir: Path, model: str, prefill: int, decode: int, num_blocks: int,
+                 max_model_len: int) -> Iterator[Cluster]:
+    """A cluster of vLLM nodes (tracing to ``traces.jsonl``); afterwards no segment of its nodes is left."""
+    c = Cluster(workdir, prefill=prefill, decode=decode, node_args=node_args(model, num_blocks, max_model_len),
+                node_env={"OTEL_TRACES_EXPORTER": "file", "FLOWKV_TRACE_FILE": str(workdir / "traces.jsonl")},
+                gateway_args=["--model", model, "--stall-timeout-s", "30", "--queue-timeout-s", "120"])
+    with c:
+        yield c
+    sweep_stale_segments()  # the segments of vLLM workers that died with a SIGKILLed node
+    pids = {s.pid for s in c.services.values() if s.proc is not None}
+    assert not [p for p in Path("/dev/shm").glob("flowkv-*") if _pid_of(p) in pids]
+
+
+def _pid_of(seg: Path) -> int:
+    try:
+        return int(seg.name.split("-")[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def handoffs(c: Cluster) -> list[dict[str, Any]]:
+    """The ``kv.transfer`` spans that moved KV, in the order they ended."""
+    path = c.workdir / "traces.jsonl"
+    spans = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [s["attributes"] for s in sorted(spans, key=lambda s: s["end_ns"])
+            if s["name"] == "kv.transfer" and s["attributes"].get("flowkv.kv.calls", 0) > 0]
+
+
+def check_calls_per_hand_off(spans: list[dict[str, Any]], num_layers: int) -> None:
+    """Every hand-off: one copy call per layer per aligned segment of block ids; a fresh one
+    (the first, between empty pools) is a single segment: one call per layer."""
+    assert spans
+    for attrs in spans:
+        assert attrs["flowkv.kv.transport"] == "shm"
+        assert 1 <= attrs["flowkv.kv.segments"] <= attrs["flowkv.kv.blocks"]
+        assert attrs["flowkv.kv.calls"] == num_layers * attrs["flowkv.kv.segments"], attrs
+    assert spans[0]["flowkv.kv.segments"] == 1 and spans[0]["flowkv.kv.calls"] == num_layers
+
+
+def placed_decode_node(c: Cluster, completion_id: str) -> str:
+    """The decode node the gateway placed a completion on (from its log)."""
+    m = re.search(rf"\[{re.escape(completion_id)}\][^\n]*placed on prefill=\S+ decode=(\S+)",
+                  c.services["gateway"].log())
+    assert m, f"{completion_id} was not placed on a decode node"
+    return m.group(1)
+
+
+async def openai_stream(c: Cluster, model: str, prompt: list[int], max_tokens: int) -> tuple[str, str | None]:
+    """Stream a greedy completion through the official ``openai`` client; (text, finish reason)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    try:
+        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                                 stream=True)
+        text, finish = "", None
+        async for chunk in stream:
+            for choice in chunk.choices:
+                text += choice.text
+                finish = choice.finish_reason or finish
+        return text, finish
+    finally:
+        await client.close()

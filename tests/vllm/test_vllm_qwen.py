@@ -1,0 +1,82 @@
+"""A second architecture through vLLM nodes: a tiny random-weight Qwen3, 1 prefill + 1 decode.
+
+The test writes the model as a Hugging Face directory (tests/vllm/models.py); vLLM serves
+it on both nodes and FlowKV's connector hands its KV (per-head query/key norms, a head dim
+of its own) from one to the other. Greedy outputs of 20 prompts equal vLLM serving alone
+and transformers'; the ``openai`` client streams the same text; every hand-off takes one
+copy call per layer per aligned segment.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from libs.engine.loader import smollm2_dir
+from tests.reliability.cluster import Cluster
+from tests.vllm.common import (
+    TEXTS,
+    check_calls_per_hand_off,
+    handoffs,
+    openai_stream,
+    run_vllm_alone,
+    tokenize,
+    vllm_cluster,
+)
+from tests.vllm.models import NUM_LAYERS, write_tiny_qwen3
+
+NUM_BLOCKS = 24
+MAX_MODEL_LEN = 512
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_tiny_qwen3(str(tmp_path_factory.mktemp("qwen3-tiny")), smollm2_dir())
+
+
+@pytest.fixture(scope="module")
+def prompts(model_dir: str) -> list[list[int]]:
+    return tokenize(model_dir, TEXTS)
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory: pytest.TempPathFactory, model_dir: str, prompts: list[list[int]]) -> dict:  # type: ignore[type-arg]
+    return run_vllm_alone(tmp_path_factory.mktemp("qwen-alone"), model_dir, prompts, MAX_TOKENS, MAX_MODEL_LEN)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, model_dir: str, alone: dict):  # type: ignore[no-untyped-def,type-arg]
+    with vllm_cluster(tmp_path_factory.mktemp("qwen-cluster"), model_dir, prefill=1, decode=1, num_blocks=NUM_BLOCKS,
+                      max_model_len=MAX_MODEL_LEN) as c:
+        yield c
+
+
+async def test_qwen3_greedy_outputs_equal_vllm_alone_and_transformers(cluster: Cluster, alone: dict, prompts,  # type: ignore[no-untyped-def,type-arg]
+                                                                      model_dir):
+    from transformers import AutoConfig
+
+    from tests.vllm.references import transformers_greedy
+
+    assert AutoConfig.from_pretrained(model_dir).model_type == "qwen3"
+    assert transformers_greedy(model_dir, prompts, MAX_TOKENS) == alone["token_ids"]
+    async with aiohttp.ClientSession() as s:
+        outs = []
+        for p in prompts:
+            status, out, _ = await cluster.complete(
+                s, {"model": model_dir, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0})
+            assert status == 200, out
+            outs.append(out["choices"][0]["text"])
+    assert outs == alone["texts"]
+    assert len(handoffs(cluster)) >= len(prompts)
+
+
+async def test_qwen3_openai_client_streams_the_same_text(cluster: Cluster, alone: dict, prompts):  # type: ignore[no-untyped-def,type-arg]
+    model = cluster.node_args[cluster.node_args.index("--model") + 1]
+    for i in (0, 17, 19):
+        text, _ = await openai_stream(cluster, model, prompts[i], MAX_TOKENS)
+        assert text == alone["texts"][i]
+
+
+async def test_qwen3_hand_offs_take_one_call_per_layer_per_segment(cluster: Cluster):
+    check_calls_per_hand_off(handoffs(cluster), NUM_LAYERS)
