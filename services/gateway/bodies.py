@@ -31,6 +31,7 @@ TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT32)]
 Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0.0)]  # a positive, finite number of seconds
 FunctionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 # A JSON Schema: an object (validated as JSON Schema after decoding).
 JsonSchema = dict[str, Any]
@@ -100,6 +101,10 @@ class _Sampling(msgspec.Struct, kw_only=True, omit_defaults=True):
     guided_choice: Annotated[list[NonEmpty], msgspec.Meta(min_length=1)] | None = None
     guided_grammar: NonEmpty | None = None
     flowkv_timing: bool | None = None  # extension: per-request timings in the response
+    # Extension: the request's own service-level objectives, which the scheduler's flowkv
+    # policy counts it against (absent: the deployment's ttft_slo_s / tpot_slo_s).
+    flowkv_ttft_slo_s: Seconds | None = None
+    flowkv_tpot_slo_s: Seconds | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True, omit_defaults=True):

@@ -75,6 +75,8 @@ class Job:
     model: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
+    ttft_slo_s: float = 0.0  # the request's own objectives (0: the deployment's)
+    tpot_slo_s: float = 0.0
 
 
 @dataclass
@@ -306,7 +308,8 @@ class Dispatcher:
         while True:
             place = PlaceRequest(
                 request_id=wire_id, model=job.model, num_prompt_tokens=num_prompt, max_tokens=max_tokens,
-                exclude_nodes=list(excluded), queue_timeout_s=left,
+                exclude_nodes=list(excluded), queue_timeout_s=left, ttft_slo_s=job.ttft_slo_s,
+                tpot_slo_s=job.tpot_slo_s,
             )
             changed = self._leader_changed()
             pending = asyncio.ensure_future(request(self.nc, subjects.sched_place(), place, self.config.place_timeout_s + left))

@@ -60,7 +60,8 @@ def candidates(req: GenerationRequest, request_id: str, model: str, tokenizer: A
             sampling = req.sampling
             if req.sampling.seed is not None and j:
                 sampling = msgspec.structs.replace(sampling, seed=_wrap_seed(req.sampling.seed + j))
-            job = Job(f"{request_id}-{key}" if many else request_id, model, prompt.token_ids, sampling)
+            job = Job(f"{request_id}-{key}" if many else request_id, model, prompt.token_ids, sampling,
+                      req.ttft_slo_s, req.tpot_slo_s)
             c = Candidate(key, i, j, job, Generation(req, tokenizer, started, prompt.token_ids))
             if req.best_of == req.n:
                 c.index = i * req.n + j

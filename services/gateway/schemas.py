@@ -68,6 +68,10 @@ class GenerationRequest:
     max_tokens_given: bool = False
     add_generation_prompt: bool = True
     timing: bool = False  # extension ``flowkv_timing``: add per-request timings (``flowkv``) to the response
+    # Extensions ``flowkv_ttft_slo_s`` / ``flowkv_tpot_slo_s``: the request's own objectives,
+    # sent to the scheduler in every PlaceRequest (0: the deployment's).
+    ttft_slo_s: float = 0.0
+    tpot_slo_s: float = 0.0
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -221,6 +225,8 @@ def _common(b: CompletionRequest | ChatCompletionRequest, endpoint: Endpoint, se
                             include_usage=bool(opts is not None and opts.include_usage))
     req.max_tokens_given = max_tokens is not None
     req.timing = bool(b.flowkv_timing)
+    req.ttft_slo_s = b.flowkv_ttft_slo_s or 0.0
+    req.tpot_slo_s = b.flowkv_tpot_slo_s or 0.0
     req.n = b.n or 1
     if max_tokens is None and endpoint is Endpoint.COMPLETIONS:
         req.sampling.max_tokens = 16  # OpenAI's completions default; chat defaults to the room left

@@ -52,4 +52,9 @@ def place_problem(req: PlaceRequest) -> str | None:
     """Why ``req`` cannot be placed whatever the cluster, or None."""
     if req.num_prompt_tokens < 1 or req.max_tokens < 1:
         return f"num_prompt_tokens ({req.num_prompt_tokens}) and max_tokens ({req.max_tokens}) must be >= 1"
+    for name in ("ttft_slo_s", "tpot_slo_s"):
+        # A negative or non-finite objective would count the request as never (or always) served in time.
+        value = getattr(req, name)
+        if not (math.isfinite(value) and value >= 0):
+            return f"{name} ({value}) must be finite and >= 0"
     return None

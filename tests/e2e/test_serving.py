@@ -45,6 +45,7 @@ class Cluster:
     nodes: dict[str, Node]
     engines: dict[str, LLMEngine]
     reference: LLMEngine
+    scheduler: SchedulerService | None = None
 
     def free_blocks(self) -> dict[str, tuple[int, int]]:
         return {nid: (e.stats().free_blocks, e.stats().total_blocks) for nid, e in self.engines.items()}
@@ -61,13 +62,13 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def cluster(nats_url: str) -> AsyncIterator[Cluster]:
+async def cluster(nats_url: str, policy: str = "least_loaded") -> AsyncIterator[Cluster]:
     torch.set_num_threads(1)
     stack = contextlib.AsyncExitStack()
     async with stack:
         sched_nc = await nats.connect(nats_url)
         stack.push_async_callback(sched_nc.drain)
-        sched = SchedulerService(SchedulerConfig(policy="least_loaded"), sched_nc)
+        sched = SchedulerService(SchedulerConfig(policy=policy), sched_nc)
         await sched.start()
         stack.push_async_callback(sched.close)
         nodes: dict[str, Node] = {}
@@ -86,7 +87,7 @@ async def cluster(nats_url: str) -> AsyncIterator[Cluster]:
             stack.push_async_callback(node.stop, "test over")
             nodes[nid], engines[nid] = node, llm
         reference = LLMEngine(EngineConfig(model=MODEL, num_blocks=BLOCKS, block_size=BS))
-        yield Cluster(nats_url, nodes, engines, reference)
+        yield Cluster(nats_url, nodes, engines, reference, sched)
 
 
 @contextlib.asynccontextmanager
