@@ -18,8 +18,14 @@ per node):
                                                          and in a share f of them for the fixed
                                                          cost of a prefill pass, taken to be a
                                                          decode step's: f = prompts/s x TPOT, at most 1)
-  TTFT  = W + L / rate        on a prefill node, W the M/G/1 wait at utilisation u,
-          plus two decode steps on a hybrid node (the one running, the one in its iteration)
+  TTFT  = W + L / rate        on a prefill node, W the M/G/1 wait at utilisation u or the
+          backlog the request's arrival met, whichever is longer, plus two decode steps
+          on a hybrid node (the one running, the one in its iteration). The backlog is a
+          fluid queue run through the window in one-second bins: the prompt tokens each
+          bin brought against what the shape's prefill-capable nodes run in a second
+          (a hybrid node what its decode share leaves). A burst that outruns the nodes
+          builds one and the lull after it drains it, so a window of bursts and lulls
+          is not weighed as a steady load at its mean.
   load  = the busiest node's utilisation: u (prefill), r / full-batch rate (decode), their
           sum (hybrid); past 1 the shape cannot keep up.
 
@@ -27,12 +33,23 @@ per node):
                    prefills on a prefill or a hybrid node and decodes on a decode or a
                    hybrid node in proportion to their numbers) x min(1, 1 / load)
 
-The best shape is among those that keep up (load below 1; all, if none does) the one of
-highest goodput; among the shapes within ``tolerance`` of it, the one with the lowest load (room for bursts, and throughput when no shape meets the
-objectives), then the one closest to the current shape. All prompt-heavy loads whose
-hybrid TPOT stays within its objective come out all hybrid (n nodes share every prompt
-and nothing is handed off); when the interference breaks the TPOT objective, the split
-that meets it wins; and every shape between is a candidate.
+The best shape is among those that keep up (load below 1) the one of highest goodput;
+among the shapes within ``tolerance`` of it, the one with the lowest load (room for
+bursts, and throughput when no shape meets the objectives), then the one closest to the
+current shape. When no shape keeps up (overload) and requests have a TTFT objective, the
+predicted shares mean nothing (every queue grows while it lasts): the best shape is then
+the one of most capacity, the lowest load (within ``tolerance``), and among those the
+one of highest goodput. Without a TTFT objective a growing queue misses nothing, and
+the highest goodput among all shapes wins.
+
+The window is weighed at the high end of what it says of the load: its rate is known to
+``1 / sqrt(N_eff)``, where ``N_eff`` is its number of requests divided by the index of
+dispersion of its per-bin counts (1 for Poisson arrivals, far more for bursts): a window
+of bursts and lulls tells the load less precisely than as many steady arrivals.
+
+All prompt-heavy loads whose hybrid TPOT stays within its objective come out all hybrid
+(n nodes share every prompt and nothing is handed off); when the interference breaks the
+TPOT objective, the split that meets it wins; and every shape between is a candidate.
 """
 
 from __future__ import annotations
@@ -148,11 +165,15 @@ class Load:
         rates: the mean node's measured rates.
         objectives: the deployment's objectives, for requests that bring none.
         confidence: shapes are weighed at the load this many standard errors of the
-            window's request count above what it measured (1 / sqrt(N) relative each).
+            window's request count above what it measured (1 / sqrt(N_eff) relative
+            each, ``N_eff`` = :attr:`effective_requests`).
+        end_s: when the window ends (default: its last arrival).
+        bin_s: the length of the bins the prompt queue is run through (about; the
+            window holds a whole number of them).
     """
 
     def __init__(self, placed: Sequence[Placed], window_s: float, rates: Rates, objectives: Objectives,
-                 confidence: float = 1.0) -> None:
+                 confidence: float = 1.0, end_s: float | None = None, bin_s: float = 1.0) -> None:
         self.rates = rates
         self.confidence = confidence
         self.num_requests = len(placed)
@@ -164,10 +185,37 @@ class Load:
         self.service_mean_s = sum(service) / len(service) if service else 0.0
         self.service_sq_s2 = sum(s * s for s in service) / len(service) if service else 0.0
         groups: dict[tuple[float, float], list[float]] = {}
+        keys = []
         for p, s in zip(placed, service):
             key = (p.ttft_slo_s or objectives.ttft_s or math.inf, p.tpot_slo_s or objectives.tpot_s or math.inf)
             groups.setdefault(key, []).append(s)
+            keys.append(key)
         self.groups = {k: sorted(v) for k, v in groups.items()}
+        self.ttft_bound = any(ttft < math.inf for ttft, _ in self.groups)  # some request has a TTFT objective
+        # The window (ending at ``end_s``, default the last arrival) in bins of about
+        # ``bin_s`` seconds, oldest first: the prompt tokens each bin brought and its
+        # requests per objective group. A forecast runs each shape's prompt queue through
+        # them (bursts build a backlog that the lulls drain), so a window of bursts and
+        # lulls is not weighed as its mean.
+        num_bins = max(1, math.ceil(window_s / bin_s - 1e-9))
+        self.bin_s = window_s / num_bins
+        end = end_s if end_s is not None else max((p.t for p in placed), default=0.0)
+        self.bins: list[tuple[float, dict[tuple[float, float], int]]] = [(0.0, {}) for _ in range(num_bins)]
+        for p, key in zip(placed, keys):
+            k = min(num_bins - 1, max(0, num_bins - 1 - int((end - p.t) / self.bin_s)))
+            tokens, counts = self.bins[k]
+            counts[key] = counts.get(key, 0) + 1
+            self.bins[k] = (tokens + p.prompt_tokens, counts)
+        # What the window says of the load is as uncertain as its arrivals are uneven: N
+        # Poisson arrivals give the rate to 1 / sqrt(N); arrivals in bursts and lulls
+        # (bin counts spread D times as much as Poisson ones, D their index of
+        # dispersion) to sqrt(D / N), as if the window held N / D requests.
+        seen = [sum(c.values()) for _, c in self.bins]
+        while len(seen) > 1 and seen[0] == 0:
+            seen.pop(0)  # bins before the first placement seen
+        mean = sum(seen) / len(seen)
+        dispersion = sum((x - mean) ** 2 for x in seen) / len(seen) / mean if mean > 0 else 1.0
+        self.effective_requests = self.num_requests / max(1.0, dispersion)
 
     def forecast(self, shape: Shape, scale: float | None = None) -> Forecast:
         """Predict ``shape`` under this load (see the module docstring), the load taken
@@ -175,7 +223,7 @@ class Load:
         that only just keeps up with the window is not preferred to one with room)."""
         rt = self.rates
         if scale is None:
-            scale = 1.0 + self.confidence / math.sqrt(max(self.num_requests, 1))
+            scale = 1.0 + self.confidence / math.sqrt(max(self.effective_requests, 1.0))
         n_p, n_d = shape.prefill + shape.hybrid, shape.decode + shape.hybrid
         u = scale * self.prompt_tokens_per_s / (rt.prefill_tokens_per_s * n_p)
         r = scale * self.output_tokens_per_s / n_d
@@ -194,12 +242,32 @@ class Load:
         wait = lam * self.service_sq_s2 / (2 * (1 - u)) if u < 1 else math.inf
         step_h = rt.step_a_s + rt.step_b_s * r * tpot_h if shape.hybrid and math.isfinite(tpot_h) else math.inf
         within = 0.0
-        for (ttft_slo, tpot_slo), service in self.groups.items():
-            ok_p = _share_within(service, ttft_slo - wait) if shape.prefill else 0.0
-            ok_hp = _share_within(service, ttft_slo - wait - 2 * step_h) if shape.hybrid else 0.0
-            f_ttft = (shape.prefill * ok_p + shape.hybrid * ok_hp) / n_p
-            f_tpot = (shape.decode * _share_tpot(tpot_d, tpot_slo) + shape.hybrid * _share_tpot(tpot_h, tpot_slo)) / n_d
-            within += f_ttft * f_tpot * len(service)
+        f_tpot = {(ttft_slo, tpot_slo): (shape.decode * _share_tpot(tpot_d, tpot_slo)
+                                         + shape.hybrid * _share_tpot(tpot_h, tpot_slo)) / n_d
+                  for ttft_slo, tpot_slo in self.groups}
+        # The prompt queue through the window's bins, a fluid backlog in seconds of work
+        # of the prefill-capable nodes: a request waits the steady queue's mean wait or
+        # the backlog its bin met, whichever is longer. Hybrid nodes give the prompts what
+        # their decode share leaves (the window's mean share: a request's decode steps
+        # spread over its whole life, not over its arrival's bin).
+        free = n_p - shape.hybrid * min(1.0, d_share)
+        cap_p = rt.prefill_tokens_per_s * free * self.bin_s  # prompt tokens those nodes run in a bin
+        backlog = 0.0
+        for prompt_tokens, counts in self.bins:
+            busy = scale * prompt_tokens / cap_p if cap_p > 0 else math.inf
+            before = backlog
+            backlog = max(0.0, backlog + (busy - 1.0) * self.bin_s)
+            w = max(wait, 0.5 * (before + backlog))
+            for key, num in counts.items():
+                ttft_slo = key[0]
+                service = self.groups[key]
+                if ttft_slo == math.inf:
+                    f_ttft = 1.0  # no TTFT objective: any wait will do
+                else:
+                    ok_p = _share_within(service, ttft_slo - w) if shape.prefill else 0.0
+                    ok_hp = _share_within(service, ttft_slo - w - 2 * step_h) if shape.hybrid else 0.0
+                    f_ttft = (shape.prefill * ok_p + shape.hybrid * ok_hp) / n_p
+                within += f_ttft * f_tpot[key] * num
         goodput = within / self.num_requests if self.num_requests else 0.0
         return Forecast(shape, goodput * min(1.0, 1.0 / load) if load > 0 else goodput, load, tpot_d, tpot_h, wait)
 
@@ -209,10 +277,21 @@ class Load:
         # A shape past its capacity falls further behind every second: while some shape
         # keeps up, only those that do are candidates.
         keeping_up = [f for f in forecasts if f.load < 1.0]
-        forecasts = keeping_up or forecasts
-        top = max(f.goodput for f in forecasts)
-        near = [f for f in forecasts if f.goodput >= top - tolerance]
-        best = min(near, key=lambda f: (round(f.load, 3), f.shape.distance(current), -f.shape.hybrid))
+        if keeping_up or not self.ttft_bound:
+            forecasts = keeping_up or forecasts
+            top = max(f.goodput for f in forecasts)
+            near = [f for f in forecasts if f.goodput >= top - tolerance]
+            best = min(near, key=lambda f: (round(f.load, 3), f.shape.distance(current), -f.shape.hybrid))
+        else:
+            # Overload under a TTFT objective: no shape keeps up, so none has the steady
+            # state its shares are predicted for (the share a shape seems to serve comes
+            # from nodes its other nodes' queues will soon hold up), and every queue grows
+            # while it lasts, putting requests past the objective. The shape of most
+            # capacity (the lowest busiest-node load) falls behind slowest and drains first
+            # once the load eases; among those as light, the one predicted to serve best.
+            low = min(f.load for f in forecasts)
+            near = [f for f in forecasts if f.load <= low * (1.0 + tolerance)]
+            best = min(near, key=lambda f: (-round(f.goodput, 3), f.shape.distance(current), -f.shape.hybrid))
         now = self.forecast(current) if current.num_nodes == num_nodes and valid(current) else best
         return best, now
 

@@ -68,6 +68,13 @@ class RoleConfig:
         flip_cost_s: what one flip costs in seconds of the cluster serving the shape it
             passes through; a move is made only when the predicted gain, held for
             ``reverse_cooldown_s``, outweighs the losses of the shapes on its way.
+
+    A goodput move is made when the best shape's predicted goodput beats the current
+    one's by the margin both at the high and at the low end of what the window says of
+    the load (its error, 1 / sqrt of its effective request count: bursts count for
+    fewer requests); or when, no worse, it is lighter by ``demand_margin``; or, in
+    overload under a TTFT objective, when it has that much more capacity; a move under
+    way goes on while its target stays the plan and no worse.
     """
 
     min_dwell_s: float = 10.0
@@ -305,7 +312,7 @@ class RoleController:
         # A window reaching back past the first placement seen covers only the time since.
         span = min(span, max(now - placed[0].t, self.demand.window_s))
         rates = measured_rates(self.demand, ready, self.cost, placed)
-        return Load(placed, span, rates, objectives, c.demand_confidence), demand
+        return Load(placed, span, rates, objectives, c.demand_confidence, end_s=now), demand
 
     def _decide_by_goodput(self, nodes: list[NodeEntry], free: list[NodeEntry]) -> tuple[bool, RoleChange | None]:
         """(whether goodput planning applies, the flip it asks for): one flip toward the
@@ -322,11 +329,26 @@ class RoleController:
         self.last_plan = best
         # A share estimated from N requests is uncertain by up to 0.5 / sqrt(N) (its
         # standard error at one half): a gain within that is the window's noise.
-        margin = max(c.goodput_margin, c.demand_confidence * 0.5 / math.sqrt(max(load.num_requests, 1)))
-        gains = best.goodput > now.goodput + margin
-        lighter = (best.goodput >= now.goodput - margin and now.load > c.demand_busy
+        margin = max(c.goodput_margin, c.demand_confidence * 0.5 / math.sqrt(max(load.effective_requests, 1.0)))
+        # Overload under a TTFT objective (no shape keeps up, :meth:`Load.best`): the
+        # predicted shares are of queues growing without bound; only capacity counts, and
+        # a move must add it.
+        overload = best.load >= 1.0 and load.ttft_bound
+        gains = not overload and best.goodput > now.goodput + margin
+        err = c.demand_confidence / math.sqrt(max(load.effective_requests, 1.0))
+        if gains and err > 0:
+            # The forecasts weigh the load at the high end of what the window says of it;
+            # a gain that is gone at the low end is within the estimate's error.
+            low = max(0.0, 1.0 - err)
+            gains = load.forecast(best.shape, low).goodput > load.forecast(current, low).goodput + margin
+        lighter = ((overload or best.goodput >= now.goodput - margin) and now.load > c.demand_busy
                    and best.load < now.load * (1.0 - c.demand_margin))
-        if best.shape == current or not (gains or lighter):
+        # A move under way is finished while its target is still the plan and no worse than
+        # the shape reached: stopping one flip short leaves a shape between the two, which
+        # no forecast chose.
+        onward = (self._heading is not None and best.shape == self._heading and best.load <= now.load
+                  and (overload or best.goodput >= now.goodput - margin))
+        if best.shape == current or not (gains or lighter or onward):
             return True, None
         # The move must pay for its way: each flip leaves the cluster for a while in a
         # shape between the two, which may serve fewer requests than the current one.
@@ -339,17 +361,23 @@ class RoleController:
             return memo[s]
 
         def rank(s: Shape) -> tuple[float, float]:
+            if overload:
+                return round(forecast(s).load, 3), -forecast(s).goodput
             return -round(forecast(s).goodput, 3), forecast(s).load
 
         passing = path(current, best.shape, rank)[:-1]
         cost = sum(max(now.goodput - forecast(s).goodput, 0.0) for s in passing) * c.flip_cost_s
         if gains and (best.goodput - now.goodput) * c.reverse_cooldown_s <= cost:
             return True, None
-        if not gains and any(forecast(s).goodput < now.goodput - margin for s in passing):
+        if overload and any(forecast(s).load > now.load for s in passing):
+            return True, None
+        if not gains and not overload and any(forecast(s).goodput < now.goodput - margin for s in passing):
             return True, None
         settled = self._last is not None and self.registry.clock.now() - self._last[1] < c.reverse_cooldown_s
         heading = self._heading is not None and best.shape == self._heading
-        if settled and not heading and not best.goodput > now.goodput + 2 * margin:
+        clearly = (best.load < now.load * (1.0 - 2 * c.demand_margin) if overload
+                   else best.goodput > now.goodput + 2 * margin)
+        if settled and not heading and not clearly:
             # A shape just reached is kept for the cooldown unless another is clearly better:
             # windows near a boundary between two shapes would otherwise swing between them.
             # A move on its way to the shape it set out for goes on.
