@@ -12,6 +12,8 @@ objectives) at least the best of the others, and its output tok/s within 3% of t
 
   .venv/bin/python benchmarks/goodput_sweep.py --out benchmarks/results/goodput_sim
   .venv/bin/python benchmarks/goodput_sweep.py --nodes 4 --scenarios long,10k --out /tmp/g
+  .venv/bin/python benchmarks/goodput_sweep.py --nodes 4,8 --policies flowkv,colocated \
+      --no-scheduler-objectives --out benchmarks/results/goodput_sim_default
 
 Writes ``results.json`` (one row per run, with flowkv's role timeline and flip reasons),
 ``results.md`` (tables and the target check) and, with matplotlib, ``goodput.png`` and
@@ -41,10 +43,11 @@ def policies(n: int, split_step: int) -> list[str]:
     return ["flowkv", "colocated"] + [f"fixed:{p}:{n - p}" for p in ps]
 
 
-def run(job: tuple[int, str, str, float, float, float, float, float, int]) -> dict[str, Any]:
-    n, scenario, policy, ttft, tpot, scale, lead_in, drain, seed = job
+def run(job: tuple[int, str, str, float, float, float, float, float, int, bool]) -> dict[str, Any]:
+    n, scenario, policy, ttft, tpot, scale, lead_in, drain, seed, plan_slo = job
     t0 = time.perf_counter()
-    m, cl = run_one(n, scenario, policy, seed, scale, slo=SLO(ttft, tpot), lead_in_s=lead_in, drain_s=drain)
+    m, cl = run_one(n, scenario, policy, seed, scale, slo=SLO(ttft, tpot), lead_in_s=lead_in, drain_s=drain,
+                    plan_slo=plan_slo)
     row = m.as_dict()
     row["wall_s"] = round(time.perf_counter() - t0, 2)
     if policy == "flowkv":
@@ -75,8 +78,10 @@ def check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [f"Objectives: TTFT {meta['ttft_slo_s']:g} s, TPOT {meta['tpot_slo_s'] * 1e3:g} ms; "
-             f"lead-in {meta['lead_in_s']:g} s, drain {meta['drain_s']:g} s, scale {meta['scale']:g}, seed {meta['seed']}.",
+    lines = [f"Objectives: TTFT {meta['ttft_slo_s']:g} s, TPOT {meta['tpot_slo_s'] * 1e3:g} ms"
+             + ("" if meta.get("scheduler_objectives", True) else
+                " (goodput counted at them; the scheduler ran with its defaults, no objectives)")
+             + f"; lead-in {meta['lead_in_s']:g} s, drain {meta['drain_s']:g} s, scale {meta['scale']:g}, seed {meta['seed']}.",
              "", "| nodes | scenario | flowkv goodput / best (policy) | flowkv tok/s / best (policy) | flowkv flips | goodput | tok/s |",
              "|---|---|---|---|---|---|---|"]
     for c in checks:
@@ -150,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drain-s", type=float, default=30.0)
     ap.add_argument("--split-step", default="4:1,8:1,16:2,32:4",
                     help="N:STEP,...: fixed splits p:N-p for p = 1, 1+STEP, ... (plus N/2 and N-1); 1 = every split")
+    ap.add_argument("--policies", default="",
+                    help="only these policies, comma-separated (flowkv, colocated, fixed:P:D; default: all)")
+    ap.add_argument("--no-scheduler-objectives", action="store_true",
+                    help="the scheduler plans with its defaults (no objectives); goodput is still counted at the SLOs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
@@ -157,11 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     steps = {int(k): int(v) for k, v in (p.split(":") for p in args.split_step.split(",") if p)}
     sizes = [int(x) for x in args.nodes.split(",")]
     scenarios = [s for s in args.scenarios.split(",") if s]
-    jobs = [(n, sc, pol, args.ttft_slo, args.tpot_slo, args.scale, args.lead_in_s, args.drain_s, args.seed)
-            for n in sizes for sc in scenarios for pol in policies(n, steps.get(n, 1))]
+    only = {p for p in args.policies.split(",") if p}
+    jobs = [(n, sc, pol, args.ttft_slo, args.tpot_slo, args.scale, args.lead_in_s, args.drain_s, args.seed,
+             not args.no_scheduler_objectives)
+            for n in sizes for sc in scenarios for pol in policies(n, steps.get(n, 1)) if not only or pol in only]
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo, "scale": args.scale, "lead_in_s": args.lead_in_s,
-            "drain_s": args.drain_s, "seed": args.seed, "split_step": steps, "node": "simulated H100, Llama-3.1-8B shape"}
+            "drain_s": args.drain_s, "seed": args.seed, "split_step": steps, "node": "simulated H100, Llama-3.1-8B shape",
+            "scheduler_objectives": not args.no_scheduler_objectives}
     rows: list[dict[str, Any]] = []
     with ProcessPoolExecutor(args.jobs) as pool:
         for row in pool.map(run, jobs):

@@ -16,17 +16,20 @@ from libs.sim.workload import GOODPUT_SCENARIOS, SCENARIOS, duration, generate
 def run_one(num_nodes: int, scenario: str, policy: str, seed: int = 0, scale: float = 1.0,
             config: SimConfig | None = None, slo: SLO | None = None,
             costs: list[NodeCosts] | None = None, lead_in_s: float = 0.0,
-            drain_s: float = 0.0) -> tuple[RunMetrics, Cluster]:
+            drain_s: float = 0.0, plan_slo: bool = True) -> tuple[RunMetrics, Cluster]:
     """Simulate ``policy`` on ``scenario``; the same seed gives the same requests for every policy.
     ``costs`` gives each node its device kind (default: all H100); ``lead_in_s`` of the
     first phase run before the scenario, unmeasured; the run goes on ``drain_s`` after the
-    last arrival so that requests of the window's end can finish (and count)."""
+    last arrival so that requests of the window's end can finish (and count). With
+    ``plan_slo`` false the scheduler keeps ``config``'s objectives (the defaults: none) and
+    ``slo`` only counts the goodput."""
     window = duration(scenario, scale, lead_in_s)
     slo = slo or SLO()
-    # The deployment's objectives reach the role controller, as the scheduler's
-    # ttft_slo_s / tpot_slo_s do: flowkv plans its roles for goodput under them.
     config = config or SimConfig()
-    config = replace(config, roles=replace(config.roles, ttft_slo_s=slo.ttft_s, tpot_slo_s=slo.tpot_s))
+    if plan_slo:
+        # The deployment's objectives reach the role controller, as the scheduler's
+        # ttft_slo_s / tpot_slo_s do: flowkv plans its roles for goodput under them.
+        config = replace(config, roles=replace(config.roles, ttft_slo_s=slo.ttft_s, tpot_slo_s=slo.tpot_s))
     requests = generate(scenario, num_nodes, seed, scale, lead_in_s)
     cluster = Cluster(num_nodes, policy, requests, window + drain_s, config, costs).run()
     return summarize(cluster, policy, scenario, window, slo, lead_in_s), cluster

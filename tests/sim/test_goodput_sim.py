@@ -41,3 +41,10 @@ def test_role_moves_lose_and_repeat_no_request(strict: bool) -> None:
     assert len(ids) == len(set(ids)) == len(cl.jobs)  # every request served, once
     assert m.num_dropped == 0
     assert all(n.used_blocks == n.reserved_blocks == 0 and not n.running for n in cl.nodes.values())  # blocks returned
+
+
+def test_the_scheduler_plans_with_the_objectives_unless_told_to_keep_its_defaults() -> None:
+    _, cl = run_one(4, "1k", "flowkv", seed=0, scale=0.1, slo=SLOS, lead_in_s=5.0, drain_s=10.0)
+    assert (cl.policy.roles.config.ttft_slo_s, cl.policy.roles.config.tpot_slo_s) == (3.0, 0.05)
+    _, cl = run_one(4, "1k", "flowkv", seed=0, scale=0.1, slo=SLOS, lead_in_s=5.0, drain_s=10.0, plan_slo=False)
+    assert (cl.policy.roles.config.ttft_slo_s, cl.policy.roles.config.tpot_slo_s) == (0.0, 0.0)
