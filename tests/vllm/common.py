@@ -75,13 +75,13 @@ def run_vllm_alone(workdir: Path, model: str, prompts: list[list[int]], max_toke
 
 @contextlib.contextmanager
 def vllm_cluster(workdir: Path, model: str, prefill: int, decode: int, num_blocks: int,
-                 max_model_len: int) -> Iterator[Cluster]:
+                 max_model_len: int, node_env: dict[str, str] | None = None) -> Iterator[Cluster]:
     """A cluster of vLLM nodes (tracing to ``traces.jsonl``); afterwards no segment of its nodes is left."""
     c = Cluster(workdir, prefill=prefill, decode=decode, node_args=node_args(model, num_blocks, max_model_len),
                 # One compute thread per engine, left to the OS: vLLM's default binds every
                 # engine of the host to the same cores.
                 node_env={"OTEL_TRACES_EXPORTER": "file", "FLOWKV_TRACE_FILE": str(workdir / "traces.jsonl"),
-                          "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"},
+                          "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", **(node_env or {})},
                 gateway_args=["--model", model, "--stall-timeout-s", "30", "--queue-timeout-s", "120"])
     with c:
         yield c

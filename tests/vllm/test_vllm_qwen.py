@@ -2,9 +2,14 @@
 
 The test writes the model as a Hugging Face directory (tests/vllm/models.py); vLLM serves
 it on both nodes and FlowKV's connector hands its KV (per-head query/key norms, a head dim
-of its own) from one to the other. Greedy outputs of 20 prompts equal vLLM serving alone
-and transformers'; the ``openai`` client streams the same text; every hand-off takes one
-copy call per layer per aligned segment.
+of its own) from one to the other. In file order:
+
+1. the first hand-off's send fails (test-only fault ``kv_send_fail:1`` in the prefill
+   node): the decode node drops its vLLM reservation, recomputes, and the output is the
+   one vLLM alone gives; every block comes back;
+2. greedy outputs of 20 prompts equal vLLM serving alone and transformers';
+3. the ``openai`` client streams the same text;
+4. every hand-off took one copy call per layer per aligned segment.
 """
 
 from __future__ import annotations
@@ -48,8 +53,22 @@ def alone(tmp_path_factory: pytest.TempPathFactory, model_dir: str, prompts: lis
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, model_dir: str, alone: dict):  # type: ignore[no-untyped-def,type-arg]
     with vllm_cluster(tmp_path_factory.mktemp("qwen-cluster"), model_dir, prefill=1, decode=1, num_blocks=NUM_BLOCKS,
-                      max_model_len=MAX_MODEL_LEN) as c:
+                      max_model_len=MAX_MODEL_LEN, node_env={"FLOWKV_FAULT_INJECT": "kv_send_fail:1"}) as c:
         yield c
+
+
+async def test_qwen3_failed_transfer_is_recomputed_on_the_decode_node(cluster: Cluster, alone: dict, prompts,  # type: ignore[no-untyped-def,type-arg]
+                                                                     model_dir):
+    async with aiohttp.ClientSession() as s:
+        status, out, _ = await cluster.complete(
+            s, {"model": model_dir, "prompt": prompts[3], "max_tokens": MAX_TOKENS, "temperature": 0})
+    assert status == 200, out
+    assert out["choices"][0]["text"] == alone["texts"][3]
+    assert "injected fault kv_send_fail" in cluster.services["prefill-0"].log()
+    assert "recomputing" in cluster.services["decode-0"].log()
+    assert handoffs(cluster) == []  # nothing was moved: the recompute did it all
+    blocks = await cluster.wait_no_leak()
+    assert all(free == total == NUM_BLOCKS for free, total in blocks.values()), blocks
 
 
 async def test_qwen3_greedy_outputs_equal_vllm_alone_and_transformers(cluster: Cluster, alone: dict, prompts,  # type: ignore[no-untyped-def,type-arg]
