@@ -206,6 +206,7 @@ class Load:
             tokens, counts = self.bins[k]
             counts[key] = counts.get(key, 0) + 1
             self.bins[k] = (tokens + p.prompt_tokens, counts)
+        self.peak_bin_tokens = max(tokens for tokens, _ in self.bins)
         # What the window says of the load is as uncertain as its arrivals are uneven: N
         # Poisson arrivals give the rate to 1 / sqrt(N); arrivals in bursts and lulls
         # (bin counts spread D times as much as Poisson ones, D their index of
@@ -252,22 +253,28 @@ class Load:
         # spread over its whole life, not over its arrival's bin).
         free = n_p - shape.hybrid * min(1.0, d_share)
         cap_p = rt.prefill_tokens_per_s * free * self.bin_s  # prompt tokens those nodes run in a bin
-        backlog = 0.0
-        for prompt_tokens, counts in self.bins:
-            busy = scale * prompt_tokens / cap_p if cap_p > 0 else math.inf
-            before = backlog
-            backlog = max(0.0, backlog + (busy - 1.0) * self.bin_s)
-            w = max(wait, 0.5 * (before + backlog))
-            for key, num in counts.items():
-                ttft_slo = key[0]
-                service = self.groups[key]
-                if ttft_slo == math.inf:
-                    f_ttft = 1.0  # no TTFT objective: any wait will do
-                else:
-                    ok_p = _share_within(service, ttft_slo - w) if shape.prefill else 0.0
-                    ok_hp = _share_within(service, ttft_slo - w - 2 * step_h) if shape.hybrid else 0.0
-                    f_ttft = (shape.prefill * ok_p + shape.hybrid * ok_hp) / n_p
-                within += f_ttft * f_tpot[key] * num
+
+        def f_ttft(ttft_slo: float, service: list[float], w: float) -> float:
+            if ttft_slo == math.inf:
+                return 1.0  # no TTFT objective: any wait will do
+            ok_p = _share_within(service, ttft_slo - w) if shape.prefill else 0.0
+            ok_hp = _share_within(service, ttft_slo - w - 2 * step_h) if shape.hybrid else 0.0
+            return (shape.prefill * ok_p + shape.hybrid * ok_hp) / n_p
+
+        if not self.ttft_bound or scale * self.peak_bin_tokens <= cap_p:
+            # No bin outruns the nodes (or no wait matters): no backlog, every request
+            # waits the steady queue's wait.
+            for key, service in self.groups.items():
+                within += f_ttft(key[0], service, wait) * f_tpot[key] * len(service)
+        else:
+            backlog = 0.0
+            for prompt_tokens, counts in self.bins:
+                busy = scale * prompt_tokens / cap_p if cap_p > 0 else math.inf
+                before = backlog
+                backlog = max(0.0, backlog + (busy - 1.0) * self.bin_s)
+                w = max(wait, 0.5 * (before + backlog))
+                for key, num in counts.items():
+                    within += f_ttft(key[0], self.groups[key], w) * f_tpot[key] * num
         goodput = within / self.num_requests if self.num_requests else 0.0
         return Forecast(shape, goodput * min(1.0, 1.0 / load) if load > 0 else goodput, load, tpot_d, tpot_h, wait)
 
