@@ -393,6 +393,9 @@ class VllmEngine:
         if sched is not None:
             s.num_waiting = int(sched.num_waiting_reqs)
             s.num_running = int(sched.num_running_reqs)
+            # Every snapshot, not only steps with outputs: after an abort the engine's last
+            # stats come with none, and a stale count would keep the node looking busy.
+            s.num_running_decode = s.num_running
             used = float(sched.kv_cache_usage)
             s.free_blocks = max(0, round(s.total_blocks * (1.0 - used)))
             s.largest_free_segment = s.free_blocks
@@ -408,4 +411,3 @@ class VllmEngine:
                 s.prefill_tokens_per_s = rate if s.prefill_tokens_per_s == 0 else (1 - _EMA) * s.prefill_tokens_per_s + _EMA * rate
             elif int(getattr(it, "num_generation_tokens", 0)) > 0:
                 s.decode_step_time_s = step_s if s.decode_step_time_s == 0 else (1 - _EMA) * s.decode_step_time_s + _EMA * step_s
-            s.num_running_decode = s.num_running

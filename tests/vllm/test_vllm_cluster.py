@@ -9,15 +9,18 @@ the tests run in file order and the node kill comes last:
    client too;
 2. every hand-off took ``num_layers`` copy calls per aligned segment of vLLM's block ids,
    one segment (one call per layer) for a hand-off between fresh pools;
-3. a burst larger than the decode pools: requests wait or are refused (429), none fails,
+3. a client that leaves mid-stream: the request is cancelled on the decode node (vLLM
+   aborts it) and every block comes back;
+4. a burst larger than the decode pools: requests wait or are refused (429), none fails,
    the outputs equal serving alone, every block comes back;
-4. the decode node serving a stream is SIGKILLed: the stream goes on on the other one
+5. the decode node serving a stream is SIGKILLed: the stream goes on on the other one
    with the same tokens, nothing missing or twice (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -108,6 +111,28 @@ async def test_every_hand_off_takes_one_call_per_layer_per_segment(cluster: Clus
     spans = handoffs(cluster)
     check_calls_per_hand_off(spans, NUM_LAYERS)
     print(f"\ncalls per hand-off: {[a['flowkv.kv.calls'] for a in spans]}")
+
+
+async def test_client_leaving_mid_stream_cancels_and_gives_the_blocks_back(cluster: Cluster, prompts):  # type: ignore[no-untyped-def]
+    req = {"model": MODEL, "prompt": prompts[18], "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+           "logprobs": 0, "stream": True}
+    got: list[str] = []
+    async with aiohttp.ClientSession() as s:
+        async with s.post(cluster.url + "/v1/completions", json=req) as resp:
+            assert resp.status == 200
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if line.startswith("data:") and line != "data: [DONE]":
+                    got.extend(tokens_of([json.loads(line[5:])]))
+                if len(got) >= 5:
+                    break  # leave: the connection closes with the stream open
+    await poll(lambda: _cancelled_on_a_decode_node(cluster), 30, "no decode node cancelled the request")
+    blocks = await cluster.wait_no_leak()
+    assert all(free == total == NUM_BLOCKS for free, total in blocks.values()), blocks
+
+
+async def _cancelled_on_a_decode_node(c: Cluster) -> bool:
+    return any("cancelled cmpl-" in c.services[n].log() for n in ("decode-0", "decode-1"))
 
 
 async def test_burst_past_the_decode_pools_waits_or_is_refused_and_gives_every_block_back(cluster: Cluster, alone: dict, prompts, burst):  # type: ignore[no-untyped-def,type-arg]
