@@ -110,3 +110,19 @@ def test_loading_the_kernels_keeps_denormals():
     tiny = 5e-324  # the smallest double, a denormal
     assert tiny * 1.0 > 0.0
     assert float(torch.tensor([1e-40], dtype=torch.float32) * 1.0) > 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_matches_the_torch_scatter(dtype):
+    from libs.engine.kernels.kv_write import write_kv_ref
+
+    gen = torch.Generator().manual_seed(3)
+    pool = torch.randn(20, 4, 2, 16, 3, 64, generator=gen).to(dtype)
+    ref = pool.clone()
+    qkv = torch.randn(7, 15 * 64, generator=gen).to(dtype)  # k and v: strided views of one fused output
+    k, v = qkv[:, 9 * 64 : 12 * 64].view(7, 3, 64), qkv[:, 12 * 64 :].view(7, 3, 64)
+    slots = torch.tensor([5, 17, -1, 100, 319, 0, 33])  # -1: a padding row, not written
+    assert cpu.write_kv(pool, 2, k, v, slots)
+    write_kv_ref(ref, 2, k, v, slots)
+    assert torch.equal(pool, ref)
+    assert not cpu.write_kv(pool, 2, k.float() if dtype != torch.float32 else k.bfloat16(), v, slots)

@@ -1,7 +1,8 @@
 """Write new tokens' K and V into the block-major pool by slot (``block * block_size + offset``).
 
 On CUDA a small Triton kernel does the scatter so that padded batch entries (slot < 0)
-are skipped without a data-dependent shape: the call is CUDA-graph safe. Elsewhere a
+are skipped without a data-dependent shape: the call is CUDA-graph safe. On the CPU a
+native kernel copies each token's row (:mod:`libs.engine.kernels.cpu`); elsewhere a
 torch masked scatter does the same.
 """
 
@@ -11,6 +12,7 @@ import os
 
 import torch
 
+from libs.engine.kernels import cpu
 from libs.engine.kernels.paged_attention import tl, triton
 
 
@@ -36,6 +38,8 @@ def write_kv(
         return
     if triton is not None and (kv_pool.device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"):
         _write_kv_triton(kv_pool, layer, k, v, slot_mapping)
+        return
+    if kv_pool.device.type == "cpu" and cpu.write_kv(kv_pool, layer, k, v, slot_mapping):
         return
     write_kv_ref(kv_pool, layer, k, v, slot_mapping)
 

@@ -134,6 +134,8 @@ def _load() -> ctypes.CDLL | None:
             ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
         ]
     P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.flowkv_write_kv.restype = None
+    lib.flowkv_write_kv.argtypes = [P, I64, P, I64, P, I64, I64, I64, I64, I64, I64, P, I64]
     for suffix in ("f32", "bf16"):
         getattr(lib, f"flowkv_add_rms_norm_{suffix}").restype = None
         getattr(lib, f"flowkv_add_rms_norm_{suffix}").argtypes = [P, I64, P, I64, P, P, I64, I64, I64, F, I]
@@ -201,6 +203,25 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty((rows, inter), dtype=gate_up.dtype)
     _fn(lib, "silu_mul", gate_up.dtype)(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0), rows, inter)
     return out
+
+
+def write_kv(pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """Store ``k[t]``, ``v[t]`` [T, Hkv, D] at slot ``slot_mapping[t]`` of ``layer`` (slots < 0
+    skipped). False: not for these inputs (the caller uses torch)."""
+    lib = native()
+    if lib is None or not pool.is_contiguous() or pool.device.type != "cpu" or k.dtype != pool.dtype \
+            or v.dtype != pool.dtype or slot_mapping.dtype != torch.int64 or k.dim() != 3 or v.dim() != 3:
+        return False
+    heads, dim = pool.shape[4], pool.shape[5]
+    if k.shape[1:] != (heads, dim) or v.shape[1:] != (heads, dim) \
+            or k.stride(2) != 1 or k.stride(1) != dim or v.stride(2) != 1 or v.stride(1) != dim:
+        return False
+    size = pool.element_size()
+    slots = slot_mapping.contiguous()
+    lib.flowkv_write_kv(k.data_ptr(), k.stride(0) * size, v.data_ptr(), v.stride(0) * size, pool.data_ptr(),
+                        pool.stride(0) * size, layer * pool.stride(1) * size, pool.stride(2) * size, pool.shape[3],
+                        pool.stride(3) * size, heads * dim * size, slots.data_ptr(), k.shape[0])
+    return True
 
 
 def paged_decode_attention(

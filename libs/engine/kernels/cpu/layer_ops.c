@@ -149,3 +149,19 @@ void flowkv_silu_mul_bf16(const uint16_t *gate_up, int64_t stride_in, uint16_t *
         }
     }
 }
+
+/* K and V rows of new tokens into the pool by slot (block * block_size + offset); a token's
+ * kv heads are one row of `row_bytes` in both the source and the pool. Slots < 0 are skipped.
+ * One call a layer instead of torch's two advanced-index scatters. */
+void flowkv_write_kv(const char *k, int64_t k_stride, const char *v, int64_t v_stride, char *pool,
+                     int64_t block_stride, int64_t layer_offset, int64_t v_offset, int64_t block_size,
+                     int64_t token_stride, int64_t row_bytes, const int64_t *slots, int64_t tokens) {
+    #pragma omp parallel for schedule(static) if (tokens * row_bytes >= 4 * PARALLEL_MIN_ELEMS)
+    for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t s = slots[t];
+        if (s < 0) continue;
+        char *dst = pool + (s / block_size) * block_stride + layer_offset + (s % block_size) * token_stride;
+        memcpy(dst, k + t * k_stride, (size_t)row_bytes);
+        memcpy(dst + v_offset, v + t * v_stride, (size_t)row_bytes);
+    }
+}
