@@ -11,6 +11,7 @@ import hmac
 import logging
 import re
 import secrets
+from collections.abc import Mapping
 
 from aiohttp import web
 from nats.aio.client import Client
@@ -24,7 +25,7 @@ from services.gateway.dispatch import Dispatcher
 from services.gateway.errors import ApiError
 from services.gateway.state import REQUEST_ID, STATE, GatewayState
 from services.gateway.streams import StreamRouter
-from services.gateway.tokenizer import ModelTokenizer, load_model_tokenizer
+from services.gateway.tokenizer import ModelTokenizer, ServedModel, load_model_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def create_app(
     config: GatewayConfig,
     nats_config: NatsConfig | None = None,
     nc: Client | None = None,
-    tokenizer: ModelTokenizer | None = None,
+    tokenizer: ModelTokenizer | Mapping[str, ModelTokenizer] | None = None,
 ) -> web.Application:
     """Build the gateway application.
 
@@ -104,19 +105,18 @@ def create_app(
         config: the gateway's configuration.
         nats_config: how to reach NATS when ``nc`` is not given (connected on start-up).
         nc: an open NATS connection to use (not drained on clean-up).
-        tokenizer: a preloaded tokenizer (default: loaded for ``config.model``).
+        tokenizer: preloaded tokenizers: one (for the first model of ``config.model``), or one
+            per model name of ``config.model``; the others are loaded.
 
     Returns:
         The application; run it with :func:`make_runner` (or ``web.run_app``).
     """
-    mt = tokenizer or load_model_tokenizer(config.model)
-    if config.max_model_len:
-        mt = ModelTokenizer(mt.tokenizer, min(config.max_model_len, mt.max_model_len))
+    models = _served_models(config, tokenizer)
     app = web.Application(
         middlewares=[_request_id_middleware, _error_middleware, _auth_middleware], client_max_size=config.max_body_bytes
     )
     st = GatewayState(
-        config=config, tokenizer=mt, router=StreamRouter(config.gateway_id), nc=nc,
+        config=config, models=models, router=StreamRouter(config.gateway_id), nc=nc,
         admission=Admission(config.max_concurrent_requests, config.max_queued_tokens, config.retry_after_s),
     )
     app[STATE] = st
@@ -140,7 +140,9 @@ def create_app(
         await st.events.start(st.nc)
         st.dispatcher = Dispatcher(st.nc, st.router, config, st.events)
         await st.dispatcher.start()
-        log.info("gateway %s serving model %s", config.gateway_id, config.served_model_name)
+        log.info("gateway %s serving %s", config.gateway_id,
+                 ", ".join(f"model {m.name}" + (f" (nodes' --model {m.model})" if m.model != m.name else "")
+                           for m in models.values()))
 
     async def on_shutdown(app: web.Application) -> None:
         st.stopping = True  # /ready turns 503 and new generations are refused
@@ -157,6 +159,21 @@ def create_app(
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+def _served_models(config: GatewayConfig,
+                   preloaded: ModelTokenizer | Mapping[str, ModelTokenizer] | None) -> dict[str, ServedModel]:
+    """Every served model by its served name, its tokenizer capped at ``config.max_model_len``."""
+    served = config.served_models
+    if isinstance(preloaded, ModelTokenizer):
+        preloaded = {served[0][1]: preloaded}
+    out: dict[str, ServedModel] = {}
+    for name, model in served:
+        mt = (preloaded or {}).get(model) or load_model_tokenizer(model)
+        if config.max_model_len:
+            mt = ModelTokenizer(mt.tokenizer, min(config.max_model_len, mt.max_model_len))
+        out[name] = ServedModel(name, model, mt)
+    return out
 
 
 def make_runner(app: web.Application) -> web.AppRunner:

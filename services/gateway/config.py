@@ -16,14 +16,21 @@ class GatewayConfig:
 
     ``api_keys`` is secret: it never shows in ``repr`` or logs. ``gateway_id`` names the
     gateway's token stream subject, so it must be subject-safe; empty picks a random one.
+
+    One gateway serves several models side by side (``model="tiny,/models/qwen3"``): each
+    request goes to the nodes of the model it names, tokenized by that model's tokenizer.
+    ``served_model_name`` then lists one client-facing name per model (empty entries, or a
+    list left empty, keep the model's own name); the names must differ.
     """
 
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8000, metadata={"help": "HTTP port"})
     gateway_id: str = field(default="", metadata={"help": "id of this gateway on NATS (default: gw-<random>)"})
-    model: str = field(default="smollm2", metadata={"help": "model whose tokenizer the gateway uses"})
-    served_model_name: str = field(default="", metadata={"help": "model name clients send (default: --model)"})
-    max_model_len: int = field(default=0, metadata={"help": "longest prompt + output in tokens (0: the model's)"})
+    model: str = field(default="smollm2", metadata={
+        "help": "model(s) served, comma-separated, each as its nodes' --model names it (the gateway loads each one's tokenizer)"})
+    served_model_name: str = field(default="", metadata={
+        "help": "name clients send for each model of --model, comma-separated in the same order (default: the model's own)"})
+    max_model_len: int = field(default=0, metadata={"help": "longest prompt + output in tokens, for every model (0: each model's own)"})
     api_keys: list[str] = field(
         default_factory=list, repr=False, metadata={"help": "accepted Bearer API keys, comma-separated (empty: no auth)", "secret": True}
     )
@@ -53,8 +60,16 @@ class GatewayConfig:
         if not self.gateway_id:
             self.gateway_id = f"gw-{secrets.token_hex(4)}"
         check_token(self.gateway_id, "gateway id")
-        if not self.served_model_name:
-            self.served_model_name = self.model
+        models = [m.strip() for m in self.model.split(",")]
+        if not models or not all(models):
+            raise ValueError(f"model: expected one model or a comma-separated list without empty entries, got {self.model!r}")
+        names = [n.strip() for n in self.served_model_name.split(",")] if self.served_model_name.strip() else []
+        if names and len(names) != len(models):
+            raise ValueError(f"served_model_name names {len(names)} models, model lists {len(models)}")
+        names = [n or m for n, m in zip(names, models)] if names else list(models)
+        if len(set(models)) != len(models) or len(set(names)) != len(names):
+            raise ValueError(f"the served models must differ: model={self.model!r}, served_model_name={','.join(names)!r}")
+        self.model, self.served_model_name = ",".join(models), ",".join(names)
         self.api_keys = [k.strip() for k in self.api_keys if k.strip()]
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
@@ -68,3 +83,9 @@ class GatewayConfig:
             raise ValueError("scheduler_failover_s must be >= 0")
         if self.max_retries < 0 or self.max_model_len < 0 or self.shutdown_timeout_s < 0 or self.queue_timeout_s < 0:
             raise ValueError("max_retries, max_model_len, shutdown_timeout_s and queue_timeout_s must be >= 0")
+
+    @property
+    def served_models(self) -> list[tuple[str, str]]:
+        """``(served name, model)`` of every model, in the order given: the first is the one
+        ``/tokenize`` and ``/detokenize`` use when a request names none."""
+        return list(zip(self.served_model_name.split(","), self.model.split(",")))

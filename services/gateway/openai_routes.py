@@ -1,4 +1,9 @@
-"""HTTP handlers of the OpenAI endpoints: /v1/models, /v1/completions, /v1/chat/completions."""
+"""HTTP handlers of the OpenAI endpoints: /v1/models, /v1/completions, /v1/chat/completions.
+
+A generation request is served by the model its ``model`` field names: that model's
+tokenizer and chat template, its context length, and its nodes (the placement asks the
+scheduler for a node of that model).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from services.gateway.errors import ApiError
 from services.gateway.schemas import Endpoint, GenerationRequest, parse_chat, parse_completion, tokenize
 from services.gateway.tools import ToolMode
 from services.gateway.state import REQUEST_ID, STATE, GatewayState
+from services.gateway.tokenizer import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +34,9 @@ _TRACER = tracer("flowkv.gateway")
 
 async def models(request: web.Request) -> web.Response:
     st = request.app[STATE]
-    card = {
-        "id": st.config.served_model_name, "object": "model", "created": st.created, "owned_by": "flowkv",
-        "max_model_len": st.tokenizer.max_model_len,
-    }
-    return web.json_response({"object": "list", "data": [card]})
+    cards = [{"id": m.name, "object": "model", "created": st.created, "owned_by": "flowkv",
+              "max_model_len": m.tokenizer.max_model_len} for m in st.models.values()]
+    return web.json_response({"object": "list", "data": cards})
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -67,13 +71,15 @@ async def _serve_traced(request: web.Request, parse: Callable[[Any, str], Genera
     st = request.app[STATE]
     if st.stopping:
         raise ApiError(503, "the gateway is shutting down", type="server_error", code="shutting_down")
-    req = parse(await read_body(request, st.config.max_body_bytes), st.config.served_model_name)
+    req = parse(await read_body(request, st.config.max_body_bytes), st.models.keys())
+    sm = st.served(req.model)  # the model the request names: its tokenizer, limits and nodes
     if sum(len(p.text or "") for p in req.prompts) > _INLINE_TOKENIZE_CHARS or req.messages:
-        await asyncio.to_thread(tokenize, req, st.tokenizer)
+        await asyncio.to_thread(tokenize, req, sm.tokenizer)
     else:
-        tokenize(req, st.tokenizer)
+        tokenize(req, sm.tokenizer)
     request_id = request[REQUEST_ID]
-    cands = fanout.candidates(req, request_id, st.config.model, st.tokenizer.tokenizer, started)
+    span.set_attribute("flowkv.model", sm.name)
+    cands = fanout.candidates(req, request_id, sm.model, sm.tokenizer.tokenizer, started)
     with contextlib.ExitStack() as admitted:
         for c in cands:
             admitted.enter_context(st.admission.admit(len(c.job.prompt_token_ids)))
@@ -82,8 +88,8 @@ async def _serve_traced(request: web.Request, parse: Callable[[Any, str], Genera
             async with fanout.FanOut(st.dispatcher, cands) as run:
                 try:
                     if req.stream:
-                        return await _stream(request, st, req, cands, run.outputs())
-                    return await _whole(st, req, cands, run.outputs(), request_id)
+                        return await _stream(request, st, sm, req, cands, run.outputs())
+                    return await _whole(sm, req, cands, run.outputs(), request_id)
                 except asyncio.CancelledError:
                     metrics.CANCELLED.inc()
                     log.info("client went away; cancelling")
@@ -113,7 +119,7 @@ def _echo_text(req: GenerationRequest, tok: Any, prompt: int) -> str:
                                                         clean_up_tokenization_spaces=False)
 
 
-async def _whole(st: GatewayState, req: GenerationRequest, cands: list[fanout.Candidate], outputs: Any,
+async def _whole(sm: ServedModel, req: GenerationRequest, cands: list[fanout.Candidate], outputs: Any,
                  request_id: str) -> web.Response:
     texts: dict[int, list[str]] = {c.key: [] for c in cands}
     lps: dict[int, list[dict[str, Any]]] = {c.key: [] for c in cands}
@@ -135,9 +141,9 @@ async def _whole(st: GatewayState, req: GenerationRequest, cands: list[fanout.Ca
             if calls and finish != "length":
                 finish = "tool_calls"
         if req.echo:
-            content = _echo_text(req, st.tokenizer.tokenizer, c.prompt) + text
+            content = _echo_text(req, sm.tokenizer.tokenizer, c.prompt) + text
         choices.append(responses.choice(req.endpoint, c.index, content, finish, logprobs, calls or None))
-    body = responses.whole(req.endpoint, request_id, st.config.served_model_name, responses.now(), choices,
+    body = responses.whole(req.endpoint, request_id, sm.name, responses.now(), choices,
                            _usage(req, returned))
     if req.timing:
         body["flowkv"] = cands[0].gen.timing()
@@ -148,10 +154,10 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _stream(request: web.Request, st: GatewayState, req: GenerationRequest, cands: list[fanout.Candidate],
-                  outputs: Any) -> web.StreamResponse:
+async def _stream(request: web.Request, st: GatewayState, sm: ServedModel, req: GenerationRequest,
+                  cands: list[fanout.Candidate], outputs: Any) -> web.StreamResponse:
     request_id = request[REQUEST_ID]
-    model, created = st.config.served_model_name, responses.now()
+    model, created = sm.name, responses.now()
     # The first output comes before the headers, so a rejected placement is still a 429/503.
     first = await anext(outputs, None)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": request_id})
@@ -171,7 +177,7 @@ async def _stream(request: web.Request, st: GatewayState, req: GenerationRequest
             if req.endpoint is Endpoint.CHAT:
                 await resp.write(chunk(c, "", None, first=True))
             elif req.echo:
-                await resp.write(chunk(c, _echo_text(req, st.tokenizer.tokenizer, c.prompt), None))
+                await resp.write(chunk(c, _echo_text(req, sm.tokenizer.tokenizer, c.prompt), None))
         out = first
         while out is not None:
             c = out.candidate

@@ -8,6 +8,7 @@ checks more than a schema can say, so a body that follows the document may still
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -36,18 +37,18 @@ _ERRORS = {
 }
 
 
-def _request_schemas(model: str) -> dict[str, Any]:
+def _request_schemas(models: list[str]) -> dict[str, Any]:
     """The request bodies' schemas, generated from the Structs the gateway decodes them into;
-    ``model`` is narrowed to the served model's name."""
+    ``model`` is narrowed to the served models' names."""
     _, components = msgspec.json.schema_components(bodies.REQUEST_BODIES, ref_template=_REF + "{name}")
     for name in ("CompletionRequest", "ChatCompletionRequest"):
-        components[name]["properties"]["model"] = {"type": "string", "enum": [model]}
+        components[name]["properties"]["model"] = {"type": "string", "enum": list(models)}
     for name in ("TokenizeCompletion", "TokenizeChat", "Detokenize"):
-        components[name]["properties"]["model"] = {"anyOf": [{"type": "string", "enum": [model]}, {"type": "null"}]}
+        components[name]["properties"]["model"] = {"anyOf": [{"type": "string", "enum": list(models)}, {"type": "null"}]}
     return components
 
 
-def _schemas(model: str) -> dict[str, Any]:
+def _schemas(models: list[str]) -> dict[str, Any]:
     usage = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
              "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
     tool_call = {"type": "object", "required": ["id", "type", "function"], "properties": {
@@ -55,7 +56,7 @@ def _schemas(model: str) -> dict[str, Any]:
         "function": {"type": "object", "required": ["name", "arguments"],
                      "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
     return {
-        **_request_schemas(model),
+        **_request_schemas(models),
         "Error": {
             "type": "object", "required": ["error"],
             "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
@@ -115,19 +116,20 @@ def _op(summary: str, request_schema: dict[str, Any], response_schema: str) -> d
     }
 
 
-def openapi_document(model: str) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of a gateway serving ``model``."""
+def openapi_document(model: str | Sequence[str]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of a gateway serving ``model`` (a served name, or several)."""
+    models = [model] if isinstance(model, str) else list(model)
     plain = {"200": {"description": "ok"}, "503": {"description": "not ready"}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "FlowKV gateway", "version": "1.0.0",
                  "description": "OpenAI-compatible API of a disaggregated (prefill/decode) LLM server"},
         "components": {
-            "schemas": _schemas(model),
+            "schemas": _schemas(models),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "paths": {
-            "/v1/models": {"get": {"summary": "list the served model", "security": [{"bearer": []}, {}],
+            "/v1/models": {"get": {"summary": "list the served models", "security": [{"bearer": []}, {}],
                                    "responses": {"200": _json(_ref("ModelList"), "the models"), "401": _ERRORS["401"]}}},
             "/v1/completions": {"post": _generation_op("text completion", "CompletionRequest", "Completion")},
             "/v1/chat/completions": {"post": _generation_op("chat completion", "ChatCompletionRequest", "ChatCompletion")},

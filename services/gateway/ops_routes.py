@@ -35,4 +35,4 @@ async def prometheus(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(request.app[STATE].config.served_model_name))
+    return web.json_response(openapi_document(list(request.app[STATE].models)))

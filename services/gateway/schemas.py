@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
@@ -134,8 +135,10 @@ def decode(body: bytes | Any, type_: type[S]) -> S:
 
 # --- checks across fields ---------------------------------------------------------------------
 
-def check_model(model: str | None, served_model: str) -> None:
-    if model is not None and model != served_model:
+def check_model(model: str | None, served: str | Collection[str]) -> None:
+    """404 unless ``model`` is absent or one of the served names (``served``: one or several)."""
+    names = {served} if isinstance(served, str) else served
+    if model is not None and model not in names:
         raise ApiError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
 
 
@@ -217,7 +220,7 @@ def _sampling(b: CompletionRequest | ChatCompletionRequest, max_tokens: int | No
     )
 
 
-def _common(b: CompletionRequest | ChatCompletionRequest, endpoint: Endpoint, served_model: str,
+def _common(b: CompletionRequest | ChatCompletionRequest, endpoint: Endpoint, served_model: str | Collection[str],
             max_tokens: int | None) -> GenerationRequest:
     check_model(b.model, served_model)
     opts = b.stream_options
@@ -233,8 +236,9 @@ def _common(b: CompletionRequest | ChatCompletionRequest, endpoint: Endpoint, se
     return req
 
 
-def parse_completion(body: bytes | Any, served_model: str) -> GenerationRequest:
-    """Validate a ``/v1/completions`` body (its prompts not yet tokenized if they are text)."""
+def parse_completion(body: bytes | Any, served_model: str | Collection[str]) -> GenerationRequest:
+    """Validate a ``/v1/completions`` body (its prompts not yet tokenized if they are text);
+    ``served_model``: the served name, or the names, its ``model`` must be one of."""
     b = decode(body, CompletionRequest)
     req = _common(b, Endpoint.COMPLETIONS, served_model, b.max_tokens)
     req.logprobs = b.logprobs
@@ -306,8 +310,9 @@ def chat_messages(messages: list[bodies.ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def parse_chat(body: bytes | Any, served_model: str) -> GenerationRequest:
-    """Validate a ``/v1/chat/completions`` body; messages are flattened to role + text."""
+def parse_chat(body: bytes | Any, served_model: str | Collection[str]) -> GenerationRequest:
+    """Validate a ``/v1/chat/completions`` body; messages are flattened to role + text;
+    ``served_model`` as for :func:`parse_completion`."""
     b = decode(body, ChatCompletionRequest)
     max_tokens = b.max_completion_tokens or b.max_tokens
     req = _common(b, Endpoint.CHAT, served_model, max_tokens)

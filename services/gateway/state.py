@@ -13,14 +13,15 @@ from services.gateway.admission import Admission
 from services.gateway.config import GatewayConfig
 from services.gateway.dispatch import Dispatcher
 from services.gateway.events import EventLog
+from services.gateway.schemas import check_model
 from services.gateway.streams import StreamRouter
-from services.gateway.tokenizer import ModelTokenizer
+from services.gateway.tokenizer import ModelTokenizer, ServedModel
 
 
 @dataclass
 class GatewayState:
     config: GatewayConfig
-    tokenizer: ModelTokenizer
+    models: dict[str, ServedModel]  # by served name, in the configured order (at least one)
     admission: Admission
     router: StreamRouter
     nc: Client | None = None
@@ -30,6 +31,18 @@ class GatewayState:
     created: int = field(default_factory=lambda: int(time.time()))
     open_streams: set[Any] = field(default_factory=set)
     events: EventLog = field(default_factory=EventLog)  # scheduler events, for /v1/cluster
+
+    @property
+    def tokenizer(self) -> ModelTokenizer:
+        """The first model's tokenizer (the only one of a single-model gateway)."""
+        return next(iter(self.models.values())).tokenizer
+
+    def served(self, name: str | None) -> ServedModel:
+        """The model a request names (None: the first one); an unknown name is a 404."""
+        if name is None:
+            return next(iter(self.models.values()))
+        check_model(name, self.models.keys())
+        return self.models[name]
 
 
 STATE: web.AppKey[GatewayState] = web.AppKey("flowkv_gateway_state", GatewayState)

@@ -29,6 +29,20 @@ class ModelTokenizer:
         return len(self.tokenizer)
 
 
+@dataclass
+class ServedModel:
+    """One model the gateway serves.
+
+    ``name`` is what clients send in ``model`` and see in responses; ``model`` is the name
+    its nodes were started with (``--model``), which they report and the scheduler matches
+    a placement's ``model`` against.
+    """
+
+    name: str
+    model: str
+    tokenizer: ModelTokenizer
+
+
 def load_model_tokenizer(model: str) -> ModelTokenizer:
     """Load the tokenizer and context length of ``model`` (a name the engine loader accepts).
 
