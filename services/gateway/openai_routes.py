@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from aiohttp import web
@@ -57,7 +57,7 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
         raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large") from None
 
 
-async def _serve(request: web.Request, parse: Callable[[Any, str], GenerationRequest]) -> web.StreamResponse:
+async def _serve(request: web.Request, parse: Callable[[Any, Collection[str]], GenerationRequest]) -> web.StreamResponse:
     # The request's trace: a root span, or a child of the client's own traceparent header.
     parent = extract_context({k.lower(): v for k, v in request.headers.items()})
     with _TRACER.start_as_current_span(f"{request.method} {request.path}", context=parent, kind=SpanKind.SERVER) as span:
@@ -65,7 +65,7 @@ async def _serve(request: web.Request, parse: Callable[[Any, str], GenerationReq
         return await _serve_traced(request, parse, span)
 
 
-async def _serve_traced(request: web.Request, parse: Callable[[Any, str], GenerationRequest],
+async def _serve_traced(request: web.Request, parse: Callable[[Any, Collection[str]], GenerationRequest],
                         span: Span) -> web.StreamResponse:
     started = time.monotonic()
     st = request.app[STATE]
@@ -78,7 +78,6 @@ async def _serve_traced(request: web.Request, parse: Callable[[Any, str], Genera
     else:
         tokenize(req, sm.tokenizer)
     request_id = request[REQUEST_ID]
-    span.set_attribute("flowkv.model", sm.name)
     cands = fanout.candidates(req, request_id, sm.model, sm.tokenizer.tokenizer, started)
     with contextlib.ExitStack() as admitted:
         for c in cands:

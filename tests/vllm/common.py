@@ -10,11 +10,12 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from libs.kvtransfer.pool import sweep_stale_segments
-from tests.reliability.cluster import REPO, Cluster
+from tests.reliability.cluster import REPO, Cluster, Service
 
 BLOCK_SIZE = 32  # vLLM's CPU attention wants a multiple of 32
 
@@ -73,16 +74,56 @@ def run_vllm_alone(workdir: Path, model: str, prompts: list[list[int]], max_toke
     return json.loads(out.read_text())
 
 
+FLOWKV_BLOCK_SIZE = 16
+FLOWKV_NUM_BLOCKS = 128
+
+
+@dataclass
+class MixedCluster(Cluster):
+    """A cluster whose vLLM nodes (``prefill-*``, ``decode-*``) have nodes of FlowKV's own
+    engine beside them (``flowkv_nodes``: node id -> role), all of ``flowkv_model``, started
+    with the others and counted among ``node_ids`` (ready, leak checks)."""
+
+    flowkv_model: str = "tiny"
+    flowkv_nodes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def node_ids(self) -> list[str]:
+        return super().node_ids + list(self.flowkv_nodes)
+
+    def start_node(self, node_id: str) -> Service:
+        if node_id not in self.flowkv_nodes:
+            return super().start_node(node_id)
+        args = ["--node-id", node_id, "--role", self.flowkv_nodes[node_id], "--engine", "flowkv",
+                "--model", self.flowkv_model, "--device", "cpu", "--block-size", str(FLOWKV_BLOCK_SIZE),
+                "--num-blocks", str(FLOWKV_NUM_BLOCKS), "--report-interval-s", "0.2", "--drain-timeout-s", "3"]
+        return self._spawn(node_id, "services.node", args)
+
+
 @contextlib.contextmanager
 def vllm_cluster(workdir: Path, model: str, prefill: int, decode: int, num_blocks: int,
-                 max_model_len: int, node_env: dict[str, str] | None = None) -> Iterator[Cluster]:
-    """A cluster of vLLM nodes (tracing to ``traces.jsonl``); afterwards no segment of its nodes is left."""
-    c = Cluster(workdir, prefill=prefill, decode=decode, node_args=node_args(model, num_blocks, max_model_len),
-                # One compute thread per engine, left to the OS: vLLM's default binds every
-                # engine of the host to the same cores.
-                node_env={"OTEL_TRACES_EXPORTER": "file", "FLOWKV_TRACE_FILE": str(workdir / "traces.jsonl"),
-                          "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", **(node_env or {})},
-                gateway_args=["--model", model, "--stall-timeout-s", "30", "--queue-timeout-s", "120"])
+                 max_model_len: int, node_env: dict[str, str] | None = None,
+                 flowkv_model: str = "", flowkv_nodes: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """A cluster of vLLM nodes (tracing to ``traces.jsonl``); afterwards no segment of its nodes is left.
+
+    With ``flowkv_model``, ``flowkv_nodes`` (node id -> role) of FlowKV's own engine serve
+    that model beside the vLLM nodes, under the same scheduler and gateway (which serves
+    both models). The scheduler then places by least load: the ``flowkv`` policy's role
+    controller sizes prefill and decode over every node, whatever its model.
+    """
+    common: dict[str, Any] = dict(
+        prefill=prefill, decode=decode, node_args=node_args(model, num_blocks, max_model_len),
+        # One compute thread per engine, left to the OS: vLLM's default binds every
+        # engine of the host to the same cores.
+        node_env={"OTEL_TRACES_EXPORTER": "file", "FLOWKV_TRACE_FILE": str(workdir / "traces.jsonl"),
+                  "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", **(node_env or {})},
+        gateway_args=["--model", f"{model},{flowkv_model}" if flowkv_model else model, "--stall-timeout-s", "30",
+                      "--queue-timeout-s", "120"])
+    if flowkv_model:
+        c: Cluster = MixedCluster(workdir, **common, scheduler_args=["--policy", "least_loaded"],
+                                  flowkv_model=flowkv_model, flowkv_nodes=dict(flowkv_nodes or {}))
+    else:
+        c = Cluster(workdir, **common)
     with c:
         yield c
     sweep_stale_segments()  # the segments of vLLM workers that died with a SIGKILLed node
@@ -118,10 +159,15 @@ def check_calls_per_hand_off(spans: list[dict[str, Any]], num_layers: int) -> No
 
 def placed_decode_node(c: Cluster, completion_id: str) -> str:
     """The decode node the gateway placed a completion on (from its log)."""
-    m = re.search(rf"\[{re.escape(completion_id)}\][^\n]*placed on prefill=\S+ decode=(\S+)",
+    return placement(c, completion_id)[1]
+
+
+def placement(c: Cluster, completion_id: str) -> tuple[str, str]:
+    """The (prefill, decode) nodes the gateway placed a completion on (from its log)."""
+    m = re.search(rf"\[{re.escape(completion_id)}\][^\n]*placed on prefill=(\S+) decode=(\S+)",
                   c.services["gateway"].log())
-    assert m, f"{completion_id} was not placed on a decode node"
-    return m.group(1)
+    assert m, f"{completion_id} was not placed"
+    return m.group(1), m.group(2)
 
 
 async def openai_stream(c: Cluster, model: str, prompt: list[int], max_tokens: int) -> tuple[str, str | None]:

@@ -9,10 +9,16 @@ of its own) from one to the other. In file order:
    one vLLM alone gives; every block comes back;
 2. greedy outputs of 20 prompts equal vLLM serving alone and transformers';
 3. the ``openai`` client streams the same text;
-4. every hand-off took one copy call per layer per aligned segment.
+4. every hand-off took one copy call per layer per aligned segment;
+5. the same gateway also serves the ``tiny`` preset, on one hybrid node of FlowKV's own
+   engine started beside the vLLM nodes: requests for both models, sent together, are
+   each served by their own model's nodes with that model's output (vLLM alone's for
+   Qwen3; FlowKV's engine alone's, equal to transformers', for ``tiny``).
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import aiohttp
 import pytest
@@ -24,6 +30,7 @@ from tests.vllm.common import (
     check_calls_per_hand_off,
     handoffs,
     openai_stream,
+    placement,
     run_vllm_alone,
     tokenize,
     vllm_cluster,
@@ -33,6 +40,9 @@ from tests.vllm.models import NUM_LAYERS, write_tiny_qwen3
 NUM_BLOCKS = 24
 MAX_MODEL_LEN = 512
 MAX_TOKENS = 16
+FLOWKV_MODEL = "tiny"  # served beside Qwen3 by a node of FlowKV's own engine
+FLOWKV_NODE = "flowkv-0"
+MIXED = (0, 5, 17)  # the prompts sent to both models
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +61,17 @@ def alone(tmp_path_factory: pytest.TempPathFactory, model_dir: str, prompts: lis
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, model_dir: str, alone: dict):  # type: ignore[no-untyped-def,type-arg]
+def flowkv_alone(prompts: list[list[int]]) -> dict:  # type: ignore[type-arg]
+    from tests.vllm.references import flowkv_greedy
+
+    return flowkv_greedy(FLOWKV_MODEL, [prompts[i] for i in MIXED], MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, model_dir: str, alone: dict, flowkv_alone: dict):  # type: ignore[no-untyped-def,type-arg]
     with vllm_cluster(tmp_path_factory.mktemp("qwen-cluster"), model_dir, prefill=1, decode=1, num_blocks=NUM_BLOCKS,
-                      max_model_len=MAX_MODEL_LEN, node_env={"FLOWKV_FAULT_INJECT": "kv_send_fail:1"}) as c:
+                      max_model_len=MAX_MODEL_LEN, node_env={"FLOWKV_FAULT_INJECT": "kv_send_fail:1"},
+                      flowkv_model=FLOWKV_MODEL, flowkv_nodes={FLOWKV_NODE: "hybrid"}) as c:
         yield c
 
 
@@ -67,7 +85,7 @@ async def test_qwen3_failed_transfer_is_recomputed_on_the_decode_node(cluster: C
     assert "injected fault kv_send_fail" in cluster.services["prefill-0"].log()
     assert "recomputing" in cluster.services["decode-0"].log()
     assert handoffs(cluster) == []  # nothing was moved: the recompute did it all
-    blocks = await cluster.wait_no_leak()
+    blocks = await cluster.wait_no_leak(["prefill-0", "decode-0"])
     assert all(free == total == NUM_BLOCKS for free, total in blocks.values()), blocks
 
 
@@ -99,3 +117,33 @@ async def test_qwen3_openai_client_streams_the_same_text(cluster: Cluster, alone
 
 async def test_qwen3_hand_offs_take_one_call_per_layer_per_segment(cluster: Cluster):
     check_calls_per_hand_off(handoffs(cluster), NUM_LAYERS)
+
+
+async def test_one_gateway_serves_qwen3_on_vllm_and_tiny_on_flowkv(cluster: Cluster, alone: dict, prompts,  # type: ignore[no-untyped-def,type-arg]
+                                                                 model_dir, flowkv_alone: dict):
+    assert flowkv_alone["token_ids"] == flowkv_alone["transformers_token_ids"]
+    async with aiohttp.ClientSession() as s:
+        async with s.get(cluster.url + "/v1/models") as r:
+            assert [m["id"] for m in (await r.json())["data"]] == [model_dir, FLOWKV_MODEL]
+
+        async def complete(model: str, i: int) -> dict:  # type: ignore[type-arg]
+            extra = {"ignore_eos": True} if model == FLOWKV_MODEL else {}
+            status, out, _ = await cluster.complete(
+                s, {"model": model, "prompt": prompts[i], "max_tokens": MAX_TOKENS, "temperature": 0, **extra})
+            assert status == 200, out
+            return out
+
+        # Both models at once: each request goes to its own model's nodes.
+        outs = await asyncio.gather(*[complete(m, i) for i in MIXED for m in (model_dir, FLOWKV_MODEL)])
+        status, err, _ = await cluster.complete(s, {"model": "qwen3", "prompt": prompts[0], "max_tokens": 2})
+    assert status == 404 and err["error"]["code"] == "model_not_found", err
+    for k, i in enumerate(MIXED):
+        qwen, tiny = outs[2 * k], outs[2 * k + 1]
+        assert (qwen["model"], tiny["model"]) == (model_dir, FLOWKV_MODEL)
+        assert qwen["choices"][0]["text"] == alone["texts"][i]
+        assert placement(cluster, qwen["id"]) == ("prefill-0", "decode-0")
+        assert tiny["choices"][0]["text"] == flowkv_alone["texts"][k]
+        assert tiny["usage"]["completion_tokens"] == MAX_TOKENS
+        assert placement(cluster, tiny["id"]) == (FLOWKV_NODE, FLOWKV_NODE)
+    blocks = await cluster.wait_no_leak()
+    assert all(free == total for free, total in blocks.values()), blocks
