@@ -58,10 +58,22 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
 
+# The most weight bytes the load-time timing reads a pass (a large model is timed on its first layers).
+_TIMING_BYTES = 256 << 20
+
+
 @torch.inference_mode()
 def _plain_faster_for_one_row(linears: list[PackedLinear]) -> bool:
     """Whether one float32 row through ``linears`` is faster on the plain weights (MKL's
-    GEMV) than on the packed ones: the best of 3 passes each, taken in turns."""
+    GEMV) than on the packed ones: the best of 3 passes each, taken in turns, over the
+    first layers up to ``_TIMING_BYTES`` of weights."""
+    timed, size = [], 0
+    for m in linears:
+        if timed and size + m.weight.nbytes > _TIMING_BYTES:
+            break
+        timed.append(m)
+        size += m.weight.nbytes
+    linears = timed
     rows = {m.in_features: torch.randn(1, m.in_features) for m in linears}
     best = {"plain": float("inf"), "packed": float("inf")}
     for _ in range(3):
