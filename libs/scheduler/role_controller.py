@@ -185,6 +185,10 @@ class RoleController:
         if self.in_flight is not None:
             return None, events
         nodes = self.registry.nodes()
+        if self.target is None and len({n.report.model for n in nodes}) > 1:
+            # The demand and the rates are not kept per model: a flip could take one
+            # model's node to serve another's load. Roles stay as launched.
+            return None, events
         change = self._decide_target(nodes) if self.target is not None else self._decide(nodes)
         if change is not None and self.target is None and not keeps_both_sides(nodes, change):
             change = None  # e.g. a lone hybrid node must not become decode-only

@@ -195,3 +195,15 @@ def test_overload_does_not_go_hybrid_when_the_demand_is_balanced() -> None:
     for i in range(30):  # 30 x 10k prompt tokens / 10 s / 10k tok/s; 30 x 3200 / 10 s x 0.02 s / 64
         ctl.demand.record(clock.now() - 1.0, f"r{i}", 10_000, 3200, 10)
     assert ctl.step() == (None, [])
+
+
+def test_nodes_of_several_models_keep_their_roles() -> None:
+    # The backlog that flips d2 in the first test, but d1/d2 serve another model than p1/p2:
+    # a flip would move a node of model "b" to serve model "a"'s prompts.
+    clock, reg, ctl = _setup(report("p1", waiting_tokens=30_000, model="a"), report("p2", waiting_tokens=30_000, model="a"),
+                             report("d1", Role.DECODE, running=2, model="b"), report("d2", Role.DECODE, running=1, model="b"))
+    assert ctl.step() == (None, [])
+    for node_id in ("d1", "d2"):  # the same cluster with one model flips (see the first test)
+        reg.update(report(node_id, Role.DECODE, running=1, model="a"))
+    change, _ = ctl.step()
+    assert change is not None and change.new_role == Role.PREFILL
