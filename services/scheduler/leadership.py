@@ -8,14 +8,22 @@ queue and runs the role controller. Life of a replica:
      expiry), creating them if they are missing;
   2. a follower tries ``create("leader")`` every ``lease_s / 10``: it succeeds only when
      no lease exists, because the leader deleted it on a clean stop or stopped renewing it
-     (crash, lost connection) and it expired;
+     (crash, lost connection) and it expired. A replica whose own lease from its last term
+     is still there (it stepped down while a renew it thought failed had been applied)
+     takes it back by compare-and-set instead of waiting for it to expire;
   3. the winner takes its epoch from the state key (above every earlier leader's, and
      above the time in milliseconds, so it grows even if the broker lost the buckets),
      writes it there by compare-and-set, and only then acts as leader (``on_elected``);
   4. the leader renews with ``update("leader", last=revision)`` every ``lease_s / 5``.
      It leads only while its lease is certain: until ``lease_s`` (less a tenth) after it
-     *sent* its last successful renew. A renew refused (someone else holds the lease) or
-     none succeeding in time ends its term at once (``on_deposed``);
+     *sent* its last successful renew. When that time has passed (the renew failed, or
+     came late: a busy machine may run the event loop seconds late), it renews again at
+     once, and its term goes on if the broker takes it: a renew by compare-and-set on its
+     own revision, or, when its lease expired meanwhile and nobody took it, a new lease
+     while the state key still holds the revision it last wrote (every new leader writes
+     that key before it acts, so nobody led in between). A renew refused because another
+     replica holds the lease, or two attempts in a row failing once the lease is not
+     certain, end its term (``on_deposed``); one that led in between starts a new term;
   5. every change of the state key (a role flip started or ended) is a compare-and-set on
      the revision the leader itself last wrote: a deposed leader's write fails, so it
      never starts a role flip after a new leader took over;
@@ -82,6 +90,7 @@ class Leadership:
         self._state_rev = 0
         self._valid_until = 0.0  # monotonic: the lease is certainly ours until then
         self._since = 0.0
+        self._settled = asyncio.Event()  # set (and replaced) whenever the lease is renewed or lost
 
     async def start(self) -> bool:
         """Open (or create) the buckets. Returns False when the broker has no JetStream."""
@@ -105,10 +114,12 @@ class Leadership:
 
     async def run(self) -> None:
         """Campaign and renew forever (a background task)."""
+        retried = False  # the lease is not certain and one attempt to renew it failed already
         while True:
+            renewed = False
             try:
                 if self.is_leader:
-                    await self._renew()
+                    renewed = await self._renew()
                 else:
                     await self.campaign()
             except asyncio.CancelledError:
@@ -120,12 +131,36 @@ class Leadership:
             except Exception as exc:  # the broker is unreachable or electing: try again next round
                 log.debug("lease round failed: %s: %s", type(exc).__name__, exc)
             if self.is_leader and time.monotonic() > self._valid_until:
+                # Not certain any more: the renew failed or its answer came late (the event
+                # loop ran late). Placement waits; renew again at once, and give the term up
+                # only when that fails too.
+                if renewed or not retried:
+                    retried = not renewed
+                    await asyncio.sleep(0)
+                    continue
                 await self._step_down(f"could not renew the lease within {self.lease_s:g}s")
+            retried = False
             await asyncio.sleep(self.lease_s / (5 if self.is_leader else 10))
 
     def leads(self) -> bool:
         """Whether this replica leads now (its lease is certain)."""
         return self.is_leader and (not self.enabled or time.monotonic() < self._valid_until)
+
+    async def certain(self, timeout: float) -> bool:
+        """Whether this replica leads, waiting (at most ``timeout`` seconds) while its term
+        goes on but its lease is not certain: a late renew is being repeated, and the
+        answer is either a renewed lease or the end of the term."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.is_leader and not self.leads() and loop.time() < deadline:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), max(0.0, deadline - loop.time()))
+        return self.leads()
+
+    def _notify(self) -> None:
+        """Wake the ``certain()`` waiters: the lease was renewed or lost."""
+        self._settled.set()
+        self._settled = asyncio.Event()
 
     async def lead_alone(self) -> None:
         """No election (no JetStream): lead at once with epoch 0."""
@@ -140,14 +175,25 @@ class Leadership:
         try:
             rev = await self._lease.create(LEADER_KEY, messages.encode(lease))
         except nats.js.errors.KeyWrongLastSequenceError:
-            return  # another replica holds the lease
+            # Held. By this replica's own last term (it stepped down, but a renew it counted
+            # as failed had been applied)? Then take it back by compare-and-set instead of
+            # waiting out the lease with nobody placing; anyone else's: follow.
+            if not (self._since and await self._still_ours()):
+                return
+            lease = LeaderLease(scheduler_id=self.scheduler_id, since=self._since)
+            rev = await self._lease.update(LEADER_KEY, messages.encode(lease), last=self._lease_rev)
         self._lease_rev, self._valid_until, self._since = rev, sent + self.lease_s * 0.9, lease.since
+        await self._elect()
+
+    async def _elect(self) -> None:
+        """The lease is ours: start a term (a new epoch in the state key), then lead."""
         try:
             await self._take_state()
         except Exception:
             await self._release()
             raise
         self.is_leader = True
+        self._notify()
         log.info("leading the schedulers (epoch %d)", self.epoch)
         await self.on_elected(self.epoch)
 
@@ -195,17 +241,53 @@ class Leadership:
             raise NotLeader("another scheduler wrote the leader state") from None
         self.state = state
 
-    async def _renew(self) -> None:
+    async def _renew(self) -> bool:
+        """One renew. Returns whether the broker took it (the lease is ours from when it was
+        sent); False when the term ended, or when the revision of an earlier renew that
+        seemed to fail was adopted (the next round renews on it)."""
         assert self._lease is not None
         sent = time.monotonic()
         lease = LeaderLease(scheduler_id=self.scheduler_id, since=self._since)
         try:
             self._lease_rev = await self._lease.update(LEADER_KEY, messages.encode(lease), last=self._lease_rev)
         except nats.js.errors.KeyWrongLastSequenceError:
-            if not await self._still_ours():
+            if await self._still_ours():
+                return False
+            if not await self._retake(sent):
                 await self._step_down("another scheduler holds the lease")
-            return
+            return self.is_leader
         self._valid_until = sent + self.lease_s * 0.9
+        self._notify()
+        return True
+
+    async def _retake(self, sent: float) -> bool:
+        """After a refused renew, when the lease is not held by another replica: it expired
+        (the renew came too late: a busy machine, a stalled event loop) or was deleted.
+        Create it again; the term goes on when nobody led meanwhile (the state key still
+        has the revision this replica last wrote: every new leader writes it before it
+        acts), else this replica starts a new term. Returns False when another replica
+        holds the lease (it took it first)."""
+        assert self._lease is not None and self._store is not None
+        lease = LeaderLease(scheduler_id=self.scheduler_id, since=self._since)
+        try:
+            rev = await self._lease.create(LEADER_KEY, messages.encode(lease))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        self._lease_rev = rev
+        try:
+            same = (await self._store.get(STATE_KEY)).revision == self._state_rev
+        except Exception:  # gone (a restarted broker) or not readable now: not known, so a new term
+            same = False
+        if same:
+            self._valid_until = sent + self.lease_s * 0.9
+            log.warning("the lease lapsed (no renew reached the broker within %gs) and nobody took it: "
+                        "took it again, the term goes on (epoch %d)", self.lease_s, self.epoch)
+            self._notify()
+            return True
+        await self._step_down("another scheduler led while the lease had lapsed")
+        self._valid_until = sent + self.lease_s * 0.9  # the new lease is ours: a new term on it
+        await self._elect()
+        return True
 
     async def _still_ours(self) -> bool:
         """After a refused renew: a renew that timed out may have been applied (our lease,
@@ -225,6 +307,7 @@ class Leadership:
         if not self.is_leader:
             return
         self.is_leader = False
+        self._notify()
         log.warning("no longer leading the schedulers: %s", reason)
         await self.on_deposed(reason)
 
@@ -250,6 +333,7 @@ class Leadership:
         """Give the lease up (a follower takes over at its next poll)."""
         if self.is_leader and self.enabled:
             self.is_leader = False
+            self._notify()
             await self._release()
 
 

@@ -15,7 +15,9 @@ Garbage on any subject is dropped and counted (``services.common.messaging``).
 Replicas (``services.scheduler.leadership``): every replica follows node_load and
 node_bye, so its registry is warm; only the leader, elected through a JetStream KV lease,
 subscribes to sched_place, sched_cluster and request_cancel, publishes events, holds the
-wait queue and runs the role controller. Placement stays with the leader: two replicas
+wait queue and runs the role controller. A leader whose lease is not certain for a moment
+(a renew came late) keeps its subscriptions: placements wait until the renew repeated at
+once settles it (see ``Leadership.run``). Placement stays with the leader: two replicas
 placing at once would each promise the same free KV blocks (the in-flight reservations
 of one are invisible to the other). A replica that takes over adopts the role flip in
 flight from the leader state, announces itself with a ``leader`` event, and the
@@ -241,7 +243,10 @@ class SchedulerService:
             request_id_var.reset(token)
 
     async def _place(self, req: PlaceRequest, msg: Msg, span: Span) -> None:
-        if not self.is_leader:  # deposed a moment ago: the new leader answers the re-send
+        # A lease not certain right now (a renew came late: a busy machine) is renewed at
+        # once: wait for that rather than leave the request unanswered.
+        if not self.is_leader and not await self.leadership.certain(self.config.leader_lease_s * 2):
+            # Deposed a moment ago: the new leader answers the re-send.
             span.set_attribute("flowkv.outcome", "not_leader")
             span.end()
             return

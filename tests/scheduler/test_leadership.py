@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import nats
+import nats.js.errors
 import pytest
 
 from libs.protocol import subjects
@@ -139,3 +140,92 @@ async def test_the_new_leader_adopts_the_flip_in_flight_and_fences_set_role(nats
             await s.close()
         for nc in [*conns, client]:
             await nc.drain()
+
+
+async def _lease_gone(client) -> bool:
+    """Whether the lease bucket holds no lease now (it expired or was deleted)."""
+    kv = await client.jetstream().key_value(subjects.sched_lease_bucket())
+    try:
+        await kv.get("leader")
+    except nats.js.errors.KeyNotFoundError:
+        return True
+    return False
+
+
+async def test_a_lone_leader_whose_renew_comes_after_its_lease_expired_keeps_leading(nats_server) -> None:
+    """A busy machine runs the scheduler's event loop late, so its renew reaches the broker
+    after the lease expired. Nobody else took the lease: the scheduler takes it again and
+    its term goes on (same epoch, never deposed), and a placement that arrived while the
+    lease was not certain is answered once it is, not left without an answer or a responder."""
+    client = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url)
+    s = SchedulerService(_config("s0"), nc)
+    await s.start()
+    try:
+        assert s.is_leader
+        epoch = s.leadership.epoch
+        deposed: list[str] = []
+        on_deposed = s.leadership.on_deposed
+
+        async def record(reason: str) -> None:
+            deposed.append(reason)
+            await on_deposed(reason)
+
+        s.leadership.on_deposed = record
+        await announce(client, s.registry, report("p1"), report("d1", Role.DECODE))
+        # Fault injection: every renew waits on a gate (a late event loop, made deterministic).
+        gate = asyncio.Event()
+        renew = s.leadership._renew
+
+        async def late_renew() -> bool:
+            await gate.wait()
+            return await renew()
+
+        s.leadership._renew = late_renew  # type: ignore[method-assign]
+        while not await _lease_gone(client):  # the broker expired the lease (a condition, not a timing)
+            await asyncio.sleep(0.05)
+        assert not s.is_leader and s.leadership.is_leader  # not certain: places nothing, still in its term
+        place_sub = s._leader_subs[0]
+        before = place_sub.delivered
+        pending = asyncio.ensure_future(_place(client, "during"))
+        await until(lambda: place_sub.delivered > before)  # the scheduler holds the placement ...
+        for _ in range(5):
+            await asyncio.sleep(0)
+        gate.set()  # ... and only now does the late renew reach the broker
+        assert isinstance(await pending, Placement)
+        await until(lambda: s.is_leader)
+        assert (deposed, s.leadership.epoch) == ([], epoch)
+        assert not await _lease_gone(client)
+        assert isinstance(await _place(client, "after"), Placement)
+    finally:
+        await s.close()
+        await nc.drain()
+        await client.drain()
+
+
+async def test_a_replica_that_stepped_down_takes_its_own_lease_back_at_once(nats_server) -> None:
+    """A leader that stepped down (renews it counted as failed) while its lease is still in
+    the bucket (they had been applied) takes that lease back by compare-and-set at its next
+    campaign, in a new term, instead of leaving placement to nobody until it expires."""
+    client = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url)
+    s = SchedulerService(_config("s0"), nc)
+    await s.start()
+    try:
+        await announce(client, s.registry, report("p1"), report("d1", Role.DECODE))
+        stopped = [t for t in s.tasks._tasks if t.get_name().endswith("leadership")]
+        for task in stopped:  # rounds driven by hand from here, once the task has ended
+            task.cancel()
+        done, _ = await asyncio.wait(stopped, timeout=10)
+        assert len(done) == len(stopped)
+        epoch = s.leadership.epoch
+        await s.leadership._renew()  # the lease is fresh in the bucket ...
+        await s.leadership._step_down("test: renews counted as failed")  # ... and its holder stepped down
+        assert not s.leadership.is_leader
+        await s.leadership.campaign()
+        assert s.is_leader and s.leadership.epoch > epoch
+        assert isinstance(await _place(client, "after"), Placement)
+    finally:
+        await s.close()
+        await nc.drain()
+        await client.drain()

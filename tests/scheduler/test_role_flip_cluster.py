@@ -51,6 +51,9 @@ async def cluster(url: str) -> AsyncIterator[tuple[SchedulerService, dict[str, N
                              demand_window_s=3.0, demand_busy=0.0, inflight_grace_s=0.2, planner="split")
     sched = SchedulerService(config, sched_nc)
     await sched.start()
+    # Building each engine below blocks this event loop, the scheduler's too, often past its
+    # 1.2 s lease on a busy machine: the scheduler must ride that out (take its lapsed lease
+    # again and keep answering), as one on a busy host must.
     nodes: dict[str, Node] = {}
     stack = contextlib.AsyncExitStack()
     try:
