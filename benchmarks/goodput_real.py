@@ -31,7 +31,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE / "gpu")]
 from libs.loadgen.client import ClientOptions  # noqa: E402
 from libs.loadgen.runner import run_benchmark  # noqa: E402
 from libs.loadgen.workloads import RequestSpec  # noqa: E402
-from stack_cluster import Cluster, Shape, wait_all_ready  # noqa: E402
+from stack_cluster import Cluster, Shape, Tap, wait_all_ready  # noqa: E402
 
 # The role controller on the time scale of a run of minutes (its defaults suit hours).
 SCHED_ENV = {"FLOWKV_SCHEDULER_MIN_DWELL_S": "3", "FLOWKV_SCHEDULER_DEMAND_WINDOW_S": "5",
@@ -82,6 +82,22 @@ def measure(records: list[Any], starts: list[float], args: argparse.Namespace) -
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99)}
 
 
+async def drive(cluster: Cluster, specs: list[RequestSpec], gaps: list[float], client: ClientOptions,
+                cutoff: float) -> tuple[Any, list[list[Any]]]:
+    """Send the requests; meanwhile note the scheduler's role flips, as [seconds from the first
+    arrival, node, old role, new role, reason]."""
+    tap = Tap()
+    await tap.start(cluster.nats_url)
+    try:
+        t0 = time.perf_counter()
+        result = await run_benchmark(specs, client, gaps=gaps, cutoff_s=cutoff)
+    finally:
+        await tap.close()
+    flips = [[round(t - t0, 1), e.node_id, e.old_role.value if e.old_role else "", e.new_role.value if e.new_role else "",
+              e.detail] for t, e in tap.flips_between(t0 - 600, float("inf"))]
+    return result, flips
+
+
 def run_policy(policy: str, args: argparse.Namespace, specs: list[RequestSpec], gaps: list[float],
                log: Any) -> dict[str, Any]:
     env = {**SCHED_ENV, **dict(kv.split("=", 1) for kv in args.env)}
@@ -94,16 +110,18 @@ def run_policy(policy: str, args: argparse.Namespace, specs: list[RequestSpec], 
         ready_s = wait_all_ready([cluster], args.ready_timeout_s)
         client = ClientOptions(base_url=cluster.url, model=args.model, timeout_s=args.request_timeout_s)
         cutoff = args.lead_in_s + args.duration_s + args.drain_s
-        result = asyncio.run(run_benchmark(specs, client, gaps=gaps, cutoff_s=cutoff))
+        result, flips = asyncio.run(drive(cluster, specs, gaps, client, cutoff))
     finally:
         cluster.stop()
     starts = [sum(gaps[: i + 1]) for i in range(len(gaps))]
     row = {"policy": policy, "ready_s": round(ready_s, 1), "wall_s": round(time.monotonic() - t0, 1),
-           **measure(result.records, starts, args)}
+           **measure(result.records, starts, args), "role_timeline": flips}
     print(f"{policy:11s} goodput {row['goodput_rps']:6.2f} req/s  tok/s {row['throughput_tok_s']:7.1f}  "
           f"TTFT p50/p99 {row['ttft_p50']:.2f}/{row['ttft_p99']:.2f} s  TPOT p50/p99 "
           f"{row['tpot_p50'] * 1e3:.0f}/{row['tpot_p99'] * 1e3:.0f} ms  done {row['num_completed']}/{row['num_requests']}"
           f"  [{row['wall_s']}s]", flush=True)
+    for t, node, old, new, why in flips:
+        print(f"  {t:+7.1f} s  {node} {old} -> {new}  ({why})", flush=True)
     return row
 
 
@@ -125,6 +143,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         g = flow["goodput_rps"] / bg["goodput_rps"] if bg["goodput_rps"] else 1.0
         t = flow["throughput_tok_s"] / bt["throughput_tok_s"] if bt["throughput_tok_s"] else 1.0
         lines += ["", f"flowkv goodput / best other ({bg['policy']}): {g:.3f}; tok/s / best ({bt['policy']}): {t:.3f}"]
+    if flow and flow.get("role_timeline"):
+        lines += ["", "flowkv's role flips (seconds from the first arrival; the window starts at "
+                  f"{meta['lead_in_s']:g} s):", ""]
+        lines += [f"- {t:+.1f} s: {node} {old} -> {new} ({why})" for t, node, old, new, why in flow["role_timeline"]]
     return "\n".join(lines) + "\n"
 
 

@@ -194,19 +194,24 @@ class LeastLoaded(Policy):
 class FlowKV(Policy):
     """Cost-model placement: minimise predicted TTFT (backlog, prefix-cache hit, hand-off)
     plus the decode load of D; the role controller moves nodes between roles. A hybrid
-    node with room decodes what it prefills (as a colocated server does: no hand-off)."""
+    node with room decodes what it prefills (as a colocated server does: no hand-off); one
+    without room prefills only for a decode node, never for another hybrid node (that one
+    would serve the request alone, with no hand-off and no second copy of its KV)."""
 
     name = "flowkv"
 
     def choose(self, req: PlaceRequest, ps: list[NodeEntry], ds: list[NodeEntry]) -> tuple[NodeEntry, NodeEntry]:
         cost = self.config.cost
+        k = self.config.decode_candidates
         d_loads = {d.node_id: decode_load(cost, d) for d in ds}
-        top = sorted(ds, key=lambda d: (d_loads[d.node_id], d.node_id))[: self.config.decode_candidates]
+        ranked = sorted(ds, key=lambda d: (d_loads[d.node_id], d.node_id))
+        top = ranked[:k]
+        decode_only = [d for d in ranked if d.role == Role.DECODE][:k]
         best: tuple[float, str, str] | None = None
         pair: tuple[NodeEntry, NodeEntry] = (ps[0], top[0])
         for p in ps:
-            if p.role == Role.HYBRID and p.node_id in d_loads:
-                cands = [p]
+            if p.role == Role.HYBRID:
+                cands = [p] if p.node_id in d_loads else decode_only
             else:
                 cands = top if not (p.node_id in d_loads and p not in top) else [*top, p]
             for d in cands:

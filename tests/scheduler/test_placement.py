@@ -86,6 +86,21 @@ def test_hybrid_node_colocates() -> None:
     assert out.predicted_ttft_s == pytest.approx(0.16)  # no hand-off
 
 
+def test_full_hybrid_node_hands_off_only_to_a_decode_node() -> None:
+    # 1600 + 160 tokens need 110 blocks. h1 is idle but full; h2 has room and a backlog.
+    # Colocated, h2 serves the request alone: h1 must not prefill it and hand it to h2 (a
+    # second copy of the KV, a reservation h2 may refuse by then, a transfer).
+    full = dict(free_blocks=100)
+    pol = _cluster(report("h1", Role.HYBRID, **full), report("h2", Role.HYBRID, waiting_tokens=20_000))
+    out = pol.place(_req())
+    assert (out.prefill_node, out.decode_node) == ("h2", "h2")
+    # With a decode node beside them, the idle h1 prefills and hands off to it.
+    pol = _cluster(report("h1", Role.HYBRID, **full), report("h2", Role.HYBRID, waiting_tokens=20_000),
+                   report("d1", Role.DECODE))
+    out = pol.place(_req())
+    assert (out.prefill_node, out.decode_node) == ("h1", "d1")
+
+
 def test_faster_device_wins_by_measured_rate() -> None:
     # p1 is a slow kind (2k tok/s) with an empty queue; p2 a fast one (40k tok/s) with 4000 queued.
     pol = _cluster(report("p1", rate=2000.0, device_name="slow"),
