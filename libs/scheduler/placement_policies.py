@@ -194,9 +194,11 @@ class LeastLoaded(Policy):
 class FlowKV(Policy):
     """Cost-model placement: minimise predicted TTFT (backlog, prefix-cache hit, hand-off)
     plus the decode load of D; the role controller moves nodes between roles. A hybrid
-    node with room decodes what it prefills (as a colocated server does: no hand-off); one
-    without room prefills only for a decode node, never for another hybrid node (that one
-    would serve the request alone, with no hand-off and no second copy of its KV)."""
+    node with room decodes what it prefills (as a colocated server does: no hand-off). One
+    without room prefills for a decode node, or for a hybrid node with room for the request
+    twice over: with less, that node serves the request alone (no hand-off, no second copy
+    of the KV), since its room may be gone by the time the prefill ends and asks for it (a
+    hybrid node's prefill also waits behind its own decodes, longer than predicted)."""
 
     name = "flowkv"
 
@@ -211,7 +213,8 @@ class FlowKV(Policy):
         pair: tuple[NodeEntry, NodeEntry] = (ps[0], top[0])
         for p in ps:
             if p.role == Role.HYBRID:
-                cands = [p] if p.node_id in d_loads else decode_only
+                cands = [p] if p.node_id in d_loads else decode_only + [
+                    d for d in top if d.role == Role.HYBRID and d.free_blocks() >= 2 * decode_blocks_needed(req, d)]
             else:
                 cands = top if not (p.node_id in d_loads and p not in top) else [*top, p]
             for d in cands:

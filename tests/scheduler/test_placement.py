@@ -86,17 +86,21 @@ def test_hybrid_node_colocates() -> None:
     assert out.predicted_ttft_s == pytest.approx(0.16)  # no hand-off
 
 
-def test_full_hybrid_node_hands_off_only_to_a_decode_node() -> None:
-    # 1600 + 160 tokens need 110 blocks. h1 is idle but full; h2 has room and a backlog.
-    # Colocated, h2 serves the request alone: h1 must not prefill it and hand it to h2 (a
-    # second copy of the KV, a reservation h2 may refuse by then, a transfer).
+def test_full_hybrid_node_hands_off_to_a_decode_node_or_a_roomy_hybrid_node() -> None:
+    # 1600 + 160 tokens need 110 blocks. h1 is idle but full; h2 has room (150 blocks, not
+    # twice the request's) and a backlog. h2 serves the request alone: h1 must not prefill it
+    # and hand it to h2 (a second copy of the KV, a reservation h2 may refuse by then).
     full = dict(free_blocks=100)
-    pol = _cluster(report("h1", Role.HYBRID, **full), report("h2", Role.HYBRID, waiting_tokens=20_000))
+    pol = _cluster(report("h1", Role.HYBRID, **full), report("h2", Role.HYBRID, waiting_tokens=20_000, free_blocks=150))
     out = pol.place(_req())
     assert (out.prefill_node, out.decode_node) == ("h2", "h2")
-    # With a decode node beside them, the idle h1 prefills and hands off to it.
-    pol = _cluster(report("h1", Role.HYBRID, **full), report("h2", Role.HYBRID, waiting_tokens=20_000),
-                   report("d1", Role.DECODE))
+    # With room for it twice over, h2 takes the hand-off from the idle h1.
+    pol = _cluster(report("h1", Role.HYBRID, **full), report("h2", Role.HYBRID, waiting_tokens=20_000, free_blocks=220))
+    out = pol.place(_req())
+    assert (out.prefill_node, out.decode_node) == ("h1", "h2")
+    # A decode node beside them takes it whatever its room beyond this request.
+    pol = _cluster(report("h1", Role.HYBRID, **full), report("h2", Role.HYBRID, waiting_tokens=20_000, free_blocks=150),
+                   report("d1", Role.DECODE, free_blocks=110))
     out = pol.place(_req())
     assert (out.prefill_node, out.decode_node) == ("h1", "d1")
 
