@@ -46,12 +46,16 @@ class PlacementConfig:
         inflight_grace_s: how long after a placement a node's report is assumed to include it.
         max_retry_after_s: cap on the Retry-After handed back with OVERLOADED.
         decode_candidates: how many of the least-loaded decode nodes ``flowkv`` pairs with each P.
+        hybrid_handoff_room: ``flowkv``: a hybrid node without room for a request may prefill
+            it for another hybrid node only when that one has room for it this many times
+            over (0: only for decode nodes).
     """
 
     max_ttft_s: float = 30.0
     inflight_grace_s: float = 0.5
     max_retry_after_s: float = 30.0
     decode_candidates: int = 3
+    hybrid_handoff_room: float = 2.0
     cost: CostModel = field(default_factory=CostModel)
 
 
@@ -77,13 +81,22 @@ class Policy:
 
         Returns:
             Placement, or Rejected(NO_NODES) when no live node serves the model (after
-            ``exclude_nodes``), Rejected(INVALID) when the prompt fits no node's
+            ``exclude_nodes``) or only excluded ones can prefill (or decode) it, Rejected(INVALID) when the prompt fits no node's
             ``max_model_len``, Rejected(OVERLOADED, retry_after_s) when none can take it now.
         """
         live = [n for n in self._serving(req) if n.node_id not in req.exclude_nodes]
         if not live:
             return Rejected(request_id=req.request_id, code=ErrorCode.NO_NODES,
                             reason=f"no live node serves model {req.model!r}" if req.model else "no live nodes")
+        if req.exclude_nodes and not req.prefill_node:
+            # Only excluded nodes have the role the request needs: waiting for room cannot
+            # place it (it would hold up every request queued behind it). Answered at once;
+            # its requester may try it on any node.
+            missing = [what for what, able in (("prefill", "can_prefill"), ("decode", "can_decode"))
+                       if not any(getattr(n, able) for n in live)]
+            if missing:
+                return Rejected(request_id=req.request_id, code=ErrorCode.NO_NODES,
+                                reason=f"no {' or '.join(missing)} node but the excluded {', '.join(req.exclude_nodes)}")
         ready = [n for n in live if n.ready]
         if req.prefill_node:
             return self._place_decode(req, ready)
@@ -196,7 +209,7 @@ class FlowKV(Policy):
     plus the decode load of D; the role controller moves nodes between roles. A hybrid
     node with room decodes what it prefills (as a colocated server does: no hand-off). One
     without room prefills for a decode node, or for a hybrid node with room for the request
-    twice over: with less, that node serves the request alone (no hand-off, no second copy
+    twice over (``hybrid_handoff_room``): with less, that node serves the request alone (no hand-off, no second copy
     of the KV), since its room may be gone by the time the prefill ends and asks for it (a
     hybrid node's prefill also waits behind its own decodes, longer than predicted)."""
 
@@ -213,8 +226,10 @@ class FlowKV(Policy):
         pair: tuple[NodeEntry, NodeEntry] = (ps[0], top[0])
         for p in ps:
             if p.role == Role.HYBRID:
+                room = self.config.hybrid_handoff_room
                 cands = [p] if p.node_id in d_loads else decode_only + [
-                    d for d in top if d.role == Role.HYBRID and d.free_blocks() >= 2 * decode_blocks_needed(req, d)]
+                    d for d in top if d.role == Role.HYBRID and room > 0
+                    and d.free_blocks() >= room * decode_blocks_needed(req, d)]
             else:
                 cands = top if not (p.node_id in d_loads and p not in top) else [*top, p]
             for d in cands:

@@ -35,6 +35,7 @@ class SchedulerConfig:
     queue_limit: int = field(default=1024, metadata=_h("requests held waiting for a node with room; past it, 429 at once"))
     max_queue_wait_s: float = field(default=60.0, metadata=_h("cap on the wait a PlaceRequest may ask for (0: never hold one)"))
     inflight_grace_s: float = field(default=PlacementConfig.inflight_grace_s, metadata=_h("how long a placement counts before reports show it"))
+    hybrid_handoff_room: float = field(default=PlacementConfig.hybrid_handoff_room, metadata=_h("flowkv: a full hybrid node prefills for another hybrid node only with room for the request this many times over there (0: only for decode nodes)"))
     role_interval_s: float = field(default=0.5, metadata=_h("how often the role controller runs"))
     min_dwell_s: float = field(default=RoleConfig.min_dwell_s, metadata=_h("minimum time a node keeps a role"))
     flip_timeout_s: float = field(default=RoleConfig.flip_timeout_s, metadata=_h("give up on a role flip after this long"))
@@ -66,8 +67,8 @@ class SchedulerConfig:
         for name in ("node_timeout_s", "max_ttft_s", "role_interval_s", "set_role_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.queue_limit < 0 or self.max_queue_wait_s < 0:
-            raise ValueError("queue_limit and max_queue_wait_s must not be negative")
+        if self.queue_limit < 0 or self.max_queue_wait_s < 0 or self.hybrid_handoff_room < 0:
+            raise ValueError("queue_limit, max_queue_wait_s and hybrid_handoff_room must not be negative")
         if self.leader_lease_s < 0.3:
             raise ValueError("leader_lease_s must be at least 0.3")
         if not 1 <= self.lease_replicas <= 5:
@@ -81,7 +82,8 @@ class SchedulerConfig:
 
     def placement_config(self) -> PlacementConfig:
         return PlacementConfig(max_ttft_s=self.max_ttft_s, inflight_grace_s=self.inflight_grace_s,
-                               max_retry_after_s=self.max_retry_after_s, cost=CostModel())
+                               max_retry_after_s=self.max_retry_after_s, hybrid_handoff_room=self.hybrid_handoff_room,
+                               cost=CostModel())
 
     def role_config(self) -> RoleConfig:
         """The role controller's settings: each ``RoleConfig`` field this config has (the

@@ -13,8 +13,9 @@ def test_defaults_come_from_the_core():
     config = SchedulerConfig()
     assert config.role_config() == RoleConfig()
     placement = config.placement_config()
-    for name in ("max_ttft_s", "inflight_grace_s", "max_retry_after_s"):
+    for name in ("max_ttft_s", "inflight_grace_s", "max_retry_after_s", "hybrid_handoff_room"):
         assert getattr(placement, name) == getattr(PlacementConfig(), name)
+    assert SchedulerConfig(hybrid_handoff_room=0).placement_config().hybrid_handoff_room == 0
 
 
 def test_every_role_setting_reaches_the_controller():

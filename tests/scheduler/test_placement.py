@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from libs.protocol.messages import ErrorCode, KVLink, PlaceRequest, Placement, Rejected, Role
+from libs.protocol.messages import ErrorCode, KVLink, NodeState, PlaceRequest, Placement, Rejected, Role
 from libs.scheduler.clock import ManualClock
 from libs.scheduler.cost_model import CostModel
 from libs.scheduler.node_registry import NodeRegistry
@@ -64,6 +64,18 @@ def test_no_nodes_and_exclusions() -> None:
     assert pol.place(other_model).code == ErrorCode.NO_NODES
 
 
+def test_excluding_the_only_node_of_a_role_is_answered_at_once() -> None:
+    # The only prefill node excluded (its submit was lost while the broker failed over): no
+    # wait in the queue can place the request, so it is not OVERLOADED (queued) but NO_NODES.
+    pol = _cluster(report("p1"), report("d1", Role.DECODE), report("d2", Role.DECODE))
+    out = pol.place(_req("a", exclude_nodes=["p1"]))
+    assert (out.code, out.reason) == (ErrorCode.NO_NODES, "no prefill node but the excluded p1")
+    assert pol.place(_req("b", exclude_nodes=["d1", "d2"])).code == ErrorCode.NO_NODES
+    # Another node of the role, only full: that one is worth waiting for.
+    pol = _cluster(report("p1"), report("p2", state=NodeState.DRAINING), report("d1", Role.DECODE))
+    assert pol.place(_req("c", exclude_nodes=["p1"])).code == ErrorCode.OVERLOADED
+
+
 def test_only_draining_or_full_nodes_is_overloaded() -> None:
     from libs.protocol.messages import NodeState
 
@@ -103,6 +115,12 @@ def test_full_hybrid_node_hands_off_to_a_decode_node_or_a_roomy_hybrid_node() ->
                    report("d1", Role.DECODE, free_blocks=110))
     out = pol.place(_req())
     assert (out.prefill_node, out.decode_node) == ("h1", "d1")
+    # hybrid_handoff_room=0: never to a hybrid node, whatever its room.
+    reg = NodeRegistry(ManualClock(0.0))
+    for r in (report("h1", Role.HYBRID, **full), report("h2", Role.HYBRID, waiting_tokens=20_000, free_blocks=10_000)):
+        reg.update(r)
+    out = make_policy("flowkv", reg, PlacementConfig(hybrid_handoff_room=0)).place(_req())
+    assert (out.prefill_node, out.decode_node) == ("h2", "h2")
 
 
 def test_faster_device_wins_by_measured_rate() -> None:
