@@ -55,7 +55,7 @@ class PlacementConfig:
     inflight_grace_s: float = 0.5
     max_retry_after_s: float = 30.0
     decode_candidates: int = 3
-    hybrid_handoff_room: float = 2.0
+    hybrid_handoff_room: float = 0.0
     cost: CostModel = field(default_factory=CostModel)
 
 
@@ -208,10 +208,11 @@ class FlowKV(Policy):
     """Cost-model placement: minimise predicted TTFT (backlog, prefix-cache hit, hand-off)
     plus the decode load of D; the role controller moves nodes between roles. A hybrid
     node with room decodes what it prefills (as a colocated server does: no hand-off). One
-    without room prefills for a decode node, or for a hybrid node with room for the request
-    twice over (``hybrid_handoff_room``): with less, that node serves the request alone (no hand-off, no second copy
-    of the KV), since its room may be gone by the time the prefill ends and asks for it (a
-    hybrid node's prefill also waits behind its own decodes, longer than predicted)."""
+    without room prefills for a decode node (or, with ``hybrid_handoff_room`` set, for a
+    hybrid node with room for the request that many times over); with none, the node with
+    room serves the request alone: a hybrid node's room may be gone by the time the prefill
+    ends and asks for it (it keeps placing its own requests meanwhile), and a refused
+    hand-off computes the prompt again."""
 
     name = "flowkv"
 

@@ -35,7 +35,7 @@ class SchedulerConfig:
     queue_limit: int = field(default=1024, metadata=_h("requests held waiting for a node with room; past it, 429 at once"))
     max_queue_wait_s: float = field(default=60.0, metadata=_h("cap on the wait a PlaceRequest may ask for (0: never hold one)"))
     inflight_grace_s: float = field(default=PlacementConfig.inflight_grace_s, metadata=_h("how long a placement counts before reports show it"))
-    hybrid_handoff_room: float = field(default=PlacementConfig.hybrid_handoff_room, metadata=_h("flowkv: a full hybrid node prefills for another hybrid node only with room for the request this many times over there (0: only for decode nodes)"))
+    hybrid_handoff_room: float = field(default=PlacementConfig.hybrid_handoff_room, metadata=_h("flowkv: a full hybrid node prefills for another hybrid node only with room for the request this many times over there (0, the default: only for decode nodes)"))
     role_interval_s: float = field(default=0.5, metadata=_h("how often the role controller runs"))
     min_dwell_s: float = field(default=RoleConfig.min_dwell_s, metadata=_h("minimum time a node keeps a role"))
     flip_timeout_s: float = field(default=RoleConfig.flip_timeout_s, metadata=_h("give up on a role flip after this long"))

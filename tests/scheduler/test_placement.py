@@ -99,28 +99,29 @@ def test_hybrid_node_colocates() -> None:
 
 
 def test_full_hybrid_node_hands_off_to_a_decode_node_or_a_roomy_hybrid_node() -> None:
-    # 1600 + 160 tokens need 110 blocks. h1 is idle but full; h2 has room (150 blocks, not
-    # twice the request's) and a backlog. h2 serves the request alone: h1 must not prefill it
-    # and hand it to h2 (a second copy of the KV, a reservation h2 may refuse by then).
+    # 1600 + 160 tokens need 110 blocks. h1 is idle but full; h2 has room and a backlog. By
+    # default h2 serves the request alone, whatever its room: h1 must not prefill it and hand
+    # it to h2 (a second copy of the KV, a reservation h2 may refuse by then).
     full = dict(free_blocks=100)
-    pol = _cluster(report("h1", Role.HYBRID, **full), report("h2", Role.HYBRID, waiting_tokens=20_000, free_blocks=150))
-    out = pol.place(_req())
+
+    def cluster(*reports, room: float = PlacementConfig.hybrid_handoff_room):
+        reg = NodeRegistry(ManualClock(0.0))
+        for r in reports:
+            reg.update(r)
+        return make_policy("flowkv", reg, PlacementConfig(hybrid_handoff_room=room))
+
+    h1 = report("h1", Role.HYBRID, **full)
+    out = cluster(h1, report("h2", Role.HYBRID, waiting_tokens=20_000, free_blocks=10_000)).place(_req())
     assert (out.prefill_node, out.decode_node) == ("h2", "h2")
-    # With room for it twice over, h2 takes the hand-off from the idle h1.
-    pol = _cluster(report("h1", Role.HYBRID, **full), report("h2", Role.HYBRID, waiting_tokens=20_000, free_blocks=220))
-    out = pol.place(_req())
-    assert (out.prefill_node, out.decode_node) == ("h1", "h2")
     # A decode node beside them takes it whatever its room beyond this request.
-    pol = _cluster(report("h1", Role.HYBRID, **full), report("h2", Role.HYBRID, waiting_tokens=20_000, free_blocks=150),
-                   report("d1", Role.DECODE, free_blocks=110))
-    out = pol.place(_req())
+    out = cluster(h1, report("h2", Role.HYBRID, waiting_tokens=20_000, free_blocks=10_000),
+                  report("d1", Role.DECODE, free_blocks=110)).place(_req())
     assert (out.prefill_node, out.decode_node) == ("h1", "d1")
-    # hybrid_handoff_room=0: never to a hybrid node, whatever its room.
-    reg = NodeRegistry(ManualClock(0.0))
-    for r in (report("h1", Role.HYBRID, **full), report("h2", Role.HYBRID, waiting_tokens=20_000, free_blocks=10_000)):
-        reg.update(r)
-    out = make_policy("flowkv", reg, PlacementConfig(hybrid_handoff_room=0)).place(_req())
+    # hybrid_handoff_room=2: to a hybrid node with room for it twice over (220 blocks), not less.
+    out = cluster(h1, report("h2", Role.HYBRID, waiting_tokens=20_000, free_blocks=219), room=2).place(_req())
     assert (out.prefill_node, out.decode_node) == ("h2", "h2")
+    out = cluster(h1, report("h2", Role.HYBRID, waiting_tokens=20_000, free_blocks=220), room=2).place(_req())
+    assert (out.prefill_node, out.decode_node) == ("h1", "h2")
 
 
 def test_faster_device_wins_by_measured_rate() -> None:
