@@ -81,8 +81,9 @@ class Policy:
 
         Returns:
             Placement, or Rejected(NO_NODES) when no live node serves the model (after
-            ``exclude_nodes``) or only excluded ones can prefill (or decode) it, Rejected(INVALID) when the prompt fits no node's
-            ``max_model_len``, Rejected(OVERLOADED, retry_after_s) when none can take it now.
+            ``exclude_nodes``) or only excluded ones can prefill (or decode) it,
+            Rejected(INVALID) when the prompt fits no node's ``max_model_len``,
+            Rejected(OVERLOADED, retry_after_s) when none can take it now.
         """
         live = [n for n in self._serving(req) if n.node_id not in req.exclude_nodes]
         if not live:

@@ -35,6 +35,22 @@ async def _place(client, rid: str) -> object:
     return decode((await client.request(subjects.sched_place(), encode(req), timeout=3)).data)
 
 
+async def _place_as_the_gateway(client, rid: str) -> object:
+    """``_place``, re-sent on "no responders" for up to a second, as the gateway re-sends a
+    placement while a leader takes over: right after a replica subscribes again, the
+    broker has answered the first request with "no responders" (seen on a loaded 2-core
+    machine, once in about twenty runs; the next request, 20 ms later, was placed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 1.0
+    while True:
+        try:
+            return await _place(client, rid)
+        except nats.errors.NoRespondersError:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.02)
+
+
 async def _who_answers(client) -> ClusterState:
     state = decode((await client.request(subjects.sched_cluster(), encode(ClusterQuery(brief=True)), timeout=3)).data)
     assert isinstance(state, ClusterState)
@@ -224,7 +240,7 @@ async def test_a_replica_that_stepped_down_takes_its_own_lease_back_at_once(nats
         assert not s.leadership.is_leader
         await s.leadership.campaign()
         assert s.is_leader and s.leadership.epoch > epoch
-        assert isinstance(await _place(client, "after"), Placement)
+        assert isinstance(await _place_as_the_gateway(client, "after"), Placement)
     finally:
         await s.close()
         await nc.drain()

@@ -71,14 +71,12 @@ def test_excluding_the_only_node_of_a_role_is_answered_at_once() -> None:
     out = pol.place(_req("a", exclude_nodes=["p1"]))
     assert (out.code, out.reason) == (ErrorCode.NO_NODES, "no prefill node but the excluded p1")
     assert pol.place(_req("b", exclude_nodes=["d1", "d2"])).code == ErrorCode.NO_NODES
-    # Another node of the role, only full: that one is worth waiting for.
+    # Another node of the role, only not ready now (draining): that one is worth waiting for.
     pol = _cluster(report("p1"), report("p2", state=NodeState.DRAINING), report("d1", Role.DECODE))
     assert pol.place(_req("c", exclude_nodes=["p1"])).code == ErrorCode.OVERLOADED
 
 
 def test_only_draining_or_full_nodes_is_overloaded() -> None:
-    from libs.protocol.messages import NodeState
-
     pol = _cluster(report("p1", state=NodeState.DRAINING), report("d1", Role.DECODE))
     out = pol.place(_req())
     assert (out.code, out.retry_after_s) == (ErrorCode.OVERLOADED, 1.0)
