@@ -9,6 +9,7 @@ here is a mock: it is the real broker binary.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -45,6 +46,22 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def listen_port(host: str = "127.0.0.1") -> int:
+    """A free port below the kernel's ephemeral range, for a listener bound some time after
+    it is picked: no outgoing connection (the servers' route dials, say) can take it
+    meanwhile, as it may take a port from :func:`free_port`."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(low, 10001))
+        if port_is_free(port, host):
+            return port
+    return free_port(host)
+
+
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -57,10 +74,13 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
 
 
 def server_conf(host: str, port: int, token: str = "", user: str = "", password: str = "", store_dir: str = "",
-                name: str = "", cluster_port: int = 0, routes: list[str] | None = None) -> str:
-    """A nats-server config: listen address, auth, JetStream (when ``store_dir`` is given)
-    and, with ``cluster_port``, the routes to the other servers of a cluster."""
+                name: str = "", cluster_port: int = 0, routes: list[str] | None = None, http_port: int = 0) -> str:
+    """A nats-server config: listen address, auth, JetStream (when ``store_dir`` is given),
+    with ``cluster_port`` the routes to the other servers of a cluster, and with
+    ``http_port`` the monitoring endpoint (``/healthz``)."""
     lines = [f"listen: {host}:{port}", "max_payload: 8MB"]
+    if http_port:
+        lines.append(f"http: {host}:{http_port}")
     if name:
         lines.append(f"server_name: {name}")
     if token:
@@ -94,8 +114,10 @@ class NatsServer:
         name: str = "",
         cluster_port: int = 0,
         routes: list[str] | None = None,
+        http_port: int = 0,
     ) -> None:
         self.jetstream = jetstream
+        self.http_port = http_port
         self.name = name
         self.cluster_port = cluster_port
         self.routes = routes or []
@@ -120,7 +142,7 @@ class NatsServer:
             self._store = tempfile.mkdtemp(prefix="flowkv-nats-js-")
         with os.fdopen(fd, "w") as f:
             f.write(server_conf(self.host, self.port, self.token, self.user, self.password, self._store or "",
-                                self.name, self.cluster_port, self.routes))
+                                self.name, self.cluster_port, self.routes, self.http_port))
         os.chmod(self._conf, 0o600)
         args = [find_binary(), "-c", self._conf]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
@@ -148,6 +170,18 @@ class NatsServer:
             shutil.rmtree(self._store, ignore_errors=True)
             self._store = None
 
+    def healthy(self) -> bool:
+        """Whether the server's ``/healthz`` answers ok (needs ``http_port``). With JetStream
+        that means every stream replica this server holds is current: what a rolling
+        restart waits for before it takes down the next server."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/healthz", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:  # refused, timed out, or 503 (HTTPError is an OSError): not healthy yet
+            return False
+
     def kill(self) -> None:
         """SIGKILL the broker (failure tests)."""
         if self.proc is not None:
@@ -169,7 +203,8 @@ class NatsCluster:
     """``size`` routed nats-servers with JetStream on loopback, each knowing every other.
 
     ``url`` lists every server (comma-separated, as ``FLOWKV_NATS_URL`` takes it);
-    ``servers[i].kill()`` and ``restart(i)`` fail and bring back one of them.
+    ``servers[i].kill()`` and ``restart(i)`` fail and bring back one of them;
+    ``servers[i].healthy()`` reads its ``/healthz``.
     """
 
     def __init__(self, size: int = 3, host: str = "127.0.0.1", token: str = "", log_dir: str | None = None) -> None:
@@ -177,6 +212,7 @@ class NatsCluster:
         routes = [f"nats-route://{host}:{cp}" for _, cp in ports]
         self.servers = [
             NatsServer(port=p, host=host, token=token, name=f"nats-{i}", cluster_port=cp, routes=routes,
+                       http_port=listen_port(host),
                        log_file=str(Path(log_dir) / f"nats-{i}.log") if log_dir else None)
             for i, (p, cp) in enumerate(ports)
         ]

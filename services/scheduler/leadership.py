@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 LEADER_KEY = "leader"
 STATE_KEY = "state"
+JS_TEMPORARILY_UNAVAILABLE = 10008  # JetStream's error code while its cluster has no leader
 
 
 class NotLeader(Exception):
@@ -92,15 +93,30 @@ class Leadership:
         self._since = 0.0
         self._settled = asyncio.Event()  # set (and replaced) whenever the lease is renewed or lost
 
-    async def start(self) -> bool:
-        """Open (or create) the buckets. Returns False when the broker has no JetStream."""
-        try:
-            await self._open()
-        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
-            self.enabled = False
-            log.warning("the broker has no JetStream: this scheduler leads alone (run a single replica, "
-                        "or enable JetStream for leader election)")
-        return self.enabled
+    async def start(self, ready_timeout_s: float = 60.0) -> bool:
+        """Open (or create) the buckets. Returns False when the broker has no JetStream.
+
+        A JetStream cluster that is still electing its metadata leader (servers started a
+        moment ago; an election can take several seconds) answers nothing: that is retried
+        for up to ``ready_timeout_s`` before the error is raised."""
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            try:
+                await self._open()
+                return self.enabled
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
+                if getattr(exc, "err_code", None) != JS_TEMPORARILY_UNAVAILABLE:
+                    self.enabled = False
+                    log.warning("the broker has no JetStream: this scheduler leads alone (run a single replica, "
+                                "or enable JetStream for leader election)")
+                    return self.enabled
+                problem: Exception = exc
+            except asyncio.TimeoutError as exc:  # nats.errors.TimeoutError too
+                problem = exc
+            if time.monotonic() >= deadline:
+                raise problem
+            log.warning("JetStream is not ready (%s): its cluster may still be electing; trying again", problem)
+            await asyncio.sleep(0.5)
 
     async def _open(self) -> None:
         """Create the buckets if missing (a restarted broker may have lost them), then bind

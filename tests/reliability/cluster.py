@@ -35,7 +35,7 @@ import nats
 
 from libs.protocol import messages
 from libs.protocol.messages import ClusterQuery, ClusterState, LoadReport
-from libs.protocol.subjects import sched_cluster, sched_lease_bucket, sched_state_bucket
+from libs.protocol.subjects import sched_cluster
 from services.common.natsserver import NatsCluster, NatsServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -264,26 +264,13 @@ class Cluster:
         assert isinstance(self.nats, NatsCluster)
         self.nats.restart(i)
 
-    async def jetstream_current(self) -> bool:
-        """Whether every JetStream replica of the schedulers' buckets is current: each has a
-        stream leader, and each peer is online with nothing left to catch up. An operator
+    def nats_healthy(self) -> bool:
+        """Whether every running server of the NATS cluster answers ``/healthz`` ok: with
+        JetStream, each holds current replicas of every stream it serves. An operator
         restarting one server of three waits for this before touching the next: a second
         server lost while the first still catches up leaves a bucket without a quorum."""
-        nc = await self.nats_connect()
-        try:
-            js = nc.jetstream(timeout=2)
-            for bucket in (sched_lease_bucket(), sched_state_bucket()):
-                info = await js.stream_info(f"KV_{bucket}")
-                cluster = info.cluster
-                if cluster is None or not cluster.leader or len(cluster.replicas or []) != self.nats_cluster - 1:
-                    return False
-                if any(p.offline or not p.current or p.lag for p in cluster.replicas or []):
-                    return False
-            return True
-        except Exception:  # no leader for the stream yet, a server still starting
-            return False
-        finally:
-            await nc.close()
+        assert isinstance(self.nats, NatsCluster)
+        return all(server.healthy() for server in self.nats.servers if server.proc is not None)
 
     async def leader(self) -> str:
         """The id of the scheduler replica that answers (the leader)."""

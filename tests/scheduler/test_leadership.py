@@ -245,3 +245,32 @@ async def test_a_replica_that_stepped_down_takes_its_own_lease_back_at_once(nats
         await s.close()
         await nc.drain()
         await client.drain()
+
+
+async def test_start_waits_for_a_jetstream_cluster_still_electing(monkeypatch) -> None:
+    """Servers started a moment ago may take seconds to elect JetStream's leader; until then
+    the buckets' API times out or answers "temporarily unavailable". The replica waits for
+    it (it must not lead alone: another replica may lead through the lease); a broker with
+    no JetStream at all makes it lead alone at once."""
+    from services.scheduler.leadership import JS_TEMPORARILY_UNAVAILABLE, Leadership
+
+    answers = [nats.errors.TimeoutError(), nats.js.errors.ServiceUnavailableError(
+        code=503, err_code=JS_TEMPORARILY_UNAVAILABLE, description="JetStream system temporarily unavailable")]
+
+    async def electing(self) -> None:
+        if answers:
+            raise answers.pop(0)
+
+    async def nothing(_epoch_or_reason) -> None:
+        return None
+
+    monkeypatch.setattr(Leadership, "_open", electing)
+    lead = Leadership(None, "s0", LEASE_S, 3, nothing, nothing)
+    assert await lead.start(ready_timeout_s=30) and lead.enabled and not answers
+
+    async def no_jetstream(self) -> None:
+        raise nats.js.errors.ServiceUnavailableError()
+
+    monkeypatch.setattr(Leadership, "_open", no_jetstream)
+    alone = Leadership(None, "s1", LEASE_S, 1, nothing, nothing)
+    assert not await alone.start() and not alone.enabled
