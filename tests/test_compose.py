@@ -1,6 +1,6 @@
 """compose.yaml against the official Compose Specification schema, and against our code.
 
-There is no Docker engine here, so the file is checked the way Compose itself checks it
+No Docker engine is needed: the file is checked the way Compose itself checks it
 (the compose-spec JSON schema, vendored in tests/data/, see tests/data/README.md) and
 then for what the schema cannot know: every command is a real entry point whose flags
 parse, every FLOWKV_* variable is one the services read, secrets stay off command lines.

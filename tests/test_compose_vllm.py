@@ -1,7 +1,7 @@
 """compose.yaml's ``vllm`` profile: CPU vLLM nodes and their gateway (docs/vllm.md).
 
-Checked as tests/test_compose.py checks the default services (there is no Docker engine
-here): real entry points whose flags and environment parse into a vLLM node's
+Checked as tests/test_compose.py checks the default services (no Docker engine
+needed): real entry points whose flags and environment parse into a vLLM node's
 configuration, variables some service reads, and an inline Dockerfile that copies what
 exists and builds the venv with scripts/setup.sh --vllm.
 """

@@ -5,7 +5,7 @@
 
 Each run is a fresh process (fresh CUDA context, its own empty Triton cache; only the
 first process of a fresh machine also finds the CUDA libraries cold on disk, so run this
-first in a device call to see that case), built as a node builds its engine (Llama-3.1-8B shapes,
+first on a freshly started machine to see that case), built as a node builds its engine (Llama-3.1-8B shapes,
 random bf16 weights, 8,192 batched tokens, CUDA graphs), alternately with
 ``EngineConfig.warmup`` off and on. It then prefills the same prompts one at a time
 (``prefill_only``, as on a prefill node; no prefix caching, so no prompt helps another)

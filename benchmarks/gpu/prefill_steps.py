@@ -7,7 +7,7 @@ of chosen requests (host-side time per function, synchronisations included).
 Builds the engine as a node does (random bf16 weights, 8,192 batched tokens, decode graphs,
 its prefill warm-up), then prefills the prompts one at a time (``prefill_only``) and prints
 each one's steps. A prompt longer than the step budget runs in chunks, the later ones over
-cached context. Run it first in a device call to see a fresh machine's first-use costs.
+cached context. Run it first on a freshly started machine to see its first-use costs.
 """
 
 from __future__ import annotations

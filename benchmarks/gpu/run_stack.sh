@@ -5,8 +5,8 @@
 #
 # Sources env.sh (wheels of .whl/, tokenizer cache, NVLink multicast off), prints
 # nvidia-smi, and runs benchmarks/gpu/stack_bench.py for Llama-3.1-8B (random bf16
-# weights) on <gpus> GPUs inside a `timeout` that leaves ~60 s of a 10-minute command
-# for the setup and the stop. Results go to $OUT (results.json, results.md, stack.png,
+# weights) on <gpus> GPUs inside a `timeout` that keeps the whole script within 10
+# minutes, ~60 s of them for the setup and the stop. Results go to $OUT (results.json, results.md, stack.png,
 # stack.log); without $OUT, to bench-results/stack.
 set -uo pipefail
 GPUS="${1:?usage: bash benchmarks/gpu/run_stack.sh <gpus> [extra stack_bench.py args]}"

