@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from libs.engine.kernels import cpu as cpu_kernels
 
 log = logging.getLogger(__name__)
 
@@ -39,53 +42,97 @@ class PackedLinear(nn.Linear):
     Attributes:
         plain_single_row: a single float32 row goes through ``F.linear`` on the plain
             weight (set by :func:`pack_linears` where that is faster).
+        native_rows: up to this many rows go through the native small-batch kernel
+            (:func:`libs.engine.kernels.cpu.linear`; set by :func:`pack_linears` where
+            that is faster; 0: never).
     """
 
     packed: torch.Tensor
     plain_single_row: bool = False
+    native_rows: int = 0
 
     def pack(self) -> None:
         w = self.weight.detach()
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(w, _PACK_ROWS_HINT), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.dtype != self.packed.dtype or (
-                self.plain_single_row and x.shape[0] == 1 and x.dtype == torch.float32):
+        if x.dim() != 2 or x.dtype != self.packed.dtype:
+            return F.linear(x, self.weight, self.bias)
+        if x.shape[0] <= self.native_rows:
+            out = cpu_kernels.linear(x, self.weight, self.bias)
+            if out is not None:
+                return out
+        if self.plain_single_row and x.shape[0] == 1 and x.dtype == torch.float32:
             return F.linear(x, self.weight, self.bias)
         return self._packed(x)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
+    def _native(self, x: torch.Tensor) -> torch.Tensor:
+        out = cpu_kernels.linear(x, self.weight, self.bias)
+        if out is None:
+            raise RuntimeError("the native linear kernel does not take these inputs")
+        return out
+
 
 # The most weight bytes the load-time timing reads a pass (a large model is timed on its first layers).
 _TIMING_BYTES = 256 << 20
+# Row counts the native small-batch kernel is timed at (a decode step of that many sequences).
+_NATIVE_ROWS = (1, 2, 4, 8)
 
 
-@torch.inference_mode()
-def _plain_faster_for_one_row(linears: list[PackedLinear]) -> bool:
-    """Whether one float32 row through ``linears`` is faster on the plain weights (MKL's
-    GEMV) than on the packed ones: the best of 3 passes each, taken in turns, over the
-    first layers up to ``_TIMING_BYTES`` of weights."""
+def _timed_layers(linears: list[PackedLinear]) -> list[PackedLinear]:
+    """The first layers, up to ``_TIMING_BYTES`` of weights."""
     timed, size = [], 0
     for m in linears:
         if timed and size + m.weight.nbytes > _TIMING_BYTES:
             break
         timed.append(m)
         size += m.weight.nbytes
-    linears = timed
-    rows = {m.in_features: torch.randn(1, m.in_features) for m in linears}
-    best = {"plain": float("inf"), "packed": float("inf")}
+    return timed
+
+
+@torch.inference_mode()
+def _fastest(linears: list[PackedLinear], rows: int, ways: dict[str, Callable[..., torch.Tensor]]) -> str:
+    """The way (a function of a layer and its input) that runs ``rows`` rows through
+    ``linears`` fastest: the best of 3 passes each, taken in turns."""
+    dtype = linears[0].weight.dtype
+    inputs = {m.in_features: torch.randn(rows, m.in_features).to(dtype) for m in linears}
+    best = dict.fromkeys(ways, float("inf"))
     for _ in range(3):
-        for way in best:
+        for name, way in ways.items():
             t0 = time.perf_counter()
             for m in linears:
-                x = rows[m.in_features]
-                F.linear(x, m.weight, m.bias) if way == "plain" else m._packed(x)
-            best[way] = min(best[way], time.perf_counter() - t0)
-    log.info("one float32 row through %d linear layers: %.1f ms plain, %.1f ms packed",
-             len(linears), best["plain"] * 1e3, best["packed"] * 1e3)
-    return best["plain"] < best["packed"]
+                way(m, inputs[m.in_features])
+            best[name] = min(best[name], time.perf_counter() - t0)
+    log.info("%d %s row(s) through %d linear layers: %s", rows, dtype, len(linears),
+             ", ".join(f"{name} {t * 1e3:.1f} ms" for name, t in best.items()))
+    return min(best, key=lambda name: best[name])
+
+
+def _plain(m: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, m.weight, m.bias)
+
+
+def _choose_ways(linears: list[PackedLinear]) -> None:
+    """Set ``plain_single_row`` and ``native_rows`` of ``linears`` (one dtype) by timing them."""
+    timed = _timed_layers(linears)
+    plain = False
+    if linears[0].weight.dtype == torch.float32:
+        plain = _fastest(timed, 1, {"packed": PackedLinear._packed, "plain": _plain}) == "plain"
+        for m in linears:
+            m.plain_single_row = plain
+    if not cpu_kernels.linear_usable():
+        return
+    native_rows = 0
+    for rows in _NATIVE_ROWS:
+        torch_way = _plain if rows == 1 and plain else PackedLinear._packed
+        if _fastest(timed, rows, {"torch": torch_way, "native": PackedLinear._native}) != "native":
+            break
+        native_rows = rows
+    for m in linears:
+        m.native_rows = native_rows
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -100,8 +147,8 @@ def pack_linears(model: nn.Module) -> int:
             module.__class__ = PackedLinear
             module.pack()  # type: ignore[attr-defined]
             packed.append(module)  # type: ignore[arg-type]
-    fp32 = [m for m in packed if m.weight.dtype == torch.float32]
-    if fp32 and _plain_faster_for_one_row(fp32):
-        for m in fp32:
-            m.plain_single_row = True
+    for dtype in (torch.float32, torch.bfloat16):
+        of_dtype = [m for m in packed if m.weight.dtype == dtype]
+        if of_dtype:
+            _choose_ways(of_dtype)
     return len(packed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from libs.engine.attention import decode_attention_torch
 from libs.engine.kernels import cpu
@@ -126,3 +127,54 @@ def test_write_kv_matches_the_torch_scatter(dtype):
     write_kv_ref(ref, 2, k, v, slots)
     assert torch.equal(pool, ref)
     assert not cpu.write_kv(pool, 2, k.float() if dtype != torch.float32 else k.bfloat16(), v, slots)
+
+
+@pytest.mark.skipif(not cpu.linear_usable(), reason="the native linear kernel needs AVX-512")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 11])
+@pytest.mark.parametrize("shape", [(576, 960), (1536, 576), (100, 37), (7, 3)], ids=lambda s: "k{}-n{}".format(*s))
+def test_linear_matches_torch(dtype, rows, shape):
+    """Every row-count path (1, 2, up to 4, up to 8, more than 8 in passes of 8), widths with a
+    tail shorter than a vector and output counts not a multiple of the thread bands' 8."""
+    gen = torch.Generator().manual_seed(rows)
+    k_in, n_out = shape
+    x = torch.randn(rows, k_in, generator=gen).to(dtype)
+    w = torch.randn(n_out, k_in, generator=gen).to(dtype)
+    bias = torch.randn(n_out, generator=gen).to(dtype)
+    for b in (None, bias):
+        got = cpu.linear(x, w, b)
+        want = F.linear(x.float(), w.float(), None if b is None else b.float())
+        assert got is not None and got.dtype == dtype and got.shape == (rows, n_out)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+        else:  # summed in float32, rounded once: within one bf16 step of the float32 result
+            torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=2 ** -7)
+    # strided rows (a view of a wider activation) are taken as they are
+    wide = torch.randn(rows, k_in + 16, generator=gen).to(dtype)
+    got = cpu.linear(wide[:, :k_in], w)
+    assert got is not None
+    torch.testing.assert_close(got.float(), F.linear(wide[:, :k_in].float(), w.float()), atol=1e-2, rtol=2 ** -7)
+
+
+def test_linear_inputs_it_does_not_take_fall_back():
+    w = torch.randn(8, 16)
+    assert cpu.linear(torch.randn(2, 16).bfloat16(), w) is None  # dtypes differ
+    assert cpu.linear(torch.randn(2, 16), w.t().contiguous().t()) is None  # weight not row-major
+    assert cpu.linear(torch.randn(2, 3, 16), w) is None  # not 2-D
+
+
+def test_packed_linear_gives_the_same_rows_whichever_way_it_takes():
+    """PackedLinear's ways (native kernel, MKL on the plain weight, oneDNN's packed one) agree."""
+    from libs.engine.cpu_linear import PackedLinear, pack_linears
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 40, bias=False))
+    want = {rows: model(torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))) for rows in (1, 3, 9)}
+    assert pack_linears(model) == 2
+    assert all(isinstance(m, PackedLinear) for m in model)
+    for native_rows, plain in ((0, False), (0, True), (8, False)):
+        for m in model:
+            m.native_rows, m.plain_single_row = native_rows, plain
+        for rows, ref in want.items():
+            got = model(torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)))
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

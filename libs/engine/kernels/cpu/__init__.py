@@ -29,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention.c", "layer_ops.c")
+_SOURCES = ("paged_attention.c", "layer_ops.c", "linear.c")
 # Compiled with -ffast-math (so expf vectorises through libmvec) but linked without it:
 # linking with it adds crtfastmath.o, whose constructor turns on flush-to-zero for the
 # whole process when the library loads (a denormal like 5e-324 would then read as 0).
@@ -143,6 +143,10 @@ def _load() -> ctypes.CDLL | None:
         getattr(lib, f"flowkv_rotary_{suffix}").argtypes = [P, I64, I, P, I64, I, I, P, I64, P, P]
         getattr(lib, f"flowkv_silu_mul_{suffix}").restype = None
         getattr(lib, f"flowkv_silu_mul_{suffix}").argtypes = [P, I64, P, I64, I64, I64]
+        getattr(lib, f"flowkv_linear_{suffix}").restype = I
+        getattr(lib, f"flowkv_linear_{suffix}").argtypes = [P, I64, I64, P, I64, I64, P, P, I64]
+    lib.flowkv_linear_available.restype = I
+    lib.flowkv_linear_available.argtypes = []
     return lib
 
 
@@ -203,6 +207,27 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty((rows, inter), dtype=gate_up.dtype)
     _fn(lib, "silu_mul", gate_up.dtype)(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0), rows, inter)
     return out
+
+
+def linear_usable() -> bool:
+    """Whether :func:`linear` can run here (the library is built for a CPU with AVX-512)."""
+    lib = native()
+    return lib is not None and bool(lib.flowkv_linear_available())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ weight.T + bias`` for ``x`` [M, K] of a few rows (a decode step), streaming the
+    weight [N, K] once; float32 or bfloat16. None: not for these inputs."""
+    lib = native()
+    if lib is None or x.dim() != 2 or not _rows_ok(x, weight) or not weight.is_contiguous() \
+            or weight.dim() != 2 or x.shape[1] != weight.shape[1] \
+            or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())):
+        return None
+    rows, n_out = x.shape[0], weight.shape[0]
+    out = torch.empty((rows, n_out), dtype=x.dtype)
+    rc = _fn(lib, "linear", x.dtype)(x.data_ptr(), x.stride(0), rows, weight.data_ptr(), n_out, weight.shape[1],
+                                     None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0))
+    return out if rc == 0 else None
 
 
 def write_kv(pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> bool:

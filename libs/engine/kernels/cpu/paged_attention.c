@@ -28,6 +28,11 @@
 
 #define MAX_GROUP 32
 #define MAX_HEAD_DIM 256
+/* Query heads of a group whose accumulators the value loop keeps in registers at once. */
+#define MAX_GROUP_VEC 4
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_T1
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = ((uint32_t)h) << 16;
@@ -151,95 +156,119 @@ static inline __m512 load16_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* Kv heads [h0, h0 + nh) of one sequence with AVX-512, head_dim 16 * NV. For each kv head:
- * the scores of its query-head group go sixteen keys at a time, each key row loaded once for
- * the group, the products kept in vectors and reduced sixteen at once by sum16, the next
- * sixteen keys prefetched meanwhile (a sequence's blocks lie anywhere in the pool); softmax
- * as the scalar path; then the values, each row loaded once and added to the group's
- * accumulators (registers) with broadcast FMAs. Returns nonzero on failure. */
+/* Kv heads [h0, h0 + nh) of one sequence with AVX-512, head_dim 16 * NV, in one pass over
+ * the context sixteen keys at a time (online softmax, as flash-decoding does). A token's
+ * rows of every kv head of the item are read together, in the order they lie in the pool
+ * (a block's K is [block_size, kv_heads, head_dim], its V right after), so a block is one
+ * contiguous read, and the next tile's rows are prefetched while this one is computed
+ * (a sequence's blocks lie anywhere in the pool). Each key row is scored for its query
+ * group in vector registers and the sixteen dot products of a head reduced at once by
+ * sum16; the running maximum rescales the head's accumulator when it grows; each value row
+ * is added to the group's accumulators with broadcast FMAs. Returns nonzero on failure. */
 #define DEFINE_VEC_ITEM(NAME, KV_T, LOAD16, NV)                                                   \
 static int NAME(const float *qh, const KV_T *pool, const pool_geometry *g, const int32_t *table,  \
                 int len, int h0, int nh, int group, float scale, float *oh) {                    \
-    const int bs = g->block_size, D = 16 * (NV);                                                   \
-    const int64_t row = (int64_t)g->kv_heads * D, stride = ((int64_t)len + 31) & ~(int64_t)15;     \
-    float *scores = (float *)malloc(sizeof(float) * (size_t)group * (size_t)stride);               \
-    if (!scores) return 1;                                                                         \
-    const __m512 sv = _mm512_set1_ps(scale);                                                       \
-    for (int hh = 0; hh < nh; ++hh) {                                                              \
-        const KV_T *kbase = pool + g->layer_offset + (int64_t)(h0 + hh) * D;                       \
-        const KV_T *vbase = kbase + g->v_offset;                                                   \
-        const float *qg = qh + (int64_t)hh * group * D;                                            \
-        const int span = D * (int)sizeof(KV_T);                                                    \
-        float *og = oh + (int64_t)hh * group * D;                                                  \
-        __m512 qv[MAX_GROUP][NV];                                                                  \
-        float maxs[MAX_GROUP];                                                                     \
-        for (int j = 0; j < group; ++j) {                                                          \
-            maxs[j] = -FLT_MAX;                                                                    \
-            for (int c = 0; c < (NV); ++c) qv[j][c] = _mm512_mul_ps(_mm512_loadu_ps(qg + j * D + 16 * c), sv); \
-        }                                                                                          \
-        const KV_T *rows[32];                                                                      \
-        int nrows = 0;                                                                             \
-        for (int t = 0; t < len && t < 16; ++t)                                                    \
-            rows[nrows++] = kbase + (int64_t)table[t / bs] * g->block_stride + (int64_t)(t % bs) * row; \
-        for (int t0 = 0; t0 < len; t0 += 16) {                                                     \
-            const int n = len - t0 < 16 ? len - t0 : 16;                                           \
-            for (int t = t0 + 16; t < len && t < t0 + 32; ++t) {  /* the next tile, ahead */       \
-                const KV_T *r = kbase + (int64_t)table[t / bs] * g->block_stride + (int64_t)(t % bs) * row; \
-                rows[16 + (t - t0 - 16)] = r;                                                      \
-                for (int c = 0; c < span; c += 64) _mm_prefetch((const char *)r + c, _MM_HINT_T0);  \
-            }                                                                                      \
-            __m512 prod[MAX_GROUP][16];                                                            \
-            for (int i = 0; i < n; ++i) {                                                          \
-                __m512 kv[NV];                                                                     \
-                for (int c = 0; c < (NV); ++c) kv[c] = LOAD16(rows[i] + 16 * c);                   \
-                for (int j = 0; j < group; ++j) {                                                  \
-                    __m512 acc = _mm512_mul_ps(qv[j][0], kv[0]);                                   \
-                    for (int c = 1; c < (NV); ++c) acc = _mm512_fmadd_ps(qv[j][c], kv[c], acc);    \
-                    prod[j][i] = acc;                                                              \
-                }                                                                                  \
-            }                                                                                      \
-            const __mmask16 m = (__mmask16)((1u << n) - 1u);                                       \
-            for (int j = 0; j < group; ++j) {                                                      \
-                for (int i = n; i < 16; ++i) prod[j][i] = _mm512_setzero_ps();                     \
-                const __m512 s = sum16(prod[j]);                                                   \
-                _mm512_mask_storeu_ps(scores + j * stride + t0, m, s);                             \
-                const float mx = _mm512_mask_reduce_max_ps(m, s);                                  \
-                if (mx > maxs[j]) maxs[j] = mx;                                                    \
-            }                                                                                      \
-            for (int i = 0; i < 16; ++i) rows[i] = rows[16 + i];                                   \
-        }                                                                                          \
-        float inv[MAX_GROUP];                                                                      \
-        for (int j = 0; j < group; ++j) {                                                          \
-            float *s = scores + j * stride, mx = maxs[j], sum = 0.f;                               \
-            _Pragma("omp simd reduction(+:sum)")                                                   \
-            for (int t = 0; t < len; ++t) { s[t] = expf(s[t] - mx); sum += s[t]; }                 \
-            inv[j] = 1.f / sum;                                                                    \
-        }                                                                                          \
-        __m512 acc[MAX_GROUP][NV];                                                                 \
-        for (int j = 0; j < group; ++j)                                                            \
-            for (int c = 0; c < (NV); ++c) acc[j][c] = _mm512_setzero_ps();                        \
-        for (int t = 0; t < len; ++t) {                                                            \
-            if ((t & 15) == 0) {  /* the next sixteen value rows, ahead */                         \
-                for (int ta = t + 16; ta < len && ta < t + 32; ++ta) {                             \
-                    const char *r = (const char *)(vbase + (int64_t)table[ta / bs] * g->block_stride \
-                                  + (int64_t)(ta % bs) * row);                                     \
-                    for (int c = 0; c < span; c += 64) _mm_prefetch(r + c, _MM_HINT_T0);           \
-                }                                                                                  \
-            }                                                                                      \
-            const KV_T *v = vbase + (int64_t)table[t / bs] * g->block_stride + (int64_t)(t % bs) * row; \
-            __m512 vv[NV];                                                                         \
-            for (int c = 0; c < (NV); ++c) vv[c] = LOAD16(v + 16 * c);                             \
-            for (int j = 0; j < group; ++j) {                                                      \
-                const __m512 p = _mm512_set1_ps(scores[j * stride + t]);                           \
-                for (int c = 0; c < (NV); ++c) acc[j][c] = _mm512_fmadd_ps(p, vv[c], acc[j][c]);   \
-            }                                                                                      \
-        }                                                                                          \
-        for (int j = 0; j < group; ++j) {                                                          \
-            const __m512 iv = _mm512_set1_ps(inv[j]);                                              \
-            for (int c = 0; c < (NV); ++c) _mm512_storeu_ps(og + j * D + 16 * c, _mm512_mul_ps(acc[j][c], iv)); \
+    const int bs = g->block_size, D = 16 * (NV), H = nh * group;                                   \
+    const int64_t row = (int64_t)g->kv_heads * D;                                                  \
+    const int span = nh * D * (int)sizeof(KV_T);                                                   \
+    /* per query head: q (D), accumulator (D), the tile's products (16 x 16), probabilities   \
+     * (16), running max and sum (16 each, for alignment) */                                 \
+    const size_t per_head = (size_t)(2 * D + 256 + 16 + 32);                                       \
+    float *mem = (float *)aligned_alloc(64, sizeof(float) * per_head * (size_t)H);                 \
+    if (!mem) return 1;                                                                            \
+    float *qs = mem, *acc = qs + (size_t)H * D, *prod = acc + (size_t)H * D;                       \
+    float *probs = prod + (size_t)H * 256, *mx = probs + (size_t)H * 16, *sum = mx + (size_t)H * 16; \
+    for (int hd = 0; hd < H; ++hd) {                                                               \
+        for (int d = 0; d < D; ++d) { qs[hd * D + d] = qh[hd * D + d] * scale; acc[hd * D + d] = 0.f; } \
+        mx[hd] = -FLT_MAX;  /* built with -ffast-math: no infinities */                            \
+        sum[hd] = 0.f;                                                                             \
+    }                                                                                              \
+    const KV_T *base = pool + g->layer_offset + (int64_t)h0 * D;                                   \
+    for (int t = 0; t < len && t < 2 * 16; ++t) {  /* the first two tiles, ahead */               \
+        const char *r = (const char *)(base + (int64_t)table[t / bs] * g->block_stride + (int64_t)(t % bs) * row); \
+        for (int c = 0; c < span; c += 64) {                                                       \
+            _mm_prefetch(r + c, PREFETCH_HINT);                                                    \
+            _mm_prefetch(r + g->v_offset * (int64_t)sizeof(KV_T) + c, PREFETCH_HINT);               \
         }                                                                                          \
     }                                                                                              \
-    free(scores);                                                                                  \
+    for (int t0 = 0; t0 < len; t0 += 16) {                                                         \
+        const int n = len - t0 < 16 ? len - t0 : 16;                                               \
+        const KV_T *rows[16];                                                                      \
+        for (int i = 0; i < n; ++i) {                                                              \
+            const int t = t0 + i, ta = t + 2 * 16;                                                 \
+            rows[i] = base + (int64_t)table[t / bs] * g->block_stride + (int64_t)(t % bs) * row;   \
+            if (ta < len) {  /* two tiles ahead, a row at a time: the misses spread over the tile */ \
+                const char *r = (const char *)(base + (int64_t)table[ta / bs] * g->block_stride    \
+                                               + (int64_t)(ta % bs) * row);                        \
+                for (int c = 0; c < span; c += 64) {                                               \
+                    _mm_prefetch(r + c, PREFETCH_HINT);                                            \
+                    _mm_prefetch(r + g->v_offset * (int64_t)sizeof(KV_T) + c, PREFETCH_HINT);       \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        for (int i = 0; i < n; ++i) {                                                              \
+            for (int hh = 0; hh < nh; ++hh) {                                                      \
+                __m512 kv[NV];                                                                     \
+                for (int c = 0; c < (NV); ++c) kv[c] = LOAD16(rows[i] + hh * D + 16 * c);         \
+                for (int j = 0; j < group; ++j) {                                                  \
+                    const float *qj = qs + (hh * group + j) * D;                                   \
+                    __m512 a = _mm512_mul_ps(_mm512_load_ps(qj), kv[0]);                           \
+                    for (int c = 1; c < (NV); ++c) a = _mm512_fmadd_ps(_mm512_load_ps(qj + 16 * c), kv[c], a); \
+                    _mm512_store_ps(prod + (hh * group + j) * 256 + 16 * i, a);                    \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        const __mmask16 m = (__mmask16)((1u << n) - 1u);                                           \
+        for (int hd = 0; hd < H; ++hd) {                                                           \
+            float *ph = prod + hd * 256;                                                           \
+            for (int i = n; i < 16; ++i) _mm512_store_ps(ph + 16 * i, _mm512_setzero_ps());        \
+            const __m512 s = sum16((const __m512 *)ph);                                            \
+            const float tile_max = _mm512_mask_reduce_max_ps(m, s);                                \
+            const float new_max = tile_max > mx[hd] ? tile_max : mx[hd];                           \
+            float e[16];                                                                           \
+            _mm512_storeu_ps(e, _mm512_sub_ps(s, _mm512_set1_ps(new_max)));                        \
+            _Pragma("omp simd")                                                                    \
+            for (int i = 0; i < 16; ++i) e[i] = expf(e[i]);                                        \
+            const __m512 p = _mm512_maskz_loadu_ps(m, e);                                          \
+            _mm512_store_ps(probs + hd * 16, p);                                                   \
+            if (new_max > mx[hd]) {  /* rescale what was summed under the old maximum */           \
+                if (t0 > 0) {                                                                      \
+                    const float alpha = expf(mx[hd] - new_max);                                    \
+                    sum[hd] *= alpha;                                                              \
+                    const __m512 av = _mm512_set1_ps(alpha);                                       \
+                    for (int c = 0; c < (NV); ++c)                                                 \
+                        _mm512_store_ps(acc + hd * D + 16 * c, _mm512_mul_ps(_mm512_load_ps(acc + hd * D + 16 * c), av)); \
+                }                                                                                  \
+                mx[hd] = new_max;                                                                  \
+            }                                                                                      \
+            sum[hd] += _mm512_reduce_add_ps(p);                                                    \
+        }                                                                                          \
+        for (int hh = 0; hh < nh; ++hh) {                                                          \
+            __m512 av[MAX_GROUP_VEC][NV];                                                          \
+            const int gq = group < MAX_GROUP_VEC ? group : MAX_GROUP_VEC;                          \
+            for (int j0 = 0; j0 < group; j0 += gq) {                                               \
+                const int gn = group - j0 < gq ? group - j0 : gq;                                  \
+                for (int j = 0; j < gn; ++j)                                                       \
+                    for (int c = 0; c < (NV); ++c) av[j][c] = _mm512_load_ps(acc + (hh * group + j0 + j) * D + 16 * c); \
+                for (int i = 0; i < n; ++i) {                                                      \
+                    __m512 vv[NV];                                                                 \
+                    for (int c = 0; c < (NV); ++c) vv[c] = LOAD16(rows[i] + g->v_offset + hh * D + 16 * c); \
+                    for (int j = 0; j < gn; ++j) {                                                 \
+                        const __m512 pb = _mm512_set1_ps(probs[(hh * group + j0 + j) * 16 + i]);   \
+                        for (int c = 0; c < (NV); ++c) av[j][c] = _mm512_fmadd_ps(pb, vv[c], av[j][c]); \
+                    }                                                                              \
+                }                                                                                  \
+                for (int j = 0; j < gn; ++j)                                                       \
+                    for (int c = 0; c < (NV); ++c) _mm512_store_ps(acc + (hh * group + j0 + j) * D + 16 * c, av[j][c]); \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    for (int hd = 0; hd < H; ++hd) {                                                               \
+        const __m512 iv = _mm512_set1_ps(1.f / sum[hd]);                                           \
+        for (int c = 0; c < (NV); ++c)                                                             \
+            _mm512_storeu_ps(oh + hd * D + 16 * c, _mm512_mul_ps(_mm512_load_ps(acc + hd * D + 16 * c), iv)); \
+    }                                                                                              \
+    free(mem);                                                                                     \
     return 0;                                                                                      \
 }
 
