@@ -93,6 +93,10 @@ class KVPool:
         self.tensor = tensor
         self._shm = shm
         self._owner = owner
+        # (handle, offset) of memory mapped from another process's CUDA IPC export, and the
+        # mapping's base to close; see attach_cuda_ipc.
+        self.cuda_ipc_export: tuple[bytes, int] | None = None
+        self._ipc_base: int | None = None
 
     @classmethod
     def allocate(
@@ -139,6 +143,29 @@ class KVPool:
         tensor = torch.frombuffer(shm.buf, dtype=layout.torch_dtype, count=nbytes // layout.itemsize)
         return cls(layout, tensor.view(layout.pool_shape(num_blocks)), shm=shm, owner=False)
 
+    @classmethod
+    def attach_cuda_ipc(cls, handle: bytes, offset: int, layout: KVLayout, num_blocks: int,
+                        device: int = 0) -> KVPool:
+        """Map another process's CUDA memory, exported as ``(handle, offset)`` (no copy).
+
+        The ``cuda_ipc`` transport advertises such a pool with the same handle, since
+        mapped memory cannot be exported again. Needs cupy.
+        """
+        import cupy as cp
+
+        from libs.kvtransfer.transports.cuda_ipc import open_handle
+
+        ptr, base = open_handle(handle, offset, device)
+        nbytes = num_blocks * layout.block_bytes
+        with cp.cuda.Device(device):
+            memory = cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(ptr, nbytes, owner=None, device_id=device), 0)
+            array = cp.ndarray((nbytes,), dtype=cp.uint8, memptr=memory)
+            tensor = torch.as_tensor(array, device=f"cuda:{device}")
+        tensor = tensor.view(layout.torch_dtype).view(layout.pool_shape(num_blocks))
+        pool = cls(layout, tensor, owner=False)
+        pool.cuda_ipc_export, pool._ipc_base = (handle, offset), base
+        return pool
+
     @property
     def num_blocks(self) -> int:
         return self.layout.pool_num_blocks(tuple(self.tensor.shape))
@@ -169,7 +196,15 @@ class KVPool:
         return self.tensor.view(-1).view(torch.uint8)
 
     def close(self) -> None:
-        """Release shared memory (unlinking it if this process created it)."""
+        """Release shared memory (unlinking it if this process created it), or a CUDA mapping."""
+        if self._ipc_base is not None:
+            from libs.kvtransfer.transports.cuda_ipc import close_handle
+
+            base, self._ipc_base = self._ipc_base, None
+            device = self.tensor.device.index or 0
+            self.tensor = torch.empty(0, dtype=self.layout.torch_dtype)
+            close_handle(base, device)
+            return
         if self._shm is None:
             return
         shm, self._shm = self._shm, None

@@ -6,11 +6,12 @@ does, with FlowKV's transports, straight between the two engines' KV caches. Wha
 connector does is make vLLM's cache reachable and let the node's control plane decide
 when blocks are held, reserved, filled and given back:
 
-- **Where the KV lives.** :meth:`FlowKVConnector.get_mem_pool_context` makes vLLM allocate
-  its KV cache (one buffer for every layer, layer-major) in named POSIX shared memory; the
-  node maps the same segment as a layer-major :class:`libs.kvtransfer.pool.KVPool`
-  (:meth:`FlowKVWorkerExtension.flowkv_pool_info` says where and what). A CUDA cache would
-  be exported the same way through a CUDA IPC handle; only the CPU build is wired here.
+- **Where the KV lives.** :meth:`FlowKVConnector.get_mem_pool_context` catches vLLM's one
+  KV-cache allocation (one buffer for every layer, layer-major): on the CPU it goes into
+  named POSIX shared memory, on CUDA it is exported through a CUDA IPC handle
+  (:mod:`libs.vllm_engine.kv_export`). The node maps the same memory as a layer-major
+  :class:`libs.kvtransfer.pool.KVPool` (:meth:`FlowKVWorkerExtension.flowkv_pool_info`
+  says where and what).
 - **P holds.** A request sent with ``kv_transfer_params={"flowkv_hold": True}`` and
   ``max_tokens=1`` keeps its blocks when it finishes by length (``request_finished``
   returns ``True``); its block ids come back in the output's ``kv_transfer_params``. The
@@ -31,21 +32,17 @@ request vLLM has already freed.
 
 from __future__ import annotations
 
-import _posixshmem
 import logging
 import os
-import secrets
 import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from multiprocessing import shared_memory
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import torch
-from torch.overrides import TorchFunctionMode
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -53,8 +50,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.engine import FinishReason
 
-from libs.kvtransfer.layout import dtype_name
-from libs.kvtransfer.pool import sweep_stale_segments
+from libs.vllm_engine.kv_export import KVCacheExport
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -70,7 +66,6 @@ BLOCK_IDS = "flowkv_block_ids"
 # The node's request id. vLLM gives each request an internal id of its own (the node's
 # plus a random suffix); events to the node and commands from it use the node's.
 NODE_ID = "flowkv_id"
-_SHM_PREFIX = "flowkv-"  # the same prefix as KVPool's segments: sweep_stale_segments cleans both
 
 
 class Allocation(msgspec.Struct, frozen=True):
@@ -87,35 +82,6 @@ class FlowKVMetadata(KVConnectorMetadata):
 
     held: dict[str, str] = field(default_factory=dict)  # node's id -> vLLM's id
     reserved: dict[str, str] = field(default_factory=dict)
-
-
-class _SharedAllocation(TorchFunctionMode):
-    """Turns vLLM's one KV-cache allocation (``torch.zeros(n, dtype=int8)`` on CPU) into a
-    tensor over a new named shared-memory segment."""
-
-    def __init__(self, owner: FlowKVConnector) -> None:
-        super().__init__()
-        self.owner = owner
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        if (func is torch.zeros and self.owner.shm is None and kwargs.get("dtype") is torch.int8
-                and torch.device(kwargs.get("device") or "cpu").type == "cpu"):
-            size = args[0] if len(args) == 1 else args
-            nbytes = int(size if isinstance(size, int) else torch.Size(size).numel())
-            sweep_stale_segments()
-            name = f"{_SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-            self.owner.shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
-            # The node maps this segment too and shares vLLM's resource tracker (spawned
-            # processes inherit it); left registered, the tracker's books go wrong. The
-            # connector unlinks it at shutdown, sweep_stale_segments after a SIGKILL.
-            from multiprocessing import resource_tracker
-
-            resource_tracker.unregister(self.owner.shm._name, "shared_memory")  # type: ignore[attr-defined]
-            buf = torch.frombuffer(self.owner.shm.buf, dtype=torch.int8, count=nbytes)
-            buf.zero_()
-            return buf
-        return func(*args, **kwargs)
 
 
 def _stop_with_node(node_pid: int) -> None:
@@ -153,7 +119,7 @@ class FlowKVConnector(KVConnectorBase_V1):
         self._new_held: dict[str, str] = {}
         self._new_reserved: dict[str, str] = {}
         # worker side
-        self.shm: shared_memory.SharedMemory | None = None
+        self.kv_export = KVCacheExport()
         self.pool_info: dict[str, Any] = {}
         self._held: dict[str, str] = {}  # node's id -> vLLM's id, until released
         self._awaiting: dict[str, str] = {}  # the same, until landed
@@ -211,26 +177,11 @@ class FlowKVConnector(KVConnectorBase_V1):
     # ========================================================= worker side
 
     def get_mem_pool_context(self) -> Any:
-        return _SharedAllocation(self) if self._role == KVConnectorRole.WORKER else None
+        return self.kv_export.allocation() if self._role == KVConnectorRole.WORKER else None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Check that vLLM laid the cache out as one layer-major buffer in our segment."""
-        if self.shm is None:
-            raise RuntimeError("FlowKV connector: vLLM allocated its KV cache outside the shared segment "
-                               "(only the CPU build is supported)")
-        base = torch.frombuffer(self.shm.buf, dtype=torch.int8, count=1).data_ptr()
-        views = sorted({t.data_ptr(): t for t in kv_caches.values()}.items())
-        num_layers = len(views)
-        first = views[0][1]
-        num_blocks, num_kv_heads, block_size = (int(x) for x in first.shape[:3])
-        page = first[0].numel() * first.element_size()
-        for layer, (ptr, view) in enumerate(views):
-            if ptr != base + layer * num_blocks * page or view.stride(0) * view.element_size() != page:
-                raise RuntimeError("FlowKV connector: vLLM's KV cache is not one layer-major buffer")
-        head_dim = page // (2 * block_size * num_kv_heads * first.element_size())
-        self.pool_info = {"shm_name": self.shm.name, "num_blocks": num_blocks, "num_layers": num_layers,
-                          "block_size": block_size, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
-                          "dtype": dtype_name(first.dtype)}
+        """Check that vLLM laid the cache out as one layer-major buffer; note how the node maps it."""
+        self.pool_info = self.kv_export.describe(kv_caches)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -269,17 +220,7 @@ class FlowKVConnector(KVConnectorBase_V1):
         self._landed_asked.add(request_id)
 
     def shutdown(self) -> None:
-        if self.shm is not None:
-            shm, self.shm = self.shm, None
-            try:
-                shm.close()
-            except BufferError:
-                pass  # vLLM's views are still alive; the mapping goes with the process
-            try:
-                # unlink() would also unregister from the tracker, which never had it.
-                _posixshmem.shm_unlink(shm._name)  # type: ignore[attr-defined]
-            except FileNotFoundError:
-                pass
+        self.kv_export.close()
 
 
 class FlowKVWorkerExtension:

@@ -11,7 +11,8 @@ prefill, decode or hybrid role under FlowKV's scheduler and gateway:
   enters vLLM as an external load of the prompt; vLLM reserves the blocks and the
   connector tells this object their ids. ``decode_remote`` reports the bytes landed and
   streams the tokens after the first. ``release`` aborts it and frees the blocks.
-- ``pool``: vLLM's own KV cache, mapped from the shared segment vLLM allocated it in.
+- ``pool``: vLLM's own KV cache, mapped from the shared segment vLLM allocated it in (CPU)
+  or through the CUDA IPC handle of its allocation (CUDA).
 
 ``num_prior_output_tokens`` (a retry's or a recompute's earlier output at the end of the
 prompt) is accepted and not used: vLLM takes every prompt token as prompt, so greedy
@@ -43,6 +44,7 @@ from libs.kvtransfer.allocator import NoFreeBlocks
 from libs.kvtransfer.layout import KVLayout
 from libs.kvtransfer.pool import KVPool
 from libs.vllm_engine.connector import BLOCK_IDS, HOLD, NODE_ID, REMOTE, Allocation
+from libs.vllm_engine.kv_export import attach, layout_of
 
 log = logging.getLogger(__name__)
 _DEFAULT_KV_BYTES = 1 << 30
@@ -107,6 +109,7 @@ class VllmEngine:
         self._reader: asyncio.Task[None] | None = None
         self._allocations: dict[str, asyncio.Future[Allocation]] = {}
         self._collectors: dict[str, Any] = {}  # D: reserved requests' output queues
+        self._landing: set[str] = set()  # D: landed, no output from vLLM yet (its stats may not show them)
         self._held: set[str] = set()
         self._stats = EngineStats(num_waiting=0, num_running=0, num_held=0, num_remote_pending=0,
                                   waiting_prefill_tokens=0, num_running_decode=0, free_blocks=0, total_blocks=0,
@@ -143,9 +146,8 @@ class VllmEngine:
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=[self._stat_logger])
         self._tokenizer = AutoTokenizer.from_pretrained(self._model)
         (info,) = await self._llm.collective_rpc("flowkv_pool_info")
-        self._layout = KVLayout(dtype=info["dtype"], num_layers=info["num_layers"], block_size=info["block_size"],
-                                num_kv_heads=info["num_kv_heads"], head_dim=info["head_dim"], order="layer")
-        self._pool = KVPool.attach_shm(info["shm_name"], self._layout, info["num_blocks"])
+        self._layout = layout_of(info)
+        self._pool = attach(info)
         self._stats.total_blocks = self._stats.free_blocks = self._stats.largest_free_segment = info["num_blocks"]
 
     def _kv_cache_bytes(self) -> int | None:
@@ -216,7 +218,7 @@ class VllmEngine:
 
     def stats(self) -> EngineStats:
         self._stats.num_held = len(self._held)
-        self._stats.num_remote_pending = len(self._collectors)
+        self._stats.num_remote_pending = len(self._collectors) + len(self._landing)
         return self._stats
 
     def prefix_hashes(self) -> list[int]:
@@ -329,9 +331,16 @@ class VllmEngine:
         collector = self._collectors.pop(request_id, None)
         if collector is None:
             raise ValueError(f"{request_id} has no reservation here")
-        await self._llm.collective_rpc("flowkv_landed", args=(request_id,))
-        async for out in self._stream(request_id, collector, params.logprobs, offset_tokens=1):
-            yield out
+        # Counted as pending until vLLM's first output: until its next stats it may show the
+        # request nowhere, and a node that reports no work is one that lost its requests.
+        self._landing.add(request_id)
+        try:
+            await self._llm.collective_rpc("flowkv_landed", args=(request_id,))
+            async for out in self._stream(request_id, collector, params.logprobs, offset_tokens=1):
+                self._landing.discard(request_id)
+                yield out
+        finally:
+            self._landing.discard(request_id)
 
     async def release(self, request_id: str) -> None:
         if request_id in self._held:

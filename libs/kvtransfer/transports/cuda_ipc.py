@@ -9,7 +9,9 @@ returns. One-sided: D learns of completion from the control plane.
 A handle names the whole ``cudaMalloc`` allocation that holds the pool; torch's caching
 allocator may place the pool inside a larger segment, so the offset of the pool in that
 allocation travels with the handle. A handle cannot be opened by the process that made
-it: pools exported by this process are looked up in a local table instead. IPC needs
+it: pools exported by this process are looked up in a local table instead. A pool this
+process itself mapped from another (a vLLM worker's cache, ``KVPool.attach_cuda_ipc``)
+is advertised with its owner's handle, as mapped memory cannot be exported again. IPC needs
 ``PYTORCH_CUDA_ALLOC_CONF`` without ``expandable_segments``. cupy is imported lazily.
 """
 
@@ -46,6 +48,34 @@ def allocation_offset(ptr: int, device: int) -> int:
     return 0  # not from torch's allocator: a raw allocation starts at the pointer
 
 
+def export_handle(ptr: int, device: int) -> tuple[bytes, int]:
+    """The CUDA IPC handle of the allocation holding ``ptr`` and ``ptr``'s offset in it."""
+    cp = _cupy()
+    with cp.cuda.Device(device):
+        handle = bytes(cp.cuda.runtime.ipcGetMemHandle(ptr))
+    return handle, allocation_offset(ptr, device)
+
+
+def open_handle(handle: bytes, offset: int, device: int) -> tuple[int, int]:
+    """Open another process's export in this one: ``(pointer, base)``; ``base`` goes to
+    :func:`close_handle`. Raises :class:`TransferError` where it cannot be opened."""
+    cp = _cupy()
+    with cp.cuda.Device(device):
+        try:
+            base = cp.cuda.runtime.ipcOpenMemHandle(handle, _LAZY_PEER_ACCESS)
+        except Exception as exc:
+            raise TransferError(f"cannot open a CUDA IPC handle: {exc}") from exc
+    return base + offset, base
+
+
+def close_handle(base: int, device: int) -> None:
+    try:
+        with _cupy().cuda.Device(device):
+            _cupy().cuda.runtime.ipcCloseMemHandle(base)
+    except Exception:  # the exporter's memory may already be gone; nothing to release then
+        pass
+
+
 def gpu_uuid(device: int) -> str | None:
     import torch
 
@@ -74,9 +104,13 @@ class CudaIpcTransport(Transport):
         self.device = pool.device.index if pool.device.index is not None else 0
         self._ptr = pool.tensor.data_ptr()
         with cp.cuda.Device(self.device):
-            self._handle = bytes(self._rt.ipcGetMemHandle(self._ptr))
             self._stream = cp.cuda.Stream(non_blocking=True)
-        self._offset = allocation_offset(self._ptr, self.device)
+        if pool.cuda_ipc_export is not None:
+            # Memory this process mapped from its owner (a vLLM worker's KV cache): memory
+            # from cudaIpcOpenMemHandle cannot be exported again, so peers get the owner's handle.
+            self._handle, self._offset = pool.cuda_ipc_export
+        else:
+            self._handle, self._offset = export_handle(self._ptr, self.device)
         _LOCAL_EXPORTS[self._handle] = self._ptr
         self._peers: dict[str, tuple[bytes, int, int | None]] = {}  # node -> (handle, pool ptr, opened base)
 
@@ -96,12 +130,11 @@ class CudaIpcTransport(Transport):
         if local is not None:  # same process: the handle cannot be opened here
             entry: tuple[bytes, int, int | None] = (peer.cuda_ipc_handle, local, None)
         else:
-            with _cupy().cuda.Device(self.device):
-                try:
-                    base = self._rt.ipcOpenMemHandle(peer.cuda_ipc_handle, _LAZY_PEER_ACCESS)
-                except Exception as exc:
-                    raise TransferError(f"cannot open the CUDA IPC handle of {peer.node_id}: {exc}") from exc
-            entry = (peer.cuda_ipc_handle, base + peer.cuda_ipc_offset, base)
+            try:
+                ptr, base = open_handle(peer.cuda_ipc_handle, peer.cuda_ipc_offset, self.device)
+            except TransferError as exc:
+                raise TransferError(f"{peer.node_id}: {exc.reason}") from exc
+            entry = (peer.cuda_ipc_handle, ptr, base)
         self._peers[peer.node_id] = entry
         return entry[1]
 
@@ -118,11 +151,7 @@ class CudaIpcTransport(Transport):
 
     def _close_peer(self, entry: tuple[bytes, int, int | None]) -> None:
         if entry[2] is not None:
-            try:
-                with _cupy().cuda.Device(self.device):
-                    self._rt.ipcCloseMemHandle(entry[2])
-            except Exception:  # the peer's memory may already be gone; nothing to release then
-                pass
+            close_handle(entry[2], self.device)
 
     async def close(self) -> None:
         for entry in self._peers.values():
