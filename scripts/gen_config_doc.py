@@ -105,7 +105,7 @@ Read once at start-up, outside the config dataclasses above.
 | `FLOWKV_KV_TRANSPORT` | (unset) | force one KV transport (`shm`, `tcp`, `cuda_ipc`, `nccl`) instead of choosing by where the pools live |
 | `OTEL_TRACES_EXPORTER` | `none` | `console`, `otlp` or `file` (see [observability.md](observability.md)) |
 | `FLOWKV_TRACE_FILE` | `flowkv-traces.jsonl` | where the `file` trace exporter appends spans |
-| `FLOWKV_FAULT_INJECT` | (unset) | tests only: `kv_send_fail[:N]`, `kv_done_drop[:N]` make a prefill node fail hand-offs |
+| `FLOWKV_FAULT_INJECT` | (unset) | tests only: `kv_send_fail[:N]`, `kv_done_drop[:N]` make a prefill node fail hand-offs, `kv_send_stall:SECONDS` stall them after the reservation |
 """
 
 

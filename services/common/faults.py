@@ -12,6 +12,9 @@ times, per process). Known names:
 - ``engine_slow_step:SECONDS``: every engine step of the node also sleeps SECONDS (a
   busy node whose steps outlast the scheduler's node timeout must not be taken for a
   dead one). Its number is a duration, not a count.
+- ``kv_send_stall:SECONDS``: every KV send of the prefill node waits SECONDS after the
+  decode node reserved its blocks, before a byte is written (a test SIGKILLs the node or
+  flips the decode node's role in that window). A duration too.
 
 Never set it in production: a fault fires on real requests.
 """
@@ -24,8 +27,8 @@ import os
 log = logging.getLogger(__name__)
 
 ENV = "FLOWKV_FAULT_INJECT"
-KNOWN = frozenset({"kv_send_fail", "kv_done_drop", "engine_slow_step"})
-DURATIONS = frozenset({"engine_slow_step"})  # faults whose number is seconds, not a count
+KNOWN = frozenset({"kv_send_fail", "kv_done_drop", "engine_slow_step", "kv_send_stall"})
+DURATIONS = frozenset({"engine_slow_step", "kv_send_stall"})  # faults whose number is seconds, not a count
 
 
 def parse(spec: str) -> dict[str, float]:

@@ -76,9 +76,11 @@ class DecodeHandler:
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
         self.reservations: dict[str, Reservation] = {}
+        self.reserving: set[str] = set()  # KVAllocRequests whose blocks the engine is reserving now
 
     def num_inflight(self) -> int:
-        return len(self.reservations)
+        """Reservations held and being made (a role flip away from decode waits for both)."""
+        return len(self.reservations) + len(self.reserving)
 
     # ------------------------------------------------------------------ verbs
 
@@ -100,6 +102,9 @@ class DecodeHandler:
             transport = ctx.agent.transport_for(peer).name
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TransferError) as exc:
             return KVAllocReply(**refuse, code=ErrorCode.INVALID, error=str(exc))
+        # Accepted in the decode role: in flight from here, though the engine may take a
+        # while to reserve (vLLM's does it in a step of its own).
+        self.reserving.add(req.request_id)
         try:
             alloc = await ctx.engine.allocate_remote(req.request_id, list(req.prompt_token_ids),
                                                      first_token_id=req.first_token_id, params=params)
@@ -108,6 +113,10 @@ class DecodeHandler:
             return KVAllocReply(**refuse, code=ErrorCode.OVERLOADED, error=str(exc))
         except ValueError as exc:
             return KVAllocReply(**refuse, code=ErrorCode.INVALID, error=str(exc))
+        finally:
+            # On success the reservation below is in place before anyone waiting runs.
+            self.reserving.discard(req.request_id)
+            ctx.work_finished.notify()
         dst = list(alloc.block_ids)
         if len(dst) != len(req.src_block_ids):
             await ctx.engine.release(req.request_id)
@@ -153,8 +162,8 @@ class DecodeHandler:
         return True
 
     async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no reservation is held; False on timeout."""
-        return await self.ctx.work_finished.wait_until(lambda: not self.reservations, timeout)
+        """Wait until no reservation is held or being made; False on timeout."""
+        return await self.ctx.work_finished.wait_until(lambda: not self.num_inflight(), timeout)
 
     async def cancel_all(self) -> None:
         for rid in list(self.reservations):

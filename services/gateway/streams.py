@@ -117,10 +117,10 @@ class RequestStream:
         self._pending.clear()
         self.queue.put_nowait(item)
 
-    def fail(self, code: ErrorCode, error: str) -> None:
-        """End this attempt from outside (a node went down)."""
+    def fail(self, code: ErrorCode, error: str, node_id: str = "") -> None:
+        """End this attempt from outside: ``node_id`` (if given) went down, the failure is laid on it."""
         if not self._done:
-            self._finish(Delivery([], error_code=code, error=error))
+            self._finish(Delivery([], error_code=code, error=error, node_id=node_id))
 
 
 class StreamRouter:
@@ -152,7 +152,7 @@ class StreamRouter:
         """Fail every open stream served by ``node_id``; returns how many."""
         hit = [s for s in self._streams.values() if node_id in s.node_ids]
         for s in hit:
-            s.fail(ErrorCode.NODE_FAILED, reason)
+            s.fail(ErrorCode.NODE_FAILED, reason, node_id)  # blamed, whichever phase the attempt is in
         return len(hit)
 
     @property

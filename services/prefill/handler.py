@@ -326,6 +326,10 @@ class PrefillHandler:
         ctx = self.ctx
         if faults.fire("kv_send_fail"):  # test-only (FLOWKV_FAULT_INJECT); off by default
             raise TransferError("injected fault kv_send_fail")
+        stall = faults.seconds("kv_send_stall")
+        if stall:  # test-only: D has reserved, nothing is written yet
+            log.warning("injected fault kv_send_stall: %gs before writing %s", stall, job.transfer_id)
+            await asyncio.sleep(stall)
         stats = await ctx.agent.send(job.transfer_id, peer, src, dst, mode=self.transfer_mode,
                                      timeout=ctx.config.transfer_timeout_s)
         metrics.record_send(stats, ctx.transfers, peer=job.req.decode_node)

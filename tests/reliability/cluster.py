@@ -108,6 +108,8 @@ class Cluster:
         nats_token / nats_user / nats_password: broker credentials (given to services by env only).
         gateway_args / scheduler_args / node_args: extra flags for those services.
         node_env: extra environment of every node.
+        node_env_of: extra environment of single nodes (node id -> variables), on top of
+            ``node_env`` (a fault injected in one node only); read at each (re)start.
         schedulers: scheduler replicas (``scheduler``, or ``scheduler-0``, ``scheduler-1``, ...).
         nats_cluster: with 3 (or more), that many routed nats-servers instead of one
             (``kill_nats(i)`` / ``restart_nats(i)``); every service is given every URL.
@@ -124,6 +126,7 @@ class Cluster:
     scheduler_args: list[str] = field(default_factory=list)
     node_args: list[str] = field(default_factory=list)
     node_env: dict[str, str] = field(default_factory=dict)
+    node_env_of: dict[str, dict[str, str]] = field(default_factory=dict)
     schedulers: int = 1
     nats_cluster: int = 0
     nats: NatsServer | NatsCluster | None = None
@@ -173,7 +176,7 @@ class Cluster:
         args = ["--node-id", node_id, "--role", role, "--model", MODEL, "--device", "cpu",
                 "--block-size", str(BLOCK_SIZE), "--num-blocks", str(NUM_BLOCKS), "--report-interval-s", "0.2",
                 "--drain-timeout-s", "3", *self.node_args]
-        return self._spawn(node_id, "services.node", args, self.node_env)
+        return self._spawn(node_id, "services.node", args, self.node_env | self.node_env_of.get(node_id, {}))
 
     def start(self) -> Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)

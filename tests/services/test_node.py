@@ -260,6 +260,40 @@ async def test_set_role_flips_without_losing_requests(nats_server, engines):
         await gw.nc.drain()
 
 
+async def test_set_role_waits_for_a_reservation_still_being_made(nats_server, engines):
+    # An engine may take a while to reserve a hand-off's blocks (vLLM's reserves in a step of
+    # its own). A SetRole away from decode that lands meanwhile must wait for that request as
+    # for any other decode work: the node reports the new role only once it is decoded.
+    p_llm, d_llm, refs = engines
+    async with running_node(nats_server.url, p_llm, "p0", Role.PREFILL) as p, \
+            running_node(nats_server.url, d_llm, "d0", Role.DECODE) as d:
+        reserving = asyncio.Event()
+        allocate = d.engine.allocate_remote
+
+        async def slow_allocate(*args, **kwargs):  # type: ignore[no-untyped-def]
+            reserving.set()
+            await asyncio.sleep(1.0)
+            return await allocate(*args, **kwargs)
+
+        d.engine.allocate_remote = slow_allocate
+        gw = await Gateway(await nats.connect(nats_server.url)).start()
+        assert (await gw.submit("p0", "w1", decode_node="d0")).ok
+        await asyncio.wait_for(reserving.wait(), 30)
+        ack = messages.decode((await gw.nc.request(node("d0", NodeVerb.ROLE),
+                                                   messages.encode(SetRole(node_id="d0", role=Role.PREFILL)),
+                                                   timeout=5)).data)
+        assert ack.ok
+        await eventually(lambda: d.target_role is Role.PREFILL, "d0 took the SetRole")
+        await asyncio.sleep(0.2)  # the flip has looked at the work in flight by now
+        assert (d.role, d.state) == (Role.DECODE, NodeState.DRAINING)
+        chunks = await gw.result("w1")
+        assert tokens(chunks) == refs["greedy"]
+        assert [c.node_id for c in chunks][:2] == ["p0", "d0"]  # decoded where it was reserved
+        await eventually(lambda: (d.role, d.state) == (Role.PREFILL, NodeState.READY), "d0 flipped")
+        await eventually(lambda: idle(p, d), "blocks free on both nodes")
+        await gw.nc.drain()
+
+
 def collect_into(reports: list[LoadReport]):  # type: ignore[no-untyped-def]
     async def on_report(msg) -> None:  # type: ignore[no-untyped-def]
         reports.append(messages.decode(msg.data))

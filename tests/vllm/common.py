@@ -103,27 +103,34 @@ class MixedCluster(Cluster):
 @contextlib.contextmanager
 def vllm_cluster(workdir: Path, model: str, prefill: int, decode: int, num_blocks: int,
                  max_model_len: int, node_env: dict[str, str] | None = None,
-                 flowkv_model: str = "", flowkv_nodes: dict[str, str] | None = None) -> Iterator[Cluster]:
+                 flowkv_model: str = "", flowkv_nodes: dict[str, str] | None = None,
+                 node_env_of: dict[str, dict[str, str]] | None = None, extra_node_args: list[str] | None = None,
+                 extra_gateway_args: list[str] | None = None,
+                 scheduler_args: list[str] | None = None) -> Iterator[Cluster]:
     """A cluster of vLLM nodes (tracing to ``traces.jsonl``); afterwards no segment of its nodes is left.
 
     With ``flowkv_model``, ``flowkv_nodes`` (node id -> role) of FlowKV's own engine serve
     that model beside the vLLM nodes, under the same scheduler and gateway (which serves
     both models). The scheduler then places by least load: the ``flowkv`` policy's role
     controller sizes prefill and decode over every node, whatever its model.
+    ``node_env_of`` adds variables to single nodes (a fault in one node);
+    ``extra_node_args``, ``extra_gateway_args`` and ``scheduler_args`` add flags (later
+    flags win).
     """
     common: dict[str, Any] = dict(
-        prefill=prefill, decode=decode, node_args=node_args(model, num_blocks, max_model_len),
+        prefill=prefill, decode=decode, node_args=node_args(model, num_blocks, max_model_len) + (extra_node_args or []),
         # One compute thread per engine, left to the OS: vLLM's default binds every
         # engine of the host to the same cores.
         node_env={"OTEL_TRACES_EXPORTER": "file", "FLOWKV_TRACE_FILE": str(workdir / "traces.jsonl"),
                   "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", **(node_env or {})},
+        node_env_of=dict(node_env_of or {}),
         gateway_args=["--model", f"{model},{flowkv_model}" if flowkv_model else model, "--stall-timeout-s", "30",
-                      "--queue-timeout-s", "120"])
+                      "--queue-timeout-s", "120", *(extra_gateway_args or [])])
     if flowkv_model:
         c: Cluster = MixedCluster(workdir, **common, scheduler_args=["--policy", "least_loaded"],
                                   flowkv_model=flowkv_model, flowkv_nodes=dict(flowkv_nodes or {}))
     else:
-        c = Cluster(workdir, **common)
+        c = Cluster(workdir, **common, scheduler_args=list(scheduler_args or []))
     with c:
         yield c
     sweep_stale_segments()  # the segments of vLLM workers that died with a SIGKILLed node
