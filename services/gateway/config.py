@@ -51,6 +51,10 @@ class GatewayConfig:
     submit_timeout_s: float = field(default=5.0, metadata={"help": "wait for a node to acknowledge a submit"})
     stall_timeout_s: float = field(default=30.0, metadata={"help": "no token for this long: the request is re-placed"})
     max_retries: int = field(default=2, metadata={"help": "re-placements after node failures before giving up"})
+    exclusion_wait_s: float = field(
+        default=5.0, metadata={"help": "a re-placement that only the failed nodes could take asks again for this long "
+                                       "(the scheduler may not have seen them die yet) before it places on any node"}
+    )
     cluster_timeout_s: float = field(default=1.0, metadata={"help": "wait for the scheduler in /ready"})
     shutdown_timeout_s: float = field(default=30.0, metadata={"help": "on shutdown, finish open streams within this bound"})
     log_level: str = field(default="info", metadata={"help": "log level"})
@@ -79,8 +83,8 @@ class GatewayConfig:
         for name in ("place_timeout_s", "submit_timeout_s", "stall_timeout_s", "cluster_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.scheduler_failover_s < 0:
-            raise ValueError("scheduler_failover_s must be >= 0")
+        if self.scheduler_failover_s < 0 or self.exclusion_wait_s < 0:
+            raise ValueError("scheduler_failover_s and exclusion_wait_s must be >= 0")
         if self.max_retries < 0 or self.max_model_len < 0 or self.shutdown_timeout_s < 0 or self.queue_timeout_s < 0:
             raise ValueError("max_retries, max_model_len, shutdown_timeout_s and queue_timeout_s must be >= 0")
 

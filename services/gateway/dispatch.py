@@ -56,6 +56,7 @@ from services.gateway.streams import Delivery, RequestStream, StreamRouter
 
 log = logging.getLogger(__name__)
 _TRACER = tracer("flowkv.gateway")
+_EXCLUSION_POLL_S = 0.5  # how often a re-placement that only failed nodes could take asks again
 
 
 class AttemptFailed(Exception):
@@ -269,9 +270,19 @@ class Dispatcher:
     async def _place_traced(self, job: Job, wire_id: str, num_prompt: int, max_tokens: int,
                             excluded: list[str]) -> Placement:
         reply = await self._ask_placement(job, wire_id, num_prompt, max_tokens, excluded)
+        if isinstance(reply, Rejected) and excluded and reply.code is ErrorCode.NO_NODES:
+            # Only the excluded nodes could take it. The gateway may have seen a node die
+            # before the scheduler has (its node timeout): asked again a moment later, the
+            # scheduler places the request elsewhere or queues it for a node to come.
+            # Placing it on the dead node now would spend the retries in milliseconds.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.config.exclusion_wait_s
+            while isinstance(reply, Rejected) and reply.code is ErrorCode.NO_NODES and loop.time() < deadline:
+                await asyncio.sleep(min(_EXCLUSION_POLL_S, max(0.0, deadline - loop.time())))
+                reply = await self._ask_placement(job, wire_id, num_prompt, max_tokens, excluded)
         if isinstance(reply, Rejected) and excluded and reply.code is not ErrorCode.INVALID:
             # Exclusion is a preference: a node that is really dead has left the scheduler's
-            # registry already, so what is left failed this request for a passing reason
+            # registry by now, so what is left failed this request for a passing reason
             # (a stall while the broker restarted, a refused reservation). Try it again.
             log.warning("no placement without %s (%s): placing on any node", excluded, reply.reason)
             return await self._place_traced(job, wire_id, num_prompt, max_tokens, [])

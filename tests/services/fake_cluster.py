@@ -46,6 +46,8 @@ class FakeCluster:
             (chunks from it stop; its submit subject stops answering).
         announce_death: publish NODE_DOWN on ``sched_events()`` when a node dies.
         reject: answer every placement with this instead.
+        noticed_after_s: the scheduler places on a dead node until it has been dead this
+            long (a real scheduler notices a silent node after its node timeout).
         hold: don't stream anything after the ack (for cancel tests) until released.
         hold_place: never answer a placement (a request waiting in the scheduler's queue).
         hung: answer neither placements nor cluster queries (a scheduler that hangs).
@@ -63,6 +65,7 @@ class FakeCluster:
     die_after: dict[str, int] = field(default_factory=dict)
     announce_death: bool = True
     reject: Rejected | None = None
+    noticed_after_s: float = 0.0
     hold: bool = False
     hold_place: bool = False
     hung: bool = False
@@ -75,6 +78,7 @@ class FakeCluster:
     submits: list[SubmitRequest] = field(default_factory=list)
     cancels: list[Cancel] = field(default_factory=list)
     dead: set[str] = field(default_factory=set)
+    died_at: dict[str, float] = field(default_factory=dict)
     released: asyncio.Event = field(default_factory=asyncio.Event)
     _subs: dict[str, object] = field(default_factory=dict)
     _tasks: set[asyncio.Task] = field(default_factory=set)
@@ -93,6 +97,13 @@ class FakeCluster:
             )
         await self.nc.flush()
         return self
+
+    async def add_node(self, node_id: str) -> None:
+        """A node joins: its submit subject answers from now on."""
+        self._subs[node_id] = await subscribe(
+            self.nc, subjects.node(node_id, subjects.NodeVerb.SUBMIT), self._submit_handler(node_id), (SubmitRequest,)
+        )
+        await self.nc.flush()
 
     async def stop(self) -> None:
         for t in list(self._tasks):
@@ -114,8 +125,9 @@ class FakeCluster:
             return
         if self.queued_s:
             await asyncio.sleep(self.queued_s)
+        noticed = {n for n in self.dead if time.monotonic() - self.died_at[n] >= self.noticed_after_s}
         for p, d in self.pairs:
-            if {p, d} & (self.dead | set(req.exclude_nodes)):
+            if {p, d} & (noticed | set(req.exclude_nodes)):
                 continue
             await respond(msg, Placement(request_id=req.request_id, prefill_node=p, decode_node=d, queued_s=self.queued_s))
             return
@@ -192,6 +204,7 @@ class FakeCluster:
         if node_id in self.dead:
             return
         self.dead.add(node_id)
+        self.died_at[node_id] = time.monotonic()
         if self.announce_death:
             await self.nc.publish(
                 subjects.sched_events(), encode(SchedEvent(kind=EventKind.NODE_DOWN, ts=time.time(), node_id=node_id, detail="killed"))

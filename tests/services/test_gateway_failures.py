@@ -132,6 +132,31 @@ async def test_retries_exhausted_mid_sse_sends_error_event_then_done(nats_server
     assert "".join(e["choices"][0]["text"] for e in events[:-2]) == gw.decode(expected_tokens(PROMPT_IDS, 3))
 
 
+async def test_a_dead_node_the_scheduler_has_not_noticed_gets_no_retries(nats_server, tokenizer):
+    """The gateway sees D0 die (its NODE_DOWN came from elsewhere, or its stream broke)
+    before the scheduler's node timeout: the re-placement without D0 finds no node, and
+    rather than placing on "any node" (D0 again, which would spend every retry on it in
+    milliseconds) the gateway asks again until the scheduler agrees, and then D1 has
+    joined: the request completes there."""
+    cluster = {"pairs": [("P0", "D0")], "die_after": {"D0": 3}, "noticed_after_s": 1.0, "announce_death": True}
+    async with gateway(nats_server.url, tokenizer, cluster, max_retries=1) as gw:
+        async def d1_joins() -> None:  # a decode node comes (a flip, a restart) once D0 is gone
+            await _wait_for(lambda: "D0" in gw.cluster.dead, "D0's death")
+            await asyncio.sleep(1.5)
+            gw.cluster.pairs.append(("P0", "D1"))
+            await gw.cluster.add_node("D1")
+
+        joining = asyncio.create_task(d1_joins())
+        status, out, _ = await gw.post("/v1/completions", {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 8})
+        await joining
+        submits = [(s.request_id, s.decode_node) for s in gw.cluster.submits]
+        places = gw.cluster.places
+    assert status == 200, out
+    assert out["choices"][0]["text"] == gw.decode(expected_tokens(PROMPT_IDS, 8))
+    assert [d for _, d in submits] == ["D0", "D1"]  # no attempt went back to the dead D0
+    assert len(places) >= 3 and all(p.exclude_nodes == ["D0"] for p in places[1:])
+
+
 @pytest.mark.parametrize("code,status,retry_after", [(ErrorCode.OVERLOADED, 429, "3"), (ErrorCode.NO_NODES, 503, None)])
 async def test_scheduler_rejection(nats_server, tokenizer, code, status, retry_after):
     reject = Rejected(request_id="x", code=code, reason="busy", retry_after_s=2.5 if code is ErrorCode.OVERLOADED else 0.0)
