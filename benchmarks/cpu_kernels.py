@@ -6,9 +6,11 @@
 1. decode attention over a 30-layer paged pool (random block tables, 300-token contexts,
    16-token blocks, 3 kv heads of 64, 9 query heads): the native kernel against the torch
    path the engine takes without a C compiler, float32 and bfloat16, 1, 16 and 64 sequences;
-2. one float32 row through the model's linear layers (30 x qkv, o, gate_up, down, and the
-   tied LM head): MKL's GEMV on the plain weights against oneDNN's packed ones (the engine
-   times this pair at load and keeps the faster);
+2. 1, 2, 4 and 8 rows (a decode step of that many sequences) through the model's linear
+   layers (30 x qkv, o, gate_up, down, and the tied LM head), float32 and bfloat16: the
+   native small-batch kernel against the faster of MKL's GEMM on the plain weights and
+   oneDNN's on the packed ones, and those two against each other (the engine times these
+   ways at load and keeps the fastest for each row count);
 3. a step of 16 decodes and one 256-token prefill chunk (random SmolLM2-shaped weights):
    one mixed forward against the prefill forward followed by the decode forward.
 
@@ -69,22 +71,38 @@ def attention(repeats: int) -> list[dict]:  # type: ignore[type-arg]
     return rows
 
 
-def one_row_linear(repeats: int) -> list[dict]:  # type: ignore[type-arg]
+def small_batch_linear(repeats: int) -> list[dict]:  # type: ignore[type-arg]
+    from libs.engine.kernels import cpu
+
     shapes = [(1728, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
-    weights = [torch.randn(o, i) * 0.02 for o, i in shapes]
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
-    x = {n: torch.randn(1, n) for n in (576, 1536)}
+    rows_out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        weights = [(torch.randn(o, i) * 0.02).to(dtype) for o, i in shapes]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
+        for rows in (1, 2, 4, 8):
+            x = {n: torch.randn(rows, n).to(dtype) for n in (576, 1536)}
 
-    def plain() -> None:
-        for w in weights:
-            F.linear(x[w.shape[1]], w)
+            def plain() -> None:
+                for w in weights:
+                    F.linear(x[w.shape[1]], w)
 
-    def onednn() -> None:
-        for w, p in zip(weights, packed):
-            torch.ops.mkldnn._linear_pointwise(x[w.shape[1]], p, None, "none", [], "")
+            def onednn() -> None:
+                for w, p in zip(weights, packed):
+                    torch.ops.mkldnn._linear_pointwise(x[w.shape[1]], p, None, "none", [], "")
 
-    return [{"what": "one float32 row, the model's 121 linear layers", "ms": best_of(onednn, repeats),
-             "baseline": "plain weights (MKL GEMV)", "baseline_ms": best_of(plain, repeats)}]
+            def native() -> None:
+                for w in weights:
+                    cpu.linear(x[w.shape[1]], w)
+
+            base = {"MKL, plain weights": best_of(plain, repeats), "oneDNN, packed": best_of(onednn, repeats)}
+            best = min(base, key=lambda k: base[k])
+            if cpu.linear_usable():
+                rows_out.append({"what": f"{rows} {str(dtype)[6:]} row(s), the 121 linear layers, native",
+                                 "ms": best_of(native, repeats), "baseline": best, "baseline_ms": base[best]})
+            other = next(k for k in base if k != best)
+            rows_out.append({"what": f"{rows} {str(dtype)[6:]} row(s), the 121 linear layers, {best}",
+                             "ms": base[best], "baseline": other, "baseline_ms": base[other]})
+    return rows_out
 
 
 def mixed_step(repeats: int) -> list[dict]:  # type: ignore[type-arg]
@@ -136,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-json", default="")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = attention(args.repeats) + one_row_linear(args.repeats) + mixed_step(args.repeats)
+    rows = attention(args.repeats) + small_batch_linear(args.repeats) + mixed_step(args.repeats)
     print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}")
     print(f"| {'what':<48} | {'ms':>8} | {'baseline':<38} | {'ms':>8} | {'speed-up':>8} |")
     print(f"|{'-' * 50}|{'-' * 10}|{'-' * 40}|{'-' * 10}|{'-' * 10}|")

@@ -6,8 +6,13 @@ SmolLM2 layers of a 16-row step in 13.7 ms in bfloat16 (on the CPU's AMX units) 
 ``F.linear`` on the plain layout takes 19.7 ms, and 33 against 42 ms in float32 (2
 threads). A single float32 row (a one-sequence decode step) goes either way by the CPU:
 MKL's GEMV on the plain layout was faster on an Intel Xeon (16 against 23 ms), oneDNN's
-packed one on an AMD EPYC (22 against 46 ms). :func:`pack_linears` times both on the
-model's own layers once and keeps the faster.
+packed one on an AMD EPYC (22 against 46 ms). One or two rows go faster still through
+the native small-batch kernel (:func:`libs.engine.kernels.cpu.linear`, the weight
+streamed once on the plain layout): on a 2-core AMD EPYC, SmolLM2's 121 layers in
+float32 took 20.2 ms for one row against oneDNN's 27.2 (2 threads), while oneDNN stays
+ahead from four rows. :func:`pack_linears` times the ways on the model's own layers once
+(one row: plain, packed, native; 2, 4 and 8 rows: packed, native) and keeps the fastest
+for each row count.
 
 :func:`pack_linears` turns a model's ``nn.Linear`` modules into :class:`PackedLinear`
 (same parameters, same ``state_dict``, plus the packed copy as a buffer that is not
