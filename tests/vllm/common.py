@@ -193,3 +193,32 @@ async def openai_stream(c: Cluster, model: str, prompt: list[int], max_tokens: i
         return text, finish
     finally:
         await client.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (a vLLM node's engine core and its workers)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, parent in parents.items() if parent in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    """The ``pids`` still running (zombies count as gone)."""
+    out = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out.append(pid)
+        except OSError:
+            pass
+    return out

@@ -29,7 +29,9 @@ from libs.engine.loader import smollm2_dir
 from tests.reliability.cluster import Cluster, poll, tokens_of
 from tests.vllm.common import (
     TEXTS,
+    alive,
     check_calls_per_hand_off,
+    descendants,
     handoffs,
     openai_stream,
     placed_decode_node,
@@ -164,6 +166,7 @@ async def test_decode_node_sigkilled_mid_stream_continues_on_the_other(cluster: 
 
         killed: list[str] = []
         got: list[str] = []
+        engine_procs: list[int] = []
 
         async def on_event(ev: dict) -> None:  # type: ignore[type-arg]
             got.extend(tokens_of([ev]))
@@ -174,6 +177,7 @@ async def test_decode_node_sigkilled_mid_stream_continues_on_the_other(cluster: 
                     return (await cluster.reports())[victim].num_running > 0
 
                 await poll(counted, 30, f"{victim}'s load report never counted the running stream")
+                engine_procs.extend(descendants(cluster.services[victim].proc.pid))
                 cluster.kill_node(victim)
                 killed.append(victim)
 
@@ -187,3 +191,10 @@ async def test_decode_node_sigkilled_mid_stream_continues_on_the_other(cluster: 
     assert all(free == total for free, total in blocks.values()), blocks
     gw = cluster.services["gateway"].log()
     assert "re-placing without" in gw and killed[0] in gw
+    # The killed node's vLLM engine core and workers stop with it.
+    assert engine_procs
+
+    async def stopped() -> bool:
+        return not alive(engine_procs)
+
+    await poll(stopped, 60, f"{killed[0]}'s vLLM processes outlived it: {engine_procs}")
