@@ -308,15 +308,18 @@ class AsyncEngine:
             torch.cuda.set_device(engine.pool.device)
         idle_wait: float | None = None
         while True:
+            idle = not engine.has_work()
             with self._cond:
                 if not self._commands and not self._stopping:
-                    if idle_wait is not None or not engine.has_work():
+                    if idle_wait is not None or idle:
                         self._cond.wait(timeout=idle_wait)
                 commands, self._commands = self._commands, []
                 if self._stopping:
                     return
             for command in commands:
                 command()
+            if idle and self._gather(engine):
+                return
             idle_wait = None
             if engine.has_work():
                 self._step_started = time.monotonic()
@@ -325,6 +328,24 @@ class AsyncEngine:
                 finally:
                     self._step_started = None
             self._refresh(engine)
+
+    def _gather(self, engine: LLMEngine) -> bool:
+        """After an idle spell, run the commands that arrive within the engine's gather
+        wait (prompts of the same burst); -> True if the engine is stopping."""
+        wait = engine.gather_wait_s()
+        if wait <= 0:
+            return False
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            with self._cond:
+                if not self._commands and not self._stopping:
+                    self._cond.wait(timeout=left)
+                commands, self._commands = self._commands, []
+                if self._stopping:
+                    return True
+            for command in commands:
+                command()
+        return False
 
     def _refresh(self, engine: LLMEngine) -> None:
         """Snapshots for the event loop (engine thread only)."""

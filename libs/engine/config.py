@@ -35,6 +35,12 @@ class EngineConfig:
             long whatever the device. 0 turns it off (a fixed budget).
         min_step_tokens: the smallest prefill budget of a step (progress when decodes
             alone fill the target), and the budget before any prefill was measured.
+            A step with no decodes running stalls no stream: it takes up to
+            ``max_num_batched_tokens`` of prompts that will decode here, so prompts that
+            arrive together prefill in one step and then decode together.
+        prefill_gather_s: when prompts reach an idle engine, the most it waits for others
+            arriving with them before that first step (never more than 5% of the measured
+            time to prefill what waits; prefill-only requests never wait). 0 turns it off.
         max_model_len: longest sequence (prompt + output); None means the model's.
         enable_prefix_caching: reuse full blocks with the same token prefix.
         enable_chunked_prefill: split prompts over steps to keep to the token budget.
@@ -59,6 +65,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     target_step_s: float = 0.25
     min_step_tokens: int = 128
+    prefill_gather_s: float = 0.02
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -75,6 +82,8 @@ class EngineConfig:
             raise ValueError(f"dtype {self.dtype!r} not supported on {kind}; use one of {_DEVICE_DTYPES[kind]}")
         if self.target_step_s < 0:
             raise ValueError(f"target_step_s must be >= 0, got {self.target_step_s}")
+        if self.prefill_gather_s < 0:
+            raise ValueError(f"prefill_gather_s must be >= 0, got {self.prefill_gather_s}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_bytes", "min_step_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -50,6 +50,7 @@ __all__ = ["LLMEngine", "NoFreeBlocks"]
 log = logging.getLogger(__name__)
 
 _EMA = 0.2
+_GATHER_SHARE = 0.05  # gather_wait_s: the most of the expected prefill time spent waiting for more prompts
 # The largest free run costs O(blocks) (~0.1 ms at 60k); stats() runs after every step.
 _SEGMENT_REFRESH_S = 0.1
 
@@ -360,18 +361,48 @@ class LLMEngine:
 
     def step_budget(self) -> int:
         """This step's token budget: decodes plus the prefill tokens the measured prefill
-        rate computes in what ``target_step_s`` leaves after the decodes."""
+        rate computes in what ``target_step_s`` leaves after the decodes.
+
+        With no decode running the step stalls no stream, and prompts that will decode
+        here take the whole ``max_num_batched_tokens``: a wave of prompts prefills in one
+        step and decodes together after, instead of each prompt's prefill slowing the
+        decodes of the ones before it. Prefill-only prompts (a prefill node) keep the
+        target: one at a time, each is handed off sooner.
+        """
         cfg = self.config
         if cfg.target_step_s <= 0:
             return cfg.max_num_batched_tokens
-        floor = min(cfg.min_step_tokens, cfg.max_num_batched_tokens)
         decodes = self.scheduler.num_decoding
+        if decodes == 0 and self._prompts_decode_here():
+            return cfg.max_num_batched_tokens
+        floor = min(cfg.min_step_tokens, cfg.max_num_batched_tokens)
         rate = self._prefill_clock.rate
         if rate <= 0:
             return decodes + floor
         prefill_s = max(0.0, cfg.target_step_s - (self._decode_step_s if decodes else 0.0))
         tokens = max(floor, int(prefill_s * rate))
         return min(cfg.max_num_batched_tokens, decodes + tokens)
+
+    def gather_wait_s(self) -> float:
+        """How long the first step after an idle spell should wait for more prompts.
+
+        Prompts of a burst reach the engine milliseconds apart; waiting that long lets
+        them prefill in one step (see :meth:`step_budget`). At most ``prefill_gather_s``
+        and 5% of the measured time to prefill what waits; 0 while anything decodes, when
+        a waiting prompt is prefill-only, or before the prefill rate is measured.
+        """
+        cfg, s = self.config, self.scheduler
+        rate = self._prefill_clock.rate
+        if cfg.prefill_gather_s <= 0 or rate <= 0 or not s.waiting or s.num_running:
+            return 0.0
+        if not self._prompts_decode_here():
+            return 0.0
+        return min(cfg.prefill_gather_s, _GATHER_SHARE * s.num_prefill_tokens_left() / rate)
+
+    def _prompts_decode_here(self) -> bool:
+        s = self.scheduler
+        return not any(r.prefill_only for r in s.waiting) and not any(
+            r.prefill_only for r in s.running if r.num_uncomputed > 1)
 
     def _run_prefills(self, plan: StepPlan) -> list[TokenOutput]:
         mark = self._prefill_clock.start()

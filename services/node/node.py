@@ -76,6 +76,7 @@ def engine_config(config: NodeConfig) -> EngineConfig:
         model=config.model, device=config.device, dtype=config.dtype, block_size=config.block_size,
         num_blocks=config.num_blocks, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens, target_step_s=config.target_step_s,
+        prefill_gather_s=config.prefill_gather_s,
         max_model_len=config.max_model_len,
         enable_prefix_caching=config.enable_prefix_caching, shared_pool=config.shared_pool, seed=config.seed,
     )

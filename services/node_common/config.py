@@ -38,6 +38,9 @@ class NodeConfig:
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one engine step"})
     target_step_s: float = field(default=0.25, metadata={
         "help": "engine step time the token budget aims at, from the measured prefill rate (0: a fixed budget)"})
+    prefill_gather_s: float = field(default=0.02, metadata={
+        "help": "when prompts reach an idle engine, the most it waits for others arriving with them so that they "
+                "prefill in one step (at most 5 percent of their measured prefill time; 0: off)"})
     max_model_len: int | None = field(default=None, metadata={"help": "longest sequence (default: the model's)"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse cached prompt prefixes"})
     seed: int = field(default=0, metadata={"help": "engine seed (preset weights, unseeded sampling)"})
@@ -76,7 +79,8 @@ class NodeConfig:
                              f"got {self.kv_transfer_granularity!r}")
         if self.target_step_s < 0:
             raise ValueError(f"target_step_s must be >= 0, got {self.target_step_s}")
-        for name in ("drain_timeout_s", "role_drain_timeout_s", "prefix_hash_sample", "metrics_port", "kv_port"):
+        for name in ("prefill_gather_s", "drain_timeout_s", "role_drain_timeout_s", "prefix_hash_sample", "metrics_port",
+                     "kv_port"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 

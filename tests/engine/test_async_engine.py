@@ -74,3 +74,33 @@ async def test_step_failure_fails_requests_loudly() -> None:
             await ae.allocate_remote("bad", list(range(500)))
     finally:
         await ae.stop()
+
+
+async def test_prompts_arriving_together_at_an_idle_engine_prefill_in_one_step() -> None:
+    engine = make_engine(num_blocks=64, target_step_s=1e-9, min_step_tokens=4, prefill_gather_s=0.5)
+    ae = AsyncEngine(engine=engine)
+    await ae.start()
+    try:
+        [o async for o in ae.generate("warm", list(range(3, 20)), PARAMS)]  # measures the prefill rate
+        plans: list[int] = []
+        schedule = engine.scheduler.schedule
+
+        def recording(budget=None):  # type: ignore[no-untyped-def]
+            plan = schedule(budget)
+            if plan.prefills:
+                plans.append(len(plan.prefills))
+            return plan
+
+        engine.scheduler.schedule = recording  # type: ignore[method-assign]
+        # 5% of the expected prefill time of one prompt at 20 tokens/s is 0.5 s: the cap.
+        await ae.run(lambda e: setattr(e._prefill_clock, "_rate", 20.0))
+
+        async def one(i: int) -> list[int]:
+            await asyncio.sleep(0.02 * i)  # arrivals 20 ms apart
+            return [t async for o in ae.generate(f"r{i}", list(range(30 + i, 50 + i)), PARAMS) for t in o.token_ids]
+
+        outs = await asyncio.gather(*(one(i) for i in range(3)))
+        assert all(len(o) == 6 for o in outs)
+        assert plans[0] == 3, plans  # without the wait the first step would hold one prompt
+    finally:
+        await ae.stop()
