@@ -155,13 +155,22 @@ def handoffs(c: Cluster) -> list[dict[str, Any]]:
 
 def check_calls_per_hand_off(spans: list[dict[str, Any]], num_layers: int) -> None:
     """Every hand-off: one copy call per layer per aligned segment of block ids; a fresh one
-    (the first, between empty pools) is a single segment: one call per layer."""
+    (the first, between empty pools, of a prompt of several blocks: see
+    :func:`longest_first`) is a single segment: one call per layer for all its blocks."""
     assert spans
     for attrs in spans:
         assert attrs["flowkv.kv.transport"] == "shm"
         assert 1 <= attrs["flowkv.kv.segments"] <= attrs["flowkv.kv.blocks"]
         assert attrs["flowkv.kv.calls"] == num_layers * attrs["flowkv.kv.segments"], attrs
-    assert spans[0]["flowkv.kv.segments"] == 1 and spans[0]["flowkv.kv.calls"] == num_layers
+    first = spans[0]
+    assert first["flowkv.kv.blocks"] >= 3, first  # unmerged, that is a call per block per layer
+    assert first["flowkv.kv.segments"] == 1 and first["flowkv.kv.calls"] == num_layers, first
+
+
+def longest_first(prompts: list[list[int]]) -> list[int]:
+    """Indexes of ``prompts``, the longest first: sent in this order to a fresh cluster, the
+    first hand-off moves several blocks between empty pools (one segment when merged)."""
+    return sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
 
 
 def placed_decode_node(c: Cluster, completion_id: str) -> str:

@@ -33,6 +33,7 @@ from tests.vllm.common import (
     check_calls_per_hand_off,
     descendants,
     handoffs,
+    longest_first,
     openai_stream,
     placed_decode_node,
     run_vllm_alone,
@@ -89,11 +90,11 @@ async def test_greedy_outputs_equal_vllm_alone_and_transformers(cluster: Cluster
     n = len(prompts)
     assert transformers_greedy(model_dir, prompts, MAX_TOKENS) == alone["token_ids"][:n]
     async with aiohttp.ClientSession() as s:
-        texts = []
-        for p in prompts:
-            status, out, _ = await cluster.complete(s, body(p))
+        texts = [""] * n
+        for i in longest_first(prompts):
+            status, out, _ = await cluster.complete(s, body(prompts[i]))
             assert status == 200, out
-            texts.append(out["choices"][0]["text"])
+            texts[i] = out["choices"][0]["text"]
         assert texts == alone["texts"][:n]
         # Streamed, with logprobs: the same tokens, one event at a time.
         status, events = await cluster.stream(s, body(prompts[0], logprobs=0))

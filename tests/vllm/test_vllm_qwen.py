@@ -29,6 +29,7 @@ from tests.vllm.common import (
     TEXTS,
     check_calls_per_hand_off,
     handoffs,
+    longest_first,
     openai_stream,
     placement,
     run_vllm_alone,
@@ -98,12 +99,12 @@ async def test_qwen3_greedy_outputs_equal_vllm_alone_and_transformers(cluster: C
     assert AutoConfig.from_pretrained(model_dir).model_type == "qwen3"
     assert transformers_greedy(model_dir, prompts, MAX_TOKENS) == alone["token_ids"]
     async with aiohttp.ClientSession() as s:
-        outs = []
-        for p in prompts:
+        outs = [""] * len(prompts)
+        for i in longest_first(prompts):
             status, out, _ = await cluster.complete(
-                s, {"model": model_dir, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0})
+                s, {"model": model_dir, "prompt": prompts[i], "max_tokens": MAX_TOKENS, "temperature": 0})
             assert status == 200, out
-            outs.append(out["choices"][0]["text"])
+            outs[i] = out["choices"][0]["text"]
     assert outs == alone["texts"]
     assert len(handoffs(cluster)) >= len(prompts)
 
