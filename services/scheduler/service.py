@@ -90,6 +90,9 @@ class SchedulerService:
         self.registry = NodeRegistry(self.clock, config.node_timeout_s)
         self.policy = make_policy(config.policy, self.registry, config.placement_config(), config.role_config())
         self.events: deque[SchedEvent] = deque(maxlen=config.max_events)
+        # NODE_DOWN events this replica saw while not leading, by node: published when it is
+        # elected if the node has not come back (see _on_elected).
+        self._unpublished_downs: dict[str, SchedEvent] = {}
         self.queue = WaitQueue(config.queue_limit, config.max_queue_wait_s)
         self.tasks = TaskGroup("scheduler")
         self._subs: list = []
@@ -139,6 +142,25 @@ class SchedulerService:
         metrics.ELECTIONS.inc()
         await self._publish([SchedEvent(kind=EventKind.LEADER, ts=self.clock.now(), epoch=epoch,
                                          detail=f"{self.config.scheduler_id} leads")])
+        await self._publish_missed_downs()
+
+    async def _publish_missed_downs(self) -> None:
+        """Publish the NODE_DOWNs this replica saw while it did not lead, for nodes still gone.
+
+        A replica's registry expires a silent node whether it leads or not, and only the
+        leader publishes. A lone scheduler that lost its lease for a moment (its event loop
+        ran late on a busy machine) and expired a node in that moment would otherwise never
+        say so, and gateways would wait for the dead node's tokens until their own timeout.
+        Recent ones only (``node_timeout_s`` plus two leases): an older one was the previous
+        leader's to publish. A gateway may so hear of one node's death twice; failing a dead
+        node's attempts again finds none.
+        """
+        missed, self._unpublished_downs = self._unpublished_downs, {}
+        horizon = self.clock.now() - (self.config.node_timeout_s + 2 * self.config.leader_lease_s)
+        for node_id, ev in sorted(missed.items()):
+            if ev.ts >= horizon and node_id not in self.registry:
+                log.info("event %s %s %s (seen while not leading)", ev.kind.value, node_id, ev.detail)
+                await self.nc.publish(subjects.sched_events(), encode(msgspec.structs.replace(ev, epoch=self.leadership.epoch)))
 
     async def _on_deposed(self, reason: str) -> None:
         """Another replica leads (or may): stop placing, drop the queue and the flip at once."""
@@ -212,6 +234,8 @@ class SchedulerService:
                     "event %s %s %s", ev.kind.value, ev.node_id or ev.request_id, ev.detail)
             if leader:
                 await self.nc.publish(subjects.sched_events(), encode(msgspec.structs.replace(ev, epoch=self.leadership.epoch)))
+            elif ev.kind is EventKind.NODE_DOWN and ev.node_id:
+                self._unpublished_downs[ev.node_id] = ev
 
     async def _on_load(self, report: LoadReport, msg: Msg) -> None:
         problem = report_problem(report)

@@ -274,3 +274,47 @@ async def test_start_waits_for_a_jetstream_cluster_still_electing(monkeypatch) -
     monkeypatch.setattr(Leadership, "_open", no_jetstream)
     alone = Leadership(None, "s1", LEASE_S, 1, nothing, nothing)
     assert not await alone.start() and not alone.enabled
+
+
+async def test_a_node_that_died_while_the_scheduler_did_not_lead_is_announced_when_it_leads_again(nats_server) -> None:
+    """A lone scheduler whose event loop ran late lost its lease for a moment, and a dead
+    node's silence expired in that moment: only a leader publishes events, so no gateway
+    heard of it and the dead node's requests waited for their token timeout (seen on a
+    loaded 2-core machine). Re-elected, the scheduler publishes that NODE_DOWN, unless the
+    node has come back since."""
+    client = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url)
+    s = SchedulerService(_config("s0"), nc)
+    await s.start()
+    events: list[SchedEvent] = []
+
+    async def on_event(msg) -> None:  # type: ignore[no-untyped-def]
+        ev = decode(msg.data)
+        if isinstance(ev, SchedEvent) and ev.kind is EventKind.NODE_DOWN:
+            events.append(ev)
+
+    try:
+        await announce(client, s.registry, report("p1"), report("d1", Role.DECODE), report("d2", Role.DECODE))
+        await client.subscribe(subjects.sched_events(), cb=on_event)
+        await client.flush()
+        stopped = [t for t in s.tasks._tasks if t.get_name().endswith(("leadership", "housekeeping"))]
+        for task in stopped:  # rounds driven by hand from here
+            task.cancel()
+        await asyncio.wait(stopped, timeout=10)
+        await s.leadership._step_down("test: renews counted as failed")
+        assert not s.is_leader
+        # While it follows, d1 and d2 go silent past the node timeout (what tick() publishes) ...
+        await s._publish(s.registry.remove("d1", "no load report for 3s"))
+        await s._publish(s.registry.remove("d2", "no load report for 3s"))
+        await announce(client, s.registry, report("d2", Role.DECODE))  # ... and d2 comes back
+        await asyncio.sleep(0.2)
+        assert events == []  # a follower publishes nothing
+        await s.leadership.campaign()
+        assert s.is_leader
+        await until(lambda: len(events) >= 1)
+        await asyncio.sleep(0.2)
+        assert [(e.node_id, e.epoch) for e in events] == [("d1", s.leadership.epoch)]
+    finally:
+        await s.close()
+        await nc.drain()
+        await client.drain()
