@@ -148,6 +148,10 @@ async def test_burst_past_the_decode_pools_waits_or_is_refused_and_gives_every_b
           f"{[round(out['flowkv']['queued_s'], 2) for status, out, _ in outs if status == 200]}")
     assert set(statuses) <= {200, 429}, [out for _, out, _ in outs]
     assert statuses.count(200) >= 4, statuses
+    # Ten requests of 7 blocks, room for six in the decode pools: the full pools were met,
+    # as waiting for room (the scheduler's queue) or as a 429.
+    waited = [out["flowkv"]["queued_s"] for status, out, _ in outs if status == 200 and out["flowkv"]["queued_s"] > 0.5]
+    assert waited or 429 in statuses, outs
     for (status, out, _), want in zip(outs, expected):
         if status == 200:
             assert out["choices"][0]["text"] == want
