@@ -51,8 +51,8 @@ STALL_S = 4  # P waits this long between D's reservation and the write
 LEASE_S = 8  # D's reservation without KVDone
 STALL_TIMEOUT_S = 20  # the gateway's: a loaded 2-core machine pauses every process for seconds at times (at 10 s a
 # hand-off stalled 4 s on purpose was re-placed once: the decode node's next token came 10 s after the first)
-LOST_DONE, FLIPPED, AFTER_FLIP, KILLED = 0, 1, 2, 3  # the prompts, one per request
-TEXT_OF = [TEXTS[1], TEXTS[5], TEXTS[10], TEXTS[13]]
+LOST_DONE, FLIPPED, AFTER_FLIP, KILLED, ALONE = 0, 1, 2, 3, 4  # the prompts, one per request
+TEXT_OF = [TEXTS[1], TEXTS[5], TEXTS[10], TEXTS[13], TEXTS[16]]
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +179,25 @@ async def test_decode_node_flipped_to_prefill_mid_hand_off_finishes_it_then_pref
         assert placements(cluster, out["id"]) == [(target, other)]  # idle, its id sorts first
     await set_role(cluster, target, Role.DECODE)
     await wait_role(cluster, target, Role.DECODE)
+    await all_blocks_back(cluster)
+
+
+async def test_a_decode_node_flipped_to_hybrid_serves_a_request_alone_then_decodes_again(  # type: ignore[no-untyped-def]
+        cluster: Cluster, alone: dict, prompts):  # type: ignore[type-arg]
+    await set_role(cluster, "decode-0", Role.HYBRID)
+    await wait_role(cluster, "decode-0", Role.HYBRID)
+    moved_before = len(handoffs(cluster))
+    async with aiohttp.ClientSession() as s:
+        status, out, _ = await cluster.complete(s, body(prompts[ALONE]), timeout=300)
+    assert status == 200, out
+    assert out["choices"][0]["text"] == alone["texts"][ALONE]
+    assert out["usage"]["completion_tokens"] == MAX_TOKENS
+    # least_loaded: the hybrid node has the fewest queued prefill tokens and decoding
+    # sequences, and the lowest id: it prefills and decodes the request itself.
+    assert placements(cluster, out["id"]) == [("decode-0", "decode-0")]
+    assert len(handoffs(cluster)) == moved_before  # no KV moved
+    await set_role(cluster, "decode-0", Role.DECODE)
+    await wait_role(cluster, "decode-0", Role.DECODE)
     await all_blocks_back(cluster)
 
 
