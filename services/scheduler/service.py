@@ -90,8 +90,8 @@ class SchedulerService:
         self.registry = NodeRegistry(self.clock, config.node_timeout_s)
         self.policy = make_policy(config.policy, self.registry, config.placement_config(), config.role_config())
         self.events: deque[SchedEvent] = deque(maxlen=config.max_events)
-        # NODE_DOWN events this replica saw while not leading, by node: published when it is
-        # elected if the node has not come back (see _on_elected).
+        # NODE_DOWN events this replica saw while not leading, by node: published when it
+        # leads again (elected, or its late renew taken) if the node has not come back.
         self._unpublished_downs: dict[str, SchedEvent] = {}
         self.queue = WaitQueue(config.queue_limit, config.max_queue_wait_s)
         self.tasks = TaskGroup("scheduler")
@@ -151,6 +151,7 @@ class SchedulerService:
         leader publishes. A lone scheduler that lost its lease for a moment (its event loop
         ran late on a busy machine) and expired a node in that moment would otherwise never
         say so, and gateways would wait for the dead node's tokens until their own timeout.
+        Called on election and, for a term that went on after a late renew, by :meth:`tick`.
         Recent ones only (``node_timeout_s`` plus two leases): an older one was the previous
         leader's to publish. A gateway may so hear of one node's death twice; failing a dead
         node's attempts again finds none.
@@ -370,6 +371,8 @@ class SchedulerService:
         """One round: expire silent nodes; on the leader, advance the role controller and
         answer what waits."""
         await self._publish(self.registry.expire())
+        if self._unpublished_downs and self.is_leader:  # its lease is certain again, same term
+            await self._publish_missed_downs()
         roles = self.policy.roles
         if roles is not None and self.is_leader:
             change, events = roles.step()

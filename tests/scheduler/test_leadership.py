@@ -318,3 +318,41 @@ async def test_a_node_that_died_while_the_scheduler_did_not_lead_is_announced_wh
         await s.close()
         await nc.drain()
         await client.drain()
+
+
+async def test_a_node_that_died_while_the_lease_was_uncertain_is_announced_when_it_is_certain(nats_server) -> None:
+    """The same when the term goes on: a late renew taken by the broker makes the lease
+    certain again without an election, and the next housekeeping round publishes."""
+    import time
+
+    client = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url)
+    s = SchedulerService(_config("s0"), nc)
+    await s.start()
+    events: list[SchedEvent] = []
+
+    async def on_event(msg) -> None:  # type: ignore[no-untyped-def]
+        ev = decode(msg.data)
+        if isinstance(ev, SchedEvent) and ev.kind is EventKind.NODE_DOWN:
+            events.append(ev)
+
+    try:
+        await announce(client, s.registry, report("p1"), report("d1", Role.DECODE))
+        await client.subscribe(subjects.sched_events(), cb=on_event)
+        await client.flush()
+        stopped = [t for t in s.tasks._tasks if t.get_name().endswith(("leadership", "housekeeping"))]
+        for task in stopped:  # rounds driven by hand from here
+            task.cancel()
+        await asyncio.wait(stopped, timeout=10)
+        epoch = s.leadership.epoch
+        s.leadership._valid_until = 0.0  # the renew is late: the lease is not certain
+        assert not s.is_leader and s.leadership.is_leader
+        await s._publish(s.registry.remove("d1", "no load report for 3s"))
+        s.leadership._valid_until = time.monotonic() + 10  # the late renew was taken: same term
+        await s.tick()
+        await until(lambda: len(events) >= 1)
+        assert [(e.node_id, e.epoch) for e in events] == [("d1", epoch)]
+    finally:
+        await s.close()
+        await nc.drain()
+        await client.drain()
