@@ -77,7 +77,7 @@ async def test_step_failure_fails_requests_loudly() -> None:
 
 
 async def test_prompts_arriving_together_at_an_idle_engine_prefill_in_one_step() -> None:
-    engine = make_engine(num_blocks=64, target_step_s=1e-9, min_step_tokens=4, prefill_gather_s=0.5)
+    engine = make_engine(num_blocks=64, target_step_s=1e-9, min_step_tokens=4, prefill_gather_s=1.0)
     ae = AsyncEngine(engine=engine)
     await ae.start()
     try:
@@ -92,8 +92,9 @@ async def test_prompts_arriving_together_at_an_idle_engine_prefill_in_one_step()
             return plan
 
         engine.scheduler.schedule = recording  # type: ignore[method-assign]
-        # 5% of the expected prefill time of one prompt at 20 tokens/s is 0.5 s: the cap.
-        await ae.run(lambda e: setattr(e._prefill_clock, "_rate", 20.0))
+        # The first prompt's 20 tokens at 1 token/s: 5% of its expected prefill is 1 s, the
+        # cap, so the wait ends 1 s after the first arrival whatever the machine's load.
+        await ae.run(lambda e: setattr(e._prefill_clock, "_rate", 1.0))
 
         async def one(i: int) -> list[int]:
             await asyncio.sleep(0.02 * i)  # arrivals 20 ms apart
