@@ -309,16 +309,9 @@ class AsyncEngine:
         idle_wait: float | None = None
         while True:
             idle = not engine.has_work()
-            with self._cond:
-                if not self._commands and not self._stopping:
-                    if idle_wait is not None or idle:
-                        self._cond.wait(timeout=idle_wait)
-                commands, self._commands = self._commands, []
-                if self._stopping:
-                    return
-            for command in commands:
-                command()
-            if idle and self._gather(engine):
+            if not self._run_commands(idle_wait is not None or idle, idle_wait):
+                return
+            if idle and not self._gather(engine):
                 return
             idle_wait = None
             if engine.has_work():
@@ -329,23 +322,28 @@ class AsyncEngine:
                     self._step_started = None
             self._refresh(engine)
 
+    def _run_commands(self, wait: bool, timeout: float | None) -> bool:
+        """Run the queued commands, first waiting up to ``timeout`` (None: until one comes)
+        for one if ``wait`` and there is none; -> False if the engine is stopping."""
+        with self._cond:
+            if wait and not self._commands and not self._stopping:
+                self._cond.wait(timeout=timeout)
+            commands, self._commands = self._commands, []
+            if self._stopping:
+                return False
+        for command in commands:
+            command()
+        return True
+
     def _gather(self, engine: LLMEngine) -> bool:
         """After an idle spell, run the commands that arrive within the engine's gather
-        wait (prompts of the same burst); -> True if the engine is stopping."""
+        wait (prompts of the same burst); -> False if the engine is stopping."""
         wait = engine.gather_wait_s()
-        if wait <= 0:
-            return False
         deadline = time.monotonic() + wait
         while (left := deadline - time.monotonic()) > 0:
-            with self._cond:
-                if not self._commands and not self._stopping:
-                    self._cond.wait(timeout=left)
-                commands, self._commands = self._commands, []
-                if self._stopping:
-                    return True
-            for command in commands:
-                command()
-        return False
+            if not self._run_commands(True, left):
+                return False
+        return True
 
     def _refresh(self, engine: LLMEngine) -> None:
         """Snapshots for the event loop (engine thread only)."""

@@ -161,7 +161,7 @@ class SchedulerService:
         for node_id, ev in sorted(missed.items()):
             if ev.ts >= horizon and node_id not in self.registry:
                 log.info("event %s %s %s (seen while not leading)", ev.kind.value, node_id, ev.detail)
-                await self.nc.publish(subjects.sched_events(), encode(msgspec.structs.replace(ev, epoch=self.leadership.epoch)))
+                await self._send(ev)
 
     async def _on_deposed(self, reason: str) -> None:
         """Another replica leads (or may): stop placing, drop the queue and the flip at once."""
@@ -234,9 +234,13 @@ class SchedulerService:
             log.log(logging.DEBUG if ev.kind == EventKind.PLACEMENT or not leader else logging.INFO,
                     "event %s %s %s", ev.kind.value, ev.node_id or ev.request_id, ev.detail)
             if leader:
-                await self.nc.publish(subjects.sched_events(), encode(msgspec.structs.replace(ev, epoch=self.leadership.epoch)))
+                await self._send(ev)
             elif ev.kind is EventKind.NODE_DOWN and ev.node_id:
                 self._unpublished_downs[ev.node_id] = ev
+
+    async def _send(self, ev: SchedEvent) -> None:
+        """Publish one event on sched_events, stamped with this leader's epoch."""
+        await self.nc.publish(subjects.sched_events(), encode(msgspec.structs.replace(ev, epoch=self.leadership.epoch)))
 
     async def _on_load(self, report: LoadReport, msg: Msg) -> None:
         problem = report_problem(report)

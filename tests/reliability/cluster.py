@@ -34,8 +34,8 @@ import aiohttp
 import nats
 
 from libs.protocol import messages
-from libs.protocol.messages import ClusterQuery, ClusterState, LoadReport
-from libs.protocol.subjects import sched_cluster
+from libs.protocol.messages import ClusterQuery, ClusterState, EventKind, LoadReport, SchedEvent
+from libs.protocol.subjects import sched_cluster, sched_events
 from services.common.natsserver import NatsCluster, NatsServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -298,6 +298,21 @@ class Cluster:
         if self.nats_user:
             opts["user"], opts["password"] = self.nats_user, self.nats_password
         return await nats.connect(**opts)
+
+    async def watch_node_downs(self) -> tuple[Any, list[SchedEvent]]:
+        """A connection subscribed to the scheduler's events, and the list the NODE_DOWNs it
+        receives from now on are appended to (the caller closes the connection)."""
+        nc = await self.nats_connect()
+        downs: list[SchedEvent] = []
+
+        async def on_event(msg: Any) -> None:
+            ev = messages.decode(msg.data)
+            if isinstance(ev, SchedEvent) and ev.kind is EventKind.NODE_DOWN:
+                downs.append(ev)
+
+        await nc.subscribe(sched_events(), cb=on_event)
+        await nc.flush()
+        return nc, downs
 
     async def cluster_state(self, brief: bool = False) -> ClusterState:
         nc = await self.nats_connect()

@@ -16,9 +16,6 @@ import signal
 import aiohttp
 import pytest
 
-from libs.protocol import messages
-from libs.protocol.messages import EventKind, SchedEvent
-from libs.protocol.subjects import sched_events
 from tests.reliability.cluster import Cluster, poll
 
 PROMPTS = [[(29 * i + 13 * k) % 3000 + 40 for i in range(24)] for k in range(6)]
@@ -40,16 +37,7 @@ async def test_prefill_node_killed_its_requests_are_placed_again_and_complete(tm
                 reference.append(out["choices"][0]["logprobs"]["tokens"])
             assert all(len(r) == MAX_TOKENS for r in reference)
 
-            nc = await c.nats_connect()
-            downs: list[SchedEvent] = []
-
-            async def on_event(msg) -> None:  # type: ignore[no-untyped-def]
-                ev = messages.decode(msg.data)
-                if ev.kind is EventKind.NODE_DOWN:
-                    downs.append(ev)
-
-            await nc.subscribe(sched_events(), cb=on_event)
-            await nc.flush()
+            nc, downs = await c.watch_node_downs()
 
             victim = c.services["prefill-0"]
             os.kill(victim.pid, signal.SIGSTOP)  # its queue fills with what is placed on it

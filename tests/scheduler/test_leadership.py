@@ -8,6 +8,7 @@ flip in flight; a deposed leader can neither write the leader state nor start a 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import nats
 import nats.js.errors
@@ -26,8 +27,8 @@ from tests.scheduler.helpers import announce, report, until
 LEASE_S = 0.6
 
 
-def _config(sid: str, policy: str = "round_robin") -> SchedulerConfig:
-    return SchedulerConfig(policy=policy, scheduler_id=sid, leader_lease_s=LEASE_S, role_interval_s=0.1)
+def _config(sid: str, policy: str = "round_robin", **kw: float) -> SchedulerConfig:
+    return SchedulerConfig(policy=policy, scheduler_id=sid, leader_lease_s=LEASE_S, role_interval_s=0.1, **kw)
 
 
 async def _place(client, rid: str) -> object:
@@ -55,6 +56,30 @@ async def _who_answers(client) -> ClusterState:
     state = decode((await client.request(subjects.sched_cluster(), encode(ClusterQuery(brief=True)), timeout=3)).data)
     assert isinstance(state, ClusterState)
     return state
+
+
+async def _drive_by_hand(s: SchedulerService, *rounds: str) -> None:
+    """Stop the scheduler's named background rounds ("leadership", "housekeeping"): the
+    test drives them from here, once the tasks have ended."""
+    stopped = [t for t in s.tasks._tasks if t.get_name().endswith(rounds)]
+    for task in stopped:
+        task.cancel()
+    done, _ = await asyncio.wait(stopped, timeout=10)
+    assert len(done) == len(stopped)
+
+
+async def _node_downs(client) -> list[SchedEvent]:
+    """The NODE_DOWN events published on sched_events from now on, as they come."""
+    downs: list[SchedEvent] = []
+
+    async def on_event(msg) -> None:  # type: ignore[no-untyped-def]
+        ev = decode(msg.data)
+        if isinstance(ev, SchedEvent) and ev.kind is EventKind.NODE_DOWN:
+            downs.append(ev)
+
+    await client.subscribe(subjects.sched_events(), cb=on_event)
+    await client.flush()
+    return downs
 
 
 @pytest.fixture
@@ -229,11 +254,7 @@ async def test_a_replica_that_stepped_down_takes_its_own_lease_back_at_once(nats
     await s.start()
     try:
         await announce(client, s.registry, report("p1"), report("d1", Role.DECODE))
-        stopped = [t for t in s.tasks._tasks if t.get_name().endswith("leadership")]
-        for task in stopped:  # rounds driven by hand from here, once the task has ended
-            task.cancel()
-        done, _ = await asyncio.wait(stopped, timeout=10)
-        assert len(done) == len(stopped)
+        await _drive_by_hand(s, "leadership")
         epoch = s.leadership.epoch
         await s.leadership._renew()  # the lease is fresh in the bucket ...
         await s.leadership._step_down("test: renews counted as failed")  # ... and its holder stepped down
@@ -284,23 +305,12 @@ async def test_a_node_that_died_while_the_scheduler_did_not_lead_is_announced_wh
     node has come back since."""
     client = await nats.connect(nats_server.url)
     nc = await nats.connect(nats_server.url)
-    s = SchedulerService(_config("s0"), nc)
+    s = SchedulerService(_config("s0", node_timeout_s=60.0), nc)  # a node dies when the test says
     await s.start()
-    events: list[SchedEvent] = []
-
-    async def on_event(msg) -> None:  # type: ignore[no-untyped-def]
-        ev = decode(msg.data)
-        if isinstance(ev, SchedEvent) and ev.kind is EventKind.NODE_DOWN:
-            events.append(ev)
-
     try:
         await announce(client, s.registry, report("p1"), report("d1", Role.DECODE), report("d2", Role.DECODE))
-        await client.subscribe(subjects.sched_events(), cb=on_event)
-        await client.flush()
-        stopped = [t for t in s.tasks._tasks if t.get_name().endswith(("leadership", "housekeeping"))]
-        for task in stopped:  # rounds driven by hand from here
-            task.cancel()
-        await asyncio.wait(stopped, timeout=10)
+        events = await _node_downs(client)
+        await _drive_by_hand(s, "leadership", "housekeeping")
         await s.leadership._step_down("test: renews counted as failed")
         assert not s.is_leader
         # While it follows, d1 and d2 go silent past the node timeout (what tick() publishes) ...
@@ -323,27 +333,14 @@ async def test_a_node_that_died_while_the_scheduler_did_not_lead_is_announced_wh
 async def test_a_node_that_died_while_the_lease_was_uncertain_is_announced_when_it_is_certain(nats_server) -> None:
     """The same when the term goes on: a late renew taken by the broker makes the lease
     certain again without an election, and the next housekeeping round publishes."""
-    import time
-
     client = await nats.connect(nats_server.url)
     nc = await nats.connect(nats_server.url)
-    s = SchedulerService(_config("s0"), nc)
+    s = SchedulerService(_config("s0", node_timeout_s=60.0), nc)  # a node dies when the test says
     await s.start()
-    events: list[SchedEvent] = []
-
-    async def on_event(msg) -> None:  # type: ignore[no-untyped-def]
-        ev = decode(msg.data)
-        if isinstance(ev, SchedEvent) and ev.kind is EventKind.NODE_DOWN:
-            events.append(ev)
-
     try:
         await announce(client, s.registry, report("p1"), report("d1", Role.DECODE))
-        await client.subscribe(subjects.sched_events(), cb=on_event)
-        await client.flush()
-        stopped = [t for t in s.tasks._tasks if t.get_name().endswith(("leadership", "housekeeping"))]
-        for task in stopped:  # rounds driven by hand from here
-            task.cancel()
-        await asyncio.wait(stopped, timeout=10)
+        events = await _node_downs(client)
+        await _drive_by_hand(s, "leadership", "housekeeping")
         epoch = s.leadership.epoch
         s.leadership._valid_until = 0.0  # the renew is late: the lease is not certain
         assert not s.is_leader and s.leadership.is_leader

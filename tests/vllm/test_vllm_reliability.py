@@ -38,8 +38,8 @@ import pytest
 
 from libs.engine.loader import smollm2_dir
 from libs.protocol import messages
-from libs.protocol.messages import Ack, EventKind, NodeState, Role, SchedEvent, SetRole
-from libs.protocol.subjects import NodeVerb, node, sched_events
+from libs.protocol.messages import Ack, NodeState, Role, SetRole
+from libs.protocol.subjects import NodeVerb, node
 from tests.reliability.cluster import Cluster, poll
 from tests.vllm.common import TEXTS, alive, descendants, handoffs, run_vllm_alone, tokenize, vllm_cluster
 
@@ -203,17 +203,8 @@ async def test_a_decode_node_flipped_to_hybrid_serves_a_request_alone_then_decod
 
 async def test_prefill_node_sigkilled_mid_hand_off_the_request_completes_exactly(  # type: ignore[no-untyped-def]
         cluster: Cluster, alone: dict, prompts):  # type: ignore[type-arg]
-    nc = await cluster.nats_connect()
-    downs: list[SchedEvent] = []
+    nc, downs = await cluster.watch_node_downs()
     engine_procs: list[int] = []
-
-    async def on_event(msg) -> None:  # type: ignore[no-untyped-def]
-        ev = messages.decode(msg.data)
-        if ev.kind is EventKind.NODE_DOWN:
-            downs.append(ev)
-
-    await nc.subscribe(sched_events(), cb=on_event)
-    await nc.flush()
     try:
         async with aiohttp.ClientSession() as s:
             call = asyncio.create_task(cluster.complete(s, body(prompts[KILLED]), timeout=300))
