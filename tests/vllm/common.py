@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from libs.kvtransfer.pool import sweep_stale_segments
-from tests.reliability.cluster import REPO, Cluster, Service
+from tests.reliability.cluster import REPO, Cluster, Service, poll
 
 BLOCK_SIZE = 32  # vLLM's CPU attention wants a multiple of 32
 
@@ -151,6 +151,28 @@ def handoffs(c: Cluster) -> list[dict[str, Any]]:
     spans = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     return [s["attributes"] for s in sorted(spans, key=lambda s: s["end_ns"])
             if s["name"] == "kv.transfer" and s["attributes"].get("flowkv.kv.calls", 0) > 0]
+
+
+async def wait_handed_off(c: Cluster, request_ids: list[str], timeout: float = 30.0) -> None:
+    """Wait until each of ``request_ids`` has a ``kv.transfer`` span that moved KV.
+
+    P ends that span once D acknowledged ``KVDone``; D may stream the whole completion to
+    the client before P hears the ack, so a span can land after its response. A request
+    that never gets one was computed in one place: the failure says what the nodes logged
+    of it (no reservation, a refused hand-off, a failed transfer)."""
+    def missing() -> list[str]:
+        moved = {a.get("flowkv.request_id") for a in handoffs(c)}
+        return [rid for rid in request_ids if rid not in moved]
+
+    async def all_moved() -> bool:
+        return not missing()
+
+    def why() -> str:
+        lines = [f"{rid} on {name}: {line}" for rid in missing() for name, svc in c.services.items()
+                 if name != "gateway" for line in svc.log().splitlines() if rid in line]
+        return f"not handed off: {missing()}\n" + "\n".join(lines)
+
+    await poll(all_moved, timeout, why)
 
 
 def check_calls_per_hand_off(spans: list[dict[str, Any]], num_layers: int) -> None:

@@ -39,6 +39,7 @@ from tests.vllm.common import (
     run_vllm_alone,
     tokenize,
     vllm_cluster,
+    wait_handed_off,
 )
 
 MODEL = "smollm2"
@@ -90,17 +91,18 @@ async def test_greedy_outputs_equal_vllm_alone_and_transformers(cluster: Cluster
     n = len(prompts)
     assert transformers_greedy(model_dir, prompts, MAX_TOKENS) == alone["token_ids"][:n]
     async with aiohttp.ClientSession() as s:
-        texts = [""] * n
+        texts, ids = [""] * n, []
         for i in longest_first(prompts):
             status, out, _ = await cluster.complete(s, body(prompts[i]))
             assert status == 200, out
             texts[i] = out["choices"][0]["text"]
+            ids.append(out["id"])
         assert texts == alone["texts"][:n]
         # Streamed, with logprobs: the same tokens, one event at a time.
         status, events = await cluster.stream(s, body(prompts[0], logprobs=0))
         assert status == 200
         assert "".join(tokens_of(events)) == alone["texts"][0]
-    assert len(handoffs(cluster)) >= n  # each went through a hand-off, none was computed in one place
+    await wait_handed_off(cluster, ids)  # each went through a hand-off, none was computed in one place
 
 
 async def test_openai_client_streams_the_same_text(cluster: Cluster, alone: dict, prompts):  # type: ignore[no-untyped-def,type-arg]
