@@ -90,6 +90,9 @@ class NodeEntry:
         return self.report.free_blocks - sum(i.blocks for i in self.inflight)
 
 
+_MAX_GONE = 4096  # removed nodes whose last report is remembered
+
+
 class NodeRegistry:
     """Live nodes by id, with liveness from an injected clock.
 
@@ -104,6 +107,9 @@ class NodeRegistry:
         self.clock = clock
         self.node_timeout_s = node_timeout_s
         self._nodes: dict[str, NodeEntry] = {}
+        # (started_at, seq) of the last report of each node removed: a copy of a report
+        # already applied (NATS redelivery, a late duplicate) must not bring it back.
+        self._gone: dict[str, tuple[float, int]] = {}
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -127,6 +133,9 @@ class NodeRegistry:
         now = self.clock.now()
         entry = self._nodes.get(report.node_id)
         events: list[SchedEvent] = []
+        gone = self._gone.get(report.node_id)
+        if entry is None and gone is not None and report.started_at == gone[0] and report.seq <= gone[1]:
+            return []  # an old report of a process already removed
         if entry is not None and report.started_at == entry.report.started_at:
             if report.seq <= entry.report.seq:
                 return []  # stale or duplicate: NATS gives no ordering across reconnects
@@ -139,6 +148,7 @@ class NodeRegistry:
             # A new process (different started_at) forgets the old one's in-flight work.
             entry = NodeEntry(report=report, last_seen=now, role_since=now)
             self._nodes[report.node_id] = entry
+            self._gone.pop(report.node_id, None)
             events.append(
                 SchedEvent(kind=EventKind.NODE_UP, ts=now, node_id=report.node_id, new_role=report.role,
                            detail=f"{report.device_name} {report.model}")
@@ -160,6 +170,9 @@ class NodeRegistry:
         entry = self._nodes.pop(node_id, None)
         if entry is None:
             return []
+        self._gone[node_id] = (entry.report.started_at, entry.report.seq)
+        if len(self._gone) > _MAX_GONE:
+            del self._gone[next(iter(self._gone))]  # the longest gone
         return [SchedEvent(kind=EventKind.NODE_DOWN, ts=self.clock.now(), node_id=node_id, detail=reason,
                            old_role=entry.role)]
 

@@ -42,6 +42,24 @@ def test_node_dead_after_timeout_and_on_bye() -> None:
     assert len(reg) == 0
 
 
+def test_an_old_report_does_not_bring_a_removed_node_back() -> None:
+    """A copy of a report already applied (a late duplicate, NATS redelivery) that arrives
+    after its node was declared dead is stale; a newer report of that process, or any
+    report of a restarted one, brings the node back."""
+    clock = ManualClock(0.0)
+    reg = NodeRegistry(clock, node_timeout_s=3.0)
+    old, last = report("a"), report("a")
+    reg.update(old)
+    reg.update(last)
+    clock.advance(4.0)
+    assert [e.kind for e in reg.expire()] == [EventKind.NODE_DOWN]
+    assert reg.update(last) == [] and reg.update(old) == []
+    assert "a" not in reg
+    assert [e.kind for e in reg.update(report("a"))] == [EventKind.NODE_UP]  # busy, not dead: it reports again
+    reg.remove("a", "bye")
+    assert [e.kind for e in reg.update(report("a", started_at=2.0))] == [EventKind.NODE_UP]  # restarted
+
+
 def test_inflight_counts_until_a_later_report() -> None:
     clock = ManualClock(0.0)
     reg = NodeRegistry(clock)
