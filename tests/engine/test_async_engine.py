@@ -105,3 +105,40 @@ async def test_prompts_arriving_together_at_an_idle_engine_prefill_in_one_step()
         assert plans[0] == 3, plans  # without the wait the first step would hold one prompt
     finally:
         await ae.stop()
+
+
+async def test_the_engine_is_built_on_the_thread_that_steps_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One thread runs all of the engine's OpenMP work: built elsewhere, a CPU model's
+    steps ran on a second libgomp team and lost about 30% (see AsyncEngine.start)."""
+    import threading
+
+    from libs.engine import async_engine
+    from libs.engine.config import EngineConfig
+
+    built_on: list[int] = []
+    real = async_engine.LLMEngine
+
+    def build(config: EngineConfig) -> async_engine.LLMEngine:
+        built_on.append(threading.get_ident())
+        return real(config)
+
+    monkeypatch.setattr(async_engine, "LLMEngine", build)
+    ae = AsyncEngine(EngineConfig(model="tiny", num_blocks=32, block_size=4))
+    await ae.start()
+    try:
+        assert built_on == [await ae.run(lambda e: threading.get_ident())]
+        assert built_on[0] != threading.get_ident()
+        out = [t async for o in ae.generate("t", list(range(3, 12)), PARAMS) for t in o.token_ids]
+        assert len(out) == 6
+    finally:
+        await ae.stop()
+
+
+async def test_a_failed_build_fails_start() -> None:
+    from libs.engine.config import EngineConfig
+
+    ae = AsyncEngine(EngineConfig(model="no-such-model-preset", num_blocks=32))
+    with pytest.raises(Exception):
+        await ae.start()
+    with pytest.raises(RuntimeError, match="not"):
+        await ae.run(lambda e: None)
