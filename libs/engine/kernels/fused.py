@@ -17,18 +17,16 @@ otherwise. All kernels are CUDA-graph safe (no host sync, shapes from shapes).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from libs.engine.kernels import cpu
-from libs.engine.kernels.paged_attention import tl, triton
+from libs.engine.kernels.paged_attention import INTERPRET, tl, triton
 
 
 def triton_usable(t: torch.Tensor) -> bool:
     """Whether the Triton kernels run for tensors like ``t`` (CUDA, or the CPU interpreter)."""
-    return triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return triton is not None and (t.is_cuda or INTERPRET)
 
 
 # ---------------------------------------------------------------- references

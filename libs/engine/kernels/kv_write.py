@@ -8,12 +8,10 @@ torch masked scatter does the same.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from libs.engine.kernels import cpu
-from libs.engine.kernels.paged_attention import tl, triton
+from libs.engine.kernels.paged_attention import INTERPRET, tl, triton
 
 
 def write_kv(
@@ -36,10 +34,10 @@ def write_kv(
     num_tokens = k.shape[0]
     if num_tokens == 0:
         return
-    if triton is not None and (kv_pool.device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    if triton is not None and (kv_pool.is_cuda or INTERPRET):
         _write_kv_triton(kv_pool, layer, k, v, slot_mapping)
         return
-    if kv_pool.device.type == "cpu" and cpu.write_kv(kv_pool, layer, k, v, slot_mapping):
+    if kv_pool.is_cpu and cpu.write_kv(kv_pool, layer, k, v, slot_mapping):
         return
     write_kv_ref(kv_pool, layer, k, v, slot_mapping)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -30,6 +31,10 @@ try:
 except ImportError:  # CPU installs without triton use the torch reference path only.
     triton = None
     tl = None
+
+# Triton's CPU interpreter (tests): switched on in the environment before triton is imported,
+# so read once; the CPU paths ask for every kernel call.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _LOG2E = 1.4426950408889634
 _BLOCK_N = 64  # tokens per K/V tile
@@ -303,6 +308,4 @@ def paged_decode_attention(
 
 
 def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return INTERPRET

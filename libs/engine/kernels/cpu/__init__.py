@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from typing import Any
 
 import torch
 
@@ -156,12 +157,23 @@ _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 def _rows_ok(*tensors: torch.Tensor) -> bool:
     """CPU tensors of one dtype the kernels take (float32, bfloat16), last dimension contiguous."""
     dtype = tensors[0].dtype
-    return dtype in _SUFFIX and all(
-        t.dtype == dtype and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+    if dtype not in _SUFFIX:
+        return False
+    for t in tensors:  # a plain loop: this runs for every kernel call of a decode step
+        if t.dtype != dtype or not t.is_cpu or t.stride(-1) != 1:
+            return False
+    return True
+
+
+_FNS: dict[tuple[int, str, torch.dtype], Any] = {}
 
 
 def _fn(lib: ctypes.CDLL, name: str, dtype: torch.dtype):  # type: ignore[no-untyped-def]
-    return getattr(lib, f"flowkv_{name}_{_SUFFIX[dtype]}")
+    key = (id(lib), name, dtype)
+    fn = _FNS.get(key)
+    if fn is None:
+        fn = _FNS[key] = getattr(lib, f"flowkv_{name}_{_SUFFIX[dtype]}")
+    return fn
 
 
 def add_rms_norm(
