@@ -46,9 +46,14 @@ def apply_penalties(
     """
     counts = output_counts.to(logits.dtype)
     in_output = output_counts > 0
-    rep = repetition.to(logits.dtype).unsqueeze(1)
+    # A penalty the API admits (any r > 0) may round to 0 in the logits' dtype (5e-324), or
+    # divide a logit past the largest float: keep r normal and the result finite, so the
+    # seen tokens become the (equally) likeliest instead of a NaN failing the request.
+    info = torch.finfo(logits.dtype)
+    rep = repetition.to(logits.dtype).clamp(min=info.tiny).unsqueeze(1)
     seen = prompt_mask | in_output
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits.clamp(max=info.max)  # -inf (a masked token) stays
     logits = logits - frequency.to(logits.dtype).unsqueeze(1) * counts
     return logits - presence.to(logits.dtype).unsqueeze(1) * in_output.to(logits.dtype)
 

@@ -175,3 +175,15 @@ def test_grammar_mask_wins_over_min_tokens() -> None:
     got = Sampler(VOCAB, DEVICE).sample([req], torch.randn((1, VOCAB)).to(DEVICE), MaskJob(fut, {"a": 0}),
                                         lambda r: [eos])
     assert got == [eos]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_vanishing_repetition_penalty_samples_a_seen_token(temperature: float) -> None:
+    """r = 5e-324 (admitted by the API: r > 0) is 0 in float32 and divides positive logits
+    to infinity; the request must still sample, a token it has seen, not fail on a NaN."""
+    logits = torch.full((1, VOCAB), -1.0)
+    logits[0, 3], logits[0, 9] = 2.0, 50.0
+    params = SamplingParams(temperature=temperature, top_p=5e-324, repetition_penalty=5e-324, seed=1)
+    req = _request("r", [3, 4], [], params)
+    got = Sampler(VOCAB, DEVICE).sample([req], logits.to(DEVICE), None, lambda r: [])
+    assert got == [3]  # the only seen token with a positive logit
