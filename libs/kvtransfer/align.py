@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import msgspec
+import numpy as np
 import torch
 
 from libs.kvtransfer.base import TransferMode
@@ -183,9 +184,26 @@ def piece_view(byte_view: torch.Tensor, offset: int, width: int, height: int = 1
     return torch.as_strided(byte_view, (height, width), (pitch, 1), byte_view.storage_offset() + offset)
 
 
+def host_copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[...] = src`` for CPU tensors of one shape, on the calling thread alone.
+
+    torch splits a large CPU copy over its OpenMP threads, which starts an OpenMP team in
+    the calling thread. A transfer thread (or the event loop) with a team of its own beside
+    the engine thread's takes libgomp over the core count, and libgomp then stops spinning
+    between parallel regions, which slows every engine step after it (see
+    ``AsyncEngine.start``). numpy copies on the one thread, as fast for these rows.
+    """
+    np.copyto(dst.numpy(), src.numpy())
+
+
 def copy_pieces(src_bytes: torch.Tensor, dst_bytes: torch.Tensor, pieces: Sequence[Piece]) -> None:
-    """Issue each piece as one torch copy from ``src_bytes`` to ``dst_bytes`` (flat uint8 views)."""
+    """Issue each piece as one copy from ``src_bytes`` to ``dst_bytes`` (flat uint8 views):
+    a torch copy on a device, :func:`host_copy_` between host buffers."""
+    host = not (src_bytes.is_cuda or dst_bytes.is_cuda)
     for p in pieces:
-        piece_view(dst_bytes, p.dst_offset, p.width, p.height, p.pitch).copy_(
-            piece_view(src_bytes, p.src_offset, p.width, p.height, p.pitch), non_blocking=True
-        )
+        dst = piece_view(dst_bytes, p.dst_offset, p.width, p.height, p.pitch)
+        src = piece_view(src_bytes, p.src_offset, p.width, p.height, p.pitch)
+        if host:
+            host_copy_(dst, src)
+        else:
+            dst.copy_(src, non_blocking=True)

@@ -21,9 +21,10 @@ import struct
 from collections.abc import Sequence
 
 import msgspec
+import numpy as np
 import torch
 
-from libs.kvtransfer.align import CopyOp, Piece, check_bounds, expand, piece_view
+from libs.kvtransfer.align import CopyOp, Piece, check_bounds, expand, host_copy_, piece_view
 from libs.kvtransfer.base import AgentInfo, Transport, TransferError, TransferMode
 from libs.kvtransfer.layout import KVLayout
 from libs.kvtransfer.pool import KVPool
@@ -155,8 +156,11 @@ class TcpTransport(Transport):
         for piece in pieces:
             for sub in _row_batches(piece):
                 view = piece_view(src, sub.src_offset, sub.width, sub.height, sub.pitch)
-                data = view.cpu().contiguous() if view.is_cuda or sub.height > 1 else view
-                writer.write(memoryview(data.numpy()).cast("B"))
+                if view.is_cuda:
+                    data = view.cpu().contiguous().numpy()
+                else:  # numpy packs the rows on this thread (see host_copy_)
+                    data = np.ascontiguousarray(view.numpy())
+                writer.write(memoryview(data).cast("B"))
                 await writer.drain()
 
     # ---------------------------------------------------------------- receiver
@@ -252,7 +256,7 @@ class TcpTransport(Transport):
                     target.copy_(stage, non_blocking=True)
                     torch.cuda.current_stream(dst.device).synchronize()
                 else:
-                    target.copy_(rows)
+                    host_copy_(target, rows)
                 received += sub.nbytes
         return received
 
