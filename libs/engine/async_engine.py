@@ -97,6 +97,9 @@ class AsyncEngine:
             try:
                 if self.engine is None:
                     assert self._config is not None
+                    device = torch.device(self._config.device)
+                    if device.type == "cuda" and device.index is not None:
+                        torch.cuda.set_device(device)  # graphs are captured on this thread's device
                     self.engine = LLMEngine(self._config)
                 self._stats = self.engine.stats()
             except BaseException as exc:  # handed to start()'s caller
@@ -110,7 +113,8 @@ class AsyncEngine:
         try:
             await ready
         except BaseException:
-            if not self._thread.is_alive():
+            if ready.done() and not ready.cancelled():  # the build failed: its thread is ending
+                await asyncio.to_thread(self._thread.join)
                 self._thread = None
             raise
 

@@ -140,5 +140,5 @@ async def test_a_failed_build_fails_start() -> None:
     ae = AsyncEngine(EngineConfig(model="no-such-model-preset", num_blocks=32))
     with pytest.raises(Exception):
         await ae.start()
-    with pytest.raises(RuntimeError, match="not"):
-        await ae.run(lambda e: None)
+    with pytest.raises(RuntimeError, match="not"):  # at once: no command waits on a thread that is gone
+        await asyncio.wait_for(ae.run(lambda e: None), 10)
