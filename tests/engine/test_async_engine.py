@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
+from libs.engine import async_engine
 from libs.engine.async_engine import AsyncEngine, EngineError
+from libs.engine.config import EngineConfig
 from libs.engine.sampling import SamplingParams
 from tests.engine.conftest import make_engine
 
@@ -110,11 +113,6 @@ async def test_prompts_arriving_together_at_an_idle_engine_prefill_in_one_step()
 async def test_the_engine_is_built_on_the_thread_that_steps_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """One thread runs all of the engine's OpenMP work: built elsewhere, a CPU model's
     steps ran on a second libgomp team and lost about 30% (see AsyncEngine.start)."""
-    import threading
-
-    from libs.engine import async_engine
-    from libs.engine.config import EngineConfig
-
     built_on: list[int] = []
     real = async_engine.LLMEngine
 
@@ -135,8 +133,6 @@ async def test_the_engine_is_built_on_the_thread_that_steps_it(monkeypatch: pyte
 
 
 async def test_a_failed_build_fails_start() -> None:
-    from libs.engine.config import EngineConfig
-
     ae = AsyncEngine(EngineConfig(model="no-such-model-preset", num_blocks=32))
     with pytest.raises(Exception):
         await ae.start()

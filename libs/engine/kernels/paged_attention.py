@@ -263,7 +263,7 @@ def paged_decode_attention(
         ``[B, Hq, D]`` attention output in ``q``'s dtype (``out`` if given); zero rows for
         sequences with ``context_len == 0``.
     """
-    if triton is None or (q.device.type != "cuda" and not _interpreting()):
+    if triton is None or (q.device.type != "cuda" and not INTERPRET):
         return paged_decode_attention_ref(q, kv_pool, layer, block_tables, context_lens, scale, out)
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_pool.shape[3], kv_pool.shape[4]
@@ -294,7 +294,7 @@ def paged_decode_attention(
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=_BLOCK_N,
         # fp32 pools keep full precision (no tf32). The interpreter's dot mishandles
         # bf16/fp16 operands (numpy has no bf16), so there the tiles are upcast too.
-        DOT_FP32=kv_pool.dtype == torch.float32 or _interpreting(),
+        DOT_FP32=kv_pool.dtype == torch.float32 or INTERPRET,
         num_warps=4, num_stages=2,
     )
     if num_splits > 1:
@@ -306,6 +306,3 @@ def paged_decode_attention(
         )
     return out
 
-
-def _interpreting() -> bool:
-    return INTERPRET

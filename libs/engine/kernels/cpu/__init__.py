@@ -17,6 +17,7 @@ loads, so they share torch's thread pool and ``torch.set_num_threads`` sizes bot
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -24,7 +25,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from typing import Any
 
 import torch
 
@@ -165,15 +165,9 @@ def _rows_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
-_FNS: dict[tuple[int, str, torch.dtype], Any] = {}
-
-
+@functools.cache  # looked up for every kernel call of a decode step
 def _fn(lib: ctypes.CDLL, name: str, dtype: torch.dtype):  # type: ignore[no-untyped-def]
-    key = (id(lib), name, dtype)
-    fn = _FNS.get(key)
-    if fn is None:
-        fn = _FNS[key] = getattr(lib, f"flowkv_{name}_{_SUFFIX[dtype]}")
-    return fn
+    return getattr(lib, f"flowkv_{name}_{_SUFFIX[dtype]}")
 
 
 def add_rms_norm(
