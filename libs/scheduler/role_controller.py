@@ -174,6 +174,7 @@ class RoleController:
         self.last_plan: Forecast | None = None  # the goodput planner's latest best shape
         self._heading: Shape | None = None  # the shape the goodput planner's last flip moved toward
         self._moved: set[str] = set()  # nodes this controller has flipped
+        self._sides: dict[str, tuple[bool, bool]] = {}  # model -> (has had a prefill node, a decode node)
 
     def step(self) -> tuple[RoleChange | None, list[SchedEvent]]:
         """Advance the flip in flight; if none, maybe start one.
@@ -185,6 +186,11 @@ class RoleController:
         if self.in_flight is not None:
             return None, events
         nodes = self.registry.nodes()
+        change = self._restore_lost_side(nodes) if self.target is None else None
+        if change is not None:
+            self.in_flight = change
+            events.append(self._event(change, f"requested: {change.reason}"))
+            return change, events
         if self.target is None and len({n.report.model for n in nodes}) > 1:
             # The demand and the rates are not kept per model: a flip could take one
             # model's node to serve another's load. Roles stay as launched.
@@ -237,6 +243,30 @@ class RoleController:
             if wanted and node.ready and wanted.get(node.node_id, node.role) != node.role:
                 return self._change(node, wanted[node.node_id], "pinned by policy")
         return None
+
+    def _restore_lost_side(self, nodes: list[NodeEntry]) -> RoleChange | None:
+        """A model whose nodes had both sides and lost one (its last prefill-capable or
+        decode-capable node left) gets it back at once: its least busy ready node turns
+        hybrid, keeping what it did. Neither dwell nor cooldown holds this back, since
+        until then no new request of the model can be served; the planner may reshape the
+        cluster later. A side the model never had (nodes still registering one at a time)
+        is not restored: a cluster is launched with the roles its operator chose."""
+        by_model: dict[str, list[NodeEntry]] = {}
+        for n in nodes:
+            by_model.setdefault(n.report.model, []).append(n)
+        change = None
+        for model, group in sorted(by_model.items()):
+            ready = [n for n in group if n.ready]
+            sides = (any(n.can_prefill for n in ready), any(n.can_decode for n in ready))
+            had = self._sides.get(model, (False, False))
+            self._sides[model] = (had[0] or sides[0], had[1] or sides[1])
+            lost = [what for what, have, seen in zip(("prefill", "decode"), sides, had) if seen and not have]
+            if change is None and lost and ready:
+                node = self._least_busy(ready)
+                change = self._change(node, Role.HYBRID, f"no ready node of {model} can {lost[0]}")
+        for model in set(self._sides) - set(by_model):
+            del self._sides[model]  # every node of the model left: what it had is forgotten
+        return change
 
     def _decide(self, nodes: list[NodeEntry]) -> RoleChange | None:
         c = self.config

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 LEADER_KEY = "leader"
 STATE_KEY = "state"
 JS_TEMPORARILY_UNAVAILABLE = 10008  # JetStream's error code while its cluster has no leader
+_QUIET_S = 5.0  # failed lease rounds are logged quietly for this long
 
 
 class NotLeader(Exception):
@@ -92,6 +93,8 @@ class Leadership:
         self._valid_until = 0.0  # monotonic: the lease is certainly ours until then
         self._since = 0.0
         self._settled = asyncio.Event()  # set (and replaced) whenever the lease is renewed or lost
+        self._failing_since: float | None = None  # since when lease rounds fail with no lease held
+        self._last_said = 0.0
 
     async def start(self, ready_timeout_s: float = 60.0) -> bool:
         """Open (or create) the buckets. Returns False when the broker has no JetStream.
@@ -138,6 +141,7 @@ class Leadership:
                     renewed = await self._renew()
                 else:
                     await self.campaign()
+                self._failing_since = None  # the broker answered
             except asyncio.CancelledError:
                 raise
             except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError, nats.js.errors.NotFoundError):
@@ -145,7 +149,7 @@ class Leadership:
                 with contextlib.suppress(Exception):
                     await self._open()
             except Exception as exc:  # the broker is unreachable or electing: try again next round
-                log.debug("lease round failed: %s: %s", type(exc).__name__, exc)
+                self._round_failed(exc)
             if self.is_leader and time.monotonic() > self._valid_until:
                 # Not certain any more: the renew failed or its answer came late (the event
                 # loop ran late). Placement waits; renew again at once, and give the term up
@@ -157,6 +161,23 @@ class Leadership:
                 await self._step_down(f"could not renew the lease within {self.lease_s:g}s")
             retried = False
             await asyncio.sleep(self.lease_s / (5 if self.is_leader else 10))
+
+    def _round_failed(self, exc: Exception) -> None:
+        """Log a failed lease round: at debug level, but a replica that has had no lease for
+        longer than ``_QUIET_S`` (a broker slow to answer, a machine too busy) says why,
+        every ``_QUIET_S``: nobody places requests meanwhile unless another replica leads."""
+        now = time.monotonic()
+        if self.is_leader:
+            self._failing_since = None
+        elif self._failing_since is None:
+            self._failing_since = now
+        if self._failing_since is not None and now - self._failing_since > _QUIET_S \
+                and now - self._last_said > _QUIET_S:
+            self._last_said = now
+            log.warning("no lease for %.0fs: the last round failed with %s: %s", now - self._failing_since,
+                        type(exc).__name__, exc)
+        else:
+            log.debug("lease round failed: %s: %s", type(exc).__name__, exc)
 
     def leads(self) -> bool:
         """Whether this replica leads now (its lease is certain)."""

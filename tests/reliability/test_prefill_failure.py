@@ -64,3 +64,31 @@ async def test_prefill_node_killed_its_requests_are_placed_again_and_complete(tm
 
 async def _true(value: bool) -> bool:
     return value
+
+
+@pytest.mark.timeout(400)
+async def test_the_only_prefill_node_killed_a_decode_node_turns_hybrid_and_serves(tmp_path):
+    # One prefill node and two decode nodes under the default policy. With prefill-0 gone
+    # no new request could be served: the scheduler turns a decode node hybrid at once, and
+    # the requests sent meanwhile wait for it (none is refused) and end with the tokens of
+    # the healthy cluster.
+    with Cluster(tmp_path, prefill=1, decode=2) as c:
+        async with aiohttp.ClientSession() as s:
+            reference = []
+            for k in range(3):
+                status, out, _ = await c.complete(s, body(k))
+                assert status == 200, out
+                reference.append(out["choices"][0]["logprobs"]["tokens"])
+            nc, downs = await c.watch_node_downs()
+            c.kill_node("prefill-0")
+            results = await asyncio.wait_for(asyncio.gather(*(c.complete(s, body(k)) for k in range(3))), 180)
+            for k, (status, out, _) in enumerate(results):
+                assert status == 200, (k, out)
+                assert out["choices"][0]["logprobs"]["tokens"] == reference[k], k
+            assert any(e.node_id == "prefill-0" for e in downs)
+            await nc.close()
+        events = (await c.cluster_state()).events
+        flips = [e for e in events if e.kind.value == "role_flip" and "can prefill" in e.detail]
+        assert flips and flips[0].node_id in ("decode-0", "decode-1") and flips[0].new_role.value == "hybrid", events
+        roles = {n: r.role.value for n, r in (await c.reports()).items()}
+        assert sorted(roles.values()) == ["decode", "hybrid"], roles

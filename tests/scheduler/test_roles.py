@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from libs.protocol.messages import EventKind, Role
+from libs.protocol.messages import EventKind, NodeState, Role
 from libs.scheduler.clock import ManualClock
 from libs.scheduler.cost_model import CostModel
 from libs.scheduler.node_registry import NodeRegistry
@@ -207,3 +207,58 @@ def test_nodes_of_several_models_keep_their_roles() -> None:
         reg.update(report(node_id, Role.DECODE, running=1, model="a"))
     change, _ = ctl.step()
     assert change is not None and change.new_role == Role.PREFILL
+
+
+def test_a_side_lost_with_its_last_node_comes_back_at_once() -> None:
+    # p1 was the only prefill node and died: without a flip no new request could be
+    # served, so the least busy decode node turns hybrid within its dwell time, whatever
+    # the planner (goodput here, the default) would say of so thin a window.
+    clock = ManualClock(0.0)
+    reg = NodeRegistry(clock, node_timeout_s=1000.0)
+    ctl = RoleController(reg, RoleConfig(min_dwell_s=10.0), CostModel())
+    for r in (report("p1"), report("d1", Role.DECODE, running=3), report("d2", Role.DECODE, running=1)):
+        reg.update(r)
+    clock.set(1.0)
+    assert ctl.step() == (None, [])
+    reg.remove("p1", "no load report")
+    change, events = ctl.step()
+    assert change is not None and (change.node_id, change.old_role, change.new_role) == ("d2", Role.DECODE, Role.HYBRID)
+    assert "no ready node of m can prefill" in events[0].detail
+    reg.update(report("d2", Role.HYBRID, running=1))
+    assert [e.detail for e in ctl.step()[1]] == ["done"]
+    assert ctl.step() == (None, [])  # both sides again: nothing more to restore
+    # d1 drains to stop: d2, hybrid now, still decodes, so no side is lost.
+    reg.update(report("d1", Role.DECODE, state=NodeState.DRAINING))
+    assert ctl.step() == (None, [])
+
+
+def test_a_side_never_had_is_not_restored() -> None:
+    # flowkv up's nodes register one at a time, decode first: no flip before prefill-0 is up.
+    clock = ManualClock(0.0)
+    reg = NodeRegistry(clock, node_timeout_s=1000.0)
+    ctl = RoleController(reg, RoleConfig(), CostModel())
+    reg.update(report("decode-0", Role.DECODE))
+    assert ctl.step() == (None, [])
+    reg.update(report("prefill-0"))
+    assert ctl.step() == (None, [])
+    # A model that lost every node forgets what it had: its first node back keeps its role.
+    reg.remove("prefill-0", "gone")
+    reg.remove("decode-0", "gone")
+    assert ctl.step() == (None, [])
+    reg.update(report("decode-1", Role.DECODE))
+    assert ctl.step() == (None, [])
+
+
+def test_a_lost_side_is_restored_per_model() -> None:
+    # Model b lost its decode node; model a is whole. b's prefill node turns hybrid, a's
+    # nodes are left alone (the several-models rule keeps roles otherwise).
+    clock = ManualClock(0.0)
+    reg = NodeRegistry(clock, node_timeout_s=1000.0)
+    ctl = RoleController(reg, RoleConfig(planner="split"), CostModel())
+    for r in (report("pa", model="a"), report("da", Role.DECODE, model="a"),
+              report("pb", model="b"), report("db", Role.DECODE, model="b")):
+        reg.update(r)
+    assert ctl.step() == (None, [])
+    reg.update(report("db", Role.DECODE, model="b", state=NodeState.DRAINING))
+    change, _ = ctl.step()
+    assert change is not None and (change.node_id, change.new_role) == ("pb", Role.HYBRID)

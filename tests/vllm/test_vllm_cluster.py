@@ -76,8 +76,11 @@ def alone(tmp_path_factory: pytest.TempPathFactory, model_dir: str, prompts: lis
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, alone: dict):  # type: ignore[no-untyped-def,type-arg]
+    # Roles pinned: these tests count hand-offs from the prefill node and room in the two
+    # decode pools, which the goodput planner would reshape (it made prefill-0 hybrid a
+    # minute in, and the SIGKILL test then killed the only node able to prefill).
     with vllm_cluster(tmp_path_factory.mktemp("vllm-cluster"), MODEL, prefill=1, decode=2, num_blocks=NUM_BLOCKS,
-                      max_model_len=MAX_MODEL_LEN) as c:
+                      max_model_len=MAX_MODEL_LEN, scheduler_args=["--policy", "fixed:1:2"]) as c:
         yield c
 
 
