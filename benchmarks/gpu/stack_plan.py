@@ -114,10 +114,32 @@ def transport(name: str, device: str) -> str:
     return name
 
 
-# One GPU: the 1P1D nodes share it, each with a pool of this many blocks (2 MiB each for
-# Llama-3.1-8B: 32 GB, 256k tokens) instead of 85% of the memory its weights leave free,
-# so that the second node to start finds room.
+# One GPU: the 1P1D nodes share it, each with a pool of at most this many blocks (2 MiB
+# each for Llama-3.1-8B: 31 GiB, 256k tokens) instead of 85% of the memory its weights
+# leave free, so that the second node to start finds room. That fits two nodes on a
+# 141 GB H200; on an 80 GB H100 (79 GiB usable) each node's weights, CUDA context and
+# graphs take about 21.4 GiB besides the pool, and two pools of 16,000 blocks do not fit:
+# :func:`shared_gpu_num_blocks` sizes them by the card.
 SHARED_GPU_NUM_BLOCKS = 16_000
+SHARED_GPU_NODE_GIB = 22.0  # a Llama-3.1-8B node's memory besides its pool (measured: 21.4 GiB)
+SHARED_GPU_SPARE_GIB = 3.0  # left free on the card
+SHARED_GPU_BLOCK_GIB = 2 / 1024  # one Llama-3.1-8B block of 16 tokens, bf16
+
+
+def shared_gpu_num_blocks(total_gib: float | None = None) -> int:
+    """The pool of each of two nodes sharing one GPU of ``total_gib`` (default: GPU 0's
+    memory; without CUDA, :data:`SHARED_GPU_NUM_BLOCKS`)."""
+    if total_gib is None:
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return SHARED_GPU_NUM_BLOCKS
+            total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+        except Exception:  # no torch, no driver: the plan is only being read
+            return SHARED_GPU_NUM_BLOCKS
+    room = (total_gib - SHARED_GPU_SPARE_GIB) / 2 - SHARED_GPU_NODE_GIB
+    return max(1000, min(SHARED_GPU_NUM_BLOCKS, int(room / SHARED_GPU_BLOCK_GIB) // 1000 * 1000))
 
 
 def _two_gpu(p: Profile, device: str, gpus: int = 2) -> dict[str, Experiment]:
@@ -129,7 +151,7 @@ def _two_gpu(p: Profile, device: str, gpus: int = 2) -> dict[str, Experiment]:
     shared = device == "cuda" and gpus == 1
     one_gpu = {"1p1d_ipc": Experiment(
         "1p1d_ipc", "disagg", [Shape(1, 1, 0, device, "fixed:1:1")], long + synth, transport("cuda_ipc", device),
-        want_roles=(1, 1), env={"FLOWKV_NODE_NUM_BLOCKS": str(SHARED_GPU_NUM_BLOCKS)} if shared else {})}
+        want_roles=(1, 1), env={"FLOWKV_NODE_NUM_BLOCKS": str(shared_gpu_num_blocks())} if shared else {})}
     one_gpu["1colo"] = Experiment("1colo", "colo", [Shape(0, 0, 1, dev2[0], COLO_POLICY)], long[:1])
     if shared:  # two nodes on one GPU over CUDA IPC; NCCL cannot put two ranks on one device
         return one_gpu
@@ -187,7 +209,7 @@ def _headline(p: Profile, device: str, gpus: int) -> dict[str, Experiment]:
     k = max(1.0, gpus / 2)
     runs = [_run(w, r * k, p.headline_scale, p.duration_s) for w, rates in p.headline_rates.items() for r in rates]
     shared = device == "cuda" and gpus == 1
-    env = {**p.headline_env, **({"FLOWKV_NODE_NUM_BLOCKS": str(SHARED_GPU_NUM_BLOCKS)} if shared else {})}
+    env = {**p.headline_env, **({"FLOWKV_NODE_NUM_BLOCKS": str(shared_gpu_num_blocks())} if shared else {})}
     out: dict[str, Experiment] = {}
     for name, (base, flow) in HEADLINE_PAIRS.items():
         if name == "nccl" and shared:

@@ -163,12 +163,22 @@ def test_plan_one_gpu_shares_it():
     by = {e.name: e for e in sb.plan(sb.parse(["--gpus", "1", "--device", "cuda"]), sb.PROFILES["llama-3.1-8b"])}
     assert list(by) == ["1p1d_ipc", "1colo"]  # no NCCL (two ranks on one device) and no second GPU
     # Both nodes land on the one visible GPU, each with a fixed pool so the second finds room.
-    assert by["1p1d_ipc"].env == {"FLOWKV_NODE_NUM_BLOCKS": str(sys.modules["stack_plan"].SHARED_GPU_NUM_BLOCKS)}
+    assert by["1p1d_ipc"].env == {"FLOWKV_NODE_NUM_BLOCKS": str(sys.modules["stack_plan"].shared_gpu_num_blocks())}
     assert by["1p1d_ipc"].shapes[0].device == "cuda" and by["1colo"].shapes[0].device == "cuda:0"
     with pytest.raises(SystemExit):
         sb.plan(sb.parse(["--gpus", "1", "--device", "cuda", "--experiments", "2colo"]), sb.PROFILES["llama-3.1-8b"])
     two = {e.name: e for e in sb.plan(sb.parse(["--gpus", "2", "--device", "cuda"]), sb.PROFILES["llama-3.1-8b"])}
     assert two["1p1d_ipc"].env == {}
+
+
+def test_shared_gpu_pools_fit_the_card():
+    _bench_module()  # puts stack_plan on the path
+    sizes = sys.modules["stack_plan"]
+    # An 80 GB H100 (79.18 GiB usable): two pools of 16,000 blocks overran it by 26 GiB.
+    h100 = sizes.shared_gpu_num_blocks(79.18)
+    assert h100 == 8000
+    assert 2 * (sizes.SHARED_GPU_NODE_GIB + h100 * sizes.SHARED_GPU_BLOCK_GIB) < 79.18
+    assert sizes.shared_gpu_num_blocks(139.8) == sizes.SHARED_GPU_NUM_BLOCKS  # an H200 keeps the recorded runs' pools
 
 
 def test_plan_lead_in_override():
