@@ -187,17 +187,14 @@ class RoleController:
             return None, events
         nodes = self.registry.nodes()
         change = self._restore_lost_side(nodes) if self.target is None else None
-        if change is not None:
-            self.in_flight = change
-            events.append(self._event(change, f"requested: {change.reason}"))
-            return change, events
-        if self.target is None and len({n.report.model for n in nodes}) > 1:
-            # The demand and the rates are not kept per model: a flip could take one
-            # model's node to serve another's load. Roles stay as launched.
-            return None, events
-        change = self._decide_target(nodes) if self.target is not None else self._decide(nodes)
-        if change is not None and self.target is None and not keeps_both_sides(nodes, change):
-            change = None  # e.g. a lone hybrid node must not become decode-only
+        if change is None:
+            if self.target is None and len({n.report.model for n in nodes}) > 1:
+                # The demand and the rates are not kept per model: a flip could take one
+                # model's node to serve another's load. Roles stay as launched.
+                return None, events
+            change = self._decide_target(nodes) if self.target is not None else self._decide(nodes)
+            if change is not None and self.target is None and not keeps_both_sides(nodes, change):
+                change = None  # e.g. a lone hybrid node must not become decode-only
         if change is not None:
             self.in_flight = change
             events.append(self._event(change, f"requested: {change.reason}"))
