@@ -526,14 +526,14 @@ def _ratio(a: float | None, b: float | None) -> str:
 def table(results: list[SystemResult], cases: list[Case]) -> str:
     """One row per system and workload; ratios are to vLLM's row of the same workload."""
     head = ("system", "workload", "served", "failed", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
-            "tok/s/vLLM", "TPOT50/vLLM", "node_down")
+            "ITL max", "tok/s/vLLM", "TPOT50/vLLM", "node_down")
     rows: list[tuple[str, ...]] = [head]
     vllm = next((r for r in results if r.name == "vllm"), None)
     for res in results:
         for case in cases:
             out = res.cases.get(case.name)
             if out is None:
-                rows.append((res.name, case.name, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"))
+                rows.append((res.name, case.name) + ("-",) * (len(head) - 2))
                 continue
             s = out["summary"]
             base = vllm.cases.get(case.name) if vllm is not None else None
@@ -541,14 +541,15 @@ def table(results: list[SystemResult], cases: list[Case]) -> str:
             node_down = str(len(out["node_down"])) if "node_down" in out else "-"
             rows.append((res.name, case.name, f"{s['completed']}/{s['num_requests']}", str(s["failed"]),
                          f"{s['output_throughput']:.1f}", _ms(s["ttft"]["p50"]), _ms(s["ttft"]["p99"]),
-                         _ms(s["tpot"]["p50"]), _ms(s["tpot"]["p99"]),
+                         _ms(s["tpot"]["p50"]), _ms(s["tpot"]["p99"]), _ms(s["itl"].get("max")),
                          _ratio(s["output_throughput"], bs["output_throughput"] if bs else None),
                          _ratio(s["tpot"]["p50"], bs["tpot"]["p50"] if bs else None), node_down))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(cell.rjust(w) if i >= 2 else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    notes = ["(latencies in ms; tok/s/vLLM > 1 and TPOT50/vLLM < 1 favour the system over vLLM)"]
+    notes = ["(latencies in ms; ITL max: the longest a stream waited between two tokens; "
+             "tok/s/vLLM > 1 and TPOT50/vLLM < 1 favour the system over vLLM)"]
     for res in results:
         started = "not started" if res.startup_s is None else f"started in {res.startup_s:.1f}s"
         notes.append(f"{res.name}: {started}; threads {res.threads}" + (f"; FAILED: {res.error.splitlines()[0]}"

@@ -33,6 +33,11 @@ class EngineConfig:
             after the step's decodes (never fewer than ``min_step_tokens``, never more
             than ``max_num_batched_tokens``), so no step stalls the running streams for
             long whatever the device. 0 turns it off (a fixed budget).
+        chunk_slack: a prompt whose rest is at most this share over the step's budget
+            left is finished in the step instead of split in two (never past
+            ``max_num_batched_tokens``): a split prompt's second part reads the first
+            part's KV back and costs a step of its own. A step may so run up to
+            ``1 + chunk_slack`` times its target. 0: split at the budget.
         min_step_tokens: the smallest prefill budget of a step (progress when decodes
             alone fill the target), and the budget before any prefill was measured.
             A step with no decodes running stalls no stream: it takes up to
@@ -64,6 +69,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     target_step_s: float = 0.25
+    chunk_slack: float = 0.5
     min_step_tokens: int = 128
     prefill_gather_s: float = 0.02
     max_model_len: int | None = None
@@ -82,6 +88,8 @@ class EngineConfig:
             raise ValueError(f"dtype {self.dtype!r} not supported on {kind}; use one of {_DEVICE_DTYPES[kind]}")
         if self.target_step_s < 0:
             raise ValueError(f"target_step_s must be >= 0, got {self.target_step_s}")
+        if self.chunk_slack < 0:
+            raise ValueError(f"chunk_slack must be >= 0, got {self.chunk_slack}")
         if self.prefill_gather_s < 0:
             raise ValueError(f"prefill_gather_s must be >= 0, got {self.prefill_gather_s}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_bytes", "min_step_tokens"):

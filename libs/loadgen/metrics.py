@@ -83,14 +83,16 @@ class Slo:
 
 
 def stats(values: list[float]) -> dict[str, float | None]:
-    """Mean and p50/p90/p99 of ``values`` (all None when empty)."""
-    keys = ["mean"] + [f"p{p}" for p in PERCENTILES]
+    """Mean, p50/p90/p99 and max of ``values`` (all None when empty). The max of the
+    inter-token gaps is the longest a stream stalled."""
+    keys = ["mean"] + [f"p{p}" for p in PERCENTILES] + ["max"]
     if not values:
         return dict.fromkeys(keys, None)
     arr = np.asarray(values, dtype=float)
     out: dict[str, float | None] = {"mean": float(arr.mean())}
     for p in PERCENTILES:
         out[f"p{p}"] = float(np.percentile(arr, p))
+    out["max"] = float(arr.max())
     return out
 
 

@@ -38,6 +38,8 @@ def table(summary: dict[str, Any], title: str = "flowkv bench") -> str:
         row(f"Mean {key.upper()} (ms):", _ms(s["mean"]))
         for p in ("p50", "p90", "p99"):
             row(f"{p.upper()} {key.upper()} (ms):", _ms(s[p]))
+        if key == "itl":
+            row("Max ITL (ms):", _ms(s.get("max")))
     if summary["failures"]:
         lines.append(f"{' Failures ':-^{w + 14}}")
         for k, n in summary["failures"].items():

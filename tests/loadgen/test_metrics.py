@@ -15,8 +15,8 @@ def rec(i: int, ttft: float, e2e: float, out: int, prompt: int = 10, itl: list[f
 
 def test_percentiles_interpolate_linearly() -> None:
     s = stats([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert s == {"mean": 3.0, "p50": 3.0, "p90": pytest.approx(4.6), "p99": pytest.approx(4.96)}
-    assert stats([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
+    assert s == {"mean": 3.0, "p50": 3.0, "p90": pytest.approx(4.6), "p99": pytest.approx(4.96), "max": 5.0}
+    assert stats([]) == {"mean": None, "p50": None, "p90": None, "p99": None, "max": None}
 
 
 def test_tpot_excludes_the_first_token() -> None:
@@ -37,7 +37,8 @@ def test_summary_of_a_small_run() -> None:
     assert (s["num_requests"], s["completed"], s["failed"]) == (6, 3, 3)
     assert (s["total_input_tokens"], s["total_output_tokens"]) == (30, 15)
     assert (s["request_throughput"], s["output_throughput"], s["total_token_throughput"]) == (1.5, 7.5, 22.5)
-    assert s["ttft"] == {"mean": pytest.approx(0.2), "p50": 0.2, "p90": pytest.approx(0.28), "p99": pytest.approx(0.298)}
+    assert s["ttft"] == {"mean": pytest.approx(0.2), "p50": 0.2, "p90": pytest.approx(0.28), "p99": pytest.approx(0.298),
+                         "max": 0.3}
     assert s["tpot"]["mean"] == pytest.approx(0.1)  # (0.5-0.1)/4 and (1.0-0.2)/8
     assert s["itl"]["p50"] == pytest.approx(0.1)
     assert s["e2e"]["p50"] == 0.5
