@@ -37,7 +37,7 @@ class EngineConfig:
             left is finished in the step instead of split in two (never past
             ``max_num_batched_tokens``): a split prompt's second part reads the first
             part's KV back and costs a step of its own. A step may so run up to
-            ``1 + chunk_slack`` times its target. 0: split at the budget.
+            ``1 + chunk_slack`` times its target (twice, by default). 0: split at the budget.
         min_step_tokens: the smallest prefill budget of a step (progress when decodes
             alone fill the target), and the budget before any prefill was measured.
             A step with no decodes running stalls no stream: it takes up to
@@ -69,7 +69,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     target_step_s: float = 0.25
-    chunk_slack: float = 0.5
+    chunk_slack: float = 1.0
     min_step_tokens: int = 128
     prefill_gather_s: float = 0.02
     max_model_len: int | None = None

@@ -55,17 +55,19 @@ def test_a_prompt_a_little_over_the_budget_is_finished_rather_than_split():
         engine.add_request("p", list(range(10, 10 + prompt_len)), params)
         return [n for _, n in engine.scheduler.schedule(budget).prefills]
 
-    assert chunks(60, 40) == [60]  # 1.5 times the budget: one step
-    assert chunks(61, 40) == [40]  # more: split at the budget
+    assert chunks(80, 40) == [80]  # twice the budget: one step
+    assert chunks(81, 40) == [40]  # more: split at the budget
+    assert chunks(60, 40, chunk_slack=0.5) == [60]
+    assert chunks(61, 40, chunk_slack=0.5) == [40]
     assert chunks(60, 40, chunk_slack=0.0) == [40]
     assert chunks(60, 40, max_num_batched_tokens=50) == [40]  # never past max_num_batched_tokens
     # The rest of a prompt already being chunked follows the same rule.
     engine = make_engine(num_blocks=256)
-    engine.add_request("p", list(range(10, 110)), params)
+    engine.add_request("p", list(range(10, 130)), params)
     plan = engine.scheduler.schedule(40)
     assert [n for _, n in plan.prefills] == [40]
     engine.scheduler.running[0].num_computed_tokens = 40
-    assert [n for _, n in engine.scheduler.schedule(40).prefills] == [60]
+    assert [n for _, n in engine.scheduler.schedule(40).prefills] == [80]
 
 
 def test_gather_wait_is_a_share_of_the_expected_prefill_and_only_for_an_idle_engine():
