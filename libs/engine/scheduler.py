@@ -11,9 +11,9 @@ Order of one :meth:`Scheduler.schedule`:
    tokens, and budget remain; the first that does not fit stops admission (FIFO).
 
 A prompt whose rest exceeds the budget left by at most ``chunk_slack`` of it (and fits
-``max_num_batched_tokens``) is finished in this step rather than split: the second part
-of a split prompt reads the first part's KV back and costs a step of its own (a 256-token
-SmolLM2 prompt in two chunks took 7-10% longer than in one on a 2-core CPU).
+``max_num_batched_tokens``; on CPU by default) is finished in this step rather than split:
+the second part of a split prompt reads the first part's KV back and costs a step of its
+own (a 256-token SmolLM2 prompt in two chunks took 7-10% longer than in one on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ class Scheduler:
 
     def _chunk(self, remaining: int, room: _Room, plan: StepPlan) -> int:
         budget = room.budget
-        if remaining <= budget or remaining <= min(int(budget * (1.0 + self.config.chunk_slack)), room.cap):
+        slack = self.config.chunk_slack or 0.0
+        if remaining <= budget or remaining <= min(int(budget * (1.0 + slack)), room.cap):
             return remaining
         if self.config.enable_chunked_prefill:
             return budget

@@ -38,7 +38,7 @@ class NodeConfig:
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one engine step"})
     target_step_s: float = field(default=0.25, metadata={
         "help": "engine step time the token budget aims at, from the measured prefill rate (0: a fixed budget); "
-                "a step may run to twice it to finish a prompt rather than split it"})
+                "on CPU a step may run to twice it to finish a prompt rather than split it"})
     prefill_gather_s: float = field(default=0.02, metadata={
         "help": "when prompts reach an idle engine, the most it waits for others arriving with them so that they "
                 "prefill in one step (at most 5 percent of their measured prefill time; 0: off)"})

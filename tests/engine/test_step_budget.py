@@ -3,6 +3,7 @@ and every step advances every running decode."""
 
 from __future__ import annotations
 
+from libs.engine.config import EngineConfig
 from libs.engine.sampling import SamplingParams
 from tests.engine.conftest import make_engine, run_all, tokens_of
 
@@ -61,6 +62,8 @@ def test_a_prompt_a_little_over_the_budget_is_finished_rather_than_split():
     assert chunks(61, 40, chunk_slack=0.5) == [40]
     assert chunks(60, 40, chunk_slack=0.0) == [40]
     assert chunks(60, 40, max_num_batched_tokens=50) == [40]  # never past max_num_batched_tokens
+    assert EngineConfig(device="cpu").chunk_slack == 1.0
+    assert EngineConfig(device="cuda", dtype="bfloat16").chunk_slack == 0.0  # split at the budget on a GPU
     # The rest of a prompt already being chunked follows the same rule.
     engine = make_engine(num_blocks=256)
     engine.add_request("p", list(range(10, 130)), params)
