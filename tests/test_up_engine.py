@@ -37,7 +37,7 @@ def test_the_default_engine_is_flowkv_and_adds_no_flag():
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"engine": "sglang"}, "engine must be flowkv or vllm"),
-    ({"engine": "vllm", "device": "cuda"}, "runs on cpu"),
+    ({"engine": "vllm", "device": "cuda"}, "vllm engine on cpu only"),
 ])
 def test_bad_engine_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -67,7 +67,8 @@ class UpConfig:
         if self.engine not in ("flowkv", "vllm"):
             raise ValueError(f"engine must be flowkv or vllm, got {self.engine!r}")
         if self.engine == "vllm" and self.device != "cpu":
-            raise ValueError("the vllm engine runs on cpu here (its KV connector maps CPU caches only)")
+            raise ValueError("flowkv up runs the vllm engine on cpu only: vLLM's CUDA build has not been run with "
+                             "FlowKV's KV connector yet (docs/vllm.md); `flowkv node --engine vllm` starts one node")
         if self.colocated < 0 or self.prefill_nodes < 0 or self.decode_nodes < 0:
             raise ValueError("node counts must be >= 0")
         if self.colocated == 0 and (self.prefill_nodes < 1 or self.decode_nodes < 1):
