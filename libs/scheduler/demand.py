@@ -207,25 +207,32 @@ class DemandTracker:
         self._trim(now)
         return [p for p in self._old if p.t > now - span_s] + list(self._placed)
 
-    def demand(self, now: float, nodes: list[NodeEntry], cost: CostModel) -> Demand | None:
+    def demand(self, now: float, nodes: list[NodeEntry], cost: CostModel, span_s: float | None = None) -> Demand | None:
         """Demand of the placements in ``(now - window_s, now]`` against ``nodes``' measured figures.
+
+        Args:
+            span_s: count the placements of this many recent seconds instead (at most
+                ``keep_s``; the caller's span of what it has seen): a light load fills a
+                short window with too few placements to say anything, a longer one not.
 
         Returns:
             The demand, or None with too few placements or no nodes to measure against.
         """
         self.observe(nodes)
         self._trim(now)
-        if len(self._placed) < self.min_placements or not nodes:
+        placed = list(self._placed) if span_s is None else self.history(now, span_s)
+        window_s = self.window_s if span_s is None else span_s
+        if len(placed) < self.min_placements or not nodes or window_s <= 0:
             return None
-        held = held_blocks_per_seq(self._placed)
+        held = held_blocks_per_seq(placed)
         prefill_rates = self.prefill_rates(nodes)
         decode_rates = {n.node_id: self.decode_rate(n, held, nodes, cost) for n in nodes}
         mean_decode = sum(decode_rates.values()) / len(nodes)
         # Mean-node seconds per prompt token and per output token, over the window.
-        per_prompt = 1.0 / mean_prefill_rate(nodes, cost, prefill_rates) / self.window_s
-        per_output = 1.0 / mean_decode / self.window_s
-        prompts = [p.prompt_tokens for p in self._placed]
-        outputs = [p.output_tokens for p in self._placed]
+        per_prompt = 1.0 / mean_prefill_rate(nodes, cost, prefill_rates) / window_s
+        per_output = 1.0 / mean_decode / window_s
+        prompts = [p.prompt_tokens for p in placed]
+        outputs = [p.output_tokens for p in placed]
         # Standard error of a sum of Poisson arrivals: the root of the sum of squares.
         return Demand(prefill_nodes=sum(prompts) * per_prompt, decode_nodes=sum(outputs) * per_output,
                       prefill_se=math.sqrt(sum(x * x for x in prompts)) * per_prompt,

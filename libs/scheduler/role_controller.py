@@ -326,22 +326,26 @@ class RoleController:
         """The load of the last ``span_s`` seconds (default: ``goodput_window_s``, at least
         the demand window, at most what has been seen) for goodput planning, or None: the
         ``split`` planner and no objectives (neither the deployment's nor any request's),
-        no demand tracker, or too few placements in the demand window."""
+        no demand tracker, or too few placements over that span."""
         ready = [n for n in nodes if n.ready]
         if self.demand is None or len(ready) < 2:
             return None
         c = self.config
         now = self.registry.clock.now()
-        demand = self.demand.demand(now, ready, self.cost)
-        if demand is None:
-            return None
         span = max(c.goodput_window_s if span_s is None else span_s, self.demand.window_s)
         placed = self.demand.history(now, span)
+        if not placed:
+            return None
         objectives = Objectives(c.ttft_slo_s, c.tpot_slo_s)
         if c.planner == "split" and not objectives.any and not any(p.ttft_slo_s or p.tpot_slo_s for p in placed):
             return None
         # A window reaching back past the first placement seen covers only the time since.
         span = min(span, max(now - placed[0].t, self.demand.window_s))
+        # Enough placements over the plan's own span: a light load leaves the shorter
+        # demand window too thin to plan from most of the time, and the plan with it.
+        demand = self.demand.demand(now, ready, self.cost, span_s=span)
+        if demand is None:
+            return None
         rates = measured_rates(self.demand, ready, self.cost, placed)
         return Load(placed, span, rates, objectives, c.demand_confidence, end_s=now), demand
 

@@ -140,6 +140,24 @@ def test_a_thin_window_with_objectives_flips_nothing() -> None:
     assert ctl.step() == (None, [])
 
 
+def test_a_light_load_is_planned_from_the_plans_own_window() -> None:
+    # 0.5 req/s: a 5 s demand window holds two or three placements, fewer than the eight a
+    # demand needs; the 30 s the plan weighs hold fifteen. The plan is made from those.
+    clock, reg = _registry(report("p1", rate=250.0, step_s=0.06, device="cpu"),
+                           report("p2", rate=250.0, step_s=0.06, device="cpu"),
+                           report("d1", Role.DECODE, running=1, rate=250.0, step_s=0.06, device="cpu"),
+                           report("d2", Role.DECODE, running=1, rate=250.0, step_s=0.06, device="cpu"), at=30.0)
+    ctl = RoleController(reg, RoleConfig(min_dwell_s=3.0, demand_window_s=5.0, goodput_window_s=30.0,
+                                         ttft_slo_s=5.0, tpot_slo_s=0.5), CostModel())
+    for i in range(15):
+        ctl.demand.record(1.0 + 2.0 * i, f"r{i}", 600, 32, 40)
+    assert len(ctl.demand.window(clock.now())) < ctl.demand.min_placements
+    view = ctl.goodput_load(reg.nodes())
+    assert view is not None and view[0].num_requests == 15
+    ctl.step()
+    assert ctl.last_plan is not None
+
+
 @pytest.mark.parametrize("policy", ["flowkv", "colocated"])
 def test_prompt_goes_where_its_prefix_sits_when_that_wins(policy: str) -> None:
     hashes = list(range(1, 257))  # a 4096-token prompt, every block cached on h1
