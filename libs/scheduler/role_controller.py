@@ -332,6 +332,7 @@ class RoleController:
             return None
         c = self.config
         now = self.registry.clock.now()
+        self.demand.observe(ready)  # every interval, planned or not: the reports feed the step fits
         span = max(c.goodput_window_s if span_s is None else span_s, self.demand.window_s)
         placed = self.demand.history(now, span)
         if not placed:
