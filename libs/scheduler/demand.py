@@ -207,21 +207,21 @@ class DemandTracker:
         self._trim(now)
         return [p for p in self._old if p.t > now - span_s] + list(self._placed)
 
-    def demand(self, now: float, nodes: list[NodeEntry], cost: CostModel, span_s: float | None = None) -> Demand | None:
+    def demand(self, now: float, nodes: list[NodeEntry], cost: CostModel,
+               over: tuple[list[Placed], float] | None = None) -> Demand | None:
         """Demand of the placements in ``(now - window_s, now]`` against ``nodes``' measured figures.
 
         Args:
-            span_s: count the placements of this many recent seconds instead (at most
-                ``keep_s``; the caller's span of what it has seen): a light load fills a
-                short window with too few placements to say anything, a longer one not.
+            over: ``(placements, seconds)``: these placements of a longer span instead
+                (from :meth:`history`): a light load fills a short window with too few
+                placements to say anything, a longer one not.
 
         Returns:
             The demand, or None with too few placements or no nodes to measure against.
         """
         self.observe(nodes)
         self._trim(now)
-        placed = list(self._placed) if span_s is None else self.history(now, span_s)
-        window_s = self.window_s if span_s is None else span_s
+        placed, window_s = (list(self._placed), self.window_s) if over is None else over
         if len(placed) < self.min_placements or not nodes or window_s <= 0:
             return None
         held = held_blocks_per_seq(placed)

@@ -344,7 +344,7 @@ class RoleController:
         span = min(span, max(now - placed[0].t, self.demand.window_s))
         # Enough placements over the plan's own span: a light load leaves the shorter
         # demand window too thin to plan from most of the time, and the plan with it.
-        demand = self.demand.demand(now, ready, self.cost, span_s=span)
+        demand = self.demand.demand(now, ready, self.cost, over=(placed, span))
         if demand is None:
             return None
         rates = measured_rates(self.demand, ready, self.cost, placed)
