@@ -24,11 +24,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
@@ -51,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     from libs.engine.config import EngineConfig
     from libs.engine.engine import LLMEngine
     from libs.engine.sampling import SamplingParams
+    from libs.loadgen.metrics import stats
 
     torch.set_num_threads(args.threads)
     kw = {k: v for k, v in (("target_step_s", args.target_step_s),
@@ -114,8 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         "target_step_s": engine.config.target_step_s, "chunk_slack": engine.config.chunk_slack,
         "max_step_ms": max(s["dur_ms"] for s in steps if s["decodes"]), "elapsed_s": round(elapsed, 2),
         "output_tok_s": round(sum(ntok[r] for r in done) / elapsed, 1),
-        "ttft_p50_ms": round(statistics.median(ttft) * 1e3, 1),
-        "tpot_p50_ms": round(statistics.median(tpot) * 1e3, 1), "tpot_p99_ms": round(pct(tpot, 0.99) * 1e3, 1),
+        "ttft_p50_ms": round(stats(ttft)["p50"] * 1e3, 1),
+        "tpot_p50_ms": round(stats(tpot)["p50"] * 1e3, 1), "tpot_p99_ms": round(stats(tpot)["p99"] * 1e3, 1),
         "steps": {k: {"n": len(v), "mean_ms": round(statistics.mean(s["dur_ms"] for s in v), 1) if v else 0,
                       "mean_prefill_tokens": round(statistics.mean(s["prefill_tokens"] for s in v), 1) if v else 0,
                       "mean_decodes": round(statistics.mean(s["decodes"] for s in v), 1) if v else 0,
