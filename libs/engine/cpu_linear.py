@@ -10,9 +10,15 @@ packed one on an AMD EPYC (22 against 46 ms). One or two rows go faster still th
 the native small-batch kernel (:func:`libs.engine.kernels.cpu.linear`, the weight
 streamed once on the plain layout): on a 2-core AMD EPYC, SmolLM2's 121 layers in
 float32 took 20.2 ms for one row against oneDNN's 27.2 (2 threads), while oneDNN stays
-ahead from four rows. :func:`pack_linears` times the ways on the model's own layers once
-(one row: plain, packed, native; 2, 4 and 8 rows: packed, native) and keeps the fastest
-for each row count.
+ahead from four rows. In float32 a third copy of the weight, packed at load into panels
+of 16 output columns (:func:`libs.engine.kernels.cpu.linear_panels`: each weight read
+once for up to 16 rows, their products kept in registers), is faster from a few rows to a
+few dozen: on that EPYC, SmolLM2's 121 layers with 16 rows (a 16-sequence decode step)
+took 24-27 ms against oneDNN's 33-41 ms, while the native kernel kept one and two rows.
+:func:`pack_linears` times the ways on the model's own layers once (at 1, 2, 4, ... 64
+rows: torch's best, the native kernel up to 8 rows, the panels) and
+keeps the fastest for each row count. The panels cost the weight's size again in memory;
+they are dropped where they win at no row count.
 
 :func:`pack_linears` turns a model's ``nn.Linear`` modules into :class:`PackedLinear`
 (same parameters, same ``state_dict``, plus the packed copy as a buffer that is not
@@ -50,11 +56,17 @@ class PackedLinear(nn.Linear):
         native_rows: up to this many rows go through the native small-batch kernel
             (:func:`libs.engine.kernels.cpu.linear`; set by :func:`pack_linears` where
             that is faster; 0: never).
+        panel_rows: up to this many float32 rows go through the weight's panels
+            (:func:`libs.engine.kernels.cpu.linear_panels`; set by :func:`pack_linears`
+            where that is faster; 0: never, and no panels are kept). Checked after
+            ``native_rows``.
     """
 
     packed: torch.Tensor
+    panels: torch.Tensor | None = None
     plain_single_row: bool = False
     native_rows: int = 0
+    panel_rows: int = 0
 
     def pack(self) -> None:
         w = self.weight.detach()
@@ -67,12 +79,27 @@ class PackedLinear(nn.Linear):
             out = cpu_kernels.linear(x, self.weight, self.bias)
             if out is not None:
                 return out
+        if x.shape[0] <= self.panel_rows:
+            out = self._panels(x)
+            if out is not None:
+                return out
         if self.plain_single_row and x.shape[0] == 1 and x.dtype == torch.float32:
             return F.linear(x, self.weight, self.bias)
         return self._packed(x)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+    def _panels(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.panels is None:
+            return None
+        return cpu_kernels.linear_panels(x, self.panels, self.out_features, self.bias)
+
+    def _panelled(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._panels(x)
+        if out is None:
+            raise RuntimeError("the panel linear kernel does not take these inputs")
+        return out
 
     def _native(self, x: torch.Tensor) -> torch.Tensor:
         out = cpu_kernels.linear(x, self.weight, self.bias)
@@ -85,6 +112,8 @@ class PackedLinear(nn.Linear):
 _TIMING_BYTES = 256 << 20
 # Row counts the native small-batch kernel is timed at (a decode step of that many sequences).
 _NATIVE_ROWS = (1, 2, 4, 8)
+# Row counts the panel kernel is timed at (while it or the native kernel wins).
+_PANEL_ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def _timed_layers(linears: list[PackedLinear]) -> list[PackedLinear]:
@@ -121,23 +150,50 @@ def _plain(m: PackedLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _choose_ways(linears: list[PackedLinear]) -> None:
-    """Set ``plain_single_row`` and ``native_rows`` of ``linears`` (one dtype) by timing them."""
+    """Set ``plain_single_row``, ``native_rows`` and ``panel_rows`` of ``linears`` (one
+    dtype) by timing them on their first layers.
+
+    At 1, 2, 4, ... 64 rows the fastest of torch's way (oneDNN's packed weight; the plain
+    weight for one row when that is faster), the native kernel (up to 8 rows) and the
+    panels (float32) is found. The native kernel takes the rows up to the last of the
+    first row counts it wins; the panels take the rows up to the last row count they
+    win, above the native kernel's; they are dropped when they win none. (Every row count
+    is timed: one a few percent off by the machine's noise does not end the search.)
+    """
     timed = _timed_layers(linears)
+    float32 = linears[0].weight.dtype == torch.float32
     plain = False
-    if linears[0].weight.dtype == torch.float32:
+    if float32:
         plain = _fastest(timed, 1, {"packed": PackedLinear._packed, "plain": _plain}) == "plain"
         for m in linears:
             m.plain_single_row = plain
     if not cpu_kernels.linear_usable():
         return
+    if float32:
+        for m in linears:
+            m.panels = cpu_kernels.pack_panels(m.weight.detach())
+    with_panels = float32 and all(m.panels is not None for m in linears)
+    winners: dict[int, str] = {}
+    for rows in sorted(set(_NATIVE_ROWS) | (set(_PANEL_ROWS) if with_panels else set())):
+        ways: dict[str, Callable[..., torch.Tensor]] = {
+            "torch": _plain if rows == 1 and plain else PackedLinear._packed}
+        if rows <= _NATIVE_ROWS[-1]:
+            ways["native"] = PackedLinear._native
+        if with_panels:
+            ways["panels"] = PackedLinear._panelled
+        winners[rows] = _fastest(timed, rows, ways)
     native_rows = 0
-    for rows in _NATIVE_ROWS:
-        torch_way = _plain if rows == 1 and plain else PackedLinear._packed
-        if _fastest(timed, rows, {"torch": torch_way, "native": PackedLinear._native}) != "native":
+    for rows, best in winners.items():
+        if best != "native":
             break
         native_rows = rows
+    panel_rows = max((rows for rows, best in winners.items() if best == "panels" and rows > native_rows), default=0)
     for m in linears:
-        m.native_rows = native_rows
+        m.native_rows, m.panel_rows = native_rows, panel_rows
+        if panel_rows == 0:
+            m.panels = None
+    log.info("%s linear layers: native kernel up to %d row(s), panels up to %d, oneDNN above",
+             linears[0].weight.dtype, native_rows, panel_rows)
 
 
 def pack_linears(model: nn.Module) -> int:

@@ -156,6 +156,38 @@ def test_linear_matches_torch(dtype, rows, shape):
     torch.testing.assert_close(got.float(), F.linear(wide[:, :k_in].float(), w.float()), atol=1e-2, rtol=2 ** -7)
 
 
+@pytest.mark.skipif(not cpu.linear_usable(), reason="the panel linear kernel needs AVX-512")
+@pytest.mark.parametrize("rows", [1, 2, 7, 16, 17, 40])
+@pytest.mark.parametrize("shape", [(576, 960), (1536, 576), (100, 37), (7, 3)], ids=lambda s: "k{}-n{}".format(*s))
+def test_linear_panels_match_torch(rows, shape):
+    """Every row count of a 16-row group and past it (groups of 16 over one panel), output
+    counts that leave the last panel partly empty, with and without bias, strided rows."""
+    gen = torch.Generator().manual_seed(rows)
+    k_in, n_out = shape
+    w = torch.randn(n_out, k_in, generator=gen)
+    bias = torch.randn(n_out, generator=gen)
+    panels = cpu.pack_panels(w)
+    assert panels is not None and panels.numel() == -(-n_out // 16) * 16 * k_in
+    wide = torch.randn(rows, k_in + 5, generator=gen)
+    for x in (wide[:, :k_in].contiguous(), wide[:, :k_in]):
+        for b in (None, bias):
+            got = cpu.linear_panels(x, panels, n_out, b)
+            assert got is not None and got.shape == (rows, n_out)
+            torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+
+
+def test_linear_panels_inputs_it_does_not_take_fall_back():
+    w = torch.randn(40, 16)
+    assert cpu.pack_panels(w.bfloat16()) is None  # float32 only
+    assert cpu.pack_panels(w.t().contiguous().t()) is None  # not row-major
+    panels = cpu.pack_panels(w)
+    if panels is None:
+        pytest.skip("the panel linear kernel needs AVX-512")
+    assert cpu.linear_panels(torch.randn(2, 16).bfloat16(), panels, 40) is None
+    assert cpu.linear_panels(torch.randn(2, 17), panels, 40) is None  # panels of another width
+    assert cpu.linear_panels(torch.randn(2, 3, 16), panels, 40) is None  # not 2-D
+
+
 def test_linear_inputs_it_does_not_take_fall_back():
     w = torch.randn(8, 16)
     assert cpu.linear(torch.randn(2, 16).bfloat16(), w) is None  # dtypes differ
@@ -164,7 +196,7 @@ def test_linear_inputs_it_does_not_take_fall_back():
 
 
 def test_packed_linear_gives_the_same_rows_whichever_way_it_takes():
-    """PackedLinear's ways (native kernel, MKL on the plain weight, oneDNN's packed one) agree."""
+    """PackedLinear's ways (native kernel, panels, MKL on the plain weight, oneDNN's packed one) agree."""
     from libs.engine.cpu_linear import PackedLinear, pack_linears
 
     torch.manual_seed(0)
@@ -172,9 +204,16 @@ def test_packed_linear_gives_the_same_rows_whichever_way_it_takes():
     want = {rows: model(torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))) for rows in (1, 3, 9)}
     assert pack_linears(model) == 2
     assert all(isinstance(m, PackedLinear) for m in model)
-    for native_rows, plain in ((0, False), (0, True), (8, False)):
+    for m in model:
+        if m.panels is None:
+            m.panels = cpu.pack_panels(m.weight.detach())
+    for native_rows, panel_rows, plain in ((0, 0, False), (0, 0, True), (8, 0, False), (0, 16, False), (1, 64, True)):
+        if panel_rows and model[0].panels is None:
+            continue  # no AVX-512: no panels
         for m in model:
-            m.native_rows, m.plain_single_row = native_rows, plain
+            m.native_rows, m.panel_rows, m.plain_single_row = native_rows, panel_rows, plain
+        if panel_rows:  # the panels really run (a None would fall back to oneDNN unseen)
+            assert model[0]._panels(torch.randn(3, 64)) is not None
         for rows, ref in want.items():
             got = model(torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)))
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -12,10 +12,25 @@
  * input row and the inputs come from L1. More than 8 rows are taken 8 at a time (a pass
  * over the weight each): the caller keeps oneDNN's blocked GEMM for those.
  *
- * The sum over k runs in 16-lane partial sums reduced at the end, a different order from
- * MKL's or oneDNN's: results agree with theirs to float32 rounding, not bit for bit.
+ * Float32 has a second form for up to a few dozen rows, on a copy of the weight packed once
+ * at load into panels of 16 output columns (flowkv_pack_panels_f32: [ceil(N/16)][K][16]):
+ *
+ *   flowkv_linear_panels_f32: out = x @ w.T (+ bias) from the panels
+ *
+ * Each thread walks its share of the panels, one contiguous stream; for every k it loads
+ * the panel's 16 weights once and adds them, times each input row's x[m][k] (broadcast
+ * from a transposed copy of up to 16 rows), into 16 output rows kept in registers. A weight
+ * byte is read from memory once for 16 rows, and the sum over k is one FMA chain an output
+ * in k order. More than 16 rows go in groups of 16 over the same panel, read again from
+ * the cache. On a 2-core AMD EPYC (Zen 4), SmolLM2's 121 layers with 16 rows took 24-27 ms
+ * against oneDNN's packed GEMM's 33-41 ms, and one row 20-23 against 26-33 ms (2 threads).
+ *
+ * The band kernels sum over k in 16-lane partial sums reduced at the end, the panels in
+ * plain k order: both orders differ from MKL's or oneDNN's, so results agree with theirs to
+ * float32 rounding, not bit for bit.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
@@ -130,6 +145,71 @@ int NAME(const T *x, int64_t sx, int64_t rows, const T *w, int64_t n_out, int64_
 DEFINE_LINEAR(flowkv_linear_f32, float, f32)
 DEFINE_LINEAR(flowkv_linear_bf16, uint16_t, bf16)
 
+/* Panels of 16 output columns: p[(n / 16) * K * 16 + k * 16 + n % 16] = w[n][k], the last
+ * panel padded with zeros. */
+void flowkv_pack_panels_f32(const float *w, int64_t n_out, int64_t k_in, float *p) {
+    const int64_t np = (n_out + 15) / 16;
+    _Pragma("omp parallel for schedule(static)")
+    for (int64_t pn = 0; pn < np; ++pn)
+        for (int64_t k = 0; k < k_in; ++k)
+            for (int j = 0; j < 16; ++j) {
+                const int64_t n = pn * 16 + j;
+                p[(pn * k_in + k) * 16 + j] = n < n_out ? w[n * k_in + k] : 0.f;
+            }
+}
+
+/* How far ahead in a panel (k steps of 64 bytes) its weights are prefetched: 4 KB. */
+#define PANEL_PREFETCH 64
+
+/* One panel (columns [n0, n0 + 16), fewer at the end) for MR rows of xt ([K][16], row m at
+ * lane m), into out rows [0, MR). */
+#define DEFINE_PANEL(MR)                                                                            \
+static void panel_##MR(const float *xt, const float *pp, int64_t K, const float *bias, float *out,  \
+                       int64_t so, int64_t n0, int64_t n_out) {                                     \
+    const __mmask16 mk = n_out - n0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_out - n0)) - 1u); \
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias + n0) : _mm512_setzero_ps();            \
+    __m512 acc[MR];                                                                                 \
+    for (int m = 0; m < (MR); ++m) acc[m] = b;                                                      \
+    for (int64_t k = 0; k < K; ++k) {                                                               \
+        _mm_prefetch((const char *)(pp + (k + PANEL_PREFETCH) * 16), _MM_HINT_T0);                  \
+        const __m512 wv = _mm512_load_ps(pp + k * 16);                                              \
+        for (int m = 0; m < (MR); ++m) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(xt[k * 16 + m]), wv, acc[m]); \
+    }                                                                                               \
+    for (int m = 0; m < (MR); ++m) _mm512_mask_storeu_ps(out + m * so + n0, mk, acc[m]);           \
+}
+DEFINE_PANEL(1) DEFINE_PANEL(2) DEFINE_PANEL(3) DEFINE_PANEL(4) DEFINE_PANEL(5) DEFINE_PANEL(6)
+DEFINE_PANEL(7) DEFINE_PANEL(8) DEFINE_PANEL(9) DEFINE_PANEL(10) DEFINE_PANEL(11) DEFINE_PANEL(12)
+DEFINE_PANEL(13) DEFINE_PANEL(14) DEFINE_PANEL(15) DEFINE_PANEL(16)
+
+typedef void (*panel_fn)(const float *, const float *, int64_t, const float *, float *, int64_t, int64_t, int64_t);
+static const panel_fn PANELS[17] = {
+    0, panel_1, panel_2, panel_3, panel_4, panel_5, panel_6, panel_7, panel_8,
+    panel_9, panel_10, panel_11, panel_12, panel_13, panel_14, panel_15, panel_16,
+};
+
+/* out [rows, n_out] (row stride so) = x [rows, k_in] (row stride sx) @ w.T + bias, w given
+ * as its panels. Returns nonzero when out of memory. */
+int flowkv_linear_panels_f32(const float *x, int64_t sx, int64_t rows, const float *p, int64_t n_out,
+                             int64_t k_in, const float *bias, float *out, int64_t so) {
+    const int64_t groups = (rows + 15) / 16, np = (n_out + 15) / 16;
+    float *xt = (float *)aligned_alloc(64, sizeof(float) * 16 * (size_t)k_in * (size_t)groups);
+    if (!xt) return 1;
+    for (int64_t g = 0; g < groups; ++g)
+        for (int64_t k = 0; k < k_in; ++k)
+            for (int m = 0; m < 16; ++m) {
+                const int64_t r = g * 16 + m;
+                xt[(g * k_in + k) * 16 + m] = r < rows ? x[r * sx + k] : 0.f;
+            }
+    _Pragma("omp parallel for schedule(static)")
+    for (int64_t pn = 0; pn < np; ++pn)
+        for (int64_t g = 0; g < groups; ++g) {
+            const int mr = rows - g * 16 < 16 ? (int)(rows - g * 16) : 16;
+            PANELS[mr](xt + g * k_in * 16, p + pn * k_in * 16, k_in, bias, out + g * 16 * so, so, pn * 16, n_out);
+        }
+    free(xt);
+    return 0;
+}
+
 #else  /* no AVX-512: the caller keeps torch's linear */
 
 int flowkv_linear_available(void) { return 0; }
@@ -142,6 +222,14 @@ int flowkv_linear_f32(const float *x, int64_t sx, int64_t rows, const float *w, 
 int flowkv_linear_bf16(const uint16_t *x, int64_t sx, int64_t rows, const uint16_t *w, int64_t n_out,
                        int64_t k_in, const uint16_t *bias, uint16_t *out, int64_t so) {
     (void)x; (void)sx; (void)rows; (void)w; (void)n_out; (void)k_in; (void)bias; (void)out; (void)so;
+    return -1;
+}
+void flowkv_pack_panels_f32(const float *w, int64_t n_out, int64_t k_in, float *p) {
+    (void)w; (void)n_out; (void)k_in; (void)p;
+}
+int flowkv_linear_panels_f32(const float *x, int64_t sx, int64_t rows, const float *p, int64_t n_out,
+                             int64_t k_in, const float *bias, float *out, int64_t so) {
+    (void)x; (void)sx; (void)rows; (void)p; (void)n_out; (void)k_in; (void)bias; (void)out; (void)so;
     return -1;
 }
 
