@@ -6,11 +6,12 @@
 1. decode attention over a 30-layer paged pool (random block tables, 300-token contexts,
    16-token blocks, 3 kv heads of 64, 9 query heads): the native kernel against the torch
    path the engine takes without a C compiler, float32 and bfloat16, 1, 16 and 64 sequences;
-2. 1, 2, 4 and 8 rows (a decode step of that many sequences) through the model's linear
-   layers (30 x qkv, o, gate_up, down, and the tied LM head), float32 and bfloat16: the
-   native small-batch kernel against the faster of MKL's GEMM on the plain weights and
-   oneDNN's on the packed ones, and those two against each other (the engine times these
-   ways at load and keeps the fastest for each row count);
+2. 1, 2, 4, 8, 16 and 32 rows (a decode step of that many sequences) through the model's
+   linear layers (30 x qkv, o, gate_up, down, and the tied LM head), float32 and bfloat16:
+   the native small-batch kernel (up to 8 rows) and, in float32, the weight's panels of 16
+   columns, each against the faster of MKL's GEMM on the plain weights and oneDNN's on the
+   packed ones, and those two against each other (the engine times these ways at load and
+   keeps the fastest for each row count);
 3. a step of 16 decodes and one 256-token prefill chunk (random SmolLM2-shaped weights):
    one mixed forward against the prefill forward followed by the decode forward.
 
@@ -79,7 +80,8 @@ def small_batch_linear(repeats: int) -> list[dict]:  # type: ignore[type-arg]
     for dtype in (torch.float32, torch.bfloat16):
         weights = [(torch.randn(o, i) * 0.02).to(dtype) for o, i in shapes]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
-        for rows in (1, 2, 4, 8):
+        panels = [cpu.pack_panels(w) for w in weights] if dtype == torch.float32 else []
+        for rows in (1, 2, 4, 8, 16, 32):
             x = {n: torch.randn(rows, n).to(dtype) for n in (576, 1536)}
 
             def plain() -> None:
@@ -96,7 +98,14 @@ def small_batch_linear(repeats: int) -> list[dict]:  # type: ignore[type-arg]
 
             base = {"MKL, plain weights": best_of(plain, repeats), "oneDNN, packed": best_of(onednn, repeats)}
             best = min(base, key=lambda k: base[k])
-            if cpu.linear_usable():
+            def panelled() -> None:
+                for w, p in zip(weights, panels):
+                    cpu.linear_panels(x[w.shape[1]], p, w.shape[0])
+
+            if panels and all(p is not None for p in panels):
+                rows_out.append({"what": f"{rows} {str(dtype)[6:]} row(s), the 121 linear layers, panels",
+                                 "ms": best_of(panelled, repeats), "baseline": best, "baseline_ms": base[best]})
+            if cpu.linear_usable() and rows <= 8:
                 rows_out.append({"what": f"{rows} {str(dtype)[6:]} row(s), the 121 linear layers, native",
                                  "ms": best_of(native, repeats), "baseline": best, "baseline_ms": base[best]})
             other = next(k for k in base if k != best)

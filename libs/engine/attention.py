@@ -40,6 +40,9 @@ class PrefillSeq:
 class PrefillMetadata:
     slot_mapping: torch.Tensor  # [T] int64
     seqs: list[PrefillSeq]
+    # CPU only: the native kernel's tables of this step, built by the first layer and shared
+    # by the rest (an empty tuple: the kernel cannot run here).
+    cpu_tables: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -91,8 +94,21 @@ def prefill_attention(
 ) -> torch.Tensor:
     """Attention of a batch of prefill chunks; ``q`` [T, Hq, D] -> [T, Hq, D].
 
-    ``k``/``v`` are the chunk's own keys and values (already written to the pool).
+    ``k``/``v`` are the chunk's own keys and values (already written to the pool). On
+    the CPU in float32 the native kernel (:mod:`libs.engine.kernels.cpu`) reads every
+    chunk's keys and values from the pool in place, all chunks in one call; elsewhere, or
+    without it, each chunk runs SDPA.
     """
+    if not q.is_cuda and q.dtype == torch.float32 and pool.dtype == torch.float32:
+        from libs.engine.kernels import cpu as cpu_kernels
+
+        if meta.cpu_tables is None:
+            tables = cpu_kernels.prefill_tables([(s.q_start, s.q_len, s.context_start, s.block_ids) for s in meta.seqs])
+            meta.cpu_tables = tables if tables is not None else ()
+        if meta.cpu_tables:
+            native_out = cpu_kernels.paged_prefill_attention(q, pool, layer, meta.cpu_tables, scale)
+            if native_out is not None:
+                return native_out
     out = torch.empty_like(q)
     for s in meta.seqs:
         qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]

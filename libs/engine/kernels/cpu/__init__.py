@@ -30,7 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention.c", "layer_ops.c", "linear.c")
+_SOURCES = ("paged_attention.c", "prefill_attention.c", "layer_ops.c", "linear.c")
 # Compiled with -ffast-math (so expf vectorises through libmvec) but linked without it:
 # linking with it adds crtfastmath.o, whose constructor turns on flush-to-zero for the
 # whole process when the library loads (a denormal like 5e-324 would then read as 0).
@@ -148,6 +148,10 @@ def _load() -> ctypes.CDLL | None:
         getattr(lib, f"flowkv_linear_{suffix}").argtypes = [P, I64, I64, P, I64, I64, P, P, I64]
     lib.flowkv_linear_available.restype = I
     lib.flowkv_linear_available.argtypes = []
+    lib.flowkv_paged_prefill_f32.restype = I
+    lib.flowkv_paged_prefill_f32.argtypes = [P, I64, P, PoolGeometry, P, I64, P, P, P, I, I, F, P, I64]
+    lib.flowkv_prefill_available.restype = I
+    lib.flowkv_prefill_available.argtypes = []
     lib.flowkv_pack_panels_f32.restype = None
     lib.flowkv_pack_panels_f32.argtypes = [P, I64, I64, P]
     lib.flowkv_linear_panels_f32.restype = I
@@ -287,6 +291,47 @@ def write_kv(pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, s
                         pool.stride(0) * size, layer * pool.stride(1) * size, pool.stride(2) * size, pool.shape[3],
                         pool.stride(3) * size, heads * dim * size, slots.data_ptr(), k.shape[0])
     return True
+
+
+def prefill_tables(seqs: list[tuple[int, int, int, torch.Tensor]]) -> tuple[torch.Tensor, ...] | None:
+    """The int32 arrays :func:`paged_prefill_attention` takes for a batch of prompt chunks,
+    each ``(q_start, q_len, context_start, block_ids)``: (block tables padded to the
+    longest, q starts, q lengths, context starts). None where the kernel cannot run."""
+    lib = native()
+    if lib is None or not lib.flowkv_prefill_available() or not seqs:
+        return None
+    width = max(int(ids.numel()) for *_, ids in seqs)
+    tables = torch.zeros((len(seqs), max(1, width)), dtype=torch.int32)
+    for i, (*_, ids) in enumerate(seqs):
+        tables[i, : ids.numel()] = ids.to(torch.int32)
+    meta = torch.tensor([[q0, n, c] for q0, n, c, _ in seqs], dtype=torch.int32).t().contiguous()
+    return tables, meta[0], meta[1], meta[2]
+
+
+def paged_prefill_attention(
+    q: torch.Tensor, pool: torch.Tensor, layer: int, tables: tuple[torch.Tensor, ...], scale: float,
+) -> torch.Tensor | None:
+    """Causal attention of a batch of prompt chunks ``q`` [T, Hq, D] (float32) over the
+    pool in place (their own K/V already written there) -> [T, Hq, D]; ``tables`` from
+    :func:`prefill_tables`. None: not for these inputs (the caller runs SDPA)."""
+    lib = native()
+    if lib is None or pool.dtype != torch.float32 or q.dtype != torch.float32 or not pool.is_contiguous() \
+            or q.dim() != 3 or q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        return None
+    block_tables, q_start, q_len, ctx_start = tables
+    out = torch.empty(q.shape, dtype=torch.float32)
+    geom = PoolGeometry(
+        block_stride=pool.stride(0), layer_offset=layer * pool.stride(1), v_offset=pool.stride(2),
+        block_size=pool.shape[3], kv_heads=pool.shape[4], head_dim=pool.shape[5],
+    )
+    rc = lib.flowkv_paged_prefill_f32(q.data_ptr(), q.stride(0), pool.data_ptr(), geom, block_tables.data_ptr(),
+                                      block_tables.shape[1], q_start.data_ptr(), q_len.data_ptr(), ctx_start.data_ptr(),
+                                      q_start.numel(), q.shape[1], float(scale), out.data_ptr(), out.stride(0))
+    if rc == -1:
+        return None
+    if rc != 0:
+        raise RuntimeError(f"native paged prefill attention failed ({rc})")
+    return out
 
 
 def paged_decode_attention(
