@@ -95,11 +95,11 @@ def prefill_attention(
     """Attention of a batch of prefill chunks; ``q`` [T, Hq, D] -> [T, Hq, D].
 
     ``k``/``v`` are the chunk's own keys and values (already written to the pool). On
-    the CPU in float32 the native kernel (:mod:`libs.engine.kernels.cpu`) reads every
-    chunk's keys and values from the pool in place, all chunks in one call; elsewhere, or
-    without it, each chunk runs SDPA.
+    the CPU (float32 or bfloat16) the native kernel (:mod:`libs.engine.kernels.cpu`) reads
+    every chunk's keys and values from the pool in place, all chunks in one call;
+    elsewhere, or without it, each chunk runs SDPA.
     """
-    if not q.is_cuda and q.dtype == torch.float32 and pool.dtype == torch.float32:
+    if not q.is_cuda and q.dtype == pool.dtype and q.dtype in (torch.float32, torch.bfloat16):
         from libs.engine.kernels import cpu as cpu_kernels
 
         if meta.cpu_tables is None:

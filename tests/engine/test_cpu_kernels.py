@@ -40,17 +40,19 @@ def test_paged_decode_attention_matches_the_torch_path(dtype, num_seqs, shape):
         torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "bs{}-kv{}-d{}-h{}".format(*s))
-def test_paged_prefill_attention_matches_sdpa(shape):
+def test_paged_prefill_attention_matches_sdpa(shape, dtype):
     """A batch of prompt chunks in one call: fresh prompts (one token, shorter than a tile,
     several tiles), chunks after a cached context (the causal diagonal to the lower right,
-    query tiles not aligned with key tiles), the queries a strided view of a fused QKV."""
+    query tiles not aligned with key tiles), the queries a strided view of a fused QKV.
+    bfloat16 against SDPA in float32 on the same bfloat16 inputs: one rounding apart."""
     from libs.engine.attention import PrefillMetadata, PrefillSeq, prefill_attention
 
     gen = torch.Generator().manual_seed(7)
     block_size, kv_heads, head_dim, heads = shape
     blocks, layers = 200, 3
-    pool = torch.randn(blocks, layers, 2, block_size, kv_heads, head_dim, generator=gen)
+    pool = torch.randn(blocks, layers, 2, block_size, kv_heads, head_dim, generator=gen).to(dtype)
     cases = [(0, 1), (0, 7), (0, 100), (5, 20), (100, 37), (33, 1), (250, 16)]  # (cached, chunk)
     perm, seqs, start = torch.randperm(blocks, generator=gen), [], 0
     for ctx, n in cases:
@@ -58,8 +60,9 @@ def test_paged_prefill_attention_matches_sdpa(shape):
         seqs.append(PrefillSeq(q_start=start, q_len=n, context_start=ctx,
                                block_ids=perm[used : used + -(-(ctx + n) // block_size)]))
         start += n
-    qkv = torch.randn(start, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    qkv = torch.randn(start, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
     q = qkv[:, : heads * head_dim].view(start, heads, head_dim)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     tables = cpu.prefill_tables([(s.q_start, s.q_len, s.context_start, s.block_ids) for s in seqs])
     assert tables is not None
     for layer in (0, layers - 1):
@@ -67,16 +70,16 @@ def test_paged_prefill_attention_matches_sdpa(shape):
         if head_dim % 16:
             assert out is None  # not a multiple of 16: SDPA instead
             continue
-        assert out is not None and out.shape == q.shape
+        assert out is not None and out.shape == q.shape and out.dtype == dtype
         for s in seqs:
             total = s.context_start + s.q_len
-            kv = pool[:, layer].index_select(0, s.block_ids)
+            kv = pool[:, layer].index_select(0, s.block_ids).float()
             k = kv[:, 0].flatten(0, 1)[:total].transpose(0, 1).unsqueeze(0)
             v = kv[:, 1].flatten(0, 1)[:total].transpose(0, 1).unsqueeze(0)
             mask = torch.ones(s.q_len, total, dtype=torch.bool).tril(diagonal=s.context_start)
-            want = F.scaled_dot_product_attention(q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0), k, v,
-                                                  attn_mask=mask, scale=0.125, enable_gqa=True)[0].transpose(0, 1)
-            torch.testing.assert_close(out[s.q_start : s.q_start + s.q_len], want, atol=1e-5, rtol=1e-5)
+            qs = q[s.q_start : s.q_start + s.q_len].float().transpose(0, 1).unsqueeze(0)
+            want = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=0.125, enable_gqa=True)[0].transpose(0, 1)
+            torch.testing.assert_close(out[s.q_start : s.q_start + s.q_len].float(), want, atol=tol, rtol=tol)
         # the engine's entry point takes the kernel: the same result, bit for bit
         meta = PrefillMetadata(slot_mapping=torch.zeros(start, dtype=torch.int64), seqs=seqs)
         k_own = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(start, kv_heads, head_dim)
@@ -85,11 +88,13 @@ def test_paged_prefill_attention_matches_sdpa(shape):
         assert meta.cpu_tables
 
 
-def test_paged_prefill_attention_leaves_bfloat16_to_sdpa():
+def test_paged_prefill_attention_inputs_it_does_not_take_fall_back():
     pool = torch.randn(4, 1, 2, 16, 3, 64).bfloat16()
     tables = cpu.prefill_tables([(0, 5, 0, torch.tensor([2]))])
     assert tables is not None
-    assert cpu.paged_prefill_attention(torch.randn(5, 9, 64).bfloat16(), pool, 0, tables, 0.125) is None
+    assert cpu.paged_prefill_attention(torch.randn(5, 9, 64), pool, 0, tables, 0.125) is None  # dtypes differ
+    assert cpu.paged_prefill_attention(torch.randn(5, 9, 64).half(), pool.half(), 0, tables, 0.125) is None
+    assert cpu.paged_prefill_attention(torch.randn(9, 5, 64).bfloat16().transpose(0, 1), pool, 0, tables, 0.125) is None
 
 
 @pytest.mark.parametrize("rows", [1, 7, 300])

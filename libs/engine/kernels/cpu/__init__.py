@@ -148,8 +148,9 @@ def _load() -> ctypes.CDLL | None:
         getattr(lib, f"flowkv_linear_{suffix}").argtypes = [P, I64, I64, P, I64, I64, P, P, I64]
     lib.flowkv_linear_available.restype = I
     lib.flowkv_linear_available.argtypes = []
-    lib.flowkv_paged_prefill_f32.restype = I
-    lib.flowkv_paged_prefill_f32.argtypes = [P, I64, P, PoolGeometry, P, I64, P, P, P, I, I, F, P, I64]
+    for name in ("flowkv_paged_prefill_f32", "flowkv_paged_prefill_bf16"):
+        getattr(lib, name).restype = I
+        getattr(lib, name).argtypes = [P, I64, P, PoolGeometry, P, I64, P, P, P, I, I, F, P, I64]
     lib.flowkv_prefill_available.restype = I
     lib.flowkv_prefill_available.argtypes = []
     lib.flowkv_pack_panels_f32.restype = None
@@ -311,22 +312,24 @@ def prefill_tables(seqs: list[tuple[int, int, int, torch.Tensor]]) -> tuple[torc
 def paged_prefill_attention(
     q: torch.Tensor, pool: torch.Tensor, layer: int, tables: tuple[torch.Tensor, ...], scale: float,
 ) -> torch.Tensor | None:
-    """Causal attention of a batch of prompt chunks ``q`` [T, Hq, D] (float32) over the
-    pool in place (their own K/V already written there) -> [T, Hq, D]; ``tables`` from
+    """Causal attention of a batch of prompt chunks ``q`` [T, Hq, D] (float32, or bfloat16
+    with a bfloat16 pool; float32 math either way) over the pool in place (their own K/V
+    already written there) -> [T, Hq, D] in q's dtype; ``tables`` from
     :func:`prefill_tables`. None: not for these inputs (the caller runs SDPA)."""
     lib = native()
-    if lib is None or pool.dtype != torch.float32 or q.dtype != torch.float32 or not pool.is_contiguous() \
+    if lib is None or pool.dtype not in _SUFFIX or q.dtype != pool.dtype or not pool.is_contiguous() \
             or q.dim() != 3 or q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         return None
     block_tables, q_start, q_len, ctx_start = tables
-    out = torch.empty(q.shape, dtype=torch.float32)
+    out = torch.empty(q.shape, dtype=q.dtype)
     geom = PoolGeometry(
         block_stride=pool.stride(0), layer_offset=layer * pool.stride(1), v_offset=pool.stride(2),
         block_size=pool.shape[3], kv_heads=pool.shape[4], head_dim=pool.shape[5],
     )
-    rc = lib.flowkv_paged_prefill_f32(q.data_ptr(), q.stride(0), pool.data_ptr(), geom, block_tables.data_ptr(),
-                                      block_tables.shape[1], q_start.data_ptr(), q_len.data_ptr(), ctx_start.data_ptr(),
-                                      q_start.numel(), q.shape[1], float(scale), out.data_ptr(), out.stride(0))
+    rc = _fn(lib, "paged_prefill", q.dtype)(
+        q.data_ptr(), q.stride(0), pool.data_ptr(), geom, block_tables.data_ptr(), block_tables.shape[1],
+        q_start.data_ptr(), q_len.data_ptr(), ctx_start.data_ptr(), q_start.numel(), q.shape[1], float(scale),
+        out.data_ptr(), out.stride(0))
     if rc == -1:
         return None
     if rc != 0:
