@@ -10,11 +10,12 @@ packed one on an AMD EPYC (22 against 46 ms). One or two rows go faster still th
 the native small-batch kernel (:func:`libs.engine.kernels.cpu.linear`, the weight
 streamed once on the plain layout): on a 2-core AMD EPYC, SmolLM2's 121 layers in
 float32 took 20.2 ms for one row against oneDNN's 27.2 (2 threads), while oneDNN stays
-ahead from four rows. In float32 a third copy of the weight, packed at load into panels
-of 16 output columns (:func:`libs.engine.kernels.cpu.linear_panels`: each weight read
-once for up to 16 rows, their products kept in registers), is faster from a few rows to a
-few dozen: on that EPYC, SmolLM2's 121 layers with 16 rows (a 16-sequence decode step)
-took 24-27 ms against oneDNN's 33-41 ms, while the native kernel kept one and two rows.
+ahead from four rows. A third copy of the weight, packed at load into panels of 16
+output columns (:func:`libs.engine.kernels.cpu.linear_panels`: each weight read once for
+up to 16 rows, their products kept in registers; in bfloat16 with the CPU's bf16 dot
+product, pairs of k at a time), is faster from a few rows to a few dozen: on that EPYC,
+SmolLM2's 121 layers with 16 float32 rows (a 16-sequence decode step) took 24-27 ms
+against oneDNN's 33-41 ms, while the native kernel kept one and two rows.
 :func:`pack_linears` times the ways on the model's own layers once (at 1, 2, 4, ... 64
 rows: torch's best, the native kernel up to 8 rows, the panels) and
 keeps the fastest for each row count. The panels cost the weight's size again in memory;
@@ -56,7 +57,7 @@ class PackedLinear(nn.Linear):
         native_rows: up to this many rows go through the native small-batch kernel
             (:func:`libs.engine.kernels.cpu.linear`; set by :func:`pack_linears` where
             that is faster; 0: never).
-        panel_rows: up to this many float32 rows go through the weight's panels
+        panel_rows: up to this many rows go through the weight's panels
             (:func:`libs.engine.kernels.cpu.linear_panels`; set by :func:`pack_linears`
             where that is faster; 0: never, and no panels are kept). Checked after
             ``native_rows``.
@@ -155,7 +156,7 @@ def _choose_ways(linears: list[PackedLinear]) -> None:
 
     At 1, 2, 4, ... 64 rows the fastest of torch's way (oneDNN's packed weight; the plain
     weight for one row when that is faster), the native kernel (up to 8 rows) and the
-    panels (float32) is found. The native kernel takes the rows up to the last of the
+    panels (float32; bfloat16 where the CPU has AVX512-BF16) is found. The native kernel takes the rows up to the last of the
     first row counts it wins; the panels take the rows up to the last row count they
     win, above the native kernel's; they are dropped when they win none. (Every row count
     is timed: one a few percent off by the machine's noise does not end the search.)
@@ -169,10 +170,10 @@ def _choose_ways(linears: list[PackedLinear]) -> None:
             m.plain_single_row = plain
     if not cpu_kernels.linear_usable():
         return
-    if float32:
+    if cpu_kernels.panels_usable(linears[0].weight.dtype):
         for m in linears:
             m.panels = cpu_kernels.pack_panels(m.weight.detach())
-    with_panels = float32 and all(m.panels is not None for m in linears)
+    with_panels = all(m.panels is not None for m in linears)
     winners: dict[int, str] = {}
     for rows in sorted(set(_NATIVE_ROWS) | (set(_PANEL_ROWS) if with_panels else set())):
         ways: dict[str, Callable[..., torch.Tensor]] = {

@@ -213,29 +213,37 @@ def test_linear_matches_torch(dtype, rows, shape):
     torch.testing.assert_close(got.float(), F.linear(wide[:, :k_in].float(), w.float()), atol=1e-2, rtol=2 ** -7)
 
 
-@pytest.mark.skipif(not cpu.linear_usable(), reason="the panel linear kernel needs AVX-512")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 7, 16, 17, 40])
 @pytest.mark.parametrize("shape", [(576, 960), (1536, 576), (100, 37), (7, 3)], ids=lambda s: "k{}-n{}".format(*s))
-def test_linear_panels_match_torch(rows, shape):
+def test_linear_panels_match_torch(rows, shape, dtype):
     """Every row count of a 16-row group and past it (groups of 16 over one panel), output
-    counts that leave the last panel partly empty, with and without bias, strided rows."""
+    counts that leave the last panel partly empty, odd widths (bfloat16 takes k in pairs),
+    with and without bias, strided rows."""
+    if not cpu.panels_usable(dtype):
+        pytest.skip(f"no panel kernel for {dtype} on this CPU (AVX-512; AVX512-BF16 for bfloat16)")
     gen = torch.Generator().manual_seed(rows)
     k_in, n_out = shape
-    w = torch.randn(n_out, k_in, generator=gen)
-    bias = torch.randn(n_out, generator=gen)
+    w = torch.randn(n_out, k_in, generator=gen).to(dtype)
+    bias = torch.randn(n_out, generator=gen).to(dtype)
     panels = cpu.pack_panels(w)
-    assert panels is not None and panels.numel() == -(-n_out // 16) * 16 * k_in
-    wide = torch.randn(rows, k_in + 5, generator=gen)
+    width = k_in if dtype == torch.float32 else 2 * -(-k_in // 2)
+    assert panels is not None and panels.numel() == -(-n_out // 16) * 16 * width
+    wide = torch.randn(rows, k_in + 5, generator=gen).to(dtype)
     for x in (wide[:, :k_in].contiguous(), wide[:, :k_in]):
         for b in (None, bias):
             got = cpu.linear_panels(x, panels, n_out, b)
-            assert got is not None and got.shape == (rows, n_out)
-            torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+            assert got is not None and got.shape == (rows, n_out) and got.dtype == dtype
+            want = F.linear(x.float(), w.float(), None if b is None else b.float())
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+            else:  # summed in float32, rounded once: within one bf16 step of the float32 result
+                torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=2 ** -7)
 
 
 def test_linear_panels_inputs_it_does_not_take_fall_back():
     w = torch.randn(40, 16)
-    assert cpu.pack_panels(w.bfloat16()) is None  # float32 only
+    assert cpu.pack_panels(w.half()) is None  # float32 and bfloat16 only
     assert cpu.pack_panels(w.t().contiguous().t()) is None  # not row-major
     panels = cpu.pack_panels(w)
     if panels is None:

@@ -153,10 +153,13 @@ def _load() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = [P, I64, P, PoolGeometry, P, I64, P, P, P, I, I, F, P, I64]
     lib.flowkv_prefill_available.restype = I
     lib.flowkv_prefill_available.argtypes = []
-    lib.flowkv_pack_panels_f32.restype = None
-    lib.flowkv_pack_panels_f32.argtypes = [P, I64, I64, P]
-    lib.flowkv_linear_panels_f32.restype = I
-    lib.flowkv_linear_panels_f32.argtypes = [P, I64, I64, P, I64, I64, P, P, I64]
+    for suffix in ("f32", "bf16"):
+        getattr(lib, f"flowkv_pack_panels_{suffix}").restype = None
+        getattr(lib, f"flowkv_pack_panels_{suffix}").argtypes = [P, I64, I64, P]
+        getattr(lib, f"flowkv_linear_panels_{suffix}").restype = I
+        getattr(lib, f"flowkv_linear_panels_{suffix}").argtypes = [P, I64, I64, P, I64, I64, P, P, I64]
+    lib.flowkv_panels_bf16_available.restype = I
+    lib.flowkv_panels_bf16_available.argtypes = []
     return lib
 
 
@@ -245,33 +248,47 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out if rc == 0 else None
 
 
+def _panel_size(dtype: torch.dtype, n_out: int, k_in: int) -> int:
+    """Elements of a weight's panels: 16 columns a panel; bfloat16 rounds K up to pairs."""
+    return ((n_out + 15) // 16) * 16 * (k_in if dtype == torch.float32 else 2 * ((k_in + 1) // 2))
+
+
+def panels_usable(dtype: torch.dtype) -> bool:
+    """Whether :func:`linear_panels` runs for ``dtype`` here (float32 with AVX-512;
+    bfloat16 with AVX512-BF16 as well)."""
+    lib = native()
+    if lib is None or not lib.flowkv_linear_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and bool(lib.flowkv_panels_bf16_available()))
+
+
 def pack_panels(weight: torch.Tensor) -> torch.Tensor | None:
-    """A float32 weight [N, K] repacked for :func:`linear_panels`: panels of 16 output
-    columns, ``[ceil(N / 16) * K * 16]`` (a copy; the last panel padded with zeros). None
-    where the kernel cannot run (no library, no AVX-512, not a contiguous float32 matrix)."""
-    if not linear_usable() or weight.dtype != torch.float32 or weight.dim() != 2 or not weight.is_contiguous() \
-            or not weight.is_cpu:
+    """A weight [N, K] repacked for :func:`linear_panels`: panels of 16 output columns
+    (float32: ``[ceil(N / 16)][K][16]``; bfloat16: pairs of k side by side,
+    ``[ceil(N / 16)][ceil(K / 2)][16][2]``), a copy, padded with zeros. None where the
+    kernel cannot run (see :func:`panels_usable`; not a contiguous CPU matrix)."""
+    if weight.dim() != 2 or not weight.is_contiguous() or not weight.is_cpu or not panels_usable(weight.dtype):
         return None
     n_out, k_in = weight.shape
-    panels = torch.empty(((n_out + 15) // 16) * 16 * k_in, dtype=torch.float32)
-    native().flowkv_pack_panels_f32(weight.data_ptr(), n_out, k_in, panels.data_ptr())  # type: ignore[union-attr]
+    panels = torch.empty(_panel_size(weight.dtype, n_out, k_in), dtype=weight.dtype)
+    _fn(native(), "pack_panels", weight.dtype)(weight.data_ptr(), n_out, k_in, panels.data_ptr())
     return panels
 
 
 def linear_panels(x: torch.Tensor, panels: torch.Tensor, n_out: int, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``x @ weight.T + bias`` for float32 ``x`` [M, K], the weight given as its
-    :func:`pack_panels`; fastest for a few to a few dozen rows. None: not for these inputs."""
+    """``x @ weight.T + bias`` for ``x`` [M, K] of the panels' dtype, the weight given as
+    its :func:`pack_panels`; fastest for a few to a few dozen rows. None: not for these inputs."""
     lib = native()
-    if lib is None or x.dim() != 2 or x.dtype != torch.float32 or not x.is_cpu or x.stride(1) != 1 \
-            or panels.numel() != ((n_out + 15) // 16) * 16 * x.shape[1] \
-            or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())):
+    if lib is None or x.dim() != 2 or x.dtype != panels.dtype or x.dtype not in _SUFFIX or not x.is_cpu \
+            or x.stride(1) != 1 or panels.numel() != _panel_size(x.dtype, n_out, x.shape[1]) \
+            or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())):
         return None
     rows = x.shape[0]
-    out = torch.empty((rows, n_out), dtype=torch.float32)
+    out = torch.empty((rows, n_out), dtype=x.dtype)
     if rows == 0:
         return out
-    rc = lib.flowkv_linear_panels_f32(x.data_ptr(), x.stride(0), rows, panels.data_ptr(), n_out, x.shape[1],
-                                      None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0))
+    rc = _fn(lib, "linear_panels", x.dtype)(x.data_ptr(), x.stride(0), rows, panels.data_ptr(), n_out, x.shape[1],
+                                            None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0))
     return out if rc == 0 else None
 
 

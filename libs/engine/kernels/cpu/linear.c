@@ -210,6 +210,88 @@ int flowkv_linear_panels_f32(const float *x, int64_t sx, int64_t rows, const flo
     return 0;
 }
 
+#if defined(__AVX512BF16__)
+int flowkv_panels_bf16_available(void) { return 1; }
+
+/* Bfloat16 panels hold pairs of k side by side, as the CPU's bf16 dot product (vdpbf16ps)
+ * takes them: p[((n / 16) * ceil(K / 2) + k / 2) * 32 + (n % 16) * 2 + k % 2] = w[n][k],
+ * zeros past K and N. For each pair the 16 rows' (x[m][k], x[m][k + 1]) are broadcast and
+ * multiplied into the 16 columns, summed in float32 (as oneDNN's bf16 GEMM does); the
+ * results are rounded to bf16 once, to nearest even. */
+void flowkv_pack_panels_bf16(const uint16_t *w, int64_t n_out, int64_t k_in, uint16_t *p) {
+    const int64_t np = (n_out + 15) / 16, kp = (k_in + 1) / 2;
+    _Pragma("omp parallel for schedule(static)")
+    for (int64_t pn = 0; pn < np; ++pn)
+        for (int64_t k = 0; k < 2 * kp; ++k)
+            for (int j = 0; j < 16; ++j) {
+                const int64_t n = pn * 16 + j;
+                p[((pn * kp + k / 2) * 16 + j) * 2 + k % 2] = n < n_out && k < k_in ? w[n * k_in + k] : 0;
+            }
+}
+
+#define DEFINE_PANEL_BF16(MR)                                                                       \
+static void panel_bf16_##MR(const uint32_t *xt, const uint16_t *pp, int64_t KP, const uint16_t *bias, \
+                            uint16_t *out, int64_t so, int64_t n0, int64_t n_out) {                 \
+    const __mmask16 mk = n_out - n0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_out - n0)) - 1u); \
+    const __m512 b = bias ? maskload_bf16(mk, bias + n0) : _mm512_setzero_ps();                     \
+    __m512 acc[MR];                                                                                 \
+    for (int m = 0; m < (MR); ++m) acc[m] = b;                                                      \
+    for (int64_t k = 0; k < KP; ++k) {                                                              \
+        _mm_prefetch((const char *)(pp + (k + PANEL_PREFETCH) * 32), _MM_HINT_T0);                  \
+        const __m512bh wv = (__m512bh)_mm512_load_si512((const void *)(pp + k * 32));               \
+        for (int m = 0; m < (MR); ++m)                                                              \
+            acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32((int)xt[k * 16 + m]), wv); \
+    }                                                                                               \
+    for (int m = 0; m < (MR); ++m)                                                                  \
+        _mm256_mask_storeu_epi16(out + m * so + n0, mk, (__m256i)_mm512_cvtneps_pbh(acc[m]));       \
+}
+DEFINE_PANEL_BF16(1) DEFINE_PANEL_BF16(2) DEFINE_PANEL_BF16(3) DEFINE_PANEL_BF16(4) DEFINE_PANEL_BF16(5)
+DEFINE_PANEL_BF16(6) DEFINE_PANEL_BF16(7) DEFINE_PANEL_BF16(8) DEFINE_PANEL_BF16(9) DEFINE_PANEL_BF16(10)
+DEFINE_PANEL_BF16(11) DEFINE_PANEL_BF16(12) DEFINE_PANEL_BF16(13) DEFINE_PANEL_BF16(14) DEFINE_PANEL_BF16(15)
+DEFINE_PANEL_BF16(16)
+
+typedef void (*panel_bf16_fn)(const uint32_t *, const uint16_t *, int64_t, const uint16_t *, uint16_t *, int64_t,
+                              int64_t, int64_t);
+static const panel_bf16_fn PANELS_BF16[17] = {
+    0, panel_bf16_1, panel_bf16_2, panel_bf16_3, panel_bf16_4, panel_bf16_5, panel_bf16_6, panel_bf16_7,
+    panel_bf16_8, panel_bf16_9, panel_bf16_10, panel_bf16_11, panel_bf16_12, panel_bf16_13, panel_bf16_14,
+    panel_bf16_15, panel_bf16_16,
+};
+
+int flowkv_linear_panels_bf16(const uint16_t *x, int64_t sx, int64_t rows, const uint16_t *p, int64_t n_out,
+                              int64_t k_in, const uint16_t *bias, uint16_t *out, int64_t so) {
+    const int64_t groups = (rows + 15) / 16, np = (n_out + 15) / 16, kp = (k_in + 1) / 2;
+    uint32_t *xt = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * 16 * (size_t)kp * (size_t)groups);
+    if (!xt) return 1;
+    for (int64_t g = 0; g < groups; ++g)
+        for (int64_t k = 0; k < kp; ++k)
+            for (int m = 0; m < 16; ++m) {
+                const int64_t r = g * 16 + m;
+                const uint32_t lo = r < rows ? x[r * sx + 2 * k] : 0;
+                const uint32_t hi = r < rows && 2 * k + 1 < k_in ? x[r * sx + 2 * k + 1] : 0;
+                xt[(g * kp + k) * 16 + m] = lo | (hi << 16);
+            }
+    _Pragma("omp parallel for schedule(static)")
+    for (int64_t pn = 0; pn < np; ++pn)
+        for (int64_t g = 0; g < groups; ++g) {
+            const int mr = rows - g * 16 < 16 ? (int)(rows - g * 16) : 16;
+            PANELS_BF16[mr](xt + g * kp * 16, p + pn * kp * 32, kp, bias, out + g * 16 * so, so, pn * 16, n_out);
+        }
+    free(xt);
+    return 0;
+}
+#else  /* no AVX512-BF16: bfloat16 keeps oneDNN and the band kernel */
+int flowkv_panels_bf16_available(void) { return 0; }
+void flowkv_pack_panels_bf16(const uint16_t *w, int64_t n_out, int64_t k_in, uint16_t *p) {
+    (void)w; (void)n_out; (void)k_in; (void)p;
+}
+int flowkv_linear_panels_bf16(const uint16_t *x, int64_t sx, int64_t rows, const uint16_t *p, int64_t n_out,
+                              int64_t k_in, const uint16_t *bias, uint16_t *out, int64_t so) {
+    (void)x; (void)sx; (void)rows; (void)p; (void)n_out; (void)k_in; (void)bias; (void)out; (void)so;
+    return -1;
+}
+#endif
+
 #else  /* no AVX-512: the caller keeps torch's linear */
 
 int flowkv_linear_available(void) { return 0; }
@@ -233,4 +315,13 @@ int flowkv_linear_panels_f32(const float *x, int64_t sx, int64_t rows, const flo
     return -1;
 }
 
+int flowkv_panels_bf16_available(void) { return 0; }
+void flowkv_pack_panels_bf16(const uint16_t *w, int64_t n_out, int64_t k_in, uint16_t *p) {
+    (void)w; (void)n_out; (void)k_in; (void)p;
+}
+int flowkv_linear_panels_bf16(const uint16_t *x, int64_t sx, int64_t rows, const uint16_t *p, int64_t n_out,
+                              int64_t k_in, const uint16_t *bias, uint16_t *out, int64_t so) {
+    (void)x; (void)sx; (void)rows; (void)p; (void)n_out; (void)k_in; (void)bias; (void)out; (void)so;
+    return -1;
+}
 #endif
