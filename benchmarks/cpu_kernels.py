@@ -8,8 +8,8 @@
    path the engine takes without a C compiler, float32 and bfloat16, 1, 16 and 64 sequences;
 2. 1, 2, 4, 8, 16 and 32 rows (a decode step of that many sequences) through the model's
    linear layers (30 x qkv, o, gate_up, down, and the tied LM head), float32 and bfloat16:
-   the native small-batch kernel (up to 8 rows) and, in float32, the weight's panels of 16
-   columns, each against the faster of MKL's GEMM on the plain weights and oneDNN's on the
+   the native small-batch kernel (up to 8 rows) and the weight's panels of 16 columns (float32;
+   bfloat16 with AVX512-BF16), each against the faster of MKL's GEMM on the plain weights and oneDNN's on the
    packed ones, and those two against each other (the engine times these ways at load and
    keeps the fastest for each row count);
 3. a step of 16 decodes and one 256-token prefill chunk (random SmolLM2-shaped weights):
@@ -80,7 +80,7 @@ def small_batch_linear(repeats: int) -> list[dict]:  # type: ignore[type-arg]
     for dtype in (torch.float32, torch.bfloat16):
         weights = [(torch.randn(o, i) * 0.02).to(dtype) for o, i in shapes]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
-        panels = [cpu.pack_panels(w) for w in weights] if dtype == torch.float32 else []
+        panels = [cpu.pack_panels(w) for w in weights] if cpu.panels_usable(dtype) else []
         for rows in (1, 2, 4, 8, 16, 32):
             x = {n: torch.randn(rows, n).to(dtype) for n in (576, 1536)}
 

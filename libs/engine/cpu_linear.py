@@ -17,9 +17,9 @@ product, pairs of k at a time), is faster from a few rows to a few dozen: on tha
 SmolLM2's 121 layers with 16 float32 rows (a 16-sequence decode step) took 24-27 ms
 against oneDNN's 33-41 ms, while the native kernel kept one and two rows.
 :func:`pack_linears` times the ways on the model's own layers once (at 1, 2, 4, ... 64
-rows: torch's best, the native kernel up to 8 rows, the panels) and
-keeps the fastest for each row count. The panels cost the weight's size again in memory;
-they are dropped where they win at no row count.
+rows: torch's best, the native kernel up to 8 rows, the panels) and keeps the fastest for
+each row count. The panels cost the weight's size again in memory; they are dropped
+where they win at no row count.
 
 :func:`pack_linears` turns a model's ``nn.Linear`` modules into :class:`PackedLinear`
 (same parameters, same ``state_dict``, plus the packed copy as a buffer that is not
@@ -156,10 +156,11 @@ def _choose_ways(linears: list[PackedLinear]) -> None:
 
     At 1, 2, 4, ... 64 rows the fastest of torch's way (oneDNN's packed weight; the plain
     weight for one row when that is faster), the native kernel (up to 8 rows) and the
-    panels (float32; bfloat16 where the CPU has AVX512-BF16) is found. The native kernel takes the rows up to the last of the
-    first row counts it wins; the panels take the rows up to the last row count they
-    win, above the native kernel's; they are dropped when they win none. (Every row count
-    is timed: one a few percent off by the machine's noise does not end the search.)
+    panels (float32; bfloat16 where the CPU has AVX512-BF16) is found. The native kernel
+    takes the rows up to the last of the first row counts it wins; the panels take the
+    rows up to the last row count they win, above the native kernel's; they are dropped
+    when they win none. (Every row count is timed: one a few percent off by the
+    machine's noise does not end the search.)
     """
     timed = _timed_layers(linears)
     float32 = linears[0].weight.dtype == torch.float32
