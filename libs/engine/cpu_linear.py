@@ -18,8 +18,9 @@ SmolLM2's 121 layers with 16 float32 rows (a 16-sequence decode step) took 24-27
 against oneDNN's 33-41 ms, while the native kernel kept one and two rows.
 :func:`pack_linears` times the ways on the model's own layers once (at 1, 2, 4, ... 64
 rows: torch's best, the native kernel up to 8 rows, the panels) and keeps the fastest for
-each row count. The panels cost the weight's size again in memory; they are dropped
-where they win at no row count.
+each row count. The panels cost the weight's size again in memory: they are made only
+while that is at most a quarter of the memory available at load, and dropped where they
+win at no row count.
 
 :func:`pack_linears` turns a model's ``nn.Linear`` modules into :class:`PackedLinear`
 (same parameters, same ``state_dict``, plus the packed copy as a buffer that is not
@@ -115,6 +116,33 @@ _TIMING_BYTES = 256 << 20
 _NATIVE_ROWS = (1, 2, 4, 8)
 # Row counts the panel kernel is timed at (while it or the native kernel wins).
 _PANEL_ROWS = (1, 2, 4, 8, 16, 32, 64)
+# The panels (a copy of the weights) are made only while they take at most this share of
+# the memory available at load; a model that large is left to oneDNN and the native kernel.
+_PANEL_MEMORY_SHARE = 0.25
+
+
+def _memory_available() -> int | None:
+    """Bytes of memory available to new allocations (``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _panels_fit(linears: list[PackedLinear]) -> bool:
+    """Whether a panel copy of ``linears``' weights fits :data:`_PANEL_MEMORY_SHARE` of the
+    memory available (a weight shared by two layers, a tied LM head, counts once a layer)."""
+    size = sum(m.weight.nbytes for m in linears)
+    available = _memory_available()
+    if available is not None and size > _PANEL_MEMORY_SHARE * available:
+        log.info("no weight panels: %.1f GB of %s weights against %.1f GB available",
+                 size / 1e9, linears[0].weight.dtype, available / 1e9)
+        return False
+    return True
 
 
 def _timed_layers(linears: list[PackedLinear]) -> list[PackedLinear]:
@@ -171,7 +199,7 @@ def _choose_ways(linears: list[PackedLinear]) -> None:
             m.plain_single_row = plain
     if not cpu_kernels.linear_usable():
         return
-    if cpu_kernels.panels_usable(linears[0].weight.dtype):
+    if cpu_kernels.panels_usable(linears[0].weight.dtype) and _panels_fit(linears):
         for m in linears:
             m.panels = cpu_kernels.pack_panels(m.weight.detach())
     with_panels = all(m.panels is not None for m in linears)

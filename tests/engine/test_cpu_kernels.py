@@ -260,6 +260,29 @@ def test_linear_inputs_it_does_not_take_fall_back():
     assert cpu.linear(torch.randn(2, 3, 16), w) is None  # not 2-D
 
 
+def test_no_panels_when_their_copy_would_not_fit_the_memory(monkeypatch, caplog):
+    """The panels copy the weights: a model whose weights exceed a quarter of the memory
+    available at load gets none (oneDNN and the native kernel serve it)."""
+    from libs.engine import cpu_linear
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 256, bias=False))
+
+    weights = 2 * 256 * 512 * 4
+    monkeypatch.setattr(cpu_linear, "_memory_available", lambda: 4 * weights - 1)
+    with caplog.at_level("INFO", logger=cpu_linear.__name__):
+        tight = model()
+        assert cpu_linear.pack_linears(tight) == 2
+    assert all(m.panels is None and m.panel_rows == 0 for m in tight)
+    assert "no weight panels" in caplog.text
+    monkeypatch.setattr(cpu_linear, "_memory_available", lambda: 4 * weights)
+    roomy = model()
+    cpu_linear.pack_linears(roomy)
+    if cpu.panels_usable(torch.float32):  # packed; kept where they win the timing
+        assert all((m.panels is None) == (m.panel_rows == 0) for m in roomy)
+
+
 def test_packed_linear_gives_the_same_rows_whichever_way_it_takes():
     """PackedLinear's ways (native kernel, panels, MKL on the plain weight, oneDNN's packed one) agree."""
     from libs.engine.cpu_linear import PackedLinear, pack_linears

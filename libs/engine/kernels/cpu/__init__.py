@@ -31,6 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "prefill_attention.c", "layer_ops.c", "linear.c")
+_HEADERS = ("pool_geometry.h",)
 # Compiled with -ffast-math (so expf vectorises through libmvec) but linked without it:
 # linking with it adds crtfastmath.o, whose constructor turns on flush-to-zero for the
 # whole process when the library loads (a denormal like 5e-324 would then read as 0).
@@ -98,7 +99,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     here = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256()
-    for name in _SOURCES:
+    for name in (*_SOURCES, *_HEADERS):
         with open(os.path.join(here, name), "rb") as f:
             digest.update(f.read())
     digest.update(" ".join([cc, *_CFLAGS, *_LDFLAGS, _cpu_flags()]).encode())

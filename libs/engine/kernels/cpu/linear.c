@@ -280,17 +280,7 @@ int flowkv_linear_panels_bf16(const uint16_t *x, int64_t sx, int64_t rows, const
     free(xt);
     return 0;
 }
-#else  /* no AVX512-BF16: bfloat16 keeps oneDNN and the band kernel */
-int flowkv_panels_bf16_available(void) { return 0; }
-void flowkv_pack_panels_bf16(const uint16_t *w, int64_t n_out, int64_t k_in, uint16_t *p) {
-    (void)w; (void)n_out; (void)k_in; (void)p;
-}
-int flowkv_linear_panels_bf16(const uint16_t *x, int64_t sx, int64_t rows, const uint16_t *p, int64_t n_out,
-                              int64_t k_in, const uint16_t *bias, uint16_t *out, int64_t so) {
-    (void)x; (void)sx; (void)rows; (void)p; (void)n_out; (void)k_in; (void)bias; (void)out; (void)so;
-    return -1;
-}
-#endif
+#endif  /* __AVX512BF16__ */
 
 #else  /* no AVX-512: the caller keeps torch's linear */
 
@@ -315,6 +305,10 @@ int flowkv_linear_panels_f32(const float *x, int64_t sx, int64_t rows, const flo
     return -1;
 }
 
+#endif
+
+/* Without the CPU's bf16 dot product, bfloat16 keeps oneDNN and the band kernel. */
+#if !(defined(__AVX512F__) && defined(__AVX512BF16__))
 int flowkv_panels_bf16_available(void) { return 0; }
 void flowkv_pack_panels_bf16(const uint16_t *w, int64_t n_out, int64_t k_in, uint16_t *p) {
     (void)w; (void)n_out; (void)k_in; (void)p;

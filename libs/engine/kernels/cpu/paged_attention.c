@@ -25,6 +25,8 @@
 #include <string.h>
 #include <omp.h>
 
+#include "pool_geometry.h"
+
 #define MAX_GROUP 32
 #define MAX_HEAD_DIM 256
 /* Query heads of a group whose accumulators the value loop keeps in registers at once. */
@@ -40,12 +42,6 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-typedef struct {
-    int64_t block_stride;  /* elements between consecutive blocks */
-    int64_t layer_offset;  /* elements from a block's start to this layer's K */
-    int64_t v_offset;      /* elements from K to V within a block's layer */
-    int block_size, kv_heads, head_dim;
-} pool_geometry;
 
 #define DEFINE_KERNEL(NAME, KV_T, LOAD, VEC_ITEM)                                                  \
 int NAME(const float *q, const KV_T *pool, pool_geometry g, const int32_t *block_tables,          \

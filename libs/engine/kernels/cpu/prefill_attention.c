@@ -26,12 +26,8 @@
 #include <string.h>
 #include <omp.h>
 
-typedef struct {
-    int64_t block_stride;  /* elements between consecutive blocks */
-    int64_t layer_offset;  /* elements from a block's start to this layer's K */
-    int64_t v_offset;      /* elements from K to V within a block's layer */
-    int block_size, kv_heads, head_dim;
-} pool_geometry;
+#include "pool_geometry.h"
+
 
 #define PF_MAX_GROUP 16
 #define PF_MAX_HEAD_DIM 256
