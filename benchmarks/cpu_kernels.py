@@ -8,10 +8,10 @@
    path the engine takes without a C compiler, float32 and bfloat16, 1, 16 and 64 sequences;
 2. 1, 2, 4, 8, 16 and 32 rows (a decode step of that many sequences) through the model's
    linear layers (30 x qkv, o, gate_up, down, and the tied LM head), float32 and bfloat16:
-   the native small-batch kernel (up to 8 rows) and the weight's panels of 16 columns (float32;
-   bfloat16 with AVX512-BF16), each against the faster of MKL's GEMM on the plain weights and oneDNN's on the
-   packed ones, and those two against each other (the engine times these ways at load and
-   keeps the fastest for each row count);
+   the native small-batch kernel (up to 8 rows) and the weight's panels of 16 columns
+   (float32; bfloat16 with AVX512-BF16), each against the faster of MKL's GEMM on the plain
+   weights and oneDNN's on the packed ones, and those two against each other (the engine
+   times these ways at load and keeps the fastest for each row count);
 3. a step of 16 decodes and one 256-token prefill chunk (random SmolLM2-shaped weights):
    one mixed forward against the prefill forward followed by the decode forward.
 
