@@ -109,6 +109,7 @@ def prefill_attention(
             native_out = cpu_kernels.paged_prefill_attention(q, pool, layer, meta.cpu_tables, scale)
             if native_out is not None:
                 return native_out
+            meta.cpu_tables = ()  # shapes it does not take: the other layers go straight to SDPA
     out = torch.empty_like(q)
     for s in meta.seqs:
         qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
