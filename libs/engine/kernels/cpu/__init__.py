@@ -31,7 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "prefill_attention.c", "layer_ops.c", "linear.c")
-_HEADERS = ("pool_geometry.h",)
+_HEADERS = ("bf16.h", "pool_geometry.h")
 # Compiled with -ffast-math (so expf vectorises through libmvec) but linked without it:
 # linking with it adds crtfastmath.o, whose constructor turns on flush-to-zero for the
 # whole process when the library loads (a denormal like 5e-324 would then read as 0).

@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define PARALLEL_MIN_ELEMS (1 << 15)
 
 void flowkv_add_rms_norm_f32(const float *x, int64_t stride_x, float *residual, int64_t stride_res,
@@ -75,23 +77,8 @@ void flowkv_silu_mul_f32(const float *gate_up, int64_t stride_in, float *out, in
  * bf16 (nearest, ties to even) exactly where the torch reference rounds, so the results
  * equal the reference's bit for bit. */
 
-static inline float bf16_load(uint16_t h) {
-    uint32_t u = ((uint32_t)h) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
-static inline uint16_t bf16_round(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu))  /* NaN stays a (quiet) NaN */
-        return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float bf16_rt(float f) { return bf16_load(bf16_round(f)); }
+static inline float bf16_rt(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 void flowkv_add_rms_norm_bf16(const uint16_t *x, int64_t stride_x, uint16_t *residual, int64_t stride_res,
                               const uint16_t *weight, uint16_t *out, int64_t stride_out, int64_t rows,
@@ -102,13 +89,13 @@ void flowkv_add_rms_norm_bf16(const uint16_t *x, int64_t stride_x, uint16_t *res
         uint16_t *ri = residual + i * stride_res, *oi = out + i * stride_out;
         float ss = 0.f;
         for (int64_t j = 0; j < cols; ++j) {
-            const float r = has_residual ? bf16_rt(bf16_load(xi[j]) + bf16_load(ri[j])) : bf16_load(xi[j]);
-            ri[j] = bf16_round(r);
+            const float r = has_residual ? bf16_rt(bf16_to_f32(xi[j]) + bf16_to_f32(ri[j])) : bf16_to_f32(xi[j]);
+            ri[j] = f32_to_bf16(r);
             ss += r * r;
         }
         const float inv = 1.f / sqrtf(ss / (float)cols + eps);
         for (int64_t j = 0; j < cols; ++j)
-            oi[j] = bf16_round(bf16_load(weight[j]) * bf16_rt(bf16_load(ri[j]) * inv));
+            oi[j] = f32_to_bf16(bf16_to_f32(weight[j]) * bf16_rt(bf16_to_f32(ri[j]) * inv));
     }
 }
 
@@ -118,10 +105,10 @@ static inline void rotate_heads_bf16(uint16_t *x, int64_t stride_t, int heads, i
     for (int h = 0; h < heads; ++h) {
         uint16_t *xh = x + t * stride_t + (int64_t)h * dim;
         for (int j = 0; j < half; ++j) {
-            const float a = bf16_load(xh[j]), b = bf16_load(xh[j + half]);
+            const float a = bf16_to_f32(xh[j]), b = bf16_to_f32(xh[j + half]);
             /* torch: q * cos + rotate_half(q) * sin, each product and the sum rounded */
-            xh[j] = bf16_round(bf16_rt(a * bf16_rt(c[j])) + bf16_rt(-b * bf16_rt(s[j])));
-            xh[j + half] = bf16_round(bf16_rt(b * bf16_rt(c[j + half])) + bf16_rt(a * bf16_rt(s[j + half])));
+            xh[j] = f32_to_bf16(bf16_rt(a * bf16_rt(c[j])) + bf16_rt(-b * bf16_rt(s[j])));
+            xh[j + half] = f32_to_bf16(bf16_rt(b * bf16_rt(c[j + half])) + bf16_rt(a * bf16_rt(s[j + half])));
         }
     }
 }
@@ -144,8 +131,8 @@ void flowkv_silu_mul_bf16(const uint16_t *gate_up, int64_t stride_in, uint16_t *
         const uint16_t *g = gate_up + i * stride_in, *u = g + inter;
         uint16_t *o = out + i * stride_out;
         for (int64_t j = 0; j < inter; ++j) {
-            const float gj = bf16_load(g[j]);
-            o[j] = bf16_round(bf16_rt(gj / (1.f + expf(-gj))) * bf16_load(u[j]));
+            const float gj = bf16_to_f32(g[j]);
+            o[j] = f32_to_bf16(bf16_rt(gj / (1.f + expf(-gj))) * bf16_to_f32(u[j]));
         }
     }
 }

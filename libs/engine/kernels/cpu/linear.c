@@ -34,6 +34,8 @@
 #include <string.h>
 #include <omp.h>
 
+#include "bf16.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -41,32 +43,10 @@ int flowkv_linear_available(void) { return 1; }
 
 static inline __m512 load_f32(const float *p) { return _mm512_loadu_ps(p); }
 static inline __m512 maskload_f32(__mmask16 m, const float *p) { return _mm512_maskz_loadu_ps(m, p); }
-static inline __m512 load_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
 static inline __m512 maskload_bf16(__mmask16 m, const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = ((uint32_t)h) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* nearest, ties to even; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float get_f32(const float *p) { return *p; }
-static inline void put_f32(float *p, float v) { *p = v; }
-static inline float get_bf16(const uint16_t *p) { return bf16_to_f32(*p); }
-static inline void put_bf16(uint16_t *p, float v) { *p = f32_to_bf16(v); }
 
 /* Rows [n0, n1) of the output for MR input rows (of which the first `rows` are real; the
  * others repeat row 0 and are not stored). */
@@ -115,10 +95,10 @@ DEFINE_BAND(band_f32_1, float, load_f32, maskload_f32, get_f32, put_f32, 8, 1)
 DEFINE_BAND(band_f32_2, float, load_f32, maskload_f32, get_f32, put_f32, 8, 2)
 DEFINE_BAND(band_f32_4, float, load_f32, maskload_f32, get_f32, put_f32, 4, 4)
 DEFINE_BAND(band_f32_8, float, load_f32, maskload_f32, get_f32, put_f32, 2, 8)
-DEFINE_BAND(band_bf16_1, uint16_t, load_bf16, maskload_bf16, get_bf16, put_bf16, 8, 1)
-DEFINE_BAND(band_bf16_2, uint16_t, load_bf16, maskload_bf16, get_bf16, put_bf16, 8, 2)
-DEFINE_BAND(band_bf16_4, uint16_t, load_bf16, maskload_bf16, get_bf16, put_bf16, 4, 4)
-DEFINE_BAND(band_bf16_8, uint16_t, load_bf16, maskload_bf16, get_bf16, put_bf16, 2, 8)
+DEFINE_BAND(band_bf16_1, uint16_t, load16_bf16, maskload_bf16, get_bf16, put_bf16, 8, 1)
+DEFINE_BAND(band_bf16_2, uint16_t, load16_bf16, maskload_bf16, get_bf16, put_bf16, 8, 2)
+DEFINE_BAND(band_bf16_4, uint16_t, load16_bf16, maskload_bf16, get_bf16, put_bf16, 4, 4)
+DEFINE_BAND(band_bf16_8, uint16_t, load16_bf16, maskload_bf16, get_bf16, put_bf16, 2, 8)
 
 /* The threads split the output rows into bands of whole 8-row groups. */
 #define DEFINE_LINEAR(NAME, T, SUFFIX)                                                              \

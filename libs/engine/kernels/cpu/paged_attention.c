@@ -25,6 +25,7 @@
 #include <string.h>
 #include <omp.h>
 
+#include "bf16.h"
 #include "pool_geometry.h"
 
 #define MAX_GROUP 32
@@ -34,13 +35,6 @@
 #ifndef PREFETCH_HINT
 #define PREFETCH_HINT _MM_HINT_T1
 #endif
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = ((uint32_t)h) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
 
 #define DEFINE_KERNEL(NAME, KV_T, LOAD, VEC_ITEM)                                                  \
@@ -147,9 +141,6 @@ static inline __m512 sum16(const __m512 v[16]) {
 }
 
 static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
 
 /* Kv heads [h0, h0 + nh) of one sequence with AVX-512, head_dim 16 * NV, in one pass over
  * the context sixteen keys at a time (online softmax, as flash-decoding does). A token's

@@ -26,6 +26,7 @@
 #include <string.h>
 #include <omp.h>
 
+#include "bf16.h"
 #include "pool_geometry.h"
 
 
@@ -46,28 +47,11 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_load_ps(e);
 }
 
-static inline float get_f32(const float *p) { return *p; }
-static inline void put_f32(float *p, float v) { *p = v; }
-static inline float get_bf16(const uint16_t *p) {
-    uint32_t u = ((uint32_t)*p) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-static inline void put_bf16(uint16_t *p, float v) {  /* nearest, ties to even; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &v, sizeof u);
-    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) { *p = (uint16_t)((u >> 16) | 0x40u); return; }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    *p = (uint16_t)(u >> 16);
-}
 /* Rows of a key tile as float32: float32 rows are read where they lie; bfloat16 rows are
  * widened into buf ([16][D]) first. */
 static inline const float *row_f32(const float *src, int D, float *buf) { (void)D; (void)buf; return src; }
 static inline const float *row_bf16(const uint16_t *src, int D, float *buf) {
-    for (int d = 0; d < D; d += 16)
-        _mm512_store_ps(buf + d, _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + d))), 16)));
+    for (int d = 0; d < D; d += 16) _mm512_store_ps(buf + d, load16_bf16(src + d));
     return buf;
 }
 
