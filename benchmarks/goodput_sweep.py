@@ -32,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from libs.sim.cluster import SimConfig  # noqa: E402
 from libs.sim.metrics import SLO  # noqa: E402
 from libs.sim.sweep import run_one  # noqa: E402
 from libs.sim.workload import GOODPUT_SCENARIOS  # noqa: E402
@@ -43,11 +44,11 @@ def policies(n: int, split_step: int) -> list[str]:
     return ["flowkv", "colocated"] + [f"fixed:{p}:{n - p}" for p in ps]
 
 
-def run(job: tuple[int, str, str, float, float, float, float, float, int, bool]) -> dict[str, Any]:
-    n, scenario, policy, ttft, tpot, scale, lead_in, drain, seed, plan_slo = job
+def run(job: tuple[int, str, str, float, float, float, float, float, int, bool, str]) -> dict[str, Any]:
+    n, scenario, policy, ttft, tpot, scale, lead_in, drain, seed, plan_slo, launch = job
     t0 = time.perf_counter()
-    m, cl = run_one(n, scenario, policy, seed, scale, slo=SLO(ttft, tpot), lead_in_s=lead_in, drain_s=drain,
-                    plan_slo=plan_slo)
+    m, cl = run_one(n, scenario, policy, seed, scale, config=SimConfig(launch=launch), slo=SLO(ttft, tpot),
+                    lead_in_s=lead_in, drain_s=drain, plan_slo=plan_slo)
     row = m.as_dict()
     row["wall_s"] = round(time.perf_counter() - t0, 2)
     if policy == "flowkv":
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="only these policies, comma-separated (flowkv, colocated, fixed:P:D; default: all)")
     ap.add_argument("--no-scheduler-objectives", action="store_true",
                     help="the scheduler plans with its defaults (no objectives); goodput is still counted at the SLOs")
+    ap.add_argument("--launch", choices=("split", "hybrid"), default="split",
+                    help="the roles flowkv's nodes start in: split (half prefill, half decode, as `flowkv up` "
+                         "launches them by default) or hybrid (every node both, as `flowkv up --colocated N`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
@@ -168,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [s for s in args.scenarios.split(",") if s]
     only = {p for p in args.policies.split(",") if p}
     jobs = [(n, sc, pol, args.ttft_slo, args.tpot_slo, args.scale, args.lead_in_s, args.drain_s, args.seed,
-             not args.no_scheduler_objectives)
+             not args.no_scheduler_objectives, args.launch)
             for n in sizes for sc in scenarios for pol in policies(n, steps.get(n, 1)) if not only or pol in only]
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo, "scale": args.scale, "lead_in_s": args.lead_in_s,
             "drain_s": args.drain_s, "seed": args.seed, "split_step": steps, "node": "simulated H100, Llama-3.1-8B shape",
-            "scheduler_objectives": not args.no_scheduler_objectives}
+            "scheduler_objectives": not args.no_scheduler_objectives, "launch": args.launch}
     rows: list[dict[str, Any]] = []
     with ProcessPoolExecutor(args.jobs) as pool:
         for row in pool.map(run, jobs):

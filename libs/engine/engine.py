@@ -598,6 +598,7 @@ class LLMEngine:
         if now - self._largest_segment_at >= _SEGMENT_REFRESH_S:
             self._largest_segment, self._largest_segment_at = b.largest_free_segment, now
         largest = min(self._largest_segment, b.num_free_blocks)  # never more than is free now
+        pass_tokens, pass_s = self._prefill_clock.step
         return EngineStats(
             num_waiting=s.num_waiting, num_running=s.num_running,
             num_held=sum(r.status is RequestStatus.HELD for r in self._requests.values()),
@@ -607,5 +608,6 @@ class LLMEngine:
             prefix_cache_queries=b.num_query_tokens, prefix_cache_hits=b.num_hit_tokens,
             prefix_cache_hit_rate=b.num_hit_tokens / b.num_query_tokens if b.num_query_tokens else 0.0,
             prefill_tokens_per_s=self._prefill_clock.rate, decode_step_time_s=self._decode_step_s,
-            num_preemptions=s.num_preemptions,
+            num_preemptions=s.num_preemptions, prefill_pass_tokens=pass_tokens, prefill_pass_s=pass_s,
+            max_pass_tokens=self.config.max_num_batched_tokens,
         )

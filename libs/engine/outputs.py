@@ -86,3 +86,6 @@ class EngineStats(msgspec.Struct):
     prefill_tokens_per_s: float
     decode_step_time_s: float
     num_preemptions: int
+    prefill_pass_tokens: float = 0.0  # prompt tokens per timed prefill step (EMA over the steps of prefill_tokens_per_s)
+    prefill_pass_s: float = 0.0  # seconds per timed prefill step (EMA over the same steps)
+    max_pass_tokens: int = 0  # the most prompt tokens one step may take (max_num_batched_tokens); 0: unknown

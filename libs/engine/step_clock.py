@@ -37,6 +37,8 @@ class StepClock:
         self._alpha = alpha
         self._pending: deque[tuple[int, torch.cuda.Event, torch.cuda.Event]] = deque()
         self._rate = 0.0
+        self._tokens = 0.0
+        self._seconds = 0.0
 
     def start(self) -> _Mark:
         """Mark the start of a step (on CUDA: an event on the current stream)."""
@@ -72,8 +74,18 @@ class StepClock:
         self.poll()
         return self._rate
 
+    @property
+    def step(self) -> tuple[float, float]:
+        """(tokens, seconds) of a step, each averaged over the same steps as :attr:`rate`
+        ((0, 0) before any): steps of several sizes tell a step's fixed cost from its cost
+        per token."""
+        self.poll()
+        return self._tokens, self._seconds
+
     def _fold(self, tokens: int, seconds: float) -> None:
         self._rate = ema(self._rate, tokens / max(seconds, 1e-9), self._alpha)
+        self._tokens = ema(self._tokens, float(tokens), self._alpha)
+        self._seconds = ema(self._seconds, max(seconds, 1e-9), self._alpha)
 
 
 def ema(old: float, new: float, alpha: float) -> float:

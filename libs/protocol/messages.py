@@ -221,6 +221,12 @@ class LoadReport(Message, tag="load"):
     kv_received_transfers: int = 0
     kv_received_bytes: int = 0
     max_num_seqs: int = 0  # the engine's decode batch cap; 0 = not reported (scheduler assumes a default)
+    # Prompt tokens and seconds per prefill pass, each averaged (EMA) over the passes of
+    # prefill_tokens_per_s: passes of several sizes tell the scheduler a pass's fixed cost
+    # from its cost per token (0: not reported).
+    prefill_pass_tokens: float = 0.0
+    prefill_pass_s: float = 0.0
+    max_pass_tokens: int = 0  # the most prompt tokens one pass may take (the token budget); 0: not reported
     kv_links: list[KVLink] = []  # per decode peer, the most recently used (at most 64)
     # How long the engine's current step has run (0 between steps). Reports go out on
     # time whatever the engine does: a long step is a busy node, a growing one a stuck engine.

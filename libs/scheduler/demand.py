@@ -32,6 +32,10 @@ from libs.scheduler.cost_model import CostModel
 from libs.scheduler.node_registry import NodeEntry, kind_means
 
 
+_PASS_SPREAD = 0.1  # prefill pass sizes must spread this much (std / mean) to fit their cost
+_PASS_REACH = 4.0  # a full pass is taken at most this many times the largest pass seen
+
+
 @dataclass(frozen=True)
 class Placed:
     """One request as the demand tracker keeps it (at its first placement attempt)."""
@@ -77,10 +81,18 @@ class Demand:
 
 class StepFit:
     """Least-squares line ``step = a + b * batch`` through reported (batch, step) pairs,
-    older pairs fading by ``decay`` per new one."""
+    older pairs fading by ``decay`` per new one.
 
-    def __init__(self, decay: float = 0.995) -> None:
+    Args:
+        decay: weight an older pair keeps per new one.
+        min_var: the line is known once the batches seen spread this much (variance).
+        min_cv: ... and their standard deviation is at least this share of their mean.
+    """
+
+    def __init__(self, decay: float = 0.995, min_var: float = 4.0, min_cv: float = 0.0) -> None:
         self.decay = decay
+        self.min_var = min_var
+        self.min_cv = min_cv
         self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
 
     def add(self, batch: float, step_s: float) -> None:
@@ -88,27 +100,32 @@ class StepFit:
         self.w, self.sx, self.sy = self.w * k + 1, self.sx * k + batch, self.sy * k + step_s
         self.sxx, self.sxy = self.sxx * k + batch * batch, self.sxy * k + batch * step_s
 
-    def line(self) -> tuple[float, float] | None:
-        """(intercept, slope) of the fitted step, the slope at least 0; None until the
-        batches seen spread over 2 sequences."""
+    def _moments(self) -> tuple[float, float, float] | None:
+        """(mean batch, mean step, slope at least 0), or None while the batches seen do
+        not spread enough to tell the slope."""
         if self.w <= 0:
             return None
         mx, my = self.sx / self.w, self.sy / self.w
         var = self.sxx / self.w - mx * mx
-        if var < 4.0:
+        if var < self.min_var or var <= 0 or var < (self.min_cv * mx) ** 2:
             return None
-        slope = max((self.sxy / self.w - mx * my) / var, 0.0)
+        return mx, my, max((self.sxy / self.w - mx * my) / var, 0.0)
+
+    def line(self) -> tuple[float, float] | None:
+        """(intercept, slope) of the fitted step, the slope at least 0; None until the
+        batches seen spread enough (by default over 2 sequences)."""
+        m = self._moments()
+        if m is None:
+            return None
+        mx, my, slope = m
         return max(my - slope * mx, 0.0), slope
 
     def predict(self, batch: float) -> float | None:
-        """The fitted step at ``batch``; None until the batches seen spread over 2 sequences."""
-        if self.w <= 0:
+        """The fitted step at ``batch``; None until the batches seen spread enough."""
+        m = self._moments()
+        if m is None:
             return None
-        mx, my = self.sx / self.w, self.sy / self.w
-        var = self.sxx / self.w - mx * mx
-        if var < 4.0:
-            return None
-        slope = max((self.sxy / self.w - mx * my) / var, 0.0)
+        mx, my, slope = m
         return max(my + slope * (batch - mx), my)
 
 
@@ -141,6 +158,11 @@ class DemandTracker:
         self._ids: set[str] = set()
         self._seen: dict[str, int] = {}  # node id -> seq of the last report observed
         self._busy_rate: dict[str, float] = {}  # node id -> prefill tokens/s measured while backlogged
+        # Device name -> a line through (prompt tokens per pass, seconds per pass) of its
+        # nodes' prefill passes, the largest pass seen (fading) and the pass token budget.
+        self.pass_fits: dict[str, StepFit] = {}
+        self._largest_pass: dict[str, float] = {}
+        self._pass_budget: dict[str, int] = {}
         self.peak_rate: dict[str, float] = {}  # device name -> best prefill tokens/s of its nodes (fading)
 
     def record(self, t: float, request_id: str, prompt_tokens: int, output_tokens: int, blocks: int,
@@ -166,6 +188,15 @@ class DemandTracker:
                 self.fit.add(r.num_running, r.decode_step_s)
                 self.kind_fits.setdefault(r.device_name, StepFit()).add(r.num_running, r.decode_step_s)
             rate, busy = r.prefill_tokens_per_s, self._busy_rate.get(r.node_id, 0.0)
+            if r.prefill_pass_tokens > 0 and r.prefill_pass_s > 0:
+                # Passes of several sizes (hybrid nodes' small ones, prefill nodes' full
+                # ones, a load that varies) tell a pass's fixed cost from its cost per token.
+                kind = r.device_name
+                self.pass_fits.setdefault(kind, StepFit(min_var=0.0, min_cv=_PASS_SPREAD)).add(
+                    r.prefill_pass_tokens, r.prefill_pass_s)
+                self._largest_pass[kind] = max(r.prefill_pass_tokens, self._largest_pass.get(kind, 0.0) * 0.9995)
+                if r.max_pass_tokens > 0:
+                    self._pass_budget[kind] = r.max_pass_tokens
             if rate > 0:
                 # The rate of the fullest batches a node of this kind has run: the nearest
                 # measure of its capacity when no node was ever backlogged.
@@ -182,10 +213,26 @@ class DemandTracker:
         The engine's rate is tokens over time of its recent prefill batches. Fed a trickle
         of short prompts, a node runs small batches whose fixed cost dominates and reports
         a fraction of what it does with full ones; with a backlog its batches are full.
-        So a node's rate is the best it reported while backlogged, or its current one if
-        that is higher or it never was.
+        So a node's rate is the best it reported while backlogged, its current one if that
+        is higher or it never was, or what its kind's passes say a full pass runs at
+        (:meth:`full_pass_rate`), whichever is highest: nodes that only ever ran small
+        passes (hybrid nodes between decode steps) still tell what a prefill node does.
         """
-        return {n.node_id: max(self._busy_rate.get(n.node_id, 0.0), n.report.prefill_tokens_per_s) for n in nodes}
+        return {n.node_id: max(self._busy_rate.get(n.node_id, 0.0), n.report.prefill_tokens_per_s,
+                               self.full_pass_rate(n.report.device_name)) for n in nodes}
+
+    def full_pass_rate(self, device_name: str) -> float:
+        """Prompt tokens/s of a node of this kind running full passes, from the line
+        through its nodes' passes (time against prompt tokens), taken out to the pass
+        token budget but no further than ``_PASS_REACH`` times the largest pass seen;
+        0 until the passes seen spread enough to tell the line, or with no budget."""
+        fit = self.pass_fits.get(device_name)
+        budget = min(self._pass_budget.get(device_name, 0), _PASS_REACH * self._largest_pass.get(device_name, 0.0))
+        line = fit.line() if fit is not None else None
+        if line is None or budget <= 0 or line[1] <= 0:
+            return 0.0
+        a, b = line
+        return budget / (a + b * budget)
 
     def _trim(self, now: float) -> None:
         # Ids are kept at least twice the window: a retry after a long Retry-After is not new demand.

@@ -40,6 +40,11 @@ class SimConfig:
     # 0: none, every OVERLOADED goes back to the client, who retries after Retry-After.
     queue_wait_s: float = 0.0
     queue_limit: int = 1024
+    # The roles nodes start in before the policy acts: "split" (the first half prefill,
+    # the rest decode, as `flowkv up --prefill-nodes/--decode-nodes` launches them) or
+    # "hybrid" (every node both, as `flowkv up --colocated N`). Fixed splits and the
+    # colocated policy pin their own roles either way.
+    launch: str = "split"
     placement: PlacementConfig = field(default_factory=lambda: PlacementConfig(max_ttft_s=10.0))
     roles: RoleConfig = field(default_factory=RoleConfig)
 
@@ -82,8 +87,13 @@ class Cluster:
         costs = costs or [H100_8B] * num_nodes
         ids = [f"n{i:02d}" for i in range(num_nodes)]
         self.nodes: dict[str, SimNode] = {}
+        if self.config.launch not in ("split", "hybrid"):
+            raise ValueError(f"launch must be split or hybrid, got {self.config.launch!r}")
         for i, nid in enumerate(ids):
-            role = Role.PREFILL if i < max(num_nodes // 2, 1) else Role.DECODE
+            if self.config.launch == "hybrid":
+                role = Role.HYBRID
+            else:
+                role = Role.PREFILL if i < max(num_nodes // 2, 1) else Role.DECODE
             self.nodes[nid] = SimNode(nid, role, costs[i], self.schedule, self._first_token, self._finished,
                                       strict_drain=self.config.strict_drain)
         self._pin_fixed_roles()

@@ -71,6 +71,8 @@ class SimNode:
         self.busy = False
         self.seq = 0
         self.prefill_rate = 0.0
+        self.pass_tokens = 0.0
+        self.pass_s = 0.0
         self.step_s = 0.0
 
     # ------------------------------------------------------------ prefill side
@@ -95,6 +97,8 @@ class SimNode:
         t_decode = self.costs.decode_step_s(n, self.context) if n else 0.0
         if batch:
             self.prefill_rate = _ema(self.prefill_rate, tokens / t_prefill)
+            self.pass_tokens = _ema(self.pass_tokens, float(tokens))
+            self.pass_s = _ema(self.pass_s, t_prefill)
         if n:
             self.step_s = _ema(self.step_s, t_decode)
         self.busy = True
@@ -189,7 +193,8 @@ class SimNode:
             largest_free_segment=free, num_waiting=len(self.queue), waiting_prefill_tokens=self.queued_tokens,
             num_running=len(self.running) + self.reserved_slots, num_held=self.num_held,
             prefill_tokens_per_s=self.prefill_rate, decode_step_s=self.step_s, kv_transports=["cuda_ipc"],
-            host_id="sim-host", max_num_seqs=c.max_num_seqs,
+            host_id="sim-host", max_num_seqs=c.max_num_seqs, prefill_pass_tokens=self.pass_tokens,
+            prefill_pass_s=self.pass_s, max_pass_tokens=c.max_batched_tokens,
         )
 
 

@@ -149,6 +149,8 @@ class VllmEngine:
         self._layout = layout_of(info)
         self._pool = attach(info)
         self._stats.total_blocks = self._stats.free_blocks = self._stats.largest_free_segment = info["num_blocks"]
+        sched = getattr(getattr(self._llm, "vllm_config", None), "scheduler_config", None)
+        self._stats.max_pass_tokens = int(getattr(sched, "max_num_batched_tokens", 0) or 0)
 
     def _kv_cache_bytes(self) -> int | None:
         """The bytes ``num_blocks`` blocks take, so vLLM sizes its cache without profiling.
@@ -418,5 +420,8 @@ class VllmEngine:
             if prompt > 0:
                 rate = prompt / step_s
                 s.prefill_tokens_per_s = rate if s.prefill_tokens_per_s == 0 else (1 - _EMA) * s.prefill_tokens_per_s + _EMA * rate
+                s.prefill_pass_tokens = (prompt if s.prefill_pass_tokens == 0
+                                         else (1 - _EMA) * s.prefill_pass_tokens + _EMA * prompt)
+                s.prefill_pass_s = step_s if s.prefill_pass_s == 0 else (1 - _EMA) * s.prefill_pass_s + _EMA * step_s
             elif int(getattr(it, "num_generation_tokens", 0)) > 0:
                 s.decode_step_time_s = step_s if s.decode_step_time_s == 0 else (1 - _EMA) * s.decode_step_time_s + _EMA * step_s

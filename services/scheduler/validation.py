@@ -15,8 +15,8 @@ from libs.protocol.messages import LoadReport, PlaceRequest
 from libs.protocol.subjects import check_token
 
 _COUNTS = ("device_memory_bytes", "kv_block_bytes", "total_blocks", "free_blocks", "largest_free_segment",
-           "num_waiting", "waiting_prefill_tokens", "num_running", "num_held", "max_num_seqs")
-_RATES = ("prefill_tokens_per_s", "decode_step_s", "started_at")
+           "num_waiting", "waiting_prefill_tokens", "num_running", "num_held", "max_num_seqs", "max_pass_tokens")
+_RATES = ("prefill_tokens_per_s", "decode_step_s", "started_at", "prefill_pass_tokens", "prefill_pass_s")
 
 
 def report_problem(report: LoadReport) -> str | None:

@@ -49,6 +49,9 @@ def test_handoff_equals_single_engine(n: int) -> None:
     tokens, cached = _handoff(p, d, "x", prompt)
     assert tokens == expected and cached == 0
     assert p.stats().free_blocks == 64
+    stats = p.stats()  # the prefill pass it ran, for the scheduler's fit of a pass's cost
+    assert stats.prefill_pass_tokens == n and stats.prefill_pass_s > 0
+    assert stats.max_pass_tokens == p.config.max_num_batched_tokens
     d.blocks.free("pad")
     assert d.stats().free_blocks == 96
 

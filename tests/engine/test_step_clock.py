@@ -59,11 +59,16 @@ def test_cuda_step_counts_device_time_once_done_not_launch_time(fake_cuda: type[
     assert clock.rate == pytest.approx(0.5 * 20_000 + 0.5 * 10_000)  # step 3 still running
     fake_cuda.now_ms = 1000.0
     assert clock.rate == pytest.approx(0.5 * 15_000 + 0.5 * 10_000)
+    # The mean step over the same steps, tokens and device seconds each (what lets the
+    # scheduler fit a pass's fixed and per-token cost): 8000/0.4 s, then 2000/0.2, 4000/0.4.
+    tokens, seconds = clock.step
+    assert tokens == pytest.approx(0.5 * (0.5 * 8000 + 0.5 * 2000) + 0.5 * 4000)
+    assert seconds == pytest.approx(0.5 * (0.5 * 0.4 + 0.5 * 0.2) + 0.5 * 0.4)
 
 
 def test_cpu_step_is_folded_at_once() -> None:
     clock = StepClock(torch.device("cpu"), alpha=0.2)
-    assert clock.rate == 0.0
+    assert clock.rate == 0.0 and clock.step == (0.0, 0.0)
     mark = clock.start()
     sum(range(10_000))
     clock.stop(mark, 1000)

@@ -35,6 +35,49 @@ def test_step_fit_recovers_a_line_and_needs_spread() -> None:
     assert fit.predict(64) == pytest.approx(0.074)
 
 
+def test_prefill_passes_of_several_sizes_tell_what_a_full_pass_runs_at() -> None:
+    # Hybrid nodes prefill between decode steps: passes of 1,000-3,000 tokens, each paying
+    # a fixed 15 ms, report 25-33k tok/s. A prefill node's full pass (16,384 tokens, the
+    # budget) runs at 16384 / (0.015 + 16384 / 40000) = 38.6k tok/s; no node ever ran one.
+    def passes(node_id: str, tokens: float):
+        seconds = 0.015 + tokens / 40_000.0
+        r = report(node_id, Role.HYBRID, rate=tokens / seconds)
+        return msgspec.structs.replace(r, prefill_pass_tokens=tokens, prefill_pass_s=seconds, max_pass_tokens=16_384)
+
+    _, reg = _registry(passes("h1", 1000.0), passes("h2", 1000.0))
+    tr = DemandTracker(window_s=10.0, min_placements=2)
+    tr.observe(reg.nodes())
+    assert tr.full_pass_rate("gpu") == 0.0  # passes of one size: the fixed cost is not known
+    assert tr.prefill_rates(reg.nodes())["h1"] == pytest.approx(1000 / 0.04)
+    for tokens in (1500.0, 2200.0, 3000.0):
+        reg.update(passes("h1", tokens))
+        reg.update(passes("h2", tokens * 0.9))
+        tr.observe(reg.nodes())
+    # The line is taken out to the budget only as far as 4 x the largest pass seen (12,000,
+    # fading a little a report).
+    full = 12_000 / (0.015 + 12_000 / 40_000.0)
+    assert tr.full_pass_rate("gpu") == pytest.approx(full, rel=1e-3)
+    assert tr.prefill_rates(reg.nodes()) == {"h1": pytest.approx(full, rel=1e-3), "h2": pytest.approx(full, rel=1e-3)}
+    assert tr.full_pass_rate("another gpu") == 0.0  # each device kind by its own passes
+    # Without a token budget in the reports (older nodes) nothing is extrapolated.
+    _, reg2 = _registry(msgspec.structs.replace(passes("h1", 1000.0), max_pass_tokens=0))
+    tr2 = DemandTracker(window_s=10.0, min_placements=2)
+    for tokens in (1000.0, 2000.0, 3000.0):
+        reg2.update(msgspec.structs.replace(passes("h1", tokens), max_pass_tokens=0))
+        tr2.observe(reg2.nodes())
+    assert tr2.full_pass_rate("gpu") == 0.0
+
+
+def test_step_fit_needs_a_relative_spread_when_asked() -> None:
+    fit = StepFit(decay=1.0, min_var=0.0, min_cv=0.1)
+    for x in (1000.0, 1010.0, 1020.0):
+        fit.add(x, 0.015 + x / 40_000)
+    assert fit.line() is None  # 1% spread: the slope would be noise
+    fit.add(1500.0, 0.015 + 1500 / 40_000)
+    a, b = fit.line()
+    assert (a, b) == (pytest.approx(0.015), pytest.approx(1 / 40_000))
+
+
 def test_demand_counts_each_request_once_in_node_equivalents() -> None:
     _, reg = _registry(report("p1", rate=10_000.0, step_s=0.0), report("d1", Role.DECODE, running=0, step_s=0.04))
     tr = DemandTracker(window_s=10.0, min_placements=2)

@@ -32,6 +32,29 @@ def test_flowkv_goodput_is_the_best_and_throughput_within_3_percent(scenario: st
         assert others["colocated"][0] < 0.5 * flow_g
 
 
+def test_an_all_hybrid_launch_splits_when_hybrid_nodes_break_tpot() -> None:
+    # Launched as `flowkv up --colocated 4` launches them: every node hybrid. On the 1k set
+    # each decode step waits for a prefill pass and TPOT breaks; the split serves the
+    # objectives. The hybrid nodes' own passes are small, so what a prefill node does comes
+    # from the line through their pass times (the split only keeps up at that rate).
+    config = replace(SimConfig(), launch="hybrid")
+    m, cl = run_one(4, "1k", "flowkv", seed=0, scale=0.3, config=config, slo=SLOS, lead_in_s=10.0, drain_s=20.0)
+    fixed, _ = _goodput("1k", "fixed:2:2")
+    colocated, _ = _goodput("1k", "colocated")
+    assert m.num_flips >= 2 and cl.role_timeline[0][1:] == (0, 0, 4)
+    assert m.goodput_rps >= 0.95 * fixed
+    assert colocated < 0.5 * m.goodput_rps
+
+
+def test_a_hybrid_launch_stays_hybrid_where_hybrid_wins() -> None:
+    config = replace(SimConfig(), launch="hybrid")
+    m, _ = run_one(4, "long", "flowkv", seed=0, scale=0.3, config=config, slo=SLOS, lead_in_s=10.0, drain_s=20.0)
+    colocated, _ = _goodput("long", "colocated")
+    assert m.num_flips == 0 and m.goodput_rps == colocated
+    with pytest.raises(ValueError, match="launch"):
+        run_one(4, "long", "flowkv", seed=0, scale=0.05, config=replace(SimConfig(), launch="prefill"), slo=SLOS)
+
+
 @pytest.mark.parametrize("strict", [False, True])
 def test_role_moves_lose_and_repeat_no_request(strict: bool) -> None:
     config = replace(SimConfig(), strict_drain=strict)
