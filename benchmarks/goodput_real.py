@@ -3,7 +3,8 @@
 For each policy, one ``flowkv up`` of ``--nodes`` nodes (colocated: ``--colocated N`` with
 the ``colocated`` policy; a fixed split ``P:D``: launched P prefill and D decode nodes;
 ``flowkv``: launched half prefill, half decode, with the objectives as the scheduler's
-``ttft_slo_s`` / ``tpot_slo_s``), one after another, each driven with the same requests
+``ttft_slo_s`` / ``tpot_slo_s``; ``flowkv@hybrid``: the same policy launched all hybrid,
+as ``flowkv up --colocated N`` launches it), one after another, each driven with the same requests
 (seeded prompt and output lengths, Poisson arrivals): an unmeasured lead-in, then the
 measured window, then a drain. Goodput is the number of requests per second of the window
 that completed within both objectives.
@@ -45,7 +46,13 @@ def shape_of(policy: str, nodes: int, device: str) -> Shape:
     if policy.startswith("fixed:"):
         p, d = (int(x) for x in policy.split(":")[1:])
         return Shape(p, d, 0, device, policy)
+    if policy == "flowkv@hybrid":
+        return Shape(colocated=nodes, device=device, policy="flowkv")
     return Shape(nodes // 2, nodes - nodes // 2, 0, device, policy)
+
+
+def is_flowkv(policy: str) -> bool:
+    return policy.split("@")[0] == "flowkv"
 
 
 def workload(args: argparse.Namespace) -> tuple[list[RequestSpec], list[float]]:
@@ -101,9 +108,9 @@ async def drive(cluster: Cluster, specs: list[RequestSpec], gaps: list[float], c
 def run_policy(policy: str, args: argparse.Namespace, specs: list[RequestSpec], gaps: list[float],
                log: Any) -> dict[str, Any]:
     env = {**SCHED_ENV, **dict(kv.split("=", 1) for kv in args.env)}
-    if policy == "flowkv":
+    if is_flowkv(policy):
         env |= {"FLOWKV_SCHEDULER_TTFT_SLO_S": str(args.ttft_slo), "FLOWKV_SCHEDULER_TPOT_SLO_S": str(args.tpot_slo)}
-    cluster = Cluster(policy.replace(":", "_"), shape_of(policy, args.nodes, args.device), args.model, args.dtype, env, log)
+    cluster = Cluster(policy.replace(":", "_").replace("@", "_"), shape_of(policy, args.nodes, args.device), args.model, args.dtype, env, log)
     t0 = time.monotonic()
     cluster.start()
     try:
@@ -135,18 +142,20 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(f"| {r['policy']} | {r['goodput_rps']:.2f} | {r['slo_attainment']:.0%} | {r['throughput_tok_s']:.1f} | "
                      f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f} | {r['tpot_p50'] * 1e3:.0f}/{r['tpot_p99'] * 1e3:.0f} | "
                      f"{r['num_completed']}/{r['num_requests']} |")
-    flow = next((r for r in rows if r["policy"] == "flowkv"), None)
-    others = [r for r in rows if r["policy"] != "flowkv"]
-    if flow and others:
+    flows = [r for r in rows if is_flowkv(r["policy"])]
+    others = [r for r in rows if not is_flowkv(r["policy"])]
+    for flow in flows if others else []:
         bg = max(others, key=lambda r: r["goodput_rps"])
         bt = max(others, key=lambda r: r["throughput_tok_s"])
         g = flow["goodput_rps"] / bg["goodput_rps"] if bg["goodput_rps"] else 1.0
         t = flow["throughput_tok_s"] / bt["throughput_tok_s"] if bt["throughput_tok_s"] else 1.0
-        lines += ["", f"flowkv goodput / best other ({bg['policy']}): {g:.3f}; tok/s / best ({bt['policy']}): {t:.3f}"]
-    if flow and flow.get("role_timeline"):
-        lines += ["", "flowkv's role flips (seconds from the first arrival; the window starts at "
-                  f"{meta['lead_in_s']:g} s):", ""]
-        lines += [f"- {t:+.1f} s: {node} {old} -> {new} ({why})" for t, node, old, new, why in flow["role_timeline"]]
+        lines += ["", f"{flow['policy']} goodput / best other ({bg['policy']}): {g:.3f}; "
+                  f"tok/s / best ({bt['policy']}): {t:.3f}"]
+    for flow in flows:
+        if flow.get("role_timeline"):
+            lines += ["", f"{flow['policy']}'s role flips (seconds from the first arrival; the window starts at "
+                      f"{meta['lead_in_s']:g} s):", ""]
+            lines += [f"- {t:+.1f} s: {node} {old} -> {new} ({why})" for t, node, old, new, why in flow["role_timeline"]]
     return "\n".join(lines) + "\n"
 
 

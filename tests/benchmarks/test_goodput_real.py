@@ -27,6 +27,9 @@ def test_each_policy_launches_its_shape() -> None:
     assert gr.shape_of("fixed:3:1", 4, "cuda").up_args()[:4] == ["--prefill-nodes", "3", "--decode-nodes", "1"]
     assert gr.shape_of("flowkv", 4, "cpu").up_args()[-2:] == ["--policy", "flowkv"]
     assert (gr.shape_of("flowkv", 4, "cpu").prefill, gr.shape_of("flowkv", 4, "cpu").decode) == (2, 2)
+    # The same policy launched all hybrid, as `flowkv up --colocated 4` with the default policy.
+    assert gr.shape_of("flowkv@hybrid", 4, "cpu").up_args() == ["--colocated", "4", "--device", "cpu", "--policy", "flowkv"]
+    assert gr.is_flowkv("flowkv@hybrid") and gr.is_flowkv("flowkv") and not gr.is_flowkv("colocated")
 
 
 def test_workload_is_seeded_and_within_the_window() -> None:
