@@ -9,7 +9,10 @@ split directly: over the last ``window_s`` of placements,
 
 Both capacities are what a busy node does, not what a half-idle one measures. A node's
 prefill rate is the best it reported while it had a backlog (full batches; a trickle of
-short prompts in small batches reports a fraction of it). A full decode batch is the
+short prompts in small batches reports a fraction of it), or what a line through its
+device kind's passes (seconds against prompt tokens: a fixed cost and a cost per token)
+gives for a full pass, whichever is higher: nodes that never had a backlog (hybrid nodes
+prefilling between decode steps) still tell what a prefill node does. A full decode batch is the
 batch cap or what the KV blocks hold of the recent requests, each counted for the steps
 it stays in the batch (its output tokens), whichever is smaller; its step time comes
 from a line fitted through the (batch, step) pairs the nodes of its device kind report

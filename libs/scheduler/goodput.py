@@ -18,7 +18,8 @@ per node):
                                                          and in a share f of them for the fixed
                                                          cost of a prefill pass, taken to be a
                                                          decode step's: f = prompts/s x TPOT, at most 1)
-  TTFT  = W + L / rate        on a prefill node, W the M/G/1 wait at utilisation u or the
+  TTFT  = W + L / rate        on a prefill node, W the M/G/c wait at utilisation u (the
+          P + H nodes as one queue: placement sends a prompt where it starts soonest) or the
           backlog the request's arrival met, whichever is longer, plus two decode steps
           on a hybrid node (the one running, the one in its iteration). The backlog is a
           fluid queue run through the window in one-second bins: the prompt tokens each
@@ -238,9 +239,7 @@ class Load:
             tpot_h = _tpot(rt, u_h, r) if shape.hybrid else 0.0
         else:
             tpot_h = _tpot_hybrid(rt, u, r, scale * self.requests_per_s / n_p) if shape.hybrid else 0.0
-        # Pollaczek-Khinchine: arrivals spread over the prefill-capable nodes.
-        lam = scale * self.requests_per_s / n_p
-        wait = lam * self.service_sq_s2 / (2 * (1 - u)) if u < 1 else math.inf
+        wait = _mgc_wait(n_p, u, self.service_mean_s, self.service_sq_s2)
         step_h = rt.step_a_s + rt.step_b_s * r * tpot_h if shape.hybrid and math.isfinite(tpot_h) else math.inf
         within = 0.0
         f_tpot = {(ttft_slo, tpot_slo): (shape.decode * _share_tpot(tpot_d, tpot_slo)
@@ -301,6 +300,30 @@ class Load:
             best = min(near, key=lambda f: (-round(f.goodput, 3), f.shape.distance(current), -f.shape.hybrid))
         now = self.forecast(current) if current.num_nodes == num_nodes and valid(current) else best
         return best, now
+
+
+def _mgc_wait(c: int, u: float, mean_s: float, sq_s2: float) -> float:
+    """Mean wait of an M/G/c queue: ``c`` nodes each busy ``u`` of the time, services of
+    mean ``mean_s`` and second moment ``sq_s2`` (inf at ``u >= 1``).
+
+    Placement sends each prompt to the node that will start it soonest (the least queued
+    work), so the prefill-capable nodes serve the cluster's prompts as one queue does c
+    servers, not as c queues each fed a c-th of the arrivals: a prompt waits only when every
+    node is busy. The Erlang C probability of that times the M/M/c wait, scaled for the
+    services' spread ((1 + Cs^2) / 2, the Lee-Longton approximation); for c = 1 it is the
+    Pollaczek-Khinchine wait.
+    """
+    if u >= 1:
+        return math.inf
+    if u <= 0 or mean_s <= 0:
+        return 0.0
+    a = c * u  # offered load in nodes
+    # Erlang B by its recursion, then C.
+    b = 1.0
+    for k in range(1, c + 1):
+        b = a * b / (k + a * b)
+    erlang_c = b / (1 - u * (1 - b))
+    return erlang_c * sq_s2 / (2 * mean_s * c * (1 - u))
 
 
 def _tpot(rt: Rates, u: float, r: float, fixed_s: float | None = None) -> float:

@@ -25,6 +25,9 @@ from libs.scheduler.goodput import Forecast, Load, Objectives, Shape, measured_r
 from libs.scheduler.node_registry import NodeEntry, NodeRegistry
 
 
+_SAME = 1e-3  # predicted goodputs this close are the same (the forecasts' rounding)
+
+
 @dataclass(frozen=True)
 class RoleConfig:
     """Thresholds of the role controller.
@@ -377,7 +380,11 @@ class RoleController:
             # a gain that is gone at the low end is within the estimate's error.
             low = max(0.0, 1.0 - err)
             gains = load.forecast(best.shape, low).goodput > load.forecast(current, low).goodput + margin
-        lighter = ((overload or best.goodput >= now.goodput - margin) and now.load > c.demand_busy
+        # Lighter at no predicted loss: room for bursts is worth a move only where it costs
+        # nothing the forecast can see. (Within the window's error a lighter shape would
+        # win every lull: a quiet window makes every shape look fine, and the load that
+        # comes back finds the shape the lull chose.)
+        lighter = ((overload or best.goodput >= now.goodput - _SAME) and now.load > c.demand_busy
                    and best.load < now.load * (1.0 - c.demand_margin))
         # A move under way is finished while its target is still the plan and no worse than
         # the shape reached: stopping one flip short leaves a shape between the two, which
