@@ -77,6 +77,12 @@ def measure(records: list[Any], starts: list[float], args: argparse.Namespace) -
     window = [(r, s) for r, s in zip(records, starts) if args.lead_in_s <= s < args.lead_in_s + args.duration_s]
     done = [r for r, _ in window if r.ok]
     good = [r for r in done if r.ttft <= args.ttft_slo and (r.tpot is None or r.tpot <= args.tpot_slo)]
+    kept = {id(r) for r in good}
+    # Each request of the window that missed: when it arrived (seconds from the first
+    # arrival), its TTFT and TPOT (None: failed, or a single token), to set against the
+    # role flips.
+    missed = [[round(s, 1), round(r.ttft, 2) if r.ok else None, round(r.tpot, 3) if r.ok and r.tpot is not None else None]
+              for r, s in window if id(r) not in kept]
     ttft = sorted(r.ttft for r in done)
     tpot = sorted(r.tpot for r in done if r.tpot is not None)
 
@@ -86,7 +92,8 @@ def measure(records: list[Any], starts: list[float], args: argparse.Namespace) -
     return {"num_requests": len(window), "num_completed": len(done), "goodput_rps": len(good) / args.duration_s,
             "slo_attainment": len(good) / len(window) if window else 0.0,
             "throughput_tok_s": sum(r.output_tokens for r in done) / args.duration_s,
-            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99)}
+            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99),
+            "missed": missed}
 
 
 async def drive(cluster: Cluster, specs: list[RequestSpec], gaps: list[float], client: ClientOptions,

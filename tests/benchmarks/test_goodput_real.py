@@ -53,3 +53,4 @@ def test_goodput_counts_the_window_within_both_objectives() -> None:
     assert row["num_requests"] == 4 and row["num_completed"] == 3
     assert row["goodput_rps"] == 0.1 and row["slo_attainment"] == 0.25
     assert row["throughput_tok_s"] == 1.5
+    assert row["missed"] == [[7.0, 1.5, 0.025], [8.0, 0.2, 0.2], [9.0, None, None]]
