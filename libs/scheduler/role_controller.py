@@ -386,6 +386,15 @@ class RoleController:
         # comes back finds the shape the lull chose.)
         lighter = ((overload or best.goodput >= now.goodput - _SAME) and now.load > c.demand_busy
                    and best.load < now.load * (1.0 - c.demand_margin))
+        if (lighter and not overload and best.shape.hybrid > current.hybrid
+                and load.rates.hybrid_prefill_tokens_per_s <= 0
+                and 2 * best.tpot_hybrid_s > min(tpot for _, tpot in load.groups)):
+            # More hybrid nodes for room alone, while none runs: what their prompts cost
+            # their decode steps is then the model's guess, not a measurement. A move that
+            # gains nothing is worth that bet only with the guess at half the TPOT objective
+            # (on CPU processes sharing cores, the guess kept every request where the hybrid
+            # nodes measured none, and the cluster turned back within 3 s).
+            lighter = False
         # A move under way is finished while its target is still the plan and no worse than
         # the shape reached: stopping one flip short leaves a shape between the two, which
         # no forecast chose.
