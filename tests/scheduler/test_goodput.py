@@ -10,7 +10,7 @@ from libs.protocol.messages import Placement, PlaceRequest, Role
 from libs.scheduler.clock import ManualClock
 from libs.scheduler.cost_model import CostModel
 from libs.scheduler.demand import Placed
-from libs.scheduler.goodput import Load, Objectives, Rates, Shape, next_move, path, shapes
+from libs.scheduler.goodput import Load, Objectives, Rates, Shape, next_move, path, shape_of, shapes
 from libs.scheduler.node_registry import NodeRegistry
 from libs.scheduler.placement_policies import make_policy
 from libs.scheduler.role_controller import RoleConfig, RoleController
@@ -264,8 +264,7 @@ def test_a_lighter_shape_is_taken_only_at_no_predicted_loss(tpot_slo_s: float, h
     for i in range(30):  # 9k prompt tokens/s, steady
         ctl.demand.record(now - 10.0 + (i + 0.5) / 3, f"r{i}", 3000, 20, 377)
     load, _ = ctl.goodput_load(reg.nodes())
-    current_shape = Shape(2, 1, 1) if hybrid_runs else Shape(3, 0, 1)
-    best, current = load.best(4, current_shape)
+    best, current = load.best(4, shape_of([r.role for r in nodes]))
     assert best.shape == Shape(0, 4, 0) and best.load < current.load * 0.8
     assert best.goodput > current.goodput - 0.5 / math.sqrt(30)
     assert best.goodput > current.goodput - 1e-3 or not moves
