@@ -58,7 +58,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from libs.protocol.messages import Role
@@ -156,6 +156,15 @@ def measured_rates(tracker: DemandTracker, nodes: list[NodeEntry], cost: CostMod
                  sum(hybrid) / len(hybrid) if hybrid else 0.0)
 
 
+def decode_step_now_s(nodes: Sequence[NodeEntry]) -> float:
+    """The decode step the decode nodes report now, the mean over their running sequences
+    (0: none is decoding)."""
+    running = [(n.report.num_running, n.report.decode_step_s) for n in nodes
+               if n.role == Role.DECODE and n.report.num_running > 0 and n.report.decode_step_s > 0]
+    total = sum(k for k, _ in running)
+    return sum(k * step for k, step in running) / total if total else 0.0
+
+
 class Load:
     """The window's requests grouped by their objectives, ready to be weighed against
     shapes (each group keeps its prefill times sorted, so a TTFT objective is one bisect).
@@ -225,7 +234,7 @@ class Load:
         that only just keeps up with the window is not preferred to one with room)."""
         rt = self.rates
         if scale is None:
-            scale = 1.0 + self.confidence / math.sqrt(max(self.effective_requests, 1.0))
+            scale = self._scale()
         n_p, n_d = shape.prefill + shape.hybrid, shape.decode + shape.hybrid
         u = scale * self.prompt_tokens_per_s / (rt.prefill_tokens_per_s * n_p)
         r = scale * self.output_tokens_per_s / n_d
@@ -276,6 +285,24 @@ class Load:
                     within += f_ttft(key[0], self.groups[key], w) * f_tpot[key] * num
         goodput = within / self.num_requests if self.num_requests else 0.0
         return Forecast(shape, goodput * min(1.0, 1.0 / load) if load > 0 else goodput, load, tpot_d, tpot_h, wait)
+
+    def _scale(self) -> float:
+        """The load the forecasts weigh: the window's, one sampling error (``confidence`` of
+        them) higher."""
+        return 1.0 + self.confidence / math.sqrt(max(self.effective_requests, 1.0))
+
+    def tpot_hybrid_at_step(self, shape: Shape, step_s: float) -> float:
+        """A hybrid node's TPOT in ``shape`` (as :meth:`forecast` predicts it before any
+        hybrid node has measured its prompts' cost) with every decode step ``step_s`` long,
+        however small its batch: the guess a step measured now gives, where the fitted line
+        would credit a hybrid node's smaller batch with shorter steps."""
+        if not shape.hybrid:
+            return 0.0
+        scale = self._scale()
+        n_p, n_d = shape.prefill + shape.hybrid, shape.decode + shape.hybrid
+        rt = replace(self.rates, step_a_s=step_s, step_b_s=0.0)
+        u = scale * self.prompt_tokens_per_s / (rt.prefill_tokens_per_s * n_p)
+        return _tpot_hybrid(rt, u, scale * self.output_tokens_per_s / n_d, scale * self.requests_per_s / n_p)
 
     def best(self, num_nodes: int, current: Shape, tolerance: float = 0.01) -> tuple[Forecast, Forecast]:
         """(the best shape's forecast, the current shape's) for ``num_nodes`` nodes."""

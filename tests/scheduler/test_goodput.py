@@ -274,3 +274,31 @@ def test_a_lighter_shape_is_taken_only_at_no_predicted_loss(tpot_slo_s: float, h
         assert 0.025 < best.tpot_hybrid_s < 0.03
     change, _ = ctl.step()
     assert (change is not None and change.new_role == Role.HYBRID) == moves
+
+
+@pytest.mark.parametrize(("step_s", "moves"), [(0.02, True), (0.04, False)])
+def test_the_hybrid_guess_is_no_lower_than_the_decode_nodes_step_now(step_s: float, moves: bool) -> None:
+    # Node processes sharing a device: a decode node's step lengthens with the other
+    # processes' prompts more than with its own batch, and the line through the (batch,
+    # step) pairs the nodes reported (6 ms at 1 sequence, 40 ms at 8) puts nearly all of the
+    # step on the batch. A hybrid node's small batch then looks nearly free: all hybrid,
+    # lighter than 3P/1D and as good, is guessed at a few ms a token. The decode node runs
+    # a 20 ms or a 40 ms step now; taken at that step whatever its batch, a hybrid node
+    # would run 34 ms or 71 ms a token beside its prompts (u = 0.4): within half the 80 ms
+    # objective at 20 ms, past it at 40 ms, where the split stays.
+    nodes = [report(f"p{i}", Role.PREFILL) for i in range(3)] + [report("d0", Role.DECODE, running=4, step_s=step_s)]
+    clock, reg = _registry(*nodes)
+    ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=0.08)
+    for _ in range(20):
+        ctl.demand.fit.add(1, 0.006)
+        ctl.demand.fit.add(8, 0.04)
+    now = clock.now()
+    for i in range(30):  # 13.5k prompt tokens/s, steady
+        ctl.demand.record(now - 10.0 + (i + 0.5) / 3, f"r{i}", 4500, 20, 377)
+    load, _ = ctl.goodput_load(reg.nodes())
+    best, current = load.best(4, Shape(3, 0, 1))
+    assert best.shape == Shape(0, 4, 0) and best.load < current.load * 0.95 and current.load > 0.5
+    assert best.goodput > current.goodput - 1e-3 and best.tpot_hybrid_s < 0.005
+    assert load.tpot_hybrid_at_step(best.shape, step_s) == pytest.approx(0.034 if step_s == 0.02 else 0.071, rel=0.02)
+    change, _ = ctl.step()
+    assert (change is not None and change.new_role == Role.HYBRID) == moves
