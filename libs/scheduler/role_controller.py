@@ -146,6 +146,14 @@ def pressure(nodes: list[NodeEntry], cost: CostModel) -> Pressure:
     return Pressure(backlog, occupancy, held / slots if slots else 0.0, len(ps), len(ds))
 
 
+def _tpots(f: Forecast) -> str:
+    """The TPOTs a forecast predicts, for a flip's reason: " (TPOT decode 12 ms, hybrid 30 ms)"."""
+    parts = [f"{kind} {1e3 * t:.0f} ms" if math.isfinite(t) else f"{kind} saturated"
+             for kind, t, n in (("decode", f.tpot_decode_s, f.shape.decode), ("hybrid", f.tpot_hybrid_s, f.shape.hybrid))
+             if n]
+    return f" (TPOT {', '.join(parts)})" if parts else ""
+
+
 class RoleController:
     """Decides role flips, one at a time.
 
@@ -176,6 +184,7 @@ class RoleController:
         self.num_flips = 0
         self._last: tuple[Role, float] | None = None  # direction (the role gained) and time of the last flip
         self.last_plan: Forecast | None = None  # the goodput planner's latest best shape
+        self.last_current: Forecast | None = None  # ... and its forecast of the shape it found
         self._heading: Shape | None = None  # the shape the goodput planner's last flip moved toward
         self._moved: set[str] = set()  # nodes this controller has flipped
         self._sides: dict[str, tuple[bool, bool]] = {}  # model -> (has had a prefill node, a decode node)
@@ -361,12 +370,13 @@ class RoleController:
         ``demand_margin`` while the current one is above ``demand_busy``."""
         view = self.goodput_load(nodes)
         if view is None:
+            self.last_plan = self.last_current = None  # nothing to plan from: no forecast stands
             return False, None
         load, demand = view
         c = self.config
         current = shape_of([n.role for n in nodes])
         best, now = load.best(len(nodes), current)
-        self.last_plan = best
+        self.last_plan, self.last_current = best, now
         # A share estimated from N requests is uncertain by up to 0.5 / sqrt(N) (its
         # standard error at one half): a gain within that is the window's noise.
         margin = max(c.goodput_margin, c.demand_confidence * 0.5 / math.sqrt(max(load.effective_requests, 1.0)))
@@ -440,7 +450,7 @@ class RoleController:
             # A move on its way to the shape it set out for goes on.
             return True, None
         why = (f"goodput: {current} predicted {now.goodput:.2f} within objectives at load {now.load:.2f}, "
-               f"{best.shape} {best.goodput:.2f} at {best.load:.2f}")
+               f"{best.shape} {best.goodput:.2f} at {best.load:.2f}{_tpots(best)}")
         for src, dst in sorted(next_move(current, best.shape), key=lambda m: rank(moved(current, *m))):
             movers = [n for n in free if n.role == src]
             if not movers:

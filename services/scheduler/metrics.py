@@ -8,6 +8,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from libs.protocol.messages import EventKind, NodeState, Role, SchedEvent
 from libs.scheduler.node_registry import NodeRegistry
+from libs.scheduler.role_controller import RoleController
 
 PLACEMENTS = Counter(
     "flowkv_scheduler_placements_total",
@@ -38,6 +39,38 @@ WAIT_SECONDS = Histogram(
     ["outcome"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+
+PLAN_GOODPUT = Gauge(
+    "flowkv_scheduler_plan_goodput",
+    "The goodput planner's latest forecast: the share of the window's requests predicted within their objectives, "
+    "for the cluster's shape (current) and the best shape (best); absent until the leader has planned",
+    ["shape"],
+)
+PLAN_LOAD = Gauge("flowkv_scheduler_plan_load",
+                  "The busiest node's predicted utilisation in the current and the best shape (past 1: it cannot keep up)",
+                  ["shape"])
+PLAN_TPOT = Gauge("flowkv_scheduler_plan_tpot_seconds",
+                  "Predicted mean time per output token on the decode and hybrid nodes of the current and the best shape "
+                  "(+Inf: saturated; absent: no node of that role)", ["shape", "role"])
+PLAN_NODES = Gauge("flowkv_scheduler_plan_nodes", "Nodes in each role in the current and the best shape", ["shape", "role"])
+_PLAN_GAUGES = (PLAN_GOODPUT, PLAN_LOAD, PLAN_TPOT, PLAN_NODES)
+
+
+def refresh_plan(roles: RoleController | None) -> None:
+    """Set the ``flowkv_scheduler_plan_*`` gauges from the goodput planner's latest forecasts
+    (cleared where there is none: a follower, another planner, too few placements yet)."""
+    for gauge in _PLAN_GAUGES:
+        gauge.clear()
+    if roles is None or roles.last_plan is None or roles.last_current is None:
+        return
+    for name, f in (("current", roles.last_current), ("best", roles.last_plan)):
+        PLAN_GOODPUT.labels(name).set(f.goodput)
+        PLAN_LOAD.labels(name).set(f.load)
+        for role, tpot in ((Role.DECODE, f.tpot_decode_s), (Role.HYBRID, f.tpot_hybrid_s)):
+            if f.shape.count(role):
+                PLAN_TPOT.labels(name, role.value).set(tpot)
+        for role in (Role.PREFILL, Role.HYBRID, Role.DECODE):
+            PLAN_NODES.labels(name, role.value).set(f.shape.count(role))
 
 
 def observe_events(events: list[SchedEvent]) -> None:

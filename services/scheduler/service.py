@@ -221,6 +221,7 @@ class SchedulerService:
         """Refresh the gauges read from live state (called before each ``/metrics`` scrape)."""
         metrics.refresh_nodes(self.registry)
         metrics.WAITING.set(len(self.queue))
+        metrics.refresh_plan(self.policy.roles if self.is_leader else None)
 
     async def _publish(self, events: list[SchedEvent]) -> None:
         """Keep and log ``events``; the leader also publishes them (a follower's registry

@@ -97,6 +97,37 @@ def test_prompt_heavy_load_with_tpot_slack_goes_all_hybrid() -> None:
     # hybrid gives the prompts a third node (2P/1H/1D), a prefill node would not (1P/1H/2D).
     assert change is not None and change.new_role == Role.HYBRID and change.old_role == Role.DECODE
     assert "goodput: 2P/0H/2D" in events[0].detail and "0P/4H/0D" in events[0].detail
+    tpot = ctl.last_plan.tpot_hybrid_s
+    assert events[0].detail.endswith(f"(TPOT hybrid {1e3 * tpot:.0f} ms)") and 0 < tpot < 0.2
+
+
+def test_the_plan_is_on_the_schedulers_metrics() -> None:
+    from prometheus_client import REGISTRY
+
+    from services.scheduler import metrics
+
+    def value(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(name, labels)
+
+    clock, reg = _registry(report("p1"), report("p2"), report("d1", Role.DECODE, running=1), report("d2", Role.DECODE))
+    ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=0.2)
+    metrics.refresh_plan(ctl)  # nothing planned yet: no plan gauge
+    assert value("flowkv_scheduler_plan_goodput", shape="best") is None
+    _prompt_heavy(ctl, clock.now())
+    ctl.step()
+    metrics.refresh_plan(ctl)
+    best, now = ctl.last_plan, ctl.last_current
+    assert best is not None and now is not None and now.shape == Shape(2, 0, 2)
+    assert value("flowkv_scheduler_plan_goodput", shape="best") == best.goodput
+    assert value("flowkv_scheduler_plan_goodput", shape="current") == now.goodput
+    assert value("flowkv_scheduler_plan_load", shape="current") == now.load > best.load
+    assert value("flowkv_scheduler_plan_nodes", shape="best", role="hybrid") == 4
+    assert value("flowkv_scheduler_plan_nodes", shape="current", role="prefill") == 2
+    assert value("flowkv_scheduler_plan_tpot_seconds", shape="best", role="hybrid") == best.tpot_hybrid_s
+    assert value("flowkv_scheduler_plan_tpot_seconds", shape="best", role="decode") is None  # no decode node
+    assert value("flowkv_scheduler_plan_tpot_seconds", shape="current", role="decode") == now.tpot_decode_s
+    metrics.refresh_plan(None)  # a follower: no plan of its own
+    assert value("flowkv_scheduler_plan_goodput", shape="best") is None
 
 
 def test_decode_interference_breaking_tpot_splits_a_hybrid_cluster() -> None:
