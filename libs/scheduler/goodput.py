@@ -247,7 +247,7 @@ class Load:
             u_h = scale * self.prompt_tokens_per_s / (rt.hybrid_prefill_tokens_per_s * n_p)
             tpot_h = _tpot(rt, u_h, r) if shape.hybrid else 0.0
         else:
-            tpot_h = _tpot_hybrid(rt, u, r, scale * self.requests_per_s / n_p) if shape.hybrid else 0.0
+            tpot_h = self._guess_tpot_hybrid(rt, shape, scale) if shape.hybrid else 0.0
         wait = _mgc_wait(n_p, u, self.service_mean_s, self.service_sq_s2)
         step_h = rt.step_a_s + rt.step_b_s * r * tpot_h if shape.hybrid and math.isfinite(tpot_h) else math.inf
         within = 0.0
@@ -298,9 +298,12 @@ class Load:
         would credit a hybrid node's smaller batch with shorter steps."""
         if not shape.hybrid:
             return 0.0
-        scale = self._scale()
+        return self._guess_tpot_hybrid(replace(self.rates, step_a_s=step_s, step_b_s=0.0), shape, self._scale())
+
+    def _guess_tpot_hybrid(self, rt: Rates, shape: Shape, scale: float) -> float:
+        """A hybrid node's TPOT in ``shape`` from the rates ``rt`` and the prefill rate of
+        prefill nodes (:func:`_tpot_hybrid`), the load taken ``scale`` times the window's."""
         n_p, n_d = shape.prefill + shape.hybrid, shape.decode + shape.hybrid
-        rt = replace(self.rates, step_a_s=step_s, step_b_s=0.0)
         u = scale * self.prompt_tokens_per_s / (rt.prefill_tokens_per_s * n_p)
         return _tpot_hybrid(rt, u, scale * self.output_tokens_per_s / n_d, scale * self.requests_per_s / n_p)
 
