@@ -213,7 +213,8 @@ class FlowKV(Policy):
     hybrid node with room for the request that many times over); with none, the node with
     room serves the request alone: a hybrid node's room may be gone by the time the prefill
     ends and asks for it (it keeps placing its own requests meanwhile), and a refused
-    hand-off computes the prompt again."""
+    hand-off computes the prompt again. A prefill node still decoding what it took in an
+    earlier role carries that decode load too (its prompts would stall those steps)."""
 
     name = "flowkv"
 
@@ -234,8 +235,13 @@ class FlowKV(Policy):
                     and d.free_blocks() >= room * decode_blocks_needed(req, d)]
             else:
                 cands = top if not (p.node_id in d_loads and p not in top) else [*top, p]
+            # A prefill node still finishing the sequences it decoded in its former role
+            # (hybrid or decode) runs each prompt between their steps, as a hybrid node does:
+            # its decode load counts against it, or the prompts of the nodes still hybrid
+            # flow to it and stretch those sequences' steps past their TPOT objective.
+            draining = p.num_decode_seqs() * cost.decode_step_s(p) if p.role == Role.PREFILL else 0.0
             for d in cands:
-                score = estimate(cost, req, p, d).ttft_s + d_loads[d.node_id]
+                score = estimate(cost, req, p, d).ttft_s + d_loads[d.node_id] + draining
                 key = (score, p.node_id, d.node_id)
                 if best is None or key < best:
                     best, pair = key, (p, d)

@@ -96,6 +96,19 @@ def test_hybrid_node_colocates() -> None:
     assert out.predicted_ttft_s == pytest.approx(0.16)  # no hand-off
 
 
+def test_a_prefill_node_still_decoding_takes_prompts_only_when_it_starts_them_much_sooner() -> None:
+    # p1 was hybrid and still decodes 30 sequences (20 ms steps by default): a prompt there
+    # runs between their steps. p2 has 2,000 tokens queued (0.2 s): p2 is chosen. Against a
+    # backlog longer than those sequences' steps (30 x 20 ms: 0.6 s), p1 is.
+    pol = _cluster(report("p1", running=30), report("p2", waiting_tokens=2_000), report("d1", Role.DECODE))
+    assert pol.place(_req()).prefill_node == "p2"
+    pol = _cluster(report("p1", running=30), report("p2", waiting_tokens=8_000), report("d1", Role.DECODE))
+    assert pol.place(_req()).prefill_node == "p1"
+    # Done decoding, it is an idle prefill node like any other.
+    pol = _cluster(report("p1"), report("p2", waiting_tokens=2_000), report("d1", Role.DECODE))
+    assert pol.place(_req()).prefill_node == "p1"
+
+
 def test_full_hybrid_node_hands_off_to_a_decode_node_or_a_roomy_hybrid_node() -> None:
     # 1600 + 160 tokens need 110 blocks. h1 is idle but full; h2 has room and a backlog. By
     # default h2 serves the request alone, whatever its room: h1 must not prefill it and hand
