@@ -157,8 +157,10 @@ def test_plan_moves_a_derived_metrics_port_that_is_taken():
     # replaced by a free one (a node that cannot bind its /metrics port dies at start).
     import socket
 
+    from services.common.natsserver import listen_port
+
     with socket.socket() as held:
-        held.bind(("0.0.0.0", 0))
+        held.bind(("0.0.0.0", listen_port("0.0.0.0")))  # below the ephemeral range
         taken = held.getsockname()[1]
         cfg = up.UpConfig(model="tiny", port=taken - 2, prefill_nodes=1, decode_nodes=1, nats_url="nats://b:4222")
         plan = plan_cluster(cfg, base_env={})
@@ -170,6 +172,23 @@ def test_plan_moves_a_derived_metrics_port_that_is_taken():
                           nats_url="nats://b:4222")
         argv = plan_cluster(cfg, base_env={}).child("prefill-0").argv
         assert argv[argv.index("--metrics-port") + 1] == str(taken)
+
+
+def test_plan_moves_derived_metrics_ports_out_of_the_ephemeral_range():
+    # A gateway port in the ephemeral range (a harness's free port) would put the nodes'
+    # /metrics ports there too, where an outgoing connection can take one in the seconds
+    # before its node binds it: they are taken below that range instead.
+    from services.common.natsserver import ephemeral_low
+
+    low = ephemeral_low()
+    cfg = up.UpConfig(model="tiny", port=low + 100, prefill_nodes=2, decode_nodes=2, nats_url="nats://b:4222")
+    plan = plan_cluster(cfg, base_env={})
+    ports = [int(c.argv[c.argv.index("--metrics-port") + 1]) for c in plan.children if "--metrics-port" in c.argv]
+    assert len(ports) == 5 and len(set(ports)) == 5 and all(p < low for p in ports)
+    # Below the range, the derived ports stay as they are.
+    plan = plan_cluster(up.UpConfig(model="tiny", port=8000, prefill_nodes=1, decode_nodes=1, nats_url="nats://b:4222"),
+                        base_env={})
+    assert plan.child("decode-0").argv[plan.child("decode-0").argv.index("--metrics-port") + 1] == "8003"
 
 
 def test_plan_scheduler_replicas_on_a_nats_cluster_with_metrics_on_the_gateway_host():

@@ -33,7 +33,7 @@ from libs.protocol.messages import EventKind, KVAllocRequest, KVDone, LoadReport
 from libs.protocol.subjects import PREFIX, node_load, sched_events
 from services.cli.up import is_ready
 from services.common.messaging import ask_cluster
-from services.common.natsserver import free_port
+from services.common.natsserver import listen_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stack_report import Handoff, NodeSample  # noqa: E402
@@ -81,8 +81,8 @@ class Cluster:
     dtype: str
     env: dict[str, str]
     log: IO[str]
-    port: int = field(default_factory=free_port)
-    nats_port: int = field(default_factory=free_port)
+    port: int = field(default_factory=listen_port)
+    nats_port: int = field(default_factory=listen_port)
     proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.cli.supervisor import child_env
-from services.common.natsserver import find_binary, free_port, port_is_free, server_conf, wait_for_port
+from services.common.natsserver import (ephemeral_low, find_binary, free_port, listen_port, port_is_free, server_conf,
+                                        wait_for_port)
 
 if TYPE_CHECKING:
     from services.cli.up import UpConfig
@@ -152,10 +153,12 @@ def plan_cluster(cfg: UpConfig, base_env: dict[str, str] | None = None) -> Clust
 
     def metrics_args(name: str) -> list[str]:
         port = next(metrics_port)
-        if not cfg.metrics_port and not port_is_free(port, "0.0.0.0"):
+        if not cfg.metrics_port and (port >= ephemeral_low() or not port_is_free(port, "0.0.0.0")):
             # Derived from the gateway's port, not asked for: another process may hold it
-            # (a node that cannot bind its /metrics port, on 0.0.0.0, dies at start). Take a free one.
-            port = free_port("0.0.0.0")
+            # (a node that cannot bind its /metrics port, on 0.0.0.0, dies at start), or, in
+            # the ephemeral range, an outgoing connection may take it before the node, seconds
+            # later, binds it. Take a free one below that range.
+            port = listen_port("0.0.0.0")
         metrics_urls[name] = f"http://{cfg.local_host}:{port}/metrics"
         return ["--metrics-port", str(port), "--metrics-host", cfg.host]
 

@@ -52,7 +52,7 @@ class UpConfig:
     decode_nodes: int = field(default=1, metadata={"help": "decode nodes to run"})
     colocated: int = field(default=0, metadata={"help": "run K hybrid nodes instead of prefill/decode (with --policy colocated: the colocated baseline; with flowkv: the roles it starts from)"})
     schedulers: int = field(default=1, metadata={"help": "scheduler replicas (one leads, elected through the broker; the others take over within about 2 s)"})
-    metrics_port: int = field(default=0, metadata={"help": "first /metrics port: the schedulers', then one per node in order (0: gateway port + 1, a taken one replaced by a free one); they bind the gateway's host"})
+    metrics_port: int = field(default=0, metadata={"help": "first /metrics port: the schedulers', then one per node in order (0: gateway port + 1, one taken or in the kernel's ephemeral range replaced by a free one below that range); they bind the gateway's host"})
     nats_url: str = field(default="", metadata={"help": "use this NATS server instead of starting one"})
     nats_token: str = field(default="", metadata={"help": "NATS auth token (the embedded server requires it)", "secret": True})
     nats_port: int = field(default=0, metadata={"help": "port of the embedded NATS server, the first of the cluster's (0: free ports)"})

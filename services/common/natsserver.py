@@ -46,14 +46,20 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range, from which outgoing connections take
+    their local ports (32768 where the kernel does not say)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def listen_port(host: str = "127.0.0.1") -> int:
     """A free port below the kernel's ephemeral range, for a listener bound some time after
     it is picked: no outgoing connection (the servers' route dials, say) can take it
     meanwhile, as it may take a port from :func:`free_port`."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
+    low = ephemeral_low()
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(10000, max(low, 10001))
