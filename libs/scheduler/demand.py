@@ -103,6 +103,10 @@ class StepFit:
         self.w, self.sx, self.sy = self.w * k + 1, self.sx * k + batch, self.sy * k + step_s
         self.sxx, self.sxy = self.sxx * k + batch * batch, self.sxy * k + batch * step_s
 
+    def mean_step(self) -> float:
+        """The mean of the steps seen, older ones fading as in the line (0: none seen)."""
+        return self.sy / self.w if self.w > 0 else 0.0
+
     def _moments(self) -> tuple[float, float, float] | None:
         """(mean batch, mean step, slope at least 0), or None while the batches seen do
         not spread enough to tell the slope."""

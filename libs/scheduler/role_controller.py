@@ -408,7 +408,11 @@ class RoleController:
             # than with their own batch, and the fitted line credits a hybrid node's smaller
             # batch with steps shorter than any node runs (on one GPU shared by three
             # processes: guessed at most 15 ms, measured 24 ms on the hybrid nodes).
-            guess = max(best.tpot_hybrid_s, load.tpot_hybrid_at_step(best.shape, decode_step_now_s(nodes)))
+            # Nor shorter than the mean of the steps reported lately: one report, made between
+            # the other processes' prompts, can be short (with the step now alone, the shared
+            # GPU still took the move at a 30 ms objective: guessed 14 ms, measured 24 ms).
+            step = max(decode_step_now_s(nodes), self.demand.fit.mean_step() if self.demand else 0.0)
+            guess = max(best.tpot_hybrid_s, load.tpot_hybrid_at_step(best.shape, step))
             lighter = 2 * guess <= min(tpot for _, tpot in load.groups)
         # A move under way is finished while its target is still the plan and no worse than
         # the shape reached: stopping one flip short leaves a shape between the two, which
