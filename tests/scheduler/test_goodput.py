@@ -10,7 +10,7 @@ from libs.protocol.messages import Placement, PlaceRequest, Role
 from libs.scheduler.clock import ManualClock
 from libs.scheduler.cost_model import CostModel
 from libs.scheduler.demand import Placed
-from libs.scheduler.goodput import Load, Objectives, Rates, Shape, next_move, path, shape_of, shapes
+from libs.scheduler.goodput import Forecast, Load, Objectives, Rates, Shape, next_move, path, shape_of, shapes
 from libs.scheduler.node_registry import NodeRegistry
 from libs.scheduler.placement_policies import make_policy
 from libs.scheduler.role_controller import RoleConfig, RoleController
@@ -307,6 +307,28 @@ def test_a_lighter_shape_is_taken_only_at_no_predicted_loss(tpot_slo_s: float, h
     assert (change is not None and change.new_role == Role.HYBRID) == moves
 
 
+def _lighter_all_hybrid(step_now_s: float, steps_seen: list[tuple[int, float]],
+                        tpot_slo_s: float) -> tuple[RoleController, Load, Forecast]:
+    """3P/1D at 13.5k prompt tokens/s, steady, with the decode node reporting
+    ``step_now_s`` and the step fit having seen ``steps_seen`` (batch, step) 20 times each:
+    (the controller, the window's load, the best shape's forecast), all hybrid being as good
+    and lighter, so that only the room-alone rule can move it."""
+    nodes = [report(f"p{i}", Role.PREFILL) for i in range(3)] + [report("d0", Role.DECODE, running=4, step_s=step_now_s)]
+    clock, reg = _registry(*nodes)
+    ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=tpot_slo_s)
+    for _ in range(20):
+        for batch, step in steps_seen:
+            ctl.demand.fit.add(batch, step)
+    now = clock.now()
+    for i in range(30):
+        ctl.demand.record(now - 10.0 + (i + 0.5) / 3, f"r{i}", 4500, 20, 377)
+    load, _ = ctl.goodput_load(reg.nodes())
+    best, current = load.best(4, Shape(3, 0, 1))
+    assert best.shape == Shape(0, 4, 0) and best.load < current.load * 0.95 and current.load > 0.5
+    assert best.goodput > current.goodput - 1e-3
+    return ctl, load, best
+
+
 @pytest.mark.parametrize(("step_s", "moves"), [(0.02, True), (0.04, False)])
 def test_the_hybrid_guess_is_no_lower_than_the_decode_nodes_step_now(step_s: float, moves: bool) -> None:
     # Node processes sharing a device: a decode node's step lengthens with the other
@@ -317,19 +339,8 @@ def test_the_hybrid_guess_is_no_lower_than_the_decode_nodes_step_now(step_s: flo
     # a 20 ms or a 40 ms step now; taken at that step whatever its batch, a hybrid node
     # would run 34 ms or 71 ms a token beside its prompts (u = 0.4): within half the 80 ms
     # objective at 20 ms, past it at 40 ms, where the split stays.
-    nodes = [report(f"p{i}", Role.PREFILL) for i in range(3)] + [report("d0", Role.DECODE, running=4, step_s=step_s)]
-    clock, reg = _registry(*nodes)
-    ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=0.08)
-    for _ in range(20):
-        ctl.demand.fit.add(1, 0.006)
-        ctl.demand.fit.add(8, 0.04)
-    now = clock.now()
-    for i in range(30):  # 13.5k prompt tokens/s, steady
-        ctl.demand.record(now - 10.0 + (i + 0.5) / 3, f"r{i}", 4500, 20, 377)
-    load, _ = ctl.goodput_load(reg.nodes())
-    best, current = load.best(4, Shape(3, 0, 1))
-    assert best.shape == Shape(0, 4, 0) and best.load < current.load * 0.95 and current.load > 0.5
-    assert best.goodput > current.goodput - 1e-3 and best.tpot_hybrid_s < 0.005
+    ctl, load, best = _lighter_all_hybrid(step_s, [(1, 0.006), (8, 0.04)], tpot_slo_s=0.08)
+    assert best.tpot_hybrid_s < 0.005
     assert load.tpot_hybrid_at_step(best.shape, step_s) == pytest.approx(0.034 if step_s == 0.02 else 0.071, rel=0.02)
     change, _ = ctl.step()
     assert (change is not None and change.new_role == Role.HYBRID) == moves
@@ -343,20 +354,9 @@ def test_the_hybrid_guess_is_no_lower_than_the_steps_reported_lately(late_step_s
     # 20 ms or 71 ms a token beside its prompts (u = 0.4): within half the 60 ms objective
     # at 12 ms, past it at 40 ms, where the split stays. At the step now alone (9 ms), both
     # would move.
-    nodes = [report(f"p{i}", Role.PREFILL) for i in range(3)] + [report("d0", Role.DECODE, running=4, step_s=0.005)]
-    clock, reg = _registry(*nodes)
-    ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=0.06)
-    for _ in range(20):
-        ctl.demand.fit.add(1, late_step_s * 0.25)
-        ctl.demand.fit.add(8, late_step_s * 1.75)
-    assert ctl.demand.fit.mean_step() == pytest.approx(late_step_s, rel=0.01)
-    now = clock.now()
-    for i in range(30):  # 13.5k prompt tokens/s, steady
-        ctl.demand.record(now - 10.0 + (i + 0.5) / 3, f"r{i}", 4500, 20, 377)
-    load, _ = ctl.goodput_load(reg.nodes())
-    best, current = load.best(4, Shape(3, 0, 1))
-    assert best.shape == Shape(0, 4, 0) and best.load < current.load * 0.95 and current.load > 0.5
-    assert best.goodput > current.goodput - 1e-3 and 2 * best.tpot_hybrid_s < 0.06
+    ctl, load, best = _lighter_all_hybrid(0.005, [(1, late_step_s * 0.25), (8, late_step_s * 1.75)], tpot_slo_s=0.06)
+    assert ctl.demand.fit.mean_step() == pytest.approx(late_step_s, rel=0.03)
+    assert 2 * best.tpot_hybrid_s < 0.06
     assert 2 * load.tpot_hybrid_at_step(best.shape, 0.005) < 0.06
     assert load.tpot_hybrid_at_step(best.shape, late_step_s) == pytest.approx({0.012: 0.020, 0.04: 0.071}[late_step_s], rel=0.03)
     change, _ = ctl.step()
