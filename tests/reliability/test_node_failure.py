@@ -17,7 +17,11 @@ import pytest
 from tests.reliability.cluster import Cluster, poll, tokens_of
 
 PROMPT = [(37 * i + 11) % 3000 + 50 for i in range(40)]
-MAX_TOKENS = 300  # long enough to be mid-decode when the kill lands (tiny decodes ~70 tok/s here)
+MAX_TOKENS = 300
+# Each decode step also sleeps 10 ms: 300 tokens take at least 3 s, so the kill after the
+# 20th token lands mid-decode however fast the machine (an unslowed tiny model decodes
+# 300 tokens in a third of a second on some CPUs, before the client has read 20).
+SLOW_DECODE = {"FLOWKV_FAULT_INJECT": "engine_slow_step:0.01"}
 BODY = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "logprobs": 0}
 
 
@@ -36,7 +40,7 @@ async def decoding_node(c: Cluster, candidates: list[str]) -> str:
 
 @pytest.mark.timeout(400)
 async def test_decode_node_killed_mid_stream_continues_elsewhere_without_gap_or_duplicate(tmp_path):
-    with Cluster(tmp_path, prefill=1, decode=2) as c:
+    with Cluster(tmp_path, prefill=1, decode=2, node_env_of={"decode-0": SLOW_DECODE, "decode-1": SLOW_DECODE}) as c:
         async with aiohttp.ClientSession() as s:
             status, ref_events = await c.stream(s, BODY)
             assert status == 200
