@@ -150,15 +150,19 @@ def plan_cluster(cfg: UpConfig, base_env: dict[str, str] | None = None) -> Clust
 
     metrics_port = iter(range(cfg.first_metrics_port, cfg.first_metrics_port + cfg.schedulers + cfg.num_nodes))
     metrics_urls: dict[str, str] = {}
+    taken: set[int] = set()
 
     def metrics_args(name: str) -> list[str]:
         port = next(metrics_port)
-        if not cfg.metrics_port and (port >= ephemeral_low() or not port_is_free(port, "0.0.0.0")):
+        if not cfg.metrics_port and (port >= ephemeral_low() or port in taken or not port_is_free(port, "0.0.0.0")):
             # Derived from the gateway's port, not asked for: another process may hold it
             # (a node that cannot bind its /metrics port, on 0.0.0.0, dies at start), or, in
             # the ephemeral range, an outgoing connection may take it before the node, seconds
-            # later, binds it. Take a free one below that range.
+            # later, binds it. Take a free one below that range (not one given out already).
             port = listen_port("0.0.0.0")
+            while port in taken:
+                port = listen_port("0.0.0.0")
+        taken.add(port)
         metrics_urls[name] = f"http://{cfg.local_host}:{port}/metrics"
         return ["--metrics-port", str(port), "--metrics-host", cfg.host]
 
