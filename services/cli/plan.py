@@ -151,10 +151,11 @@ def plan_cluster(cfg: UpConfig, base_env: dict[str, str] | None = None) -> Clust
     metrics_port = iter(range(cfg.first_metrics_port, cfg.first_metrics_port + cfg.schedulers + cfg.num_nodes))
     metrics_urls: dict[str, str] = {}
     taken: set[int] = set()
+    ephemeral = ephemeral_low()
 
     def metrics_args(name: str) -> list[str]:
         port = next(metrics_port)
-        if not cfg.metrics_port and (port >= ephemeral_low() or port in taken or not port_is_free(port, "0.0.0.0")):
+        if not cfg.metrics_port and (port >= ephemeral or port in taken or not port_is_free(port, "0.0.0.0")):
             # Derived from the gateway's port, not asked for: another process may hold it
             # (a node that cannot bind its /metrics port, on 0.0.0.0, dies at start), or, in
             # the ephemeral range, an outgoing connection may take it before the node, seconds
