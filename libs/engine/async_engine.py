@@ -30,6 +30,7 @@ import torch
 from libs.engine.config import EngineConfig
 from libs.engine.engine import LLMEngine
 from libs.engine.outputs import EngineStats, PrefillResult, RemoteAllocation, TokenOutput
+from libs.engine.pacing import Objectives
 from libs.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -184,17 +185,19 @@ class AsyncEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-        num_prior_output_tokens: int = 0,
+        num_prior_output_tokens: int = 0, objectives: Objectives | None = None,
     ) -> AsyncIterator[TokenOutput]:
         """Run a request here from prompt to finish; yields its outputs (the last has ``finished``).
 
         ``num_prior_output_tokens``: the prompt's last tokens that are the request's own
-        earlier output (see :meth:`LLMEngine.add_request`).
+        earlier output; ``objectives``: its TTFT and TPOT objectives, which the engine paces
+        prompts by (see :meth:`LLMEngine.add_request`).
         """
         queue = self._open(request_id)
         try:
             await self._call(lambda e: e.add_request(request_id, list(prompt_token_ids), params,
-                                                     num_prior_output_tokens=num_prior_output_tokens))
+                                                     num_prior_output_tokens=num_prior_output_tokens,
+                                                     objectives=objectives))
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -202,7 +205,7 @@ class AsyncEngine:
             yield out
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                      num_prior_output_tokens: int = 0) -> PrefillResult:
+                      num_prior_output_tokens: int = 0, objectives: Objectives | None = None) -> PrefillResult:
         """Prefill a prompt and sample its first token; the prompt's blocks stay held.
 
         Returns once the KV is complete in the pool (device synchronised). Call
@@ -211,7 +214,8 @@ class AsyncEngine:
         queue = self._open(request_id)
         try:
             await self._call(lambda e: e.add_request(request_id, list(prompt_token_ids), params, prefill_only=True,
-                                                     num_prior_output_tokens=num_prior_output_tokens))
+                                                     num_prior_output_tokens=num_prior_output_tokens,
+                                                     objectives=objectives))
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -236,13 +240,14 @@ class AsyncEngine:
 
     async def decode_remote(
         self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams, *,
-        num_prior_output_tokens: int = 0,
+        num_prior_output_tokens: int = 0, objectives: Objectives | None = None,
     ) -> AsyncIterator[TokenOutput]:
         """Commit a landed hand-off and yield the tokens after the first."""
         queue = self._open(request_id)
         try:
             await self._call(lambda e: e.commit_remote(request_id, list(prompt_token_ids), first_token_id, params,
-                                                       num_prior_output_tokens=num_prior_output_tokens))
+                                                       num_prior_output_tokens=num_prior_output_tokens,
+                                                       objectives=objectives))
         except BaseException:
             self._streams.pop(request_id, None)
             raise

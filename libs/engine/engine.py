@@ -25,6 +25,7 @@ one prefill forward and one decode forward, sampling, stop checks, outputs.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -35,6 +36,7 @@ from libs.engine.detokenizer import IncrementalDetokenizer
 from libs.engine.loader import load_model
 from libs.engine.model_runner import ModelRunner
 from libs.engine.outputs import EngineStats, FinishReason, RemoteAllocation, TokenOutput
+from libs.engine.pacing import Decoding, Objectives, Waiting, prefill_slack, prompt_due
 from libs.engine.request import Request, RequestStatus
 from libs.engine.sampler import Sampler
 from libs.engine.sampling import SamplingParams, token_logprob
@@ -188,7 +190,7 @@ class LLMEngine:
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prefill_only: bool = False,
-        num_prior_output_tokens: int = 0,
+        num_prior_output_tokens: int = 0, objectives: Objectives | None = None,
     ) -> None:
         """Queue a request; its outputs come from :meth:`step`.
 
@@ -201,6 +203,8 @@ class LLMEngine:
             num_prior_output_tokens: the prompt's last tokens that are this request's own
                 earlier output (a recompute or retry): seeds, penalties and the grammar
                 continue after them.
+            objectives: the request's TTFT and TPOT objectives: with both, prompts are
+                paced against the decodes' objectives (:mod:`libs.engine.pacing`).
 
         A request whose parameters do not fit the model (a ``logit_bias`` id out of the
         vocabulary, a structured-output spec that does not compile) finishes at once with
@@ -209,6 +213,7 @@ class LLMEngine:
         if request_id in self._requests or request_id in self._remote:
             raise ValueError(f"request {request_id!r} already exists")
         req = self._new_request(request_id, prompt_token_ids, params, prefill_only, num_prior_output_tokens)
+        _set_objectives(req, objectives)
         problem = self._check_fits(len(prompt_token_ids)) or self._prepare_sampling(req)
         if problem:
             self._pending.append(self._final(req, FinishReason.ERROR, error=problem))
@@ -291,7 +296,7 @@ class LLMEngine:
 
     def commit_remote(
         self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams,
-        num_prior_output_tokens: int = 0,
+        num_prior_output_tokens: int = 0, objectives: Objectives | None = None,
     ) -> None:
         """The prompt's KV has landed in the blocks of :meth:`allocate_remote`: decode from here.
 
@@ -300,6 +305,7 @@ class LLMEngine:
         penalties count the first token (and ``num_prior_output_tokens``, as in
         :meth:`add_request`) as output, the grammar is replayed over it, and the seeds go
         on from the next index, so the output continues exactly as on one node.
+        ``objectives`` (its TPOT objective) as in :meth:`add_request`.
         """
         prompt = self._remote.get(request_id)
         if prompt is None:
@@ -308,6 +314,7 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r}: prompt differs from the one allocated")
         del self._remote[request_id]
         req = self._new_request(request_id, prompt, params, False, num_prior_output_tokens)
+        _set_objectives(req, objectives)
         req.num_computed_tokens = len(prompt)
         req.num_cached_tokens = len(prompt)
         self.blocks.register_computed(request_id, prompt, len(prompt))
@@ -368,20 +375,56 @@ class LLMEngine:
         step and decodes together after, instead of each prompt's prefill slowing the
         decodes of the ones before it. Prefill-only prompts (a prefill node) keep the
         target: one at a time, each is handed off sooner.
+
+        While sequences decode, prompts under a TTFT objective get no more than the
+        decodes' TPOT objectives leave them (:meth:`prefill_slack_s`), down to none: the
+        step then only decodes, and the prompts spend their own slack instead.
         """
         cfg = self.config
-        if cfg.target_step_s <= 0:
-            return cfg.max_num_batched_tokens
+        cap = cfg.max_num_batched_tokens
         decodes = self.scheduler.num_decoding
-        if decodes == 0 and self._prompts_decode_here():
-            return cfg.max_num_batched_tokens
-        floor = min(cfg.min_step_tokens, cfg.max_num_batched_tokens)
+        if decodes == 0 and (cfg.target_step_s <= 0 or self._prompts_decode_here()):
+            return cap
         rate = self._prefill_clock.rate
-        if rate <= 0:
-            return decodes + floor
-        prefill_s = max(0.0, cfg.target_step_s - (self._decode_step_s if decodes else 0.0))
-        tokens = max(floor, int(prefill_s * rate))
-        return min(cfg.max_num_batched_tokens, decodes + tokens)
+        if cfg.target_step_s <= 0:
+            tokens = cap
+        elif rate <= 0:
+            return decodes + min(cfg.min_step_tokens, cap)
+        else:
+            prefill_s = max(0.0, cfg.target_step_s - (self._decode_step_s if decodes else 0.0))
+            tokens = max(min(cfg.min_step_tokens, cap), int(prefill_s * rate))
+        if decodes and rate > 0:
+            slack = self.prefill_slack_s()
+            if slack < math.inf:
+                tokens = min(tokens, int(slack * rate))
+        return min(cap, decodes + tokens)
+
+    def prefill_slack_s(self) -> float:
+        """The prefill time the next step may take before a decoding sequence would miss
+        its TPOT objective (:func:`libs.engine.pacing.prefill_slack`); unbounded when no
+        decoding sequence has one, when a queued prompt has no TTFT objective, or when
+        one would miss it by waiting a step more (:func:`libs.engine.pacing.prompt_due`)."""
+        s, step, rate = self.scheduler, self._decode_step_s, self._prefill_clock.rate
+        if step <= 0 or rate <= 0:
+            return math.inf
+        prompts = [r for r in s.running if r.num_uncomputed > 1] + list(s.waiting)
+        if not prompts or any(r.ttft_deadline <= 0 for r in prompts):
+            return math.inf
+        now = time.perf_counter()
+        decoding = []
+        for r in s.running:
+            if r.tpot_slo_s <= 0 or r.num_uncomputed != 1:
+                continue
+            left = max(0, r.params.max_tokens - r.num_output_tokens)
+            if r.decode_limit <= 0:
+                r.decode_limit = now + r.tpot_slo_s * left
+            decoding.append(Decoding(r.decode_limit, left))
+        if not decoding:
+            return math.inf
+        waiting = (Waiting(r.ttft_deadline, r.ttft_slo_s, r.num_uncomputed / rate) for r in prompts)
+        if prompt_due(now, waiting, step):
+            return math.inf
+        return prefill_slack(now, decoding, step)
 
     def gather_wait_s(self) -> float:
         """How long the first step after an idle spell should wait for more prompts.
@@ -611,3 +654,13 @@ class LLMEngine:
             num_preemptions=s.num_preemptions, prefill_pass_tokens=pass_tokens, prefill_pass_s=pass_s,
             max_pass_tokens=self.config.max_num_batched_tokens,
         )
+
+
+def _set_objectives(req: Request, objectives: Objectives | None) -> None:
+    """Give ``req`` the deadlines its objectives set, from now (less what it waited before it came)."""
+    if objectives is None:
+        return
+    if objectives.ttft_slo_s > 0:
+        req.ttft_slo_s = objectives.ttft_slo_s
+        req.ttft_deadline = time.perf_counter() + objectives.ttft_slo_s - max(0.0, objectives.waited_s)
+    req.tpot_slo_s = max(0.0, objectives.tpot_slo_s)

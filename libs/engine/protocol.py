@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from libs.engine.outputs import EngineStats, PrefillResult, RemoteAllocation, TokenOutput
+from libs.engine.pacing import Objectives
 from libs.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -95,16 +96,19 @@ class Engine(Protocol):
     # --------------------------------------------------------------- requests
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                 num_prior_output_tokens: int = 0) -> AsyncIterator[TokenOutput]:
+                 num_prior_output_tokens: int = 0, objectives: Objectives | None = None) -> AsyncIterator[TokenOutput]:
         """Run a request here from prompt to finish; the last output has ``finished``.
 
         ``num_prior_output_tokens``: the prompt's last tokens that are the request's own
         earlier output (a retry, a recompute); seeds, penalties and grammars go on after
-        them where the engine supports it. The same on :meth:`prefill` and :meth:`decode_remote`.
+        them where the engine supports it. ``objectives``: the request's TTFT and TPOT
+        objectives, which an engine may pace its prompts by (FlowKV's does,
+        :mod:`libs.engine.pacing`; vLLM's does not). The same on :meth:`prefill` and
+        :meth:`decode_remote`.
         """
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                      num_prior_output_tokens: int = 0) -> PrefillResult:
+                      num_prior_output_tokens: int = 0, objectives: Objectives | None = None) -> PrefillResult:
         """Prefill and sample the first token; the prompt's blocks stay held until :meth:`release`.
 
         Returns once the KV is complete in :attr:`pool`. ``output.prefilled`` is False when
@@ -122,7 +126,8 @@ class Engine(Protocol):
         """
 
     def decode_remote(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
-                      params: SamplingParams, *, num_prior_output_tokens: int = 0) -> AsyncIterator[TokenOutput]:
+                      params: SamplingParams, *, num_prior_output_tokens: int = 0,
+                      objectives: Objectives | None = None) -> AsyncIterator[TokenOutput]:
         """The hand-off landed in the reserved blocks: decode on from prompt + first token."""
 
     async def release(self, request_id: str) -> None:

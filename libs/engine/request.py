@@ -48,6 +48,11 @@ class Request:
     prefill_started_at: float | None = None
     num_prior_output_tokens: int = 0
     matcher: Any = None  # the grammar matcher (llguidance.LLMatcher) of a structured request
+    # Objectives the engine paces prompts by (libs.engine.pacing): perf_counter() times.
+    ttft_deadline: float = 0.0  # when the first token is due (0: no TTFT objective)
+    ttft_slo_s: float = 0.0
+    tpot_slo_s: float = 0.0  # 0: no TPOT objective
+    decode_limit: float = 0.0  # when its last token is due under tpot_slo_s (set as it starts decoding here)
 
     @property
     def needs_logits_processing(self) -> bool:

@@ -266,6 +266,10 @@ class Placement(Message, tag="placement"):
     decode_node: str  # equal to prefill_node when one node does both
     predicted_ttft_s: float = 0.0
     queued_s: float = 0.0  # time the request waited in the scheduler's queue
+    # The objectives the request is held to: its own, else the deployment's (0: none).
+    # The gateway passes them on in SubmitRequest; nodes pace prompts by them.
+    ttft_slo_s: float = 0.0
+    tpot_slo_s: float = 0.0
 
 
 class Rejected(Message, tag="rejected"):
@@ -294,6 +298,12 @@ class SubmitRequest(Message, tag="submit"):
     reply_subject: str
     output_offset: int = 0
     num_original_prompt_tokens: int = 0
+    # The request's objectives (Placement's) and how long it had waited before this message
+    # (gateway and scheduler queues, earlier attempts): the node's engine paces prompts by
+    # them (0: none).
+    ttft_slo_s: float = 0.0
+    tpot_slo_s: float = 0.0
+    waited_s: float = 0.0
 
 
 class Ack(Message, tag="ack"):
@@ -332,6 +342,7 @@ class KVAllocRequest(Message, tag="kv_alloc"):
     # The first token P sampled (-1: not sent). KVDone repeats it; an engine that starts the
     # request when it reserves the blocks (vLLM's) needs it here.
     first_token_id: int = -1
+    tpot_slo_s: float = 0.0  # the request's TPOT objective (SubmitRequest's): D paces its own prompts by it
 
 
 class KVAllocReply(Message, tag="kv_alloc_reply"):

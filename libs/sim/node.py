@@ -7,17 +7,21 @@ A request on the simulated cluster:
   3. decoded one token per engine iteration until ``max_tokens``; blocks freed.
 An engine iteration runs the prefill batch (if any) and one decode step (if any sequence
 runs), so a hybrid node, or one still finishing old-role work after a role switch,
-interleaves both.
+interleaves both. Under TTFT and TPOT objectives a node paces its prompts as the engine
+does (:mod:`libs.engine.pacing`): a pass that would put a running sequence past its TPOT
+objective waits, unless a queued prompt would miss its TTFT objective by waiting.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from libs.engine.pacing import Decoding, Waiting, prefill_slack, prompt_due
 from libs.protocol.messages import LoadReport, NodeState, Role
 from libs.sim.calibration import NodeCosts
 from libs.sim.workload import SimRequest
@@ -74,6 +78,8 @@ class SimNode:
         self.pass_tokens = 0.0
         self.pass_s = 0.0
         self.step_s = 0.0
+        self.ttft_slo_s = 0.0
+        self.tpot_slo_s = 0.0
 
     # ------------------------------------------------------------ prefill side
 
@@ -87,14 +93,20 @@ class SimNode:
             return
         batch: list[Job] = []
         tokens = 0
+        n = len(self.running)
+        t_decode = self.costs.decode_step_s(n, self.context) if n else 0.0
+        slack = self._slack(now, t_decode)
         while self.queue and (not batch or tokens + self.queue[0].req.num_prompt_tokens <= self.costs.max_batched_tokens):
-            job = self.queue.popleft()
+            job = self.queue[0]
+            lens = [j.req.num_prompt_tokens for j in batch] + [job.req.num_prompt_tokens]
+            s = self.costs.prefill_s(lens)
+            if s > slack:
+                break
+            self.queue.popleft()
             batch.append(job)
             tokens += job.req.num_prompt_tokens
         self.queued_tokens -= tokens
         t_prefill = self.costs.prefill_s([j.req.num_prompt_tokens for j in batch]) if batch else 0.0
-        n = len(self.running)
-        t_decode = self.costs.decode_step_s(n, self.context) if n else 0.0
         if batch:
             self.prefill_rate = _ema(self.prefill_rate, tokens / t_prefill)
             self.pass_tokens = _ema(self.pass_tokens, float(tokens))
@@ -103,6 +115,19 @@ class SimNode:
             self.step_s = _ema(self.step_s, t_decode)
         self.busy = True
         self.schedule(now + t_prefill + t_decode, self._iteration_done, batch, n > 0)
+
+    def _slack(self, now: float, step_s: float) -> float:
+        """The prefill time this iteration may take (:mod:`libs.engine.pacing`): unbounded
+        without objectives, with nothing queued, or when a queued prompt is due."""
+        if self.tpot_slo_s <= 0 or self.ttft_slo_s <= 0 or not self.running or not self.queue:
+            return math.inf
+        ttft, tpot = self.ttft_slo_s, self.tpot_slo_s
+        prefill_s = self.costs.prefill_s
+        waiting = (Waiting(j.req.arrival + ttft, ttft, prefill_s([j.req.num_prompt_tokens])) for j in self.queue)
+        if prompt_due(now, waiting, step_s):
+            return math.inf
+        return prefill_slack(now, [Decoding(job.first_token_s + tpot * (job.req.max_tokens - 1), end - self.step)
+                                   for end, _, job in self.running], step_s)
 
     def _iteration_done(self, now: float, batch: list[Job], decoded: bool) -> None:
         self.busy = False

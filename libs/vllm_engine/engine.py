@@ -39,6 +39,7 @@ import msgspec
 import torch
 
 from libs.engine.outputs import EngineStats, PrefillResult, RemoteAllocation, TokenLogprob, TokenOutput
+from libs.engine.pacing import Objectives
 from libs.engine.sampling import SamplingParams
 from libs.kvtransfer.allocator import NoFreeBlocks
 from libs.kvtransfer.layout import KVLayout
@@ -276,14 +277,16 @@ class VllmEngine:
                 await self._llm.abort(request_id)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                       num_prior_output_tokens: int = 0) -> AsyncIterator[TokenOutput]:
+                       num_prior_output_tokens: int = 0,
+                       objectives: Objectives | None = None) -> AsyncIterator[TokenOutput]:
+        # ``objectives`` are not used: vLLM's scheduler does not pace prompts by them.
         collector = await self._llm.add_request(request_id, {"prompt_token_ids": list(prompt_token_ids)},
                                                 self._params(params))
         async for out in self._stream(request_id, collector, params.logprobs):
             yield out
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                      num_prior_output_tokens: int = 0) -> PrefillResult:
+                      num_prior_output_tokens: int = 0, objectives: Objectives | None = None) -> PrefillResult:
         hold = params.max_tokens > 1
         vparams = self._params(params, max_tokens=1, min_tokens=min(params.min_tokens, 1),
                                extra_args={"kv_transfer_params": {HOLD: hold, NODE_ID: request_id}})
@@ -329,7 +332,8 @@ class VllmEngine:
         return RemoteAllocation(block_ids=list(alloc.block_ids), num_cached_tokens=alloc.num_cached_tokens)
 
     async def decode_remote(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
-                            params: SamplingParams, *, num_prior_output_tokens: int = 0) -> AsyncIterator[TokenOutput]:
+                            params: SamplingParams, *, num_prior_output_tokens: int = 0,
+                            objectives: Objectives | None = None) -> AsyncIterator[TokenOutput]:
         collector = self._collectors.pop(request_id, None)
         if collector is None:
             raise ValueError(f"{request_id} has no reservation here")

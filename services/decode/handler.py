@@ -33,6 +33,7 @@ import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry.trace import StatusCode
 
+from libs.engine.pacing import Objectives
 from libs.kvtransfer.allocator import NoFreeBlocks
 from libs.kvtransfer.base import AgentInfo, TransferError, TransferMode
 from libs.protocol.messages import Ack, ErrorCode, KVAllocReply, KVAllocRequest, KVDone, TransferReport
@@ -202,10 +203,12 @@ class DecodeHandler:
                               res.num_cached_tokens, from_engine=False)
                 with _TRACER.start_as_current_span("node.decode") as span:
                     span.set_attributes(self._span_attributes(res))
+                    pace = Objectives(tpot_slo_s=req.tpot_slo_s) if req.tpot_slo_s > 0 else None
                     outputs = engine.decode_remote(req.request_id, list(req.prompt_token_ids), done.first_token_id,
-                                                   params, **prior_outputs(len(req.prompt_token_ids),
-                                                                           len(req.prompt_token_ids),
-                                                                           req.num_original_prompt_tokens))
+                                                   params, objectives=pace,
+                                                   **prior_outputs(len(req.prompt_token_ids),
+                                                                   len(req.prompt_token_ids),
+                                                                   req.num_original_prompt_tokens))
                     last = await streamer.stream(outputs, req.output_offset + 1, usage)
                     if last is not None:
                         span.set_attributes({"flowkv.finish_reason": last.finish_reason or "",

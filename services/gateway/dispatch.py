@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -85,6 +86,7 @@ class _Progress:
     delivered: list[int] = field(default_factory=list)  # output tokens the client has
     excluded: list[str] = field(default_factory=list)  # nodes that failed this request
     submitted: bool = False  # the current attempt reached a node (so it needs a cancel)
+    started: float = field(default_factory=time.monotonic)  # when the dispatch began
 
 
 class Dispatcher:
@@ -225,6 +227,9 @@ class Dispatcher:
                 reply_subject=self.router.subject,
                 output_offset=len(delivered),
                 num_original_prompt_tokens=len(job.prompt_token_ids),
+                ttft_slo_s=placement.ttft_slo_s,
+                tpot_slo_s=placement.tpot_slo_s,
+                waited_s=time.monotonic() - progress.started,
             )
             progress.submitted = True  # from here the node may hold blocks, even if the ack is lost
             await self._submit(placement.prefill_node, submit)

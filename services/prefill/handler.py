@@ -42,6 +42,7 @@ import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, StatusCode
 
+from libs.engine.pacing import Objectives
 from libs.kvtransfer.base import AgentInfo, TransferError, TransferMode
 from libs.protocol import messages
 from libs.protocol.messages import (
@@ -176,8 +177,9 @@ class PrefillHandler:
     async def _generate(self, req: SubmitRequest, prompt: list[int], params, first_index: int,  # type: ignore[no-untyped-def]
                         streamer: Streamer) -> None:
         usage = self._usage(req)
-        outputs = self.ctx.engine.generate(req.request_id, prompt, params, **prior_outputs(
-            len(prompt), len(req.prompt_token_ids), req.num_original_prompt_tokens))
+        outputs = self.ctx.engine.generate(req.request_id, prompt, params, objectives=objectives_of(req),
+                                           **prior_outputs(len(prompt), len(req.prompt_token_ids),
+                                                           req.num_original_prompt_tokens))
         await streamer.stream(outputs, first_index, usage)
 
     async def _prefill_and_hand_off(self, job: PrefillJob, params, streamer: Streamer,  # type: ignore[no-untyped-def]
@@ -187,8 +189,9 @@ class PrefillHandler:
         with _TRACER.start_as_current_span("node.prefill") as span:
             span.set_attributes({"flowkv.request_id": req.request_id, "flowkv.node_id": self.ctx.node_id,
                                  "flowkv.role": "prefill", "flowkv.tokens.prompt": len(req.prompt_token_ids)})
-            result = await engine.prefill(req.request_id, req.prompt_token_ids, params, **prior_outputs(
-                len(req.prompt_token_ids), len(req.prompt_token_ids), req.num_original_prompt_tokens))
+            result = await engine.prefill(req.request_id, req.prompt_token_ids, params, objectives=objectives_of(req),
+                                          **prior_outputs(len(req.prompt_token_ids), len(req.prompt_token_ids),
+                                                          req.num_original_prompt_tokens))
             span.set_attributes({"flowkv.tokens.cached": result.output.num_cached_tokens,
                                  "flowkv.kv.blocks": len(result.block_ids)})
         out = result.output
@@ -290,7 +293,7 @@ class PrefillHandler:
             prompt_token_ids=req.prompt_token_ids, sampling=req.sampling, reply_subject=req.reply_subject,
             sender_info=self._sender_info(), output_offset=req.output_offset,
             num_original_prompt_tokens=req.num_original_prompt_tokens, src_block_ids=src_ids,
-            first_token_id=job.first_token_id,
+            first_token_id=job.first_token_id, tpot_slo_s=req.tpot_slo_s,
         )
         try:
             msg = await ctx.nc.request(node(req.decode_node, NodeVerb.KV_ALLOC), messages.encode(alloc),
@@ -348,3 +351,10 @@ class PrefillHandler:
         except Exception as exc:
             # D is gone: the gateway sees the decode node leave and retries from what the client has.
             log.warning("KVDone to %s got no answer: %r", req.decode_node, exc)
+
+
+def objectives_of(req: SubmitRequest) -> Objectives | None:
+    """The objectives the engine paces ``req`` by (None: it has none)."""
+    if req.ttft_slo_s <= 0 and req.tpot_slo_s <= 0:
+        return None
+    return Objectives(req.ttft_slo_s, req.tpot_slo_s, req.waited_s)

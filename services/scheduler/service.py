@@ -321,6 +321,10 @@ class SchedulerService:
     async def _answer(self, req: PlaceRequest, msg: Msg, span: Span, out: Placement | Rejected) -> None:
         """Send the answer, count it, publish its event and end the request's span."""
         try:
+            if isinstance(out, Placement):
+                # The objectives the request is held to, for the nodes to pace it by.
+                out = msgspec.structs.replace(out, ttft_slo_s=req.ttft_slo_s or self.config.ttft_slo_s,
+                                              tpot_slo_s=req.tpot_slo_s or self.config.tpot_slo_s)
             await respond(msg, out)
             now = self.clock.now()
             if isinstance(out, Placement):

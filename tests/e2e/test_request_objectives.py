@@ -11,6 +11,8 @@ import math
 
 import aiohttp
 
+from libs.protocol import messages
+from libs.protocol.subjects import NodeVerb, node
 from libs.scheduler.demand import Placed
 from libs.scheduler.goodput import Load, Objectives, Rates
 from tests.e2e.test_serving import MODEL, PROMPTS, cluster, gateway
@@ -54,3 +56,32 @@ async def test_objectives_in_the_body_reach_the_schedulers_goodput_window(nats_s
         # the deployment's (none here).
         load = Load([with_slo, chat_slo, no_slo], 10.0, Rates(10_000.0, 0.02, 0.0, 64.0), Objectives())
         assert sorted(load.groups) == [(1.5, 0.25), (math.inf, 0.125), (math.inf, math.inf)]
+
+
+async def test_the_objectives_a_request_is_held_to_reach_the_nodes_that_pace_it(nats_server):  # type: ignore[no-untyped-def]
+    # The deployment's TPOT objective, no TTFT one: a request's own objectives come first.
+    async with cluster(nats_server.url, policy="flowkv", tpot_slo_s=0.5) as c, gateway(c) as base:
+        seen: dict[str, list] = {"submit": [], "kv_alloc": []}  # type: ignore[type-arg]
+
+        async def keep(msg) -> None:  # type: ignore[no-untyped-def]
+            seen[msg.subject.rsplit(".", 1)[1]].append(messages.decode(msg.data))
+
+        # Plain subscribers beside the nodes' own: each sees every message.
+        nc = c.scheduler.nc
+        subs = [await nc.subscribe(node("p0", NodeVerb.SUBMIT), cb=keep),
+                await nc.subscribe(node("d0", NodeVerb.KV_ALLOC), cb=keep)]
+        body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(base + "/v1/completions", headers={"X-Request-Id": "own"},
+                                 json={**body, "flowkv_ttft_slo_s": 1.5, "flowkv_tpot_slo_s": 0.25}) as r:
+                assert r.status == 200, await r.text()
+            async with http.post(base + "/v1/completions", headers={"X-Request-Id": "deployment"}, json=body) as r:
+                assert r.status == 200, await r.text()
+        await nc.flush()
+        for sub in subs:
+            await sub.unsubscribe()
+        own, deployment = seen["submit"]
+        assert (own.ttft_slo_s, own.tpot_slo_s) == (1.5, 0.25) and 0.0 <= own.waited_s < 1.5
+        assert (deployment.ttft_slo_s, deployment.tpot_slo_s) == (0.0, 0.5)
+        # The decode node is told the TPOT objective with the hand-off.
+        assert [a.tpot_slo_s for a in seen["kv_alloc"]] == [0.25, 0.5]

@@ -13,6 +13,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import nats
@@ -62,13 +63,13 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def cluster(nats_url: str, policy: str = "least_loaded") -> AsyncIterator[Cluster]:
+async def cluster(nats_url: str, policy: str = "least_loaded", **scheduler: Any) -> AsyncIterator[Cluster]:
     torch.set_num_threads(1)
     stack = contextlib.AsyncExitStack()
     async with stack:
         sched_nc = await nats.connect(nats_url)
         stack.push_async_callback(sched_nc.drain)
-        sched = SchedulerService(SchedulerConfig(policy=policy), sched_nc)
+        sched = SchedulerService(SchedulerConfig(policy=policy, **scheduler), sched_nc)
         await sched.start()
         stack.push_async_callback(sched.close)
         nodes: dict[str, Node] = {}
