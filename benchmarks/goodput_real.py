@@ -2,12 +2,14 @@
 
 For each policy, one ``flowkv up`` of ``--nodes`` nodes (colocated: ``--colocated N`` with
 the ``colocated`` policy; a fixed split ``P:D``: launched P prefill and D decode nodes;
-``flowkv``: launched half prefill, half decode, with the objectives as the scheduler's
-``ttft_slo_s`` / ``tpot_slo_s``; ``flowkv@hybrid``: the same policy launched all hybrid,
-as ``flowkv up --colocated N`` launches it), one after another, each driven with the same requests
+``flowkv``: launched half prefill, half decode; ``flowkv@hybrid``: the same policy launched
+all hybrid, as ``flowkv up --colocated N`` launches it), one after another, each driven with the same requests
 (seeded prompt and output lengths, Poisson arrivals): an unmeasured lead-in, then the
 measured window, then a drain. Goodput is the number of requests per second of the window
-that completed within both objectives.
+that completed within both objectives. Every cluster's scheduler has the objectives as its
+``ttft_slo_s`` / ``tpot_slo_s`` (``--objectives all``): flowkv plans its roles by them, and
+every policy's nodes pace their prompts by them; ``--objectives flowkv`` gives them to the
+flowkv clusters alone (the others' nodes then do not pace).
 
   .venv/bin/python benchmarks/goodput_real.py --model tiny --rate 4 --out /tmp/goodput_real
   python3 benchmarks/goodput_real.py --device cuda --model llama-3.1-8b --dtype bfloat16 ...
@@ -115,7 +117,7 @@ async def drive(cluster: Cluster, specs: list[RequestSpec], gaps: list[float], c
 def run_policy(policy: str, args: argparse.Namespace, specs: list[RequestSpec], gaps: list[float],
                log: Any) -> dict[str, Any]:
     env = {**SCHED_ENV, **dict(kv.split("=", 1) for kv in args.env)}
-    if is_flowkv(policy):
+    if is_flowkv(policy) or args.objectives == "all":
         env |= {"FLOWKV_SCHEDULER_TTFT_SLO_S": str(args.ttft_slo), "FLOWKV_SCHEDULER_TPOT_SLO_S": str(args.tpot_slo)}
     cluster = Cluster(policy.replace(":", "_").replace("@", "_"), shape_of(policy, args.nodes, args.device), args.model, args.dtype, env, log)
     t0 = time.monotonic()
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-len", default="200:600", help="LO:HI prompt tokens")
     ap.add_argument("--output-len", default="16:48", help="LO:HI output tokens")
     ap.add_argument("--ttft-slo", type=float, default=3.0)
+    ap.add_argument("--objectives", choices=("all", "flowkv"), default="all",
+                    help="the clusters whose scheduler gets the objectives (their nodes pace prompts by them)")
     ap.add_argument("--tpot-slo", type=float, default=0.3)
     ap.add_argument("--lead-in-s", type=float, default=10.0)
     ap.add_argument("--duration-s", type=float, default=30.0)
