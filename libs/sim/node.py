@@ -98,10 +98,8 @@ class SimNode:
         slack = self._slack(now, t_decode)
         while self.queue and (not batch or tokens + self.queue[0].req.num_prompt_tokens <= self.costs.max_batched_tokens):
             job = self.queue[0]
-            lens = [j.req.num_prompt_tokens for j in batch] + [job.req.num_prompt_tokens]
-            s = self.costs.prefill_s(lens)
-            if s > slack:
-                break
+            if slack < math.inf and self.costs.prefill_s([j.req.num_prompt_tokens for j in (*batch, job)]) > slack:
+                break  # paced: the running sequences cannot spare this pass
             self.queue.popleft()
             batch.append(job)
             tokens += job.req.num_prompt_tokens
