@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-len", default="200:600", help="LO:HI prompt tokens")
     ap.add_argument("--output-len", default="16:48", help="LO:HI output tokens")
     ap.add_argument("--ttft-slo", type=float, default=3.0)
+    ap.add_argument("--tpot-slo", type=float, default=0.3)
     ap.add_argument("--objectives", choices=("all", "flowkv"), default="all",
                     help="the clusters whose scheduler gets the objectives (their nodes pace prompts by them)")
-    ap.add_argument("--tpot-slo", type=float, default=0.3)
     ap.add_argument("--lead-in-s", type=float, default=10.0)
     ap.add_argument("--duration-s", type=float, default=30.0)
     ap.add_argument("--drain-s", type=float, default=20.0)
