@@ -36,7 +36,7 @@ from libs.engine.detokenizer import IncrementalDetokenizer
 from libs.engine.loader import load_model
 from libs.engine.model_runner import ModelRunner
 from libs.engine.outputs import EngineStats, FinishReason, RemoteAllocation, TokenOutput
-from libs.engine.pacing import Decoding, Objectives, Waiting, prefill_slack, prompt_due
+from libs.engine.pacing import Decoding, Objectives, Waiting, prefill_allowance
 from libs.engine.request import Request, RequestStatus
 from libs.engine.sampler import Sampler
 from libs.engine.sampling import SamplingParams, token_logprob
@@ -401,9 +401,9 @@ class LLMEngine:
 
     def prefill_slack_s(self) -> float:
         """The prefill time the next step may take before a decoding sequence would miss
-        its TPOT objective (:func:`libs.engine.pacing.prefill_slack`); unbounded when no
+        its TPOT objective (:func:`libs.engine.pacing.prefill_allowance`); unbounded when no
         decoding sequence has one, when a queued prompt has no TTFT objective, or when
-        one would miss it by waiting a step more (:func:`libs.engine.pacing.prompt_due`)."""
+        one would miss it by waiting a step more."""
         s, step, rate = self.scheduler, self._decode_step_s, self._prefill_clock.rate
         if step <= 0 or rate <= 0:
             return math.inf
@@ -422,9 +422,7 @@ class LLMEngine:
         if not decoding:
             return math.inf
         waiting = (Waiting(r.ttft_deadline, r.ttft_slo_s, r.num_uncomputed / rate) for r in prompts)
-        if prompt_due(now, waiting, step):
-            return math.inf
-        return prefill_slack(now, decoding, step)
+        return prefill_allowance(now, decoding, waiting, step)
 
     def gather_wait_s(self) -> float:
         """How long the first step after an idle spell should wait for more prompts.

@@ -12,6 +12,8 @@ objectives are known, the node spends the prompts' slack before the sequences':
 - otherwise prompts wait (the step decodes only), until one of them would miss its TTFT
   objective by waiting one more step (:func:`prompt_due`); then they run regardless.
 
+:func:`prefill_allowance` is the two together, what a node asks before each step.
+
 A sequence that will miss its objective anyway is not waited for; a prompt without a TTFT
 objective never waits (there is no wait to weigh against), nor does any prompt when no
 running sequence has a TPOT objective. The pass-by-pass picture is that of a colocated
@@ -88,3 +90,9 @@ def prompt_due(now: float, waiting: Iterable[Waiting], step_s: float) -> bool:
         if done >= prompt.deadline - TTFT_GUARD * prompt.ttft_slo_s:
             return True
     return False
+
+
+def prefill_allowance(now: float, decoding: Iterable[Decoding], waiting: Iterable[Waiting], step_s: float) -> float:
+    """The prefill time the next step may take: unbounded when a waiting prompt is due
+    (:func:`prompt_due`), else what the running sequences can spare (:func:`prefill_slack`)."""
+    return math.inf if prompt_due(now, waiting, step_s) else prefill_slack(now, decoding, step_s)

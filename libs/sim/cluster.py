@@ -95,9 +95,8 @@ class Cluster:
             else:
                 role = Role.PREFILL if i < max(num_nodes // 2, 1) else Role.DECODE
             self.nodes[nid] = SimNode(nid, role, costs[i], self.schedule, self._first_token, self._finished,
-                                      strict_drain=self.config.strict_drain)
-            self.nodes[nid].ttft_slo_s = self.config.roles.ttft_slo_s
-            self.nodes[nid].tpot_slo_s = self.config.roles.tpot_slo_s
+                                      strict_drain=self.config.strict_drain, ttft_slo_s=self.config.roles.ttft_slo_s,
+                                      tpot_slo_s=self.config.roles.tpot_slo_s)
         self._pin_fixed_roles()
 
     def _pin_fixed_roles(self) -> None:

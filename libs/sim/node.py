@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from libs.engine.pacing import Decoding, Waiting, prefill_slack, prompt_due
+from libs.engine.pacing import Decoding, Waiting, prefill_allowance
 from libs.protocol.messages import LoadReport, NodeState, Role
 from libs.sim.calibration import NodeCosts
 from libs.sim.workload import SimRequest
@@ -52,7 +52,7 @@ class SimNode:
 
     def __init__(self, node_id: str, role: Role, costs: NodeCosts, schedule: Callable[..., None],
                  on_first_token: Callable[[Job, SimNode, float], None], on_finish: Callable[[Job, float], None],
-                 strict_drain: bool = False) -> None:
+                 strict_drain: bool = False, ttft_slo_s: float = 0.0, tpot_slo_s: float = 0.0) -> None:
         self.node_id = node_id
         self.role = role
         self.state = NodeState.READY
@@ -78,8 +78,8 @@ class SimNode:
         self.pass_tokens = 0.0
         self.pass_s = 0.0
         self.step_s = 0.0
-        self.ttft_slo_s = 0.0
-        self.tpot_slo_s = 0.0
+        self.ttft_slo_s = ttft_slo_s  # the objectives it paces prompts by (0: none)
+        self.tpot_slo_s = tpot_slo_s
 
     # ------------------------------------------------------------ prefill side
 
@@ -122,10 +122,9 @@ class SimNode:
         ttft, tpot = self.ttft_slo_s, self.tpot_slo_s
         prefill_s = self.costs.prefill_s
         waiting = (Waiting(j.req.arrival + ttft, ttft, prefill_s([j.req.num_prompt_tokens])) for j in self.queue)
-        if prompt_due(now, waiting, step_s):
-            return math.inf
-        return prefill_slack(now, [Decoding(job.first_token_s + tpot * (job.req.max_tokens - 1), end - self.step)
-                                   for end, _, job in self.running], step_s)
+        decoding = (Decoding(job.first_token_s + tpot * (job.req.max_tokens - 1), end - self.step)
+                    for end, _, job in self.running)
+        return prefill_allowance(now, decoding, waiting, step_s)
 
     def _iteration_done(self, now: float, batch: list[Job], decoded: bool) -> None:
         self.busy = False

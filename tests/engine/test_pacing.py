@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-from libs.engine.pacing import STEP_GROWTH, TTFT_GUARD, Decoding, Objectives, Waiting, prefill_slack, prompt_due
+from libs.engine.pacing import (STEP_GROWTH, TTFT_GUARD, Decoding, Objectives, Waiting, prefill_allowance, prefill_slack,
+                                prompt_due)
 from libs.engine.sampling import SamplingParams
 from tests.engine.conftest import make_engine
 
@@ -35,6 +36,10 @@ def test_a_prompt_is_due_when_one_more_step_of_waiting_would_cost_its_ttft_objec
     # Prompts are run in order: one behind a long prompt is due sooner than alone.
     queue = [Waiting(110.0, 3.0, 2.5), Waiting(103.0, 3.0, 0.1)]
     assert prompt_due(100.0, queue, step) and not prompt_due(100.0, queue[1:], step)
+    # A due prompt lifts the streams' bound; otherwise the bound is theirs.
+    tight = [Decoding(limit=100.55, steps_left=10)]
+    assert prefill_allowance(100.0, tight, queue, step) == math.inf
+    assert prefill_allowance(100.0, tight, queue[1:], step) == prefill_slack(100.0, tight, step) == 0.0
 
 
 def _decoding_engine(tpot_slo_s: float, step_s: float):  # type: ignore[no-untyped-def]
