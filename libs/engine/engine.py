@@ -41,7 +41,7 @@ from libs.engine.request import Request, RequestStatus
 from libs.engine.sampler import Sampler
 from libs.engine.sampling import SamplingParams, token_logprob
 from libs.engine.scheduler import Scheduler, StepPlan
-from libs.engine.step_clock import StepClock, ema
+from libs.engine.step_clock import CpuShare, StepClock, ema
 from libs.engine.structured import GrammarCompiler, GrammarError, GrammarMasks, MaskJob
 from libs.kvtransfer.allocator import NoFreeBlocks
 from libs.kvtransfer.layout import KVLayout
@@ -108,6 +108,8 @@ class LLMEngine:
         self._seed_gen = torch.Generator().manual_seed(config.seed)
         self._prefill_clock = StepClock(self._pool.device, _EMA)
         self._decode_step_s = 0.0
+        # On CPU: how much of its threads' time the steps got (node processes sharing cores).
+        self._cpu_share = CpuShare(torch.get_num_threads()) if self._pool.device.type == "cpu" else None
         self._largest_segment, self._largest_segment_at = 0, -_SEGMENT_REFRESH_S
         self.last_step_ran = False  # whether the last step computed anything (a chunk counts)
 
@@ -357,13 +359,16 @@ class LLMEngine:
             self._requests.pop(req.request_id, None)
             self._sampler.forget(req.request_id)
             outputs.append(self._final(req, FinishReason.ERROR, error=reason))
+        mark = self._cpu_share.start() if self._cpu_share is not None and self.last_step_ran else None
         if plan.prefills and plan.decodes and self.runner.device.type == "cpu":
             outputs.extend(self._run_mixed(plan))
-            return outputs
-        if plan.prefills:
-            outputs.extend(self._run_prefills(plan))
-        if plan.decodes:
-            outputs.extend(self._run_decodes(plan))
+        else:
+            if plan.prefills:
+                outputs.extend(self._run_prefills(plan))
+            if plan.decodes:
+                outputs.extend(self._run_decodes(plan))
+        if mark is not None:
+            self._cpu_share.stop(mark)
         return outputs
 
     def step_budget(self) -> int:
@@ -463,8 +468,9 @@ class LLMEngine:
 
     def _run_mixed(self, plan: StepPlan) -> list[TokenOutput]:
         """Prefill chunks and decodes in one forward (CPU). The prefill clock is charged the
-        step less a decode step's measured time, so the rate the step budget uses stays the
-        prefill's own; the decode step's average is left to decode-only steps."""
+        step less a decode step's measured time, where that is the larger part
+        (:meth:`StepClock.add_mixed`), so the rate the step budget uses stays the prefill's
+        own; the decode step's average is left to decode-only steps."""
         t0 = time.perf_counter()
         hidden = self.runner.mixed(self._prefill_chunks(plan), self._decode_seqs(plan))
         done_rows, done = self._prefilled(plan)
@@ -473,9 +479,7 @@ class LLMEngine:
         rows = hidden[done_rows + list(range(n, n + len(plan.decodes)))]
         reqs = done + list(plan.decodes)
         outputs = self._sample(reqs, self.runner.logits(rows))
-        prefill_s = time.perf_counter() - t0 - self._decode_step_s
-        if prefill_s > 0:
-            self._prefill_clock.add(prefill_s, sum(k for _, k in plan.prefills))
+        self._prefill_clock.add_mixed(time.perf_counter() - t0, self._decode_step_s, sum(k for _, k in plan.prefills))
         return outputs
 
     def _prefill_chunks(self, plan: StepPlan) -> list[tuple[list[int], int, list[int]]]:
@@ -651,6 +655,8 @@ class LLMEngine:
             prefill_tokens_per_s=self._prefill_clock.rate, decode_step_time_s=self._decode_step_s,
             num_preemptions=s.num_preemptions, prefill_pass_tokens=pass_tokens, prefill_pass_s=pass_s,
             max_pass_tokens=self.config.max_num_batched_tokens,
+            cpu_threads=self._cpu_share.threads if self._cpu_share is not None else 0,
+            cpu_share=self._cpu_share.share if self._cpu_share is not None else 0.0,
         )
 
 

@@ -89,3 +89,5 @@ class EngineStats(msgspec.Struct):
     prefill_pass_tokens: float = 0.0  # prompt tokens per timed prefill step (EMA over the steps of prefill_tokens_per_s)
     prefill_pass_s: float = 0.0  # seconds per timed prefill step (EMA over the same steps)
     max_pass_tokens: int = 0  # the most prompt tokens one step may take (max_num_batched_tokens); 0: unknown
+    cpu_threads: int = 0  # threads a CPU engine computes with (0: not a CPU engine, or not known)
+    cpu_share: float = 0.0  # share of those threads' time its steps got, EMA (0: not measured)

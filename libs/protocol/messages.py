@@ -231,6 +231,13 @@ class LoadReport(Message, tag="load"):
     # How long the engine's current step has run (0 between steps). Reports go out on
     # time whatever the engine does: a long step is a busy node, a growing one a stuck engine.
     step_age_s: float = 0.0
+    # CPU engines: the threads the engine computes with, the cores the node process may run
+    # on, and the share of its threads' time its steps got (below 1 when node processes
+    # on one host need more threads than it has cores). 0 / []: not a CPU engine, or not
+    # known (vLLM nodes); the scheduler then assumes the node has its cores to itself.
+    cpu_threads: int = 0
+    cpu_set: list[int] = []
+    cpu_share: float = 0.0
 
 
 class NodeBye(Message, tag="bye"):

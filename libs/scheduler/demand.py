@@ -23,6 +23,10 @@ holds for 4 or 64 nodes of one or several kinds: the controller moves nodes so t
 busier side's utilisation (need / capacity on that side) drops. Each need comes with
 its standard error (the window is a sample of Poisson arrivals), so the controller can
 tell a shift in the load from a window that by chance held more of one kind.
+
+Every step and rate is kept at what the node would measure on cores of its own: a CPU
+node reports the share of its threads' time its steps got (:func:`cpu_share`), below one
+when node processes on a host need more threads than it has cores.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 
+from libs.protocol.messages import LoadReport
 from libs.scheduler.cost_model import CostModel
 from libs.scheduler.node_registry import NodeEntry, kind_means
 
@@ -191,16 +196,19 @@ class DemandTracker:
             if self._seen.get(r.node_id) == r.seq:
                 continue
             self._seen[r.node_id] = r.seq
+            # What the node would have measured with its cores to itself (node processes
+            # sharing a host's cores stretch each other's steps; see `cpu_share`).
+            share = cpu_share(r)
             if r.num_running > 0 and r.decode_step_s > 0:
-                self.fit.add(r.num_running, r.decode_step_s)
-                self.kind_fits.setdefault(r.device_name, StepFit()).add(r.num_running, r.decode_step_s)
-            rate, busy = r.prefill_tokens_per_s, self._busy_rate.get(r.node_id, 0.0)
+                self.fit.add(r.num_running, r.decode_step_s * share)
+                self.kind_fits.setdefault(r.device_name, StepFit()).add(r.num_running, r.decode_step_s * share)
+            rate, busy = r.prefill_tokens_per_s / share, self._busy_rate.get(r.node_id, 0.0)
             if r.prefill_pass_tokens > 0 and r.prefill_pass_s > 0:
                 # Passes of several sizes (hybrid nodes' small ones, prefill nodes' full
                 # ones, a load that varies) tell a pass's fixed cost from its cost per token.
                 kind = r.device_name
                 self.pass_fits.setdefault(kind, StepFit(min_var=0.0, min_cv=_PASS_SPREAD)).add(
-                    r.prefill_pass_tokens, r.prefill_pass_s)
+                    r.prefill_pass_tokens, r.prefill_pass_s * share)
                 self._largest_pass[kind] = max(r.prefill_pass_tokens, self._largest_pass.get(kind, 0.0) * 0.9995)
                 if r.max_pass_tokens > 0:
                     self._pass_budget[kind] = r.max_pass_tokens
@@ -208,7 +216,7 @@ class DemandTracker:
                 # The rate of the fullest batches a node of this kind has run: the nearest
                 # measure of its capacity when no node was ever backlogged.
                 self.peak_rate[r.device_name] = max(rate, self.peak_rate.get(r.device_name, 0.0) * 0.9995)
-            if rate > 0 and r.waiting_prefill_tokens >= max(rate, busy) * self.busy_backlog_s:
+            if rate > 0 and r.waiting_prefill_tokens >= max(rate, busy) * share * self.busy_backlog_s:
                 # The rate is an average over recent batches, which lags when a backlog
                 # starts after small ones: the best seen wins, fading so that a node that
                 # got slower is believed after some backlogged reports.
@@ -225,7 +233,7 @@ class DemandTracker:
         (:meth:`full_pass_rate`), whichever is highest: nodes that only ever ran small
         passes (hybrid nodes between decode steps) still tell what a prefill node does.
         """
-        return {n.node_id: max(self._busy_rate.get(n.node_id, 0.0), n.report.prefill_tokens_per_s,
+        return {n.node_id: max(self._busy_rate.get(n.node_id, 0.0), n.report.prefill_tokens_per_s / cpu_share(n.report),
                                self.full_pass_rate(n.report.device_name)) for n in nodes}
 
     def full_pass_rate(self, device_name: str) -> float:
@@ -336,7 +344,16 @@ def mean_prefill_rate(nodes: list[NodeEntry], cost: CostModel, rates: dict[str, 
 def _rates(nodes: list[NodeEntry], rates: dict[str, float] | None) -> dict[str, float]:
     if rates is not None:
         return rates
-    return {n.node_id: n.report.prefill_tokens_per_s for n in nodes}
+    return {n.node_id: n.report.prefill_tokens_per_s / cpu_share(n.report) for n in nodes}
+
+
+def cpu_share(report: LoadReport) -> float:
+    """The share of its threads' time the node's steps got (1 when not measured: GPU and
+    vLLM nodes, a node that has not stepped). A step measured at share ``s`` would have
+    taken ``s`` times as long on cores of its own, a prefill pass likewise: the tracker
+    keeps every figure at that, and the goodput planner stretches it again by how many
+    threads a shape would run at once on the cores (:class:`libs.scheduler.goodput.Cores`)."""
+    return report.cpu_share if 0.0 < report.cpu_share < 1.0 else 1.0
 
 
 def mean_decode_step_s(nodes: list[NodeEntry], cost: CostModel) -> float:
@@ -346,8 +363,9 @@ def mean_decode_step_s(nodes: list[NodeEntry], cost: CostModel) -> float:
     batch and the decode need with it; that errs on the side of fewer flips until decode
     batches fill, when the measurement is right.
     """
-    busy = [n.report.decode_step_s for n in nodes if n.can_decode and n.report.num_running and n.report.decode_step_s > 0]
-    steps = busy or [n.report.decode_step_s for n in nodes if n.report.decode_step_s > 0]
+    busy = [n.report.decode_step_s * cpu_share(n.report) for n in nodes
+            if n.can_decode and n.report.num_running and n.report.decode_step_s > 0]
+    steps = busy or [n.report.decode_step_s * cpu_share(n.report) for n in nodes if n.report.decode_step_s > 0]
     return sum(steps) / len(steps) if steps else cost.default_decode_step_s
 
 

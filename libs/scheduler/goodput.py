@@ -48,6 +48,15 @@ The window is weighed at the high end of what it says of the load: its rate is k
 dispersion of its per-bin counts (1 for Poisson arrivals, far more for bursts): a window
 of bursts and lulls tells the load less precisely than as many steady arrivals.
 
+CPU nodes whose processes need more threads than their hosts have cores (several nodes
+on a laptop) slow each other, and by how many of them are busy at once, which the shape
+decides: every node that decodes is busy all the time, a prefill node only while it has
+prompts. The nodes report the share of their threads' time their steps got; the planner
+keeps every rate at what it would be on cores of their own, and weighs each shape at the
+stretch its own busy threads cause (:class:`Cores`): four single-threaded nodes on two
+cores, all hybrid, run at half speed, three prefill nodes and a decode node at nearly
+full speed. Nodes on GPUs, and on cores enough, run as measured.
+
 All prompt-heavy loads whose hybrid TPOT stays within its objective come out all hybrid
 (n nodes share every prompt and nothing is handed off); when the interference breaks the
 TPOT objective, the split that meets it wins; and every shape between is a candidate.
@@ -63,7 +72,8 @@ from typing import Any
 
 from libs.protocol.messages import Role
 from libs.scheduler.cost_model import CostModel
-from libs.scheduler.demand import DemandTracker, Placed, held_blocks_per_seq, mean_decode_step_s, mean_prefill_rate
+from libs.scheduler.demand import (DemandTracker, Placed, cpu_share, held_blocks_per_seq, mean_decode_step_s,
+                                   mean_prefill_rate)
 from libs.scheduler.node_registry import NodeEntry
 
 
@@ -104,6 +114,65 @@ class Objectives:
 
 
 @dataclass(frozen=True)
+class Cores:
+    """CPU nodes whose processes need more threads than their hosts have cores.
+
+    Nodes that share a host's cores slow each other: a node's step takes as long as its
+    work at the share of a core each of its threads gets. The nodes' figures are kept at
+    what they measure with cores of their own (each report's ``cpu_share`` says how much
+    of its threads' time its steps got), and each shape is weighed at the share its own
+    mix of busy threads leaves: a node that decodes steps back to back, so its threads are
+    always busy; a prefill node's are busy while it has prompts, ``u`` of the time with
+    cores of its own and ``u x stretch`` at the stretch the others cause. With ``T`` threads
+    always busy, ``T_p`` prefill threads and ``C`` cores:
+
+      stretch = 1                      when T + T_p x u <= C
+      stretch = T / (C - T_p x u)      otherwise (busy threads x stretch fill the cores)
+
+    Four single-threaded nodes on two cores, all hybrid, run every step at half speed
+    (stretch 2); three prefill nodes and one decode node, with prompts a tenth of the
+    prefill nodes' time, at full speed. The roles are taken to spread evenly over the
+    hosts when there are several.
+
+    Args:
+        threads: the mean node's compute threads.
+        cores: the cores of the nodes' hosts, all together (on each host the union of its
+            nodes' core sets).
+    """
+
+    threads: float
+    cores: int
+
+    def stretch(self, shape: Shape, u: float, decoding: bool) -> float:
+        """How many times longer than with cores of its own a node's work takes in
+        ``shape``, its prefill-capable nodes busy ``u`` of the time (with cores of their
+        own), ``decoding``: whether any output is asked for (inf: the prompts alone need
+        more than the cores)."""
+        always = self.threads * (shape.decode + shape.hybrid if decoding else 0)
+        by_prompts = self.threads * (shape.prefill + (0 if decoding else shape.hybrid)) * u
+        if always + by_prompts <= self.cores:
+            return 1.0
+        room = self.cores - by_prompts
+        return always / room if room > 0 and always > 0 else math.inf
+
+    @classmethod
+    def of(cls, nodes: Sequence[NodeEntry]) -> Cores | None:
+        """The nodes' cores, or None when they cannot run short: some node is not a CPU
+        engine that reports its threads and cores, or the threads fit the cores."""
+        hosts: dict[str, set[int]] = {}
+        for n in nodes:
+            r = n.report
+            if r.cpu_threads <= 0 or not r.cpu_set:
+                return None
+            hosts.setdefault(r.host_id, set()).update(r.cpu_set)
+        threads = sum(n.report.cpu_threads for n in nodes)
+        cores = sum(len(c) for c in hosts.values())
+        if not nodes or threads <= cores:
+            return None
+        return cls(threads / len(nodes), cores)
+
+
+@dataclass(frozen=True)
 class Rates:
     """What the nodes measured, as the mean node of the cluster.
 
@@ -115,6 +184,8 @@ class Rates:
         hybrid_prefill_tokens_per_s: the prompt tokens/s hybrid nodes report, from the
             passes they run between decode steps (each pays a pass's fixed cost for the
             prompts queued since the last); 0 when no hybrid node has prefilled.
+        cores: CPU nodes whose threads outnumber their cores (:class:`Cores`); every
+            time above is then what a node takes with cores of its own.
     """
 
     prefill_tokens_per_s: float
@@ -122,6 +193,7 @@ class Rates:
     step_b_s: float
     batch_cap: float
     hybrid_prefill_tokens_per_s: float = 0.0  # what hybrid nodes measured in their own passes (0: none)
+    cores: Cores | None = None  # CPU nodes sharing too few cores (None: each runs as on cores of its own)
 
     def full_batch_rate(self) -> float:
         """Output tokens/s of a node decoding a full batch."""
@@ -151,15 +223,16 @@ def measured_rates(tracker: DemandTracker, nodes: list[NodeEntry], cost: CostMod
     held = held_blocks_per_seq(list(placed))
     caps = [min(n.max_num_seqs, n.report.total_blocks / held) if held > 0 and n.report.total_blocks > 0
             else n.max_num_seqs for n in nodes]
-    hybrid = [n.report.prefill_tokens_per_s for n in nodes if n.role == Role.HYBRID and n.report.prefill_tokens_per_s > 0]
+    hybrid = [n.report.prefill_tokens_per_s / cpu_share(n.report) for n in nodes
+              if n.role == Role.HYBRID and n.report.prefill_tokens_per_s > 0]
     return Rates(prefill, max(a, 1e-6), b, max(sum(caps) / len(caps), 1.0) if caps else 1.0,
-                 sum(hybrid) / len(hybrid) if hybrid else 0.0)
+                 sum(hybrid) / len(hybrid) if hybrid else 0.0, Cores.of(nodes))
 
 
 def decode_step_now_s(nodes: Sequence[NodeEntry]) -> float:
-    """The decode step the decode nodes report now, the mean over their running sequences
-    (0: none is decoding)."""
-    running = [(n.report.num_running, n.report.decode_step_s) for n in nodes
+    """The decode step the decode nodes report now, the mean over their running sequences,
+    as with cores of their own (:func:`cpu_share`; 0: none is decoding)."""
+    running = [(n.report.num_running, n.report.decode_step_s * cpu_share(n.report)) for n in nodes
                if n.role == Role.DECODE and n.report.num_running > 0 and n.report.decode_step_s > 0]
     total = sum(k for k, _ in running)
     return sum(k * step for k, step in running) / total if total else 0.0
@@ -232,9 +305,12 @@ class Load:
         """Predict ``shape`` under this load (see the module docstring), the load taken
         ``scale`` times as high (default: the window's own sampling error higher, so a shape
         that only just keeps up with the window is not preferred to one with room)."""
-        rt = self.rates
         if scale is None:
             scale = self._scale()
+        rt, stretch = self._stretched(self.rates, shape, scale)
+        if stretch == math.inf:
+            return Forecast(shape, 0.0, math.inf, math.inf if shape.decode else 0.0, math.inf if shape.hybrid else 0.0,
+                            math.inf)
         n_p, n_d = shape.prefill + shape.hybrid, shape.decode + shape.hybrid
         u = scale * self.prompt_tokens_per_s / (rt.prefill_tokens_per_s * n_p)
         r = scale * self.output_tokens_per_s / n_d
@@ -248,7 +324,8 @@ class Load:
             tpot_h = _tpot(rt, u_h, r) if shape.hybrid else 0.0
         else:
             tpot_h = self._guess_tpot_hybrid(rt, shape, scale) if shape.hybrid else 0.0
-        wait = _mgc_wait(n_p, u, self.service_mean_s, self.service_sq_s2)
+        # Prompts take ``stretch`` times their time on cores of their own.
+        wait = _mgc_wait(n_p, u, self.service_mean_s * stretch, self.service_sq_s2 * stretch**2)
         step_h = rt.step_a_s + rt.step_b_s * r * tpot_h if shape.hybrid and math.isfinite(tpot_h) else math.inf
         within = 0.0
         f_tpot = {(ttft_slo, tpot_slo): (shape.decode * _share_tpot(tpot_d, tpot_slo)
@@ -265,8 +342,8 @@ class Load:
         def f_ttft(ttft_slo: float, service: list[float], w: float) -> float:
             if ttft_slo == math.inf:
                 return 1.0  # no TTFT objective: any wait will do
-            ok_p = _share_within(service, ttft_slo - w) if shape.prefill else 0.0
-            ok_hp = _share_within(service, ttft_slo - w - 2 * step_h) if shape.hybrid else 0.0
+            ok_p = _share_within(service, (ttft_slo - w) / stretch) if shape.prefill else 0.0
+            ok_hp = _share_within(service, (ttft_slo - w - 2 * step_h) / stretch) if shape.hybrid else 0.0
             return (shape.prefill * ok_p + shape.hybrid * ok_hp) / n_p
 
         if not self.ttft_bound or scale * self.peak_bin_tokens <= cap_p:
@@ -298,7 +375,22 @@ class Load:
         would credit a hybrid node's smaller batch with shorter steps."""
         if not shape.hybrid:
             return 0.0
-        return self._guess_tpot_hybrid(replace(self.rates, step_a_s=step_s, step_b_s=0.0), shape, self._scale())
+        scale = self._scale()
+        rt, _ = self._stretched(replace(self.rates, step_a_s=step_s, step_b_s=0.0), shape, scale)
+        return self._guess_tpot_hybrid(rt, shape, scale)
+
+    def _stretched(self, rt: Rates, shape: Shape, scale: float) -> tuple[Rates, float]:
+        """(``rt`` as ``shape``'s nodes would run on the cores they share, the stretch:
+        :class:`Cores`); ``rt`` itself and 1 when the nodes have cores enough."""
+        if rt.cores is None:
+            return rt, 1.0
+        u = scale * self.prompt_tokens_per_s / (rt.prefill_tokens_per_s * (shape.prefill + shape.hybrid))
+        stretch = rt.cores.stretch(shape, u, self.output_tokens_per_s > 0)
+        if stretch == 1.0 or stretch == math.inf:
+            return rt, stretch
+        return replace(rt, prefill_tokens_per_s=rt.prefill_tokens_per_s / stretch, step_a_s=rt.step_a_s * stretch,
+                       step_b_s=rt.step_b_s * stretch,
+                       hybrid_prefill_tokens_per_s=rt.hybrid_prefill_tokens_per_s / stretch), stretch
 
     def _guess_tpot_hybrid(self, rt: Rates, shape: Shape, scale: float) -> float:
         """A hybrid node's TPOT in ``shape`` from the rates ``rt`` and the prefill rate of

@@ -60,5 +60,14 @@ def build_report(
         kv_sent_transfers=transfers.sent_transfers, kv_sent_bytes=transfers.sent_bytes,
         kv_sent_calls=transfers.sent_calls, kv_sent_seconds=transfers.sent_seconds,
         kv_received_transfers=transfers.received_transfers, kv_received_bytes=transfers.received_bytes,
-        kv_links=transfers.links.snapshot(), step_age_s=engine.busy_s,
+        kv_links=transfers.links.snapshot(), step_age_s=engine.busy_s, cpu_threads=stats.cpu_threads,
+        cpu_set=_cpu_set() if stats.cpu_threads > 0 else [], cpu_share=stats.cpu_share,
     )
+
+
+def _cpu_set() -> list[int]:
+    """The cores this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux: every core the host has
+        return list(range(os.cpu_count() or 1))

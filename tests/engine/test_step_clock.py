@@ -76,3 +76,46 @@ def test_cpu_step_is_folded_at_once() -> None:
     assert first > 0
     clock.stop(clock.start(), 0)  # a step of no tokens pulls the average down by alpha
     assert clock.rate == pytest.approx(0.8 * first)
+
+
+def test_cpu_share_is_cpu_time_over_wall_time_of_the_steps() -> None:
+    """A step that computes gets its thread's time; one that waits (preempted, or here
+    asleep) gets none of it: the share tells the two apart, whatever the machine's speed."""
+    import time
+
+    from libs.engine.step_clock import CpuShare
+
+    waiting, computing = CpuShare(threads=1, alpha=1.0), CpuShare(threads=1, alpha=1.0)
+    assert waiting.share == 0.0  # nothing timed yet
+    mark = waiting.start()
+    time.sleep(0.02)
+    waiting.stop(mark)
+    mark = computing.start()
+    end = time.perf_counter() + 0.02
+    while time.perf_counter() < end:
+        pass
+    computing.stop(mark)
+    assert 0.0 < waiting.share < 0.5 and 0.0 < computing.share <= 1.0
+    assert computing.share > waiting.share
+
+
+def test_a_cpu_engine_reports_its_threads_and_their_share() -> None:
+    from tests.engine.conftest import make_engine, run_all
+
+    engine = make_engine()
+    assert engine.stats().cpu_threads == torch.get_num_threads() and engine.stats().cpu_share == 0.0
+    run_all(engine, {"a": list(range(1, 40)), "b": list(range(5, 30))})
+    assert 0.0 < engine.stats().cpu_share <= 1.0
+
+
+def test_a_mixed_step_is_charged_to_the_prefill_only_where_the_prefill_is_the_larger_part() -> None:
+    clock = StepClock(torch.device("cpu"), alpha=1.0)
+    # 400 prompt tokens beside a 20 ms decode batch in 0.5 s: 480 ms of prefill.
+    clock.add_mixed(0.5, 0.02, 400)
+    assert clock.rate == pytest.approx(400 / 0.48)
+    # 20 tokens in a 43 ms step beside a batch measured at 40 ms: 3 ms left would read as
+    # 6,700 tokens/s; the difference is the decode step's noise, not the prompt's time.
+    clock.add_mixed(0.043, 0.04, 20)
+    assert clock.rate == pytest.approx(400 / 0.48)
+    clock.add_mixed(0.1, 0.04, 50)  # 60 ms beside 40: folded
+    assert clock.rate == pytest.approx(50 / 0.06)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
+import msgspec
 import pytest
 
 from libs.protocol.messages import Placement, PlaceRequest, Role
 from libs.scheduler.clock import ManualClock
 from libs.scheduler.cost_model import CostModel
 from libs.scheduler.demand import Placed
-from libs.scheduler.goodput import Forecast, Load, Objectives, Rates, Shape, next_move, path, shape_of, shapes
-from libs.scheduler.node_registry import NodeRegistry
+from libs.scheduler.goodput import Cores, Forecast, Load, Objectives, Rates, Shape, next_move, path, shape_of, shapes
+from libs.scheduler.node_registry import NodeEntry, NodeRegistry
 from libs.scheduler.placement_policies import make_policy
 from libs.scheduler.role_controller import RoleConfig, RoleController
 from tests.scheduler.helpers import report
@@ -361,3 +363,75 @@ def test_the_hybrid_guess_is_no_lower_than_the_steps_reported_lately(late_step_s
     assert load.tpot_hybrid_at_step(best.shape, late_step_s) == pytest.approx({0.012: 0.020, 0.04: 0.071}[late_step_s], rel=0.03)
     change, _ = ctl.step()
     assert (change is not None and change.new_role == Role.HYBRID) == moves
+
+
+def _cpu_nodes(roles: list[Role], cores: int, share: float) -> list:
+    """Single-threaded CPU nodes on one host with ``cores`` cores, each measuring a 40 ms
+    decode step and 2,500 prompt tokens/s on a core of its own, reported at ``share`` of
+    its thread's time (a step then takes 1 / share as long on the wall clock)."""
+    out = []
+    for i, role in enumerate(roles):
+        r = report(f"n{i}", role, running=2 if role != Role.PREFILL else 0, rate=2500.0 * share, step_s=0.04 / share,
+                   device="cpu", device_name="cpu", transports=["shm", "tcp"])
+        out.append(msgspec.structs.replace(r, cpu_threads=1, cpu_set=list(range(cores)), cpu_share=share))
+    return out
+
+
+@pytest.mark.parametrize(("cores", "share", "split"), [(2, 0.5, True), (4, 1.0, False)])
+def test_cpu_nodes_sharing_too_few_cores_are_weighed_at_the_shapes_stretch(cores: int, share: float, split: bool) -> None:
+    # Four single-threaded hybrid nodes on one host, 2.5 requests/s of 400 prompt and 32
+    # output tokens, TTFT 3 s and TPOT 100 ms. On four cores each node has its own, the
+    # steps take 40 ms and all hybrid serves every request. On two cores the same nodes
+    # measure 80 ms steps at half their thread's time: all hybrid keeps four threads busy
+    # on two cores (stretch 2, about 105 ms a token beside the prompts, past the
+    # objective), while three prefill nodes and one decode node keep one thread busy and
+    # the prompts a fraction of three more: the decode node runs its 40 ms steps.
+    clock, reg = _registry(*_cpu_nodes([Role.HYBRID] * 4, cores, share))
+    ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=0.1)
+    now = clock.now()
+    for i in range(50):
+        ctl.demand.record(now - 20.0 + (i + 0.5) / 2.5, f"r{i}", 400, 32, 30)
+    load, _ = ctl.goodput_load(reg.nodes())
+    assert load.rates.prefill_tokens_per_s == pytest.approx(2500.0) and load.rates.step_a_s == pytest.approx(0.04)
+    assert (load.rates.cores == Cores(1.0, 2)) if split else load.rates.cores is None
+    hybrid, three_one = load.forecast(Shape(0, 4, 0)), load.forecast(Shape(3, 0, 1))
+    assert three_one.tpot_decode_s < 0.05 and three_one.goodput == pytest.approx(1.0, abs=1e-3)
+    assert (hybrid.tpot_hybrid_s > 0.1 and hybrid.goodput < 0.6) if split else hybrid.tpot_hybrid_s < 0.06
+    change, _ = ctl.step()
+    assert ctl.last_plan is not None and (ctl.last_plan.shape.hybrid == 0) == split
+    assert (change is not None and change.old_role == Role.HYBRID) == split
+
+
+def test_cores_count_once_per_host_and_only_for_cpu_engines_that_report_them() -> None:
+    def node(i: int, host: str, cpus: list[int], threads: int = 1) -> NodeEntry:
+        r = report(f"n{i}", host=host, device="cpu", device_name="cpu")
+        return NodeEntry(msgspec.structs.replace(r, cpu_threads=threads, cpu_set=cpus, cpu_share=1.0), 0.0, 0.0)
+
+    # Four nodes on two cores of one host: short by half.
+    assert Cores.of([node(i, "h", [0, 1]) for i in range(4)]) == Cores(1.0, 2)
+    # Each pinned to cores of its own, or each on a host of its own: cores enough.
+    assert Cores.of([node(i, "h", [i]) for i in range(4)]) is None
+    assert Cores.of([node(i, f"h{i}", [0]) for i in range(4)]) is None
+    # Two hosts of two cores, three two-threaded nodes on each: 12 threads on 4 cores.
+    assert Cores.of([node(i, f"h{i % 2}", [0, 1], threads=2) for i in range(6)]) == Cores(2.0, 4)
+    # A node that does not report its threads (a vLLM engine, a GPU): no model of the cores.
+    bare = NodeEntry(report("x", host="h", device="cpu", device_name="cpu"), 0.0, 0.0)
+    assert Cores.of([node(i, "h", [0, 1]) for i in range(4)] + [bare]) is None
+    assert Cores(1.0, 2).stretch(Shape(0, 4, 0), 0.1, decoding=True) == pytest.approx(2.0)
+    assert Cores(1.0, 2).stretch(Shape(3, 0, 1), 0.1, decoding=True) == 1.0
+    # 2P/2D: two decoding threads and two prefill threads busy 0.4 of the time, 2.8 > 2:
+    # stretch 2 / (2 - 0.8).
+    assert Cores(1.0, 2).stretch(Shape(2, 0, 2), 0.4, decoding=True) == pytest.approx(2 / 1.2)
+    assert Cores(1.0, 2).stretch(Shape(3, 0, 1), 0.7, decoding=True) == math.inf
+
+
+def test_a_shape_whose_prompts_alone_need_more_than_the_cores_keeps_up_with_nothing() -> None:
+    # 12k prompt tokens/s against 2,500 tokens/s per core, two cores shared by four
+    # single-threaded nodes: the prompts alone need 4.8 cores.
+    rates = Rates(2500.0, 0.04, 0.0, 64.0, 0.0, Cores(1.0, 2))
+    load = Load(_steady(20, 10.0, prompt=6000), 10.0, rates, Objectives(3.0, 0.1), 0.0, end_s=10.0)
+    three_one = load.forecast(Shape(3, 0, 1))
+    assert three_one.load == math.inf and three_one.goodput == 0.0 and three_one.tpot_decode_s == math.inf
+    # With cores enough (no Cores), the same load is a heavy one and no more.
+    assert Load(_steady(20, 10.0, prompt=6000), 10.0, replace(rates, cores=None), Objectives(3.0, 0.1), 0.0,
+                end_s=10.0).forecast(Shape(3, 0, 1)).load == pytest.approx(1.6)

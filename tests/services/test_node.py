@@ -8,6 +8,7 @@ preset, shared-memory pools, so the hand-off uses ``shm``) and its own NATS conn
 from __future__ import annotations
 
 import asyncio
+import os
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
@@ -314,6 +315,9 @@ async def test_load_reports(nats_server, engines):
         assert r.kv_block_bytes == p.engine.layout.block_bytes
         assert r.kv_transports == ["shm", "tcp"] and r.host_id == p.agent.host_id
         assert reports[-1].seq > reports[-2].seq and r.max_num_seqs == 64
+        # A CPU engine says how many threads it computes with and where it may run (its
+        # share of the cores is measured once it steps).
+        assert r.cpu_threads == torch.get_num_threads() and set(r.cpu_set) == os.sched_getaffinity(0)
         await nc.drain()
 
 
