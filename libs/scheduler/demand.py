@@ -25,7 +25,7 @@ its standard error (the window is a sample of Poisson arrivals), so the controll
 tell a shift in the load from a window that by chance held more of one kind.
 
 Every step and rate is kept at what the node would measure on cores of its own: a CPU
-node reports the share of its threads' time its steps got (:func:`cpu_share`), below one
+node reports the share of its threads' time its steps got (:func:`cpu_shares`), below one
 when node processes on a host need more threads than it has cores.
 """
 
@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from libs.protocol.messages import LoadReport
 from libs.scheduler.cost_model import CostModel
 from libs.scheduler.node_registry import NodeEntry, kind_means
 
@@ -191,14 +191,15 @@ class DemandTracker:
     def observe(self, nodes: list[NodeEntry]) -> None:
         """Take in the reports not seen yet: decode steps into the step fits, and the
         prefill rate of a backlogged node as what it does when busy."""
+        shares = cpu_shares(nodes)
         for n in nodes:
             r = n.report
             if self._seen.get(r.node_id) == r.seq:
                 continue
             self._seen[r.node_id] = r.seq
             # What the node would have measured with its cores to itself (node processes
-            # sharing a host's cores stretch each other's steps; see `cpu_share`).
-            share = cpu_share(r)
+            # sharing a host's cores stretch each other's steps; see `cpu_shares`).
+            share = shares[r.node_id]
             if r.num_running > 0 and r.decode_step_s > 0:
                 self.fit.add(r.num_running, r.decode_step_s * share)
                 self.kind_fits.setdefault(r.device_name, StepFit()).add(r.num_running, r.decode_step_s * share)
@@ -233,7 +234,8 @@ class DemandTracker:
         (:meth:`full_pass_rate`), whichever is highest: nodes that only ever ran small
         passes (hybrid nodes between decode steps) still tell what a prefill node does.
         """
-        return {n.node_id: max(self._busy_rate.get(n.node_id, 0.0), n.report.prefill_tokens_per_s / cpu_share(n.report),
+        shares = cpu_shares(nodes)
+        return {n.node_id: max(self._busy_rate.get(n.node_id, 0.0), n.report.prefill_tokens_per_s / shares[n.node_id],
                                self.full_pass_rate(n.report.device_name)) for n in nodes}
 
     def full_pass_rate(self, device_name: str) -> float:
@@ -344,16 +346,40 @@ def mean_prefill_rate(nodes: list[NodeEntry], cost: CostModel, rates: dict[str, 
 def _rates(nodes: list[NodeEntry], rates: dict[str, float] | None) -> dict[str, float]:
     if rates is not None:
         return rates
-    return {n.node_id: n.report.prefill_tokens_per_s / cpu_share(n.report) for n in nodes}
+    shares = cpu_shares(nodes)
+    return {n.node_id: n.report.prefill_tokens_per_s / shares[n.node_id] for n in nodes}
 
 
-def cpu_share(report: LoadReport) -> float:
-    """The share of its threads' time the node's steps got (1 when not measured: GPU and
-    vLLM nodes, a node that has not stepped). A step measured at share ``s`` would have
-    taken ``s`` times as long on cores of its own, a prefill pass likewise: the tracker
-    keeps every figure at that, and the goodput planner stretches it again by how many
-    threads a shape would run at once on the cores (:class:`libs.scheduler.goodput.Cores`)."""
-    return report.cpu_share if 0.0 < report.cpu_share < 1.0 else 1.0
+def core_sharing(nodes: Sequence[NodeEntry]) -> tuple[float, int] | None:
+    """(the mean node's compute threads, the cores of the nodes' hosts all together, on
+    each host the union of its nodes' core sets) when the nodes' threads outnumber those
+    cores; None when they do not, or when some node is not a CPU engine that reports its
+    threads and cores (GPU and vLLM nodes), which the planner then takes as measured."""
+    hosts: dict[str, set[int]] = {}
+    threads = 0
+    for n in nodes:
+        r = n.report
+        if r.cpu_threads <= 0 or not r.cpu_set:
+            return None
+        hosts.setdefault(r.host_id, set()).update(r.cpu_set)
+        threads += r.cpu_threads
+    cores = sum(len(c) for c in hosts.values())
+    if not nodes or threads <= cores:
+        return None
+    return threads / len(nodes), cores
+
+
+def cpu_shares(nodes: Sequence[NodeEntry]) -> dict[str, float]:
+    """Node id -> the share of its threads' time the node's steps got, where the nodes
+    share too few cores (:func:`core_sharing`), else 1. A step measured at share ``s``
+    would have taken ``s`` times as long on cores of its own, a prefill pass likewise: the
+    tracker keeps every figure at that, and the goodput planner stretches it again by how
+    many threads a shape would run at once on the cores (:class:`libs.scheduler.goodput.Cores`).
+    Where the threads fit the cores, what slows the nodes (other programs) is there in
+    every shape, and the figures are kept as measured."""
+    if core_sharing(nodes) is None:
+        return {n.node_id: 1.0 for n in nodes}
+    return {n.node_id: n.report.cpu_share if 0.0 < n.report.cpu_share < 1.0 else 1.0 for n in nodes}
 
 
 def mean_decode_step_s(nodes: list[NodeEntry], cost: CostModel) -> float:
@@ -363,9 +389,10 @@ def mean_decode_step_s(nodes: list[NodeEntry], cost: CostModel) -> float:
     batch and the decode need with it; that errs on the side of fewer flips until decode
     batches fill, when the measurement is right.
     """
-    busy = [n.report.decode_step_s * cpu_share(n.report) for n in nodes
+    shares = cpu_shares(nodes)
+    busy = [n.report.decode_step_s * shares[n.node_id] for n in nodes
             if n.can_decode and n.report.num_running and n.report.decode_step_s > 0]
-    steps = busy or [n.report.decode_step_s * cpu_share(n.report) for n in nodes if n.report.decode_step_s > 0]
+    steps = busy or [n.report.decode_step_s * shares[n.node_id] for n in nodes if n.report.decode_step_s > 0]
     return sum(steps) / len(steps) if steps else cost.default_decode_step_s
 
 

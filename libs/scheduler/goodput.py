@@ -72,8 +72,8 @@ from typing import Any
 
 from libs.protocol.messages import Role
 from libs.scheduler.cost_model import CostModel
-from libs.scheduler.demand import (DemandTracker, Placed, cpu_share, held_blocks_per_seq, mean_decode_step_s,
-                                   mean_prefill_rate)
+from libs.scheduler.demand import (DemandTracker, Placed, core_sharing, cpu_shares, held_blocks_per_seq,
+                                   mean_decode_step_s, mean_prefill_rate)
 from libs.scheduler.node_registry import NodeEntry
 
 
@@ -157,19 +157,9 @@ class Cores:
 
     @classmethod
     def of(cls, nodes: Sequence[NodeEntry]) -> Cores | None:
-        """The nodes' cores, or None when they cannot run short: some node is not a CPU
-        engine that reports its threads and cores, or the threads fit the cores."""
-        hosts: dict[str, set[int]] = {}
-        for n in nodes:
-            r = n.report
-            if r.cpu_threads <= 0 or not r.cpu_set:
-                return None
-            hosts.setdefault(r.host_id, set()).update(r.cpu_set)
-        threads = sum(n.report.cpu_threads for n in nodes)
-        cores = sum(len(c) for c in hosts.values())
-        if not nodes or threads <= cores:
-            return None
-        return cls(threads / len(nodes), cores)
+        """The nodes' cores, or None when they cannot run short (:func:`core_sharing`)."""
+        sharing = core_sharing(nodes)
+        return cls(*sharing) if sharing is not None else None
 
 
 @dataclass(frozen=True)
@@ -223,7 +213,8 @@ def measured_rates(tracker: DemandTracker, nodes: list[NodeEntry], cost: CostMod
     held = held_blocks_per_seq(list(placed))
     caps = [min(n.max_num_seqs, n.report.total_blocks / held) if held > 0 and n.report.total_blocks > 0
             else n.max_num_seqs for n in nodes]
-    hybrid = [n.report.prefill_tokens_per_s / cpu_share(n.report) for n in nodes
+    shares = cpu_shares(nodes)
+    hybrid = [n.report.prefill_tokens_per_s / shares[n.node_id] for n in nodes
               if n.role == Role.HYBRID and n.report.prefill_tokens_per_s > 0]
     return Rates(prefill, max(a, 1e-6), b, max(sum(caps) / len(caps), 1.0) if caps else 1.0,
                  sum(hybrid) / len(hybrid) if hybrid else 0.0, Cores.of(nodes))
@@ -231,8 +222,9 @@ def measured_rates(tracker: DemandTracker, nodes: list[NodeEntry], cost: CostMod
 
 def decode_step_now_s(nodes: Sequence[NodeEntry]) -> float:
     """The decode step the decode nodes report now, the mean over their running sequences,
-    as with cores of their own (:func:`cpu_share`; 0: none is decoding)."""
-    running = [(n.report.num_running, n.report.decode_step_s * cpu_share(n.report)) for n in nodes
+    as with cores of their own (:func:`cpu_shares`; 0: none is decoding)."""
+    shares = cpu_shares(nodes)
+    running = [(n.report.num_running, n.report.decode_step_s * shares[n.node_id]) for n in nodes
                if n.role == Role.DECODE and n.report.num_running > 0 and n.report.decode_step_s > 0]
     total = sum(k for k, _ in running)
     return sum(k * step for k, step in running) / total if total else 0.0

@@ -435,3 +435,17 @@ def test_a_shape_whose_prompts_alone_need_more_than_the_cores_keeps_up_with_noth
     # With cores enough (no Cores), the same load is a heavy one and no more.
     assert Load(_steady(20, 10.0, prompt=6000), 10.0, replace(rates, cores=None), Objectives(3.0, 0.1), 0.0,
                 end_s=10.0).forecast(Shape(3, 0, 1)).load == pytest.approx(1.6)
+
+
+def test_nodes_with_cores_enough_keep_their_figures_as_measured() -> None:
+    # The same four nodes reporting half their thread's time, but on eight cores: what
+    # slows them is not each other (other programs on the host) and would slow every
+    # shape alike, so the steps and rates stay as measured and no shape is stretched.
+    clock, reg = _registry(*_cpu_nodes([Role.HYBRID] * 4, 8, 0.5))
+    ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=0.1)
+    now = clock.now()
+    for i in range(50):
+        ctl.demand.record(now - 20.0 + (i + 0.5) / 2.5, f"r{i}", 400, 32, 30)
+    load, _ = ctl.goodput_load(reg.nodes())
+    assert load.rates.cores is None
+    assert load.rates.step_a_s == pytest.approx(0.08) and load.rates.prefill_tokens_per_s == pytest.approx(1250.0)

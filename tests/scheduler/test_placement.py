@@ -9,6 +9,7 @@ from libs.scheduler.clock import ManualClock
 from libs.scheduler.cost_model import CostModel
 from libs.scheduler.node_registry import NodeRegistry
 from libs.scheduler.placement_policies import PlacementConfig, make_policy
+from libs.scheduler.role_controller import RoleConfig
 from tests.scheduler.helpers import report
 
 
@@ -107,6 +108,27 @@ def test_a_prefill_node_still_decoding_takes_prompts_only_when_it_starts_them_mu
     # Done decoding, it is an idle prefill node like any other.
     pol = _cluster(report("p1"), report("p2", waiting_tokens=2_000), report("d1", Role.DECODE))
     assert pol.place(_req()).prefill_node == "p1"
+
+
+def test_under_objectives_a_prompt_goes_where_no_stream_holds_it_back() -> None:
+    # 1P/1H: h1 decodes 4 streams at 50 ms a step, p1 has 1,000 prompt tokens queued
+    # (0.1 s). Without objectives h1 starts the prompt sooner (0.05 + 0.16 s against 0.1 +
+    # 0.16 s plus the hand-off) and takes it. Under a 100 ms TPOT objective h1 paces its
+    # prompts: its streams spare half of each token's time, so the prompt takes twice as
+    # long there, and p1 takes it. The objectives are the request's own or the deployment's.
+    nodes = (report("p1", waiting_tokens=1_000), report("h1", Role.HYBRID, running=4, step_s=0.05))
+    assert _cluster(*nodes).place(_req()).prefill_node == "h1"
+    assert _cluster(*nodes).place(_req(ttft_slo_s=3.0, tpot_slo_s=0.1)).prefill_node == "p1"
+    reg = NodeRegistry(ManualClock(0.0))
+    for r in nodes:
+        reg.update(r)
+    pol = make_policy("flowkv", reg, PlacementConfig(), RoleConfig(ttft_slo_s=3.0, tpot_slo_s=0.1))
+    assert pol.place(_req()).prefill_node == "p1"
+    # Without a TTFT objective a prompt is not held back (pacing leaves it alone).
+    assert _cluster(*nodes).place(_req(tpot_slo_s=0.1)).prefill_node == "h1"
+    # A node with nothing decoding gives its prompts all its time.
+    idle = (report("p1", waiting_tokens=1_000), report("h1", Role.HYBRID, step_s=0.05), report("d1", Role.DECODE))
+    assert _cluster(*idle).place(_req(ttft_slo_s=3.0, tpot_slo_s=0.1)).prefill_node == "h1"
 
 
 def test_full_hybrid_node_hands_off_to_a_decode_node_or_a_roomy_hybrid_node() -> None:
