@@ -24,9 +24,9 @@ busier side's utilisation (need / capacity on that side) drops. Each need comes 
 its standard error (the window is a sample of Poisson arrivals), so the controller can
 tell a shift in the load from a window that by chance held more of one kind.
 
-Every step and rate is kept at what the node would measure on cores of its own: a CPU
-node reports the share of its threads' time its steps got (:func:`cpu_shares`), below one
-when node processes on a host need more threads than it has cores.
+Where CPU node processes need more threads than their hosts have cores, every step and
+rate is kept at what the node would measure on cores of its own: each reports the share
+of its threads' time its steps got (:func:`cpu_shares`).
 """
 
 from __future__ import annotations

@@ -220,10 +220,10 @@ class FlowKV(Policy):
     streams can spare of their TPOT objective, ``1 - step / TPOT`` of its time
     (:func:`paced_share`), so a prompt is predicted to take that much longer there. A
     prefill node with nothing to decode then wins a prompt that a hybrid node with a
-    shorter queue would hold back for its streams' sake (where every candidate paces, the
-    queues and decode loads decide as they do without objectives) (on four CPU nodes sharing two
+    shorter queue would hold back for its streams' sake: on four CPU nodes sharing two
     cores, 3P/1H/0D with prompts placed on its hybrid node as on the others ran its
-    streams at 62 ms p50 and 139 ms p99 a token, where 3P/0H/1D ran 50 and 73)."""
+    streams at 62 ms p50 and 139 ms p99 a token, where 3P/0H/1D ran 50 and 73. Where every
+    candidate paces, the queues and decode loads decide as they do without objectives."""
 
     name = "flowkv"
 
