@@ -486,17 +486,24 @@ class LeaderLease(Message, tag="leader_lease"):
     since: float  # unix seconds the holder took the lease
 
 
+class RoleFlip(msgspec.Struct, kw_only=True):
+    """A role flip the leader has asked for and not yet seen done (in :class:`LeaderState`)."""
+
+    node_id: str
+    old_role: Role
+    new_role: Role
+    reason: str = ""
+    requested_at: float = 0.0  # unix seconds; the flip's ``flip_timeout_s`` runs from here
+
+
 class LeaderState(Message, tag="leader_state"):
     """The value of the ``state`` key in the state bucket, written only by compare-and-set:
-    the current leader's epoch and the role flip it has in flight, if any."""
+    the current leader's epoch and the role flips it has in flight (several only when
+    each goes into hybrid)."""
 
     scheduler_id: str
     epoch: int
-    flip_node: str = ""
-    flip_old_role: Role | None = None
-    flip_new_role: Role | None = None
-    flip_reason: str = ""
-    flip_requested_at: float = 0.0
+    flips: list[RoleFlip] = []
 
 
 AnyMessage = (

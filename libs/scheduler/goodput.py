@@ -292,13 +292,21 @@ class Load:
         mean = sum(seen) / len(seen)
         dispersion = sum((x - mean) ** 2 for x in seen) / len(seen) / mean if mean > 0 else 1.0
         self.effective_requests = self.num_requests / max(1.0, dispersion)
+        self._forecasts: dict[tuple[Shape, float], Forecast] = {}
 
     def forecast(self, shape: Shape, scale: float | None = None) -> Forecast:
         """Predict ``shape`` under this load (see the module docstring), the load taken
         ``scale`` times as high (default: the window's own sampling error higher, so a shape
-        that only just keeps up with the window is not preferred to one with room)."""
+        that only just keeps up with the window is not preferred to one with room).
+        Remembered: a load is weighed against the same shapes for each flip it plans."""
         if scale is None:
             scale = self._scale()
+        key = (shape, scale)
+        if key not in self._forecasts:
+            self._forecasts[key] = self._forecast(shape, scale)
+        return self._forecasts[key]
+
+    def _forecast(self, shape: Shape, scale: float) -> Forecast:
         rt, stretch = self._stretched(self.rates, shape, scale)
         if stretch == math.inf:
             return Forecast(shape, 0.0, math.inf, math.inf if shape.decode else 0.0, math.inf if shape.hybrid else 0.0,

@@ -1,15 +1,19 @@
 """The role controller: moves nodes between prefill, decode and hybrid as the load shifts.
 
 A flip's life:
-  1. ``step()`` sees prefill backlog pile up while decode idles (or the reverse, or both
-     saturated) and returns a RoleChange for one node (a ROLE_FLIP "requested" event);
+  1. ``step()`` finds a shape predicted to serve better (or, with the ``split`` planner,
+     prefill backlog piling up while decode idles, or the reverse) and returns a
+     RoleChange for a node (a ROLE_FLIP "requested" event);
   2. the service sends SetRole to the node, which drains its old-role work and switches;
   3. a later ``step()`` sees the node's LoadReport in the new role, READY: the flip is done
      (ROLE_FLIP "done"); a failed request (``failed()``), a vanished node or
      ``flip_timeout_s`` ends it too.
-At most one flip is in flight; a node keeps a role at least ``min_dwell_s``; the gap
-between the high and low thresholds is the hysteresis; no flip leaves the cluster without
-prefill or without decode capacity.
+Flips into hybrid take nothing from their nodes (a hybrid node keeps serving what it did)
+and run several at a time: a move of many nodes into hybrid is made at once, not one
+report interval per node. Any other flip drains work and runs alone, with nothing else in
+flight. A node keeps a role at least ``min_dwell_s``; the gap between the high and low
+thresholds is the hysteresis; no flip leaves the cluster without prefill or without
+decode capacity.
 """
 
 from __future__ import annotations
@@ -155,7 +159,7 @@ def _tpots(f: Forecast) -> str:
 
 
 class RoleController:
-    """Decides role flips, one at a time.
+    """Decides role flips: several into hybrid at once, any other alone.
 
     Args:
         registry: the live nodes.
@@ -180,7 +184,7 @@ class RoleController:
         use_demand = target is None and config.demand_window_s > 0
         self.demand: DemandTracker | None = (
             DemandTracker(config.demand_window_s, keep_s=config.goodput_window_s) if use_demand else None)
-        self.in_flight: RoleChange | None = None
+        self.in_flight: dict[str, RoleChange] = {}  # node id -> its flip, requested and not yet seen done
         self.num_flips = 0
         self._last: tuple[Role, float] | None = None  # direction (the role gained) and time of the last flip
         self.last_plan: Forecast | None = None  # the goodput planner's latest best shape
@@ -189,56 +193,59 @@ class RoleController:
         self._moved: set[str] = set()  # nodes this controller has flipped
         self._sides: dict[str, tuple[bool, bool]] = {}  # model -> (has had a prefill node, a decode node)
 
-    def step(self) -> tuple[RoleChange | None, list[SchedEvent]]:
-        """Advance the flip in flight; if none, maybe start one.
+    def step(self) -> tuple[list[RoleChange], list[SchedEvent]]:
+        """Advance the flips in flight; maybe start more.
 
         Returns:
-            (the new RoleChange to send as SetRole, or None; events to publish).
+            (the new RoleChanges to send as SetRole, oldest first; events to publish).
         """
         events = self._observe()
-        if self.in_flight is not None:
-            return None, events
+        if any(c.new_role is not Role.HYBRID for c in self.in_flight.values()):
+            return [], events  # a flip that drains work runs alone
         nodes = self.registry.nodes()
-        change = self._restore_lost_side(nodes) if self.target is None else None
-        if change is None:
-            if self.target is None and len({n.report.model for n in nodes}) > 1:
-                # The demand and the rates are not kept per model: a flip could take one
-                # model's node to serve another's load. Roles stay as launched.
-                return None, events
-            change = self._decide_target(nodes) if self.target is not None else self._decide(nodes)
-            if change is not None and self.target is None and not keeps_both_sides(nodes, change):
-                change = None  # e.g. a lone hybrid node must not become decode-only
-        if change is not None:
-            self.in_flight = change
+        restore = self._restore_lost_side(nodes) if self.target is None else None
+        if restore is not None:
+            changes = [restore]
+        elif self.target is None and len({n.report.model for n in nodes}) > 1:
+            # The demand and the rates are not kept per model: a flip could take one
+            # model's node to serve another's load. Roles stay as launched.
+            return [], events
+        elif self.target is not None:
+            change = None if self.in_flight else self._decide_target(nodes)
+            changes = [change] if change is not None else []
+        else:
+            changes = self._decide(nodes)
+            if not keeps_both_sides(nodes, *self.in_flight.values(), *changes):
+                changes = []  # e.g. a lone hybrid node must not become decode-only
+        for change in changes:
+            self.in_flight[change.node_id] = change
             events.append(self._event(change, f"requested: {change.reason}"))
-        return change, events
+        return changes, events
 
     def failed(self, node_id: str, reason: str) -> list[SchedEvent]:
-        """The SetRole request for ``node_id`` failed: forget the flip."""
-        if self.in_flight is None or self.in_flight.node_id != node_id:
-            return []
-        change, self.in_flight = self.in_flight, None
-        return [self._event(change, f"failed: {reason}")]
+        """The SetRole request for ``node_id`` failed: forget its flip."""
+        change = self.in_flight.pop(node_id, None)
+        return [self._event(change, f"failed: {reason}")] if change is not None else []
 
     def _observe(self) -> list[SchedEvent]:
-        change = self.in_flight
-        if change is None:
-            return []
+        events = []
         now = self.registry.clock.now()
-        entry = self.registry.get(change.node_id)
-        if entry is None:
-            self.in_flight = None
-            return [self._event(change, "failed: node left")]
-        if entry.role == change.new_role and entry.ready:
-            self.in_flight = None
-            self.num_flips += 1
-            self._moved.add(change.node_id)
-            self._last = (change.new_role, now)
-            return [self._event(change, "done")]
-        if now - change.requested_at > self.config.flip_timeout_s:
-            self.in_flight = None
-            return [self._event(change, f"failed: no report in the new role after {self.config.flip_timeout_s:g}s")]
-        return []
+        for node_id, change in list(self.in_flight.items()):
+            entry = self.registry.get(node_id)
+            if entry is None:
+                del self.in_flight[node_id]
+                events.append(self._event(change, "failed: node left"))
+            elif entry.role == change.new_role and entry.ready:
+                del self.in_flight[node_id]
+                self.num_flips += 1
+                self._moved.add(node_id)
+                self._last = (change.new_role, now)
+                events.append(self._event(change, "done"))
+            elif now - change.requested_at > self.config.flip_timeout_s:
+                del self.in_flight[node_id]
+                events.append(self._event(
+                    change, f"failed: no report in the new role after {self.config.flip_timeout_s:g}s"))
+        return events
 
     def _event(self, change: RoleChange, detail: str) -> SchedEvent:
         return SchedEvent(kind=EventKind.ROLE_FLIP, ts=self.registry.clock.now(), node_id=change.node_id,
@@ -267,7 +274,9 @@ class RoleController:
         change = None
         for model, group in sorted(by_model.items()):
             ready = [n for n in group if n.ready]
-            sides = (any(n.can_prefill for n in ready), any(n.can_decode for n in ready))
+            # A node on its way into hybrid brings both sides with it.
+            roles = [self._role(n) for n in ready]
+            sides = (any(r is not Role.DECODE for r in roles), any(r is not Role.PREFILL for r in roles))
             had = self._sides.get(model, (False, False))
             self._sides[model] = (had[0] or sides[0], had[1] or sides[1])
             lost = [what for what, have, seen in zip(("prefill", "decode"), sides, had) if seen and not have]
@@ -278,10 +287,33 @@ class RoleController:
             del self._sides[model]  # every node of the model left: what it had is forgotten
         return change
 
-    def _decide(self, nodes: list[NodeEntry]) -> RoleChange | None:
+    def _role(self, node: NodeEntry) -> Role:
+        """``node``'s role once its flip in flight, if any, is done."""
+        change = self.in_flight.get(node.node_id)
+        return change.new_role if change is not None else node.role
+
+    def _decide(self, nodes: list[NodeEntry]) -> list[RoleChange]:
         c = self.config
         now = self.registry.clock.now()
-        free = [n for n in nodes if n.ready and now - n.role_since >= c.min_dwell_s]
+        ready = [n for n in nodes if n.ready and n.node_id not in self.in_flight]
+        free = [n for n in ready if now - n.role_since >= c.min_dwell_s]
+        # A node in the role it was started with has no flip of this controller to dwell
+        # on: the goodput plan may move it at once (the dwell keeps its later roles).
+        movable = [n for n in ready if n in free or n.node_id not in self._moved]
+        planned, changes = self._decide_by_goodput(nodes, movable)
+        if planned or c.planner == "goodput" or c.ttft_slo_s > 0 or c.tpot_slo_s > 0:
+            # With objectives, roles follow the goodput plan only; a window too thin to
+            # plan from is a light load, which any shape serves.
+            return changes
+        if self.in_flight:
+            return []  # the split rules move one node at a time
+        change = self._decide_split(nodes, free)
+        return [change] if change is not None else []
+
+    def _decide_split(self, nodes: list[NodeEntry], free: list[NodeEntry]) -> RoleChange | None:
+        """The ``split`` planner without objectives: a flip by the demand or the queues."""
+        c = self.config
+        now = self.registry.clock.now()
         pr = pressure(nodes, self.cost)
         p_short, p_room = pr.prefill_backlog_s > c.prefill_high_s, pr.prefill_backlog_s < c.prefill_low_s
         # Decode is short only when it is full AND prefilled requests wait for it; a full
@@ -294,14 +326,6 @@ class RoleController:
         decodes = [n for n in free if n.role == Role.DECODE]
         why = (f"prefill backlog {pr.prefill_backlog_s:.2f}s, decode occupancy {pr.decode_occupancy:.2f}, "
                f"waiting {pr.decode_waiting:.2f}")
-        # A node in the role it was started with has no flip of this controller to dwell
-        # on: the goodput plan may move it at once (the dwell keeps its later roles).
-        movable = [n for n in nodes if n.ready and (n in free or n.node_id not in self._moved)]
-        planned, change = self._decide_by_goodput(nodes, movable)
-        if planned or c.planner == "goodput" or c.ttft_slo_s > 0 or c.tpot_slo_s > 0:
-            # With objectives, roles follow the goodput plan only; a window too thin to
-            # plan from is a light load, which any shape serves.
-            return change
         by_demand = self._decide_by_demand(nodes, free)
         if by_demand is not None:
             return by_demand
@@ -363,20 +387,42 @@ class RoleController:
         rates = measured_rates(self.demand, ready, self.cost, placed)
         return Load(placed, span, rates, objectives, c.demand_confidence, end_s=now), demand
 
-    def _decide_by_goodput(self, nodes: list[NodeEntry], free: list[NodeEntry]) -> tuple[bool, RoleChange | None]:
-        """(whether goodput planning applies, the flip it asks for): one flip toward the
+    def _decide_by_goodput(self, nodes: list[NodeEntry], free: list[NodeEntry]) -> tuple[bool, list[RoleChange]]:
+        """(whether goodput planning applies, the flips it asks for): flips toward the
         shape of best predicted goodput, when that beats the current shape's by more than
         ``goodput_margin``, or matches it with a busiest-node load lower by more than
-        ``demand_margin`` while the current one is above ``demand_busy``."""
+        ``demand_margin`` while the current one is above ``demand_busy``.
+
+        Each flip is planned from the shape the flips before it (in flight or asked for
+        here) leave, as if they were done: a flip into hybrid is followed by the next one
+        the plan makes, as long as that goes into hybrid too; a flip out of hybrid, or
+        between prefill and decode, is asked for only with nothing else in flight."""
         view = self.goodput_load(nodes)
         if view is None:
             self.last_plan = self.last_current = None  # nothing to plan from: no forecast stands
-            return False, None
+            return False, []
         load, demand = view
+        self.last_plan, self.last_current = load.best(len(nodes), shape_of([self._role(n) for n in nodes]))
+        changes: list[RoleChange] = []
+        while True:
+            pending = [*self.in_flight.values(), *changes]
+            change = self._goodput_flip(nodes, free, load, demand, pending)
+            if change is None:
+                break
+            changes.append(change)
+            free = [n for n in free if n.node_id != change.node_id]
+            if change.new_role is not Role.HYBRID:
+                break
+        return True, changes
+
+    def _goodput_flip(self, nodes: list[NodeEntry], free: list[NodeEntry], load: Load, demand: Demand,
+                      pending: list[RoleChange]) -> RoleChange | None:
+        """The next flip of the goodput plan from the shape that ``pending`` (flips into
+        hybrid) leave, or None."""
         c = self.config
-        current = shape_of([n.role for n in nodes])
+        roles = {ch.node_id: ch.new_role for ch in pending}
+        current = shape_of([roles.get(n.node_id, n.role) for n in nodes])
         best, now = load.best(len(nodes), current)
-        self.last_plan, self.last_current = best, now
         # A share estimated from N requests is uncertain by up to 0.5 / sqrt(N) (its
         # standard error at one half): a gain within that is the window's noise.
         margin = max(c.goodput_margin, c.demand_confidence * 0.5 / math.sqrt(max(load.effective_requests, 1.0)))
@@ -420,16 +466,11 @@ class RoleController:
         onward = (self._heading is not None and best.shape == self._heading and best.load <= now.load
                   and (overload or best.goodput >= now.goodput - margin))
         if best.shape == current or not (gains or lighter or onward):
-            return True, None
+            return None
         # The move must pay for its way: each flip leaves the cluster for a while in a
         # shape between the two, which may serve fewer requests than the current one.
         # Each flip goes to the shape between that is predicted to serve best.
-        memo: dict[Shape, Forecast] = {}
-
-        def forecast(s: Shape) -> Forecast:
-            if s not in memo:
-                memo[s] = load.forecast(s)
-            return memo[s]
+        forecast = load.forecast
 
         def rank(s: Shape) -> tuple[float, float]:
             if overload:
@@ -439,11 +480,11 @@ class RoleController:
         passing = path(current, best.shape, rank)[:-1]
         cost = sum(max(now.goodput - forecast(s).goodput, 0.0) for s in passing) * c.flip_cost_s
         if gains and (best.goodput - now.goodput) * c.reverse_cooldown_s <= cost:
-            return True, None
+            return None
         if overload and any(forecast(s).load > now.load for s in passing):
-            return True, None
+            return None
         if not gains and not overload and any(forecast(s).goodput < now.goodput - margin for s in passing):
-            return True, None
+            return None
         settled = self._last is not None and self.registry.clock.now() - self._last[1] < c.reverse_cooldown_s
         heading = self._heading is not None and best.shape == self._heading
         clearly = (best.load < now.load * (1.0 - 2 * c.demand_margin) if overload
@@ -452,7 +493,7 @@ class RoleController:
             # A shape just reached is kept for the cooldown unless another is clearly better:
             # windows near a boundary between two shapes would otherwise swing between them.
             # A move on its way to the shape it set out for goes on.
-            return True, None
+            return None
         why = (f"goodput: {current} predicted {now.goodput:.2f} within objectives at load {now.load:.2f}, "
                f"{best.shape} {best.goodput:.2f} at {best.load:.2f}{_tpots(best)}")
         for src, dst in sorted(next_move(current, best.shape), key=lambda m: rank(moved(current, *m))):
@@ -465,10 +506,12 @@ class RoleController:
             node = min(movers, key=lambda n: (sign * ratio[n.node_id], n.queued_prefill_tokens() + n.report.num_held,
                                               n.num_decode_seqs(), n.node_id))
             change = self._change(node, dst, why)
-            if keeps_both_sides(nodes, change):
+            if keeps_both_sides(nodes, *pending, change):
+                if pending and dst is not Role.HYBRID:
+                    return None  # it drains work: it waits until nothing else is in flight
                 self._heading = best.shape
-                return True, change
-        return True, None
+                return change
+        return None
 
     def _decide_by_demand(self, nodes: list[NodeEntry], free: list[NodeEntry]) -> RoleChange | None:
         """Flip one node from the less busy side to the busier one, by the recent demand, when
@@ -548,11 +591,13 @@ class RoleController:
                                          n.node_id))
 
 
-def keeps_both_sides(nodes: list[NodeEntry], change: RoleChange) -> bool:
+def keeps_both_sides(nodes: list[NodeEntry], *changes: RoleChange) -> bool:
     """Whether the cluster still has a READY node able to prefill and one able to decode
-    after ``change``: no flip may leave requests with nowhere to go."""
+    after ``changes``: no flip may leave requests with nowhere to go."""
+    new = {c.node_id: c.new_role for c in changes}
+
     def role_of(n: NodeEntry) -> Role:
-        return change.new_role if n.node_id == change.node_id else n.role
+        return new.get(n.node_id, n.role)
 
     ready = [n for n in nodes if n.ready]
     prefill = any(role_of(n) in (Role.PREFILL, Role.HYBRID) for n in ready)

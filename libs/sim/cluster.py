@@ -193,8 +193,8 @@ class Cluster:
         self.registry.expire()
         roles = self.policy.roles
         if roles is not None:
-            change, _ = roles.step()
-            if change is not None:
+            changes, _ = roles.step()
+            for change in changes:
                 self.flips.append((now, change.node_id, change.old_role, change.new_role))
                 self.flip_reasons.append(change.reason)
                 self.nodes[change.node_id].set_role(change.new_role)

@@ -52,6 +52,7 @@ from libs.protocol.messages import (
     PlaceRequest,
     Placement,
     Rejected,
+    RoleFlip,
     SchedEvent,
     SetRole,
     encode,
@@ -128,10 +129,12 @@ class SchedulerService:
         """This replica leads now: adopt the flip in flight, take the leader's subjects, say so."""
         state = self.leadership.state
         roles = self.policy.roles
-        if roles is not None and state.flip_node and state.flip_old_role and state.flip_new_role:
-            roles.in_flight = RoleChange(state.flip_node, state.flip_old_role, state.flip_new_role,
-                                         state.flip_reason, self.clock.now() - max(0.0, time.time() - state.flip_requested_at))
-            log.info("adopted the role flip in flight: %s -> %s", state.flip_node, state.flip_new_role.value)
+        if roles is not None:
+            roles.in_flight = {f.node_id: RoleChange(f.node_id, f.old_role, f.new_role, f.reason,
+                                                     self.clock.now() - max(0.0, time.time() - f.requested_at))
+                               for f in state.flips}
+            for f in state.flips:
+                log.info("adopted the role flip in flight: %s -> %s", f.node_id, f.new_role.value)
         self._leader_subs = [
             await subscribe(self.nc, subjects.sched_place(), self._on_place, (PlaceRequest,)),
             await subscribe(self.nc, subjects.sched_cluster(), self._on_cluster, (ClusterQuery,)),
@@ -169,7 +172,7 @@ class SchedulerService:
         await self._unsubscribe(self._leader_subs)
         self._leader_subs = []
         if self.policy.roles is not None:
-            self.policy.roles.in_flight = None  # the new leader adopts it from the leader state
+            self.policy.roles.in_flight = {}  # the new leader adopts them from the leader state
         self._drop_queue("deposed")
 
     def _drop_queue(self, outcome: str) -> None:
@@ -384,31 +387,29 @@ class SchedulerService:
             await self._publish_missed_downs()
         roles = self.policy.roles
         if roles is not None and self.is_leader:
-            change, events = roles.step()
+            changes, events = roles.step()
             try:
-                await self._record_flip(roles.in_flight)  # before SetRole goes out: the fence
+                await self._record_flips(list(roles.in_flight.values()))  # before SetRole goes out: the fence
             except NotLeader:
-                roles.in_flight = None
+                roles.in_flight = {}
                 return
             await self._publish(events)
-            if change is not None:
+            for change in changes:
                 self.tasks.spawn(self._send_role(change), f"set-role-{change.node_id}")
         await self._drain()  # deadlines, and reservations that expired since the last report
 
-    async def _record_flip(self, change: RoleChange | None) -> None:
-        """Write the flip in flight (or none) into the leader state by compare-and-set, when
-        it changed. A deposed leader's write fails (NotLeader): it sends no SetRole, and the
-        leader that took over adopts the flip it finds there."""
+    async def _record_flips(self, changes: list[RoleChange]) -> None:
+        """Write the flips in flight into the leader state by compare-and-set, when they
+        changed. A deposed leader's write fails (NotLeader): it sends no SetRole, and the
+        leader that took over adopts the flips it finds there."""
         state = self.leadership.state
-        node = change.node_id if change else ""
-        new_role = change.new_role if change else None
-        if (state.flip_node, state.flip_new_role) == (node, new_role):
+        if {(f.node_id, f.new_role) for f in state.flips} == {(c.node_id, c.new_role) for c in changes}:
             return
-        ago = self.clock.now() - change.requested_at if change else 0.0
-        await self.leadership.write_state(LeaderState(
-            scheduler_id=self.config.scheduler_id, epoch=self.leadership.epoch, flip_node=node,
-            flip_old_role=change.old_role if change else None, flip_new_role=new_role,
-            flip_reason=change.reason if change else "", flip_requested_at=time.time() - ago if change else 0.0))
+        now, wall = self.clock.now(), time.time()
+        flips = [RoleFlip(node_id=c.node_id, old_role=c.old_role, new_role=c.new_role, reason=c.reason,
+                          requested_at=wall - (now - c.requested_at)) for c in changes]
+        await self.leadership.write_state(LeaderState(scheduler_id=self.config.scheduler_id,
+                                                      epoch=self.leadership.epoch, flips=flips))
 
     async def _send_role(self, change: RoleChange) -> None:
         msg = SetRole(node_id=change.node_id, role=change.new_role, reason=change.reason, epoch=self.leadership.epoch)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from libs.protocol import subjects
-from libs.protocol.messages import KVLink, LoadReport, NodeState, Role, encode
+from libs.protocol.messages import KVLink, LoadReport, NodeState, Role, SchedEvent, encode
+from libs.scheduler.role_controller import RoleChange, RoleController
 
 _seq: dict[str, int] = {}
 
@@ -53,3 +54,16 @@ async def announce(client, registry, *reports: LoadReport, timeout: float = 10.0
         for r in reports:
             await client.publish(subjects.node_load(), encode(r))
         await asyncio.sleep(0.2)
+
+
+def one_step(ctl: RoleController) -> tuple[RoleChange | None, list[SchedEvent]]:
+    """``ctl.step()`` where at most one flip may start: (that flip or None, the events)."""
+    changes, events = ctl.step()
+    assert len(changes) <= 1, [(c.node_id, c.new_role) for c in changes]
+    return (changes[0] if changes else None), events
+
+
+def first_flip(ctl: RoleController) -> tuple[RoleChange | None, list[SchedEvent]]:
+    """``ctl.step()``: (the first flip it starts or None, the events)."""
+    changes, events = ctl.step()
+    return (changes[0] if changes else None), events

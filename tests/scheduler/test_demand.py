@@ -13,7 +13,7 @@ from libs.scheduler.cost_model import CostModel
 from libs.scheduler.demand import DemandTracker, StepFit, prefill_speeds
 from libs.scheduler.node_registry import NodeRegistry
 from libs.scheduler.role_controller import RoleConfig, RoleController
-from tests.scheduler.helpers import report
+from tests.scheduler.helpers import one_step, report
 
 
 def _registry(*reports, at: float = 20.0):
@@ -115,7 +115,7 @@ def test_prompt_heavy_demand_flips_a_decode_node_before_any_queue_builds() -> No
     # x 0.02 s / 10 s / 1000 blocks = 0.46 nodes (KV-bound)
     for i in range(30):
         ctl.demand.record(clock.now() - 5.0, f"r{i}", 6000, 20, 380)
-    change, events = ctl.step()
+    change, events = one_step(ctl)
     assert (change.node_id, change.old_role, change.new_role) == ("d2", Role.DECODE, Role.PREFILL)
     assert events[0].detail.startswith("requested: demand: prefill 1.80 / decode 0.46 node-equivalents on 2.00 / 2.00")
 
@@ -125,7 +125,7 @@ def test_demand_below_busy_or_within_margin_does_not_flip() -> None:
     ctl = _controller(reg)
     for i in range(10):  # 10 x 6000 tokens / 10 s = 0.6 nodes on 2: 0.3 < demand_busy
         ctl.demand.record(clock.now() - 1.0, f"r{i}", 6000, 20, 380)
-    assert ctl.step() == (None, [])
+    assert ctl.step() == ([], [])
     # Balanced and busy: 3:1 would make prefill's side 1.0 -> 0.67 but decode 1.0 -> 2.0.
     clock2, reg2 = _registry(report("p1"), report("p2"), report("d1", Role.DECODE, step_s=0.02),
                              report("d2", Role.DECODE, step_s=0.02))
@@ -134,7 +134,7 @@ def test_demand_below_busy_or_within_margin_does_not_flip() -> None:
         ctl2.demand.record(clock2.now() - 1.0, f"r{i}", 10_000, 64 * 50, 10)
     d = ctl2.demand.demand(clock2.now(), reg2.nodes(), CostModel())
     assert (d.prefill_nodes, d.decode_nodes) == pytest.approx((2.0, 2.0))
-    assert ctl2.step() == (None, [])
+    assert ctl2.step() == ([], [])
 
 
 def test_decode_heavy_demand_flips_a_prefill_node_and_fixed_split_ignores_demand() -> None:
@@ -143,7 +143,7 @@ def test_decode_heavy_demand_flips_a_prefill_node_and_fixed_split_ignores_demand
     ctl = _controller(reg)
     for i in range(40):  # 40 x 1000 tokens / 10 s x 0.02 / 64 = 1.25 decode nodes; prefill 0.04
         ctl.demand.record(clock.now() - 1.0, f"r{i}", 100, 1000, 70)
-    change, _ = ctl.step()
+    change, _ = one_step(ctl)
     assert (change.node_id, change.new_role) == ("p1", Role.DECODE)  # p1 has no queue: it drains first
     pinned = RoleController(reg, RoleConfig(), CostModel(), target=lambda nodes: None)
     assert pinned.demand is None
@@ -232,7 +232,7 @@ def test_a_move_of_several_flips_pays_where_each_flip_is_below_the_margin() -> N
     ctl = _controller(reg, demand_margin=0.1, demand_confidence=0.0)
     for i in range(100):
         ctl.demand.record(clock.now() - 1.0, f"r{i}", 950, 4128, 10)
-    change, events = ctl.step()
+    change, events = one_step(ctl)
     assert (change.old_role, change.new_role) == (Role.PREFILL, Role.DECODE)
     assert "prefill 0.95 / decode 12.90 node-equivalents on 6.00 / 10.00" in events[0].detail
 
@@ -250,6 +250,6 @@ def test_a_window_too_small_to_tell_does_not_flip() -> None:
             ctl.demand.record(clock.now() - 1.0, f"r{i}", 40_000, 4800, 10)
     d = careful.demand.demand(clock.now(), reg.nodes(), CostModel())
     assert (d.prefill_nodes, d.decode_nodes, d.prefill_se) == pytest.approx((3.2, 1.2, 8**0.5 * 0.4))
-    assert careful.step() == (None, [])
-    change, _ = sure.step()
+    assert careful.step() == ([], [])
+    change, _ = one_step(sure)
     assert (change.node_id, change.new_role) == ("d00", Role.PREFILL)

@@ -15,8 +15,8 @@ from libs.scheduler.demand import Placed
 from libs.scheduler.goodput import Cores, Forecast, Load, Objectives, Rates, Shape, next_move, path, shape_of, shapes
 from libs.scheduler.node_registry import NodeEntry, NodeRegistry
 from libs.scheduler.placement_policies import make_policy
-from libs.scheduler.role_controller import RoleConfig, RoleController
-from tests.scheduler.helpers import report
+from libs.scheduler.role_controller import RoleChange, RoleConfig, RoleController
+from tests.scheduler.helpers import first_flip, report
 
 
 def _registry(*reports, at: float = 20.0):
@@ -93,14 +93,25 @@ def test_prompt_heavy_load_with_tpot_slack_goes_all_hybrid() -> None:
     clock, reg = _registry(report("p1"), report("p2"), report("d1", Role.DECODE, running=1), report("d2", Role.DECODE))
     ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=0.2)
     _prompt_heavy(ctl, clock.now())
-    change, events = ctl.step()
+    changes, events = ctl.step()
     assert ctl.last_plan is not None and ctl.last_plan.shape == Shape(0, 4, 0)
-    # The first flip is the one whose shape on the way serves best: a decode node going
-    # hybrid gives the prompts a third node (2P/1H/1D), a prefill node would not (1P/1H/2D).
-    assert change is not None and change.new_role == Role.HYBRID and change.old_role == Role.DECODE
+    # Flips into hybrid take nothing from their nodes: the whole move is asked for at once,
+    # each flip planned from the shape the ones before it leave. The first is the one whose
+    # shape on the way serves best: a decode node going hybrid gives the prompts a third
+    # node (2P/1H/1D), a prefill node would not (1P/1H/2D).
+    assert [c.new_role for c in changes] == [Role.HYBRID] * 4
+    assert {c.node_id for c in changes} == {"p1", "p2", "d1", "d2"} and changes[0].old_role == Role.DECODE
+    assert [e.detail.split(":")[0] for e in events] == ["requested"] * 4
     assert "goodput: 2P/0H/2D" in events[0].detail and "0P/4H/0D" in events[0].detail
+    assert "goodput: 2P/1H/1D" in events[1].detail
     tpot = ctl.last_plan.tpot_hybrid_s
     assert events[0].detail.endswith(f"(TPOT hybrid {1e3 * tpot:.0f} ms)") and 0 < tpot < 0.2
+    assert ctl.step() == ([], [])  # every node is on its way: nothing more to ask
+    for node_id in ("p1", "d1"):
+        reg.update(report(node_id, Role.HYBRID))
+    _, events = ctl.step()
+    assert sorted(e.node_id for e in events) == ["d1", "p1"] and {e.detail for e in events} == {"done"}
+    assert set(ctl.in_flight) == {"p2", "d2"}
 
 
 def test_the_plan_is_on_the_schedulers_metrics() -> None:
@@ -116,7 +127,7 @@ def test_the_plan_is_on_the_schedulers_metrics() -> None:
     metrics.refresh_plan(ctl)  # nothing planned yet: no plan gauge
     assert value("flowkv_scheduler_plan_goodput", shape="best") is None
     _prompt_heavy(ctl, clock.now())
-    ctl.step()
+    first_flip(ctl)
     metrics.refresh_plan(ctl)
     best, now = ctl.last_plan, ctl.last_current
     assert best is not None and now is not None and now.shape == Shape(2, 0, 2)
@@ -138,11 +149,29 @@ def test_decode_interference_breaking_tpot_splits_a_hybrid_cluster() -> None:
     # the prompts between them (37 ms a token), a decode node's do not (20 ms).
     ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=0.03)
     _prompt_heavy(ctl, clock.now())
-    change, _ = ctl.step()
+    change, _ = first_flip(ctl)
     best = ctl.last_plan
     assert best is not None and best.shape.hybrid == 0 and best.shape.decode >= 1
     assert best.tpot_decode_s <= 0.03 < ctl.goodput_load(reg.nodes())[0].forecast(Shape(0, 4, 0)).tpot_hybrid_s
     assert change is not None and change.old_role == Role.HYBRID and change.new_role in (Role.PREFILL, Role.DECODE)
+
+
+def test_flips_out_of_hybrid_go_one_at_a_time_and_after_the_flips_in_flight() -> None:
+    # The split above takes several nodes out of hybrid; each drains work it no longer
+    # serves, so they go one at a time, and none while another flip is in flight.
+    clock, reg = _registry(*(report(f"h{i}", Role.HYBRID, running=1) for i in range(3)), report("d3", Role.DECODE))
+    ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=0.03)
+    _prompt_heavy(ctl, clock.now())
+    ctl.in_flight["d3"] = RoleChange("d3", Role.DECODE, Role.HYBRID, "test", clock.now())
+    assert ctl.step() == ([], [])  # planned from 0P/4H/0D, but d3 is still on its way into hybrid
+    assert ctl.last_current is not None and ctl.last_current.shape == Shape(0, 4, 0)
+    reg.update(report("d3", Role.HYBRID, running=1))
+    changes, events = ctl.step()
+    assert [e.detail for e in events][0] == "done" and len(changes) == 1 and changes[0].old_role == Role.HYBRID
+    assert ctl.step() == ([], [])  # its node has not reported the new role yet
+    reg.update(report(changes[0].node_id, changes[0].new_role))
+    later, _ = ctl.step()
+    assert len(later) == 1 and later[0].old_role == Role.HYBRID and later[0].node_id != changes[0].node_id
 
 
 def test_without_objectives_the_default_planner_plans_for_throughput() -> None:
@@ -153,7 +182,7 @@ def test_without_objectives_the_default_planner_plans_for_throughput() -> None:
     assert list(load.groups) == [(math.inf, math.inf)]
     # 2P/2D: prefill nodes at u = 18k / 20k = 0.9 (x 1.18 for the window's 30 requests: past
     # capacity); four hybrid nodes share the prompts at 0.53: the shape of most capacity.
-    change, _ = ctl.step()
+    change, _ = first_flip(ctl)
     assert ctl.last_plan is not None and ctl.last_plan.shape == Shape(0, 4, 0)
     assert change is not None and change.new_role == Role.HYBRID
 
@@ -167,7 +196,7 @@ def test_objectives_per_request_turn_planning_on_under_the_split_planner() -> No
     _prompt_heavy(ctl2, clock.now(), ttft_slo_s=3.0, tpot_slo_s=0.2)
     load, _ = ctl2.goodput_load(reg.nodes())
     assert list(load.groups) == [(3.0, 0.2)]
-    change, _ = ctl2.step()
+    change, _ = first_flip(ctl2)
     assert change is not None and change.new_role == Role.HYBRID
 
 
@@ -177,7 +206,7 @@ def test_a_thin_window_with_objectives_flips_nothing() -> None:
     ctl.demand.record(clock.now() - 1.0, "only", 6000, 20, 377)
     # The queue signals alone would give a hybrid back a single role; with objectives the
     # controller waits for a window it can plan from.
-    assert ctl.step() == (None, [])
+    assert ctl.step() == ([], [])
 
 
 def test_a_light_load_is_planned_from_the_plans_own_window() -> None:
@@ -194,7 +223,7 @@ def test_a_light_load_is_planned_from_the_plans_own_window() -> None:
     assert len(ctl.demand.window(clock.now())) < ctl.demand.min_placements
     view = ctl.goodput_load(reg.nodes())
     assert view is not None and view[0].num_requests == 15
-    ctl.step()
+    first_flip(ctl)
     assert ctl.last_plan is not None
 
 
@@ -216,7 +245,7 @@ def test_prompt_goes_where_its_prefix_sits_when_that_wins(policy: str) -> None:
 def test_colocated_pins_every_node_hybrid() -> None:
     _, reg = _registry(report("p1"), report("d1", Role.DECODE))
     pol = make_policy("colocated", reg)
-    change, _ = pol.roles.step()
+    change, _ = first_flip(pol.roles)
     assert change is not None and change.new_role == Role.HYBRID
 
 
@@ -272,7 +301,7 @@ def test_a_gain_within_the_windows_error_moves_nothing() -> None:
     assert best.shape == Shape(2, 0, 2) and best.goodput > current.goodput + margin
     low = 1 - 1 / math.sqrt(30)
     assert load.forecast(Shape(0, 4, 0), low).goodput > load.forecast(Shape(2, 0, 2), low).goodput - margin
-    change, _ = ctl.step()
+    change, _ = first_flip(ctl)
     assert change is None
 
 
@@ -305,7 +334,7 @@ def test_a_lighter_shape_is_taken_only_at_no_predicted_loss(tpot_slo_s: float, h
         assert current.goodput == pytest.approx(1.0, abs=1e-4)
         assert (best.goodput > current.goodput - 1e-3) == (tpot_slo_s >= 0.05)
         assert 0.025 < best.tpot_hybrid_s < 0.03
-    change, _ = ctl.step()
+    change, _ = first_flip(ctl)
     assert (change is not None and change.new_role == Role.HYBRID) == moves
 
 
@@ -344,7 +373,7 @@ def test_the_hybrid_guess_is_no_lower_than_the_decode_nodes_step_now(step_s: flo
     ctl, load, best = _lighter_all_hybrid(step_s, [(1, 0.006), (8, 0.04)], tpot_slo_s=0.08)
     assert best.tpot_hybrid_s < 0.005
     assert load.tpot_hybrid_at_step(best.shape, step_s) == pytest.approx(0.034 if step_s == 0.02 else 0.071, rel=0.02)
-    change, _ = ctl.step()
+    change, _ = first_flip(ctl)
     assert (change is not None and change.new_role == Role.HYBRID) == moves
 
 
@@ -361,7 +390,7 @@ def test_the_hybrid_guess_is_no_lower_than_the_steps_reported_lately(late_step_s
     assert 2 * best.tpot_hybrid_s < 0.06
     assert 2 * load.tpot_hybrid_at_step(best.shape, 0.005) < 0.06
     assert load.tpot_hybrid_at_step(best.shape, late_step_s) == pytest.approx({0.012: 0.020, 0.04: 0.071}[late_step_s], rel=0.03)
-    change, _ = ctl.step()
+    change, _ = first_flip(ctl)
     assert (change is not None and change.new_role == Role.HYBRID) == moves
 
 
@@ -397,7 +426,7 @@ def test_cpu_nodes_sharing_too_few_cores_are_weighed_at_the_shapes_stretch(cores
     hybrid, three_one = load.forecast(Shape(0, 4, 0)), load.forecast(Shape(3, 0, 1))
     assert three_one.tpot_decode_s < 0.05 and three_one.goodput == pytest.approx(1.0, abs=1e-3)
     assert (hybrid.tpot_hybrid_s > 0.1 and hybrid.goodput < 0.6) if split else hybrid.tpot_hybrid_s < 0.06
-    change, _ = ctl.step()
+    change, _ = first_flip(ctl)
     assert ctl.last_plan is not None and (ctl.last_plan.shape.hybrid == 0) == split
     assert (change is not None and change.old_role == Role.HYBRID) == split
 

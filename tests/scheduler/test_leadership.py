@@ -144,7 +144,7 @@ async def test_a_crashed_leader_is_replaced_and_cannot_write_once_deposed(replic
     s0.leadership._valid_until = float("inf")  # even if it believed it still led ...
     change = RoleChange("d1", Role.DECODE, Role.PREFILL, "test", 0.0)
     with pytest.raises(NotLeader):  # ... its compare-and-set on the leader state fails
-        await s0._record_flip(change)
+        await s0._record_flips([change])
     assert not s0.leadership.is_leader  # and that deposes it
 
 
@@ -167,15 +167,15 @@ async def test_the_new_leader_adopts_the_flip_in_flight_and_fences_set_role(nats
         await announce(client, s0.registry, report("n1"), report("n2"))  # two prefill nodes: one must flip
         await until(lambda: "n2" in s1.registry)
         await until(lambda: len(set_roles) == 1)
-        assert s0.leadership.state.flip_node == "n2" and set_roles[0].epoch == s0.leadership.epoch
+        assert [f.node_id for f in s0.leadership.state.flips] == ["n2"] and set_roles[0].epoch == s0.leadership.epoch
         await s0.close()
         await until(lambda: s1.is_leader)
         roles = s1.policy.roles
-        assert roles is not None and roles.in_flight is not None
-        assert (roles.in_flight.node_id, roles.in_flight.new_role) == ("n2", Role.DECODE)
+        assert roles is not None
+        assert [(c.node_id, c.new_role) for c in roles.in_flight.values()] == [("n2", Role.DECODE)]
         await asyncio.sleep(0.5)  # several role-controller rounds of the new leader
         assert len(set_roles) == 1  # the flip was not started a second time
-        assert s1.leadership.state.flip_node == "n2"
+        assert [f.node_id for f in s1.leadership.state.flips] == ["n2"]
     finally:
         for s in (s0, s1):
             await s.close()
