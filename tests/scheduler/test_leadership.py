@@ -2,7 +2,7 @@
 
 Two ``SchedulerService``s share one broker: only the leader answers placements and
 publishes events; when it stops, the other takes over with a higher epoch and the role
-flip in flight; a deposed leader can neither write the leader state nor start a flip.
+flips in flight; a deposed leader can neither write the leader state nor start a flip.
 """
 
 from __future__ import annotations
@@ -130,6 +130,36 @@ async def test_the_follower_takes_over_when_the_leader_stops(replicas) -> None:
     assert [(e.epoch, e.detail) for e in leader_events] == [(s1.leadership.epoch, "s1 leads")]
     assert isinstance(await _place(client, "after"), Placement)
     assert (await _who_answers(client)).leader == "s1"
+
+
+async def test_the_new_leader_adopts_every_flip_into_hybrid_in_flight(nats_server) -> None:
+    client = await nats.connect(nats_server.url)
+    conns = [await nats.connect(nats_server.url) for _ in range(2)]
+    s0 = SchedulerService(_config("s0", "flowkv"), conns[0])
+    s1 = SchedulerService(_config("s1", "flowkv"), conns[1])
+    try:
+        await s0.start()
+        await s1.start()
+        await announce(client, s0.registry, report("p1"), report("d1", Role.DECODE), report("d2", Role.DECODE))
+        await until(lambda: "d2" in s1.registry)
+        # Two flips into hybrid asked for in one round (the nodes never report them done).
+        flips = [RoleChange(n, Role.DECODE, Role.HYBRID, "goodput", s0.clock.now()) for n in ("d1", "d2")]
+        await s0._record_flips(flips)
+        assert [(f.node_id, f.new_role) for f in s0.leadership.state.flips] == [("d1", Role.HYBRID), ("d2", Role.HYBRID)]
+        await s0.close()
+        await until(lambda: s1.is_leader)
+        roles = s1.policy.roles
+        assert roles is not None
+        assert sorted((c.node_id, c.old_role, c.new_role) for c in roles.in_flight.values()) == [
+            ("d1", Role.DECODE, Role.HYBRID), ("d2", Role.DECODE, Role.HYBRID)]
+        await asyncio.sleep(0.3)  # rounds of the new leader: both stay in flight, written as they were
+        assert sorted(roles.in_flight) == ["d1", "d2"]
+        assert sorted(f.node_id for f in s1.leadership.state.flips) == ["d1", "d2"]
+    finally:
+        for s in (s0, s1):
+            await s.close()
+        for nc in [*conns, client]:
+            await nc.drain()
 
 
 async def test_a_crashed_leader_is_replaced_and_cannot_write_once_deposed(replicas) -> None:
