@@ -126,7 +126,7 @@ class SchedulerService:
                  "leader" if self.is_leader else "follower", self.policy.name, self.config.node_timeout_s)
 
     async def _on_elected(self, epoch: int) -> None:
-        """This replica leads now: adopt the flip in flight, take the leader's subjects, say so."""
+        """This replica leads now: adopt the flips in flight, take the leader's subjects, say so."""
         state = self.leadership.state
         roles = self.policy.roles
         if roles is not None:
