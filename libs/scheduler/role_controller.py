@@ -81,8 +81,9 @@ class RoleConfig:
     one's by the margin both at the high and at the low end of what the window says of
     the load (its error, 1 / sqrt of its effective request count: bursts count for
     fewer requests); or when, no worse, it is lighter by ``demand_margin``; or, in
-    overload under a TTFT objective, when it has that much more capacity; a move under
-    way goes on while its target stays the plan and no worse.
+    overload under a TTFT objective (the current shape falling behind at the low end of
+    the load too), when it has that much more capacity; a move under way goes on while
+    its target stays the plan and no worse.
     """
 
     min_dwell_s: float = 10.0
@@ -430,8 +431,16 @@ class RoleController:
         # predicted shares are of queues growing without bound; only capacity counts, and
         # a move must add it.
         overload = best.load >= 1.0 and load.ttft_bound
-        gains = not overload and best.goodput > now.goodput + margin
         err = c.demand_confidence / math.sqrt(max(load.effective_requests, 1.0))
+        if overload and err > 0 and load.forecast(current, max(0.0, 1.0 - err)).load < 1.0:
+            # Overloaded only at the high end of what the window says of the load: at its
+            # low end the current shape keeps up. Moves for capacity alone are then a bet
+            # on the window's noise (on CPU nodes sharing cores, near where their threads
+            # fill the cores, a few more prompts in the window turned a shape that kept up
+            # into one "overloaded" twice over, and the cluster flipped into hybrid and back
+            # within 8 s); the shape stays.
+            return None
+        gains = not overload and best.goodput > now.goodput + margin
         if gains and err > 0:
             # The forecasts weigh the load at the high end of what the window says of it;
             # a gain that is gone at the low end is within the estimate's error.

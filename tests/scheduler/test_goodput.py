@@ -286,6 +286,27 @@ def test_overload_under_a_ttft_objective_plans_for_capacity() -> None:
     assert best.shape != Shape(0, 4, 0) and best.goodput > 0
 
 
+@pytest.mark.parametrize(("scale", "moves"), [(1.0, False), (1.4, True)])
+def test_an_overload_within_the_windows_error_moves_nothing(scale: float, moves: bool) -> None:
+    clock, reg = _registry(report("p0", Role.PREFILL), *(report(f"h{i}", Role.HYBRID, running=1) for i in range(3)))
+    ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=0.1)
+    now = clock.now()
+    n = round(30 * scale)  # 6000-token prompts and 1920-token answers, steady
+    for i in range(n):
+        ctl.demand.record(now - 10.0 + (i + 0.5) * 10 / n, f"r{i}", 6000, 1920, 10)
+    load, _ = ctl.goodput_load(reg.nodes())
+    best, current = load.best(4, Shape(1, 3, 0))
+    # At the high end of what the window says of the load no shape keeps up, and all
+    # hybrid has the most capacity: the move an overload asks for.
+    assert best.shape == Shape(0, 4, 0) and 1.0 <= best.load < current.load * 0.95
+    # At the low end 1P/3H/0D keeps up with 30 requests, and is left as it is; with 42 it
+    # falls behind at both ends, and the prefill node turns hybrid.
+    low = 1 - 1 / math.sqrt(load.effective_requests)
+    assert (load.forecast(Shape(1, 3, 0), low).load >= 1.0) is moves
+    change, _ = first_flip(ctl)
+    assert (change.node_id, change.new_role) == ("p0", Role.HYBRID) if moves else change is None
+
+
 def test_a_gain_within_the_windows_error_moves_nothing() -> None:
     clock, reg = _registry(*(report(f"h{i}", Role.HYBRID, running=1) for i in range(4)))
     ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=0.03)
