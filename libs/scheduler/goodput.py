@@ -220,10 +220,11 @@ def measured_rates(tracker: DemandTracker, nodes: list[NodeEntry], cost: CostMod
                  sum(hybrid) / len(hybrid) if hybrid else 0.0, Cores.of(nodes))
 
 
-def decode_step_now_s(nodes: Sequence[NodeEntry]) -> float:
+def decode_step_now_s(nodes: Sequence[NodeEntry], own_cores: bool = True) -> float:
     """The decode step the decode nodes report now, the mean over their running sequences,
-    as with cores of their own (:func:`cpu_shares`; 0: none is decoding)."""
-    shares = cpu_shares(nodes)
+    as with cores of their own (:func:`cpu_shares`), or with ``own_cores`` false as they
+    measure it, beside what the other nodes on their cores run (0: none is decoding)."""
+    shares = cpu_shares(nodes) if own_cores else {n.node_id: 1.0 for n in nodes}
     running = [(n.report.num_running, n.report.decode_step_s * shares[n.node_id]) for n in nodes
                if n.role == Role.DECODE and n.report.num_running > 0 and n.report.decode_step_s > 0]
     total = sum(k for k, _ in running)
@@ -368,15 +369,20 @@ class Load:
         them) higher."""
         return 1.0 + self.confidence / math.sqrt(max(self.effective_requests, 1.0))
 
-    def tpot_hybrid_at_step(self, shape: Shape, step_s: float) -> float:
+    def tpot_hybrid_at_step(self, shape: Shape, step_s: float, stretched: bool = True) -> float:
         """A hybrid node's TPOT in ``shape`` (as :meth:`forecast` predicts it before any
         hybrid node has measured its prompts' cost) with every decode step ``step_s`` long,
         however small its batch: the guess a step measured now gives, where the fitted line
-        would credit a hybrid node's smaller batch with shorter steps."""
+        would credit a hybrid node's smaller batch with shorter steps. ``step_s`` is as
+        with cores of its own, stretched as ``shape`` would run on the cores its nodes
+        share (:class:`Cores`); with ``stretched`` false it is taken as measured, with the
+        sharing it had, and nothing is stretched."""
         if not shape.hybrid:
             return 0.0
         scale = self._scale()
-        rt, _ = self._stretched(replace(self.rates, step_a_s=step_s, step_b_s=0.0), shape, scale)
+        rt = replace(self.rates, step_a_s=step_s, step_b_s=0.0)
+        if stretched:
+            rt, _ = self._stretched(rt, shape, scale)
         return self._guess_tpot_hybrid(rt, shape, scale)
 
     def _stretched(self, rt: Rates, shape: Shape, scale: float) -> tuple[Rates, float]:

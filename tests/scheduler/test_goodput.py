@@ -415,6 +415,38 @@ def test_the_hybrid_guess_is_no_lower_than_the_steps_reported_lately(late_step_s
     assert (change is not None and change.new_role == Role.HYBRID) == moves
 
 
+@pytest.mark.parametrize(("decode_share", "moves"), [(1.0, True), (0.5, False)])
+def test_on_shared_cores_the_hybrid_guess_is_no_lower_than_the_decode_step_as_measured(decode_share: float,
+                                                                                       moves: bool) -> None:
+    # Four single-threaded CPU nodes on two cores, 3P/1D, 7 requests/s of 400 prompt and 8
+    # output tokens. 3P/1H/0D is as good and lighter (0.37 against 0.56), and with cores
+    # of their own the nodes' figures guess a hybrid node at 48 ms a token, within half the
+    # 100 ms objective. The decode node runs 30 ms steps on a core of its own; where it
+    # measures them at half its thread's time (60 ms on the wall clock: the cores are
+    # busier than the model of the shape says), a hybrid node would take at least that
+    # beside its prompts (105 ms), and the split stays.
+    def cpu(r, share: float):
+        return msgspec.structs.replace(r, cpu_threads=1, cpu_set=[0, 1], cpu_share=share)
+
+    nodes = [cpu(report(f"p{i}", Role.PREFILL, rate=2500.0, device="cpu", device_name="cpu", transports=["shm"]), 1.0)
+             for i in range(3)]
+    nodes.append(cpu(report("d0", Role.DECODE, running=2, rate=2500.0 * decode_share, step_s=0.03 / decode_share,
+                            device="cpu", device_name="cpu", transports=["shm"]), decode_share))
+    clock, reg = _registry(*nodes)
+    ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=0.1)
+    now = clock.now()
+    for i in range(70):
+        ctl.demand.record(now - 10.0 + (i + 0.5) / 7, f"r{i}", 400, 8, 30)
+    load, _ = ctl.goodput_load(reg.nodes())
+    best, current = load.best(4, Shape(3, 0, 1))
+    assert best.shape == Shape(3, 1, 0) and best.load < current.load * 0.95 and current.load > 0.5
+    assert best.goodput > current.goodput - 1e-3
+    assert 2 * load.tpot_hybrid_at_step(best.shape, 0.03) <= 0.1
+    assert load.tpot_hybrid_at_step(best.shape, 0.03 / decode_share, stretched=False) >= 0.03 / decode_share
+    change, _ = first_flip(ctl)
+    assert (change is not None and change.new_role == Role.HYBRID) == moves
+
+
 def _cpu_nodes(roles: list[Role], cores: int, share: float) -> list:
     """Single-threaded CPU nodes on one host with ``cores`` cores, each measuring a 40 ms
     decode step and 2,500 prompt tokens/s on a core of its own, reported at ``share`` of
