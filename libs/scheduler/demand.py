@@ -164,6 +164,7 @@ class DemandTracker:
         self.busy_backlog_s = busy_backlog_s
         self.busy_fade = busy_fade
         self.fit = StepFit()  # every node's reports
+        self.measured_fit = StepFit()  # the same, each step as measured (with what shared its cores)
         self.kind_fits: dict[str, StepFit] = {}  # device name -> its nodes' reports
         self._placed: deque[Placed] = deque()  # within the window
         self._old: deque[Placed] = deque()  # out of the window, ids still remembered
@@ -202,6 +203,7 @@ class DemandTracker:
             share = shares[r.node_id]
             if r.num_running > 0 and r.decode_step_s > 0:
                 self.fit.add(r.num_running, r.decode_step_s * share)
+                self.measured_fit.add(r.num_running, r.decode_step_s)
                 self.kind_fits.setdefault(r.device_name, StepFit()).add(r.num_running, r.decode_step_s * share)
             rate, busy = r.prefill_tokens_per_s / share, self._busy_rate.get(r.node_id, 0.0)
             if r.prefill_pass_tokens > 0 and r.prefill_pass_s > 0:

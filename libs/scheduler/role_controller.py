@@ -466,14 +466,16 @@ class RoleController:
             # Nor shorter than the mean of the steps reported lately: one report, made between
             # the other processes' prompts, can be short (with the step now alone, the shared
             # GPU still took the move at a 30 ms objective: guessed 14 ms, measured 24 ms).
-            # On CPU nodes sharing cores, nor shorter than the step the decode nodes measure
-            # now, sharing included: the model may see room on the cores that their steps do
-            # not (4 nodes on 2 cores: a decode node's steps took 50-75 ms where the model,
-            # at 30 ms with cores of its own and no stretch for the shape, guessed a hybrid
-            # TPOT of 43 ms, and the hybrid node's streams ran 65 ms at the median).
+            # On CPU nodes sharing cores, nor shorter than those steps as the nodes measure
+            # them, sharing included: the model may see room on the cores that their steps
+            # do not (4 nodes on 2 cores: a decode node's steps took 50-75 ms where the
+            # model, at 30 ms with cores of its own and no stretch for the shape, guessed a
+            # hybrid TPOT of 43 ms, and the hybrid node's streams ran 65 ms at the median).
             step = max(decode_step_now_s(nodes), self.demand.fit.mean_step() if self.demand else 0.0)
+            measured = max(decode_step_now_s(nodes, own_cores=False),
+                           self.demand.measured_fit.mean_step() if self.demand else 0.0)
             guess = max(best.tpot_hybrid_s, load.tpot_hybrid_at_step(best.shape, step),
-                        load.tpot_hybrid_at_step(best.shape, decode_step_now_s(nodes, own_cores=False), stretched=False))
+                        load.tpot_hybrid_at_step(best.shape, measured, stretched=False))
             lighter = 2 * guess <= min(tpot for _, tpot in load.groups)
         # A move under way is finished while its target is still the plan and no worse than
         # the shape reached: stopping one flip short leaves a shape between the two, which
