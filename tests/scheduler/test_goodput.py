@@ -359,26 +359,38 @@ def test_a_lighter_shape_is_taken_only_at_no_predicted_loss(tpot_slo_s: float, h
     assert (change is not None and change.new_role == Role.HYBRID) == moves
 
 
-def _lighter_all_hybrid(step_now_s: float, steps_seen: list[tuple[int, float]],
-                        tpot_slo_s: float) -> tuple[RoleController, Load, Forecast]:
-    """3P/1D at 13.5k prompt tokens/s, steady, with the decode node reporting
-    ``step_now_s`` and the step fit having seen ``steps_seen`` (batch, step) 20 times each:
-    (the controller, the window's load, the best shape's forecast), all hybrid being as good
-    and lighter, so that only the room-alone rule can move it."""
-    nodes = [report(f"p{i}", Role.PREFILL) for i in range(3)] + [report("d0", Role.DECODE, running=4, step_s=step_now_s)]
+def _lighter_from_3p1d(nodes: list, tpot_slo_s: float, steps_seen: list[tuple[int, float, float]],
+                       requests: tuple[int, int, int, int], lighter: Shape) -> tuple[RoleController, Load, Forecast]:
+    """3P/1D ``nodes`` under ``requests`` (count over 10 s, steady; prompt, output tokens;
+    KV blocks each), the step fits having seen ``steps_seen`` (batch, step with a core of
+    its own, step as measured) 20 times each: (the controller, the window's load, the best
+    shape's forecast), ``lighter`` being as good and lighter, so that only the room-alone
+    rule can move the cluster."""
     clock, reg = _registry(*nodes)
     ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=tpot_slo_s)
     for _ in range(20):
-        for batch, step in steps_seen:
+        for batch, step, measured in steps_seen:
             ctl.demand.fit.add(batch, step)
+            ctl.demand.measured_fit.add(batch, measured)
     now = clock.now()
-    for i in range(30):
-        ctl.demand.record(now - 10.0 + (i + 0.5) / 3, f"r{i}", 4500, 20, 377)
+    n, prompt, output, blocks = requests
+    for i in range(n):
+        ctl.demand.record(now - 10.0 + (i + 0.5) * 10.0 / n, f"r{i}", prompt, output, blocks)
     load, _ = ctl.goodput_load(reg.nodes())
     best, current = load.best(4, Shape(3, 0, 1))
-    assert best.shape == Shape(0, 4, 0) and best.load < current.load * 0.95 and current.load > 0.5
+    assert best.shape == lighter and best.load < current.load * 0.95 and current.load > 0.5
     assert best.goodput > current.goodput - 1e-3
     return ctl, load, best
+
+
+def _lighter_all_hybrid(step_now_s: float, steps_seen: list[tuple[int, float]],
+                        tpot_slo_s: float) -> tuple[RoleController, Load, Forecast]:
+    """3P/1D at 13.5k prompt tokens/s, steady, with the decode node reporting
+    ``step_now_s`` and the step fit having seen ``steps_seen`` (batch, step) 20 times each,
+    all hybrid being as good and lighter (:func:`_lighter_from_3p1d`)."""
+    nodes = [report(f"p{i}", Role.PREFILL) for i in range(3)] + [report("d0", Role.DECODE, running=4, step_s=step_now_s)]
+    return _lighter_from_3p1d(nodes, tpot_slo_s, [(b, step, step) for b, step in steps_seen], (30, 4500, 20, 377),
+                              Shape(0, 4, 0))
 
 
 @pytest.mark.parametrize(("step_s", "moves"), [(0.02, True), (0.04, False)])
@@ -434,18 +446,7 @@ def test_on_shared_cores_the_hybrid_guess_is_no_lower_than_the_decode_step_as_me
              for i in range(3)]
     nodes.append(cpu(report("d0", Role.DECODE, running=2, rate=2500.0 * decode_share, step_s=0.03 / decode_share,
                             device="cpu", device_name="cpu", transports=["shm"]), decode_share))
-    clock, reg = _registry(*nodes)
-    ctl = _controller(reg, ttft_slo_s=3.0, tpot_slo_s=0.1)
-    for _ in range(20):
-        ctl.demand.fit.add(2, 0.03)
-        ctl.demand.measured_fit.add(2, 0.03 / late_share)
-    now = clock.now()
-    for i in range(70):
-        ctl.demand.record(now - 10.0 + (i + 0.5) / 7, f"r{i}", 400, 8, 30)
-    load, _ = ctl.goodput_load(reg.nodes())
-    best, current = load.best(4, Shape(3, 0, 1))
-    assert best.shape == Shape(3, 1, 0) and best.load < current.load * 0.95 and current.load > 0.5
-    assert best.goodput > current.goodput - 1e-3
+    ctl, load, best = _lighter_from_3p1d(nodes, 0.1, [(2, 0.03, 0.03 / late_share)], (70, 400, 8, 30), Shape(3, 1, 0))
     assert 2 * load.tpot_hybrid_at_step(best.shape, 0.03) <= 0.1
     assert load.tpot_hybrid_at_step(best.shape, 0.03 / decode_share, stretched=False) >= 0.03 / decode_share
     change, _ = first_flip(ctl)
