@@ -470,7 +470,7 @@ class RoleController:
             # them, sharing included: the model may see room on the cores that their steps
             # do not (4 nodes on 2 cores: a decode node's steps took 50-75 ms where the
             # model, at 30 ms with cores of its own and no stretch for the shape, guessed a
-            # hybrid TPOT of 43 ms, and the hybrid node's streams ran 65 ms at the median).
+            # hybrid TPOT of 43 ms, and the streams of that shape ran 65 ms at the median).
             step = max(decode_step_now_s(nodes), self.demand.fit.mean_step() if self.demand else 0.0)
             measured = max(decode_step_now_s(nodes, own_cores=False),
                            self.demand.measured_fit.mean_step() if self.demand else 0.0)
