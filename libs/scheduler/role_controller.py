@@ -432,7 +432,8 @@ class RoleController:
         # a move must add it.
         overload = best.load >= 1.0 and load.ttft_bound
         err = c.demand_confidence / math.sqrt(max(load.effective_requests, 1.0))
-        if overload and err > 0 and load.forecast(current, max(0.0, 1.0 - err)).load < 1.0:
+        low = max(0.0, 1.0 - err)  # the low end of what the window says of the load
+        if overload and err > 0 and load.forecast(current, low).load < 1.0:
             # Overloaded only at the high end of what the window says of the load: at its
             # low end the current shape keeps up. Moves for capacity alone are then a bet
             # on the window's noise (on CPU nodes sharing cores, near where their threads
@@ -444,7 +445,6 @@ class RoleController:
         if gains and err > 0:
             # The forecasts weigh the load at the high end of what the window says of it;
             # a gain that is gone at the low end is within the estimate's error.
-            low = max(0.0, 1.0 - err)
             gains = load.forecast(best.shape, low).goodput > load.forecast(current, low).goodput + margin
         # Lighter at no predicted loss: room for bursts is worth a move only where it costs
         # nothing the forecast can see. (Within the window's error a lighter shape would
