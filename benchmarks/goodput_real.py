@@ -14,7 +14,9 @@ flowkv clusters alone (the others' nodes then do not pace).
   .venv/bin/python benchmarks/goodput_real.py --model tiny --rate 4 --out /tmp/goodput_real
   python3 benchmarks/goodput_real.py --device cuda --model llama-3.1-8b --dtype bfloat16 ...
 
-Writes ``results.json`` and ``results.md`` under ``--out``, and each cluster's log.
+Writes ``results.json`` and ``results.md`` under ``--out``, each cluster's log and, with
+matplotlib, ``goodput_real.png``: flowkv's roles over time and, for every cluster, the
+requests that missed an objective by when they arrived.
 """
 
 from __future__ import annotations
@@ -141,6 +143,67 @@ def run_policy(policy: str, args: argparse.Namespace, specs: list[RequestSpec], 
     return row
 
 
+def roles_over_time(launch: Shape, flips: list[list[Any]]) -> list[tuple[float, int, int, int]]:
+    """(seconds from the first arrival, prefill, hybrid, decode nodes) at launch (time 0 or
+    the first flip's, if earlier) and after each flip done, from the run's role timeline."""
+    counts = {"prefill": launch.prefill if not launch.colocated else 0, "hybrid": launch.colocated,
+              "decode": launch.decode if not launch.colocated else 0}
+    start = min([0.0, *(t for t, *_ in flips)])
+    out = [(start, counts["prefill"], counts["hybrid"], counts["decode"])]
+    for t, _node, old, new, detail in flips:
+        if detail == "done" and old in counts and new in counts:
+            counts[old] -= 1
+            counts[new] += 1
+            out.append((t, counts["prefill"], counts["hybrid"], counts["decode"]))
+    return out
+
+
+def plot(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+    """``goodput_real.png``: each flowkv cluster's roles over time, and every cluster's
+    missed requests, counted up by arrival time (where a policy falls behind shows as a
+    steeper line)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    flows = [r for r in rows if is_flowkv(r["policy"])]
+    end = meta["lead_in_s"] + meta["duration_s"]
+    fig, axes = plt.subplots(len(flows) + 1, 1, figsize=(7, 2.2 * (len(flows) + 1)), sharex=True, squeeze=False)
+    for ax, r in zip(axes[:, 0], flows):
+        steps = roles_over_time(shape_of(r["policy"], meta["nodes"], meta["device"]), r["role_timeline"])
+        ts = [s[0] for s in steps] + [end]
+        for k, (label, color) in enumerate((("prefill", "tab:orange"), ("hybrid", "tab:gray"), ("decode", "tab:blue"))):
+            ys = [s[1 + k] for s in steps]
+            ax.step(ts, ys + ys[-1:], where="post", label=label, color=color)
+        ax.set_ylabel("nodes", fontsize=8)
+        ax.set_title(f"{r['policy']}: roles", fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+    ax = axes[-1, 0]
+    colors = {"flowkv": "tab:red", "flowkv@hybrid": "tab:purple"}
+    seen: dict[str, int] = {}
+    for r in rows:
+        policy = r["policy"]
+        seen[policy] = seen.get(policy, 0) + 1
+        repeated = sum(x["policy"] == policy for x in rows) > 1  # e.g. a baseline run before and after
+        times = sorted(m[0] for m in r.get("missed", []))
+        ax.step([meta["lead_in_s"], *times, end], [0, *range(1, len(times) + 1), len(times)], where="post",
+                label=f"{policy} ({seen[policy]})" if repeated else policy, color=colors.get(policy))
+    ax.set_xlabel("arrival, seconds from the first (the window starts at the lead-in's end)", fontsize=8)
+    ax.set_ylabel("missed", fontsize=8)
+    ax.set_yscale("symlog", linthresh=10)  # a policy missing most requests leaves the others readable
+    ax.set_title(f"requests missing TTFT {meta['ttft_slo']:g} s or TPOT {meta['tpot_slo'] * 1e3:g} ms", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    for a in axes[:, 0]:
+        a.axvline(meta["lead_in_s"], color="black", linewidth=0.5, linestyle=":")
+        a.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "goodput_real.png", dpi=90)
+    plt.close(fig)
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"{meta['nodes']} nodes, {meta['model']} on {meta['device']}; objectives TTFT {meta['ttft_slo']:g} s, "
              f"TPOT {meta['tpot_slo'] * 1e3:g} ms; {meta['rate']:g} req/s, prompts {meta['input_len']}, outputs "
@@ -192,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget-s", type=float, default=0.0,
                     help="start no cluster that would end past this many seconds (by the longest so far; 0: none)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot of the results.json in --out")
     args = ap.parse_args(argv)
+    if args.replot:
+        saved = json.loads((args.out / "results.json").read_text())
+        plot([r for r in saved["runs"] if "error" not in r], saved["meta"], args.out)
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     specs, gaps = workload(args)
     meta = {k: v for k, v in vars(args).items() if k != "out"}
@@ -214,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             ok = [r for r in rows if "error" not in r]
             (args.out / "results.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
             (args.out / "results.md").write_text(markdown(ok, meta))
-    print(markdown([r for r in rows if "error" not in r], meta))
+    ok = [r for r in rows if "error" not in r]
+    plot(ok, meta, args.out)
+    print(markdown(ok, meta))
     return 0
 
 

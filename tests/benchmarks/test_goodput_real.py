@@ -54,3 +54,14 @@ def test_goodput_counts_the_window_within_both_objectives() -> None:
     assert row["goodput_rps"] == 0.1 and row["slo_attainment"] == 0.25
     assert row["throughput_tok_s"] == 1.5
     assert row["missed"] == [[7.0, 1.5, 0.025], [8.0, 0.2, 0.2], [9.0, None, None]]
+
+
+def test_roles_over_time_follow_the_flips_done() -> None:
+    flips = [[-0.4, "decode-0", "decode", "prefill", "requested: pinned by policy"],
+             [5.0, "decode-1", "decode", "hybrid", "requested: goodput: ..."],
+             [5.2, "decode-1", "decode", "hybrid", "done"],
+             [6.0, "decode-0", "decode", "prefill", "done"],
+             [9.0, "prefill-0", "prefill", "decode", "failed: node left"]]
+    assert gr.roles_over_time(gr.shape_of("flowkv", 4, "cpu"), flips) == [
+        (-0.4, 2, 0, 2), (5.2, 2, 1, 1), (6.0, 3, 1, 0)]
+    assert gr.roles_over_time(gr.shape_of("flowkv@hybrid", 4, "cpu"), []) == [(0.0, 0, 4, 0)]
