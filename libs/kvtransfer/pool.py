@@ -22,7 +22,9 @@ def _open_untracked(name: str) -> shared_memory.SharedMemory:
     """Open an existing segment without letting this process's resource tracker unlink it.
 
     The owner, not a peer that maps the segment, unlinks it. Python 3.13 has ``track=``;
-    before that the segment must be unregistered by hand.
+    before that the segment must be unregistered by hand, unless this process made it
+    (two nodes in one process, as in tests): the tracker keeps one entry per name, and
+    taking the owner's away makes its unlink report a KeyError at exit.
     """
     try:
         return shared_memory.SharedMemory(name=name, create=False, track=False)  # type: ignore[call-arg]
@@ -30,12 +32,14 @@ def _open_untracked(name: str) -> shared_memory.SharedMemory:
         from multiprocessing import resource_tracker
 
         shm = shared_memory.SharedMemory(name=name, create=False)
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        if name.lstrip("/") not in _MADE_HERE:
+            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         return shm
 
 
 _SHM_DIR = "/dev/shm"
 _SHM_PREFIX = "flowkv-"
+_MADE_HERE: set[str] = set()  # the shared pools this process made (and will unlink)
 
 
 def sweep_stale_segments() -> list[str]:
@@ -126,6 +130,7 @@ class KVPool:
             sweep_stale_segments()
             name = f"{_SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
             shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+            _MADE_HERE.add(name)
             tensor = torch.frombuffer(shm.buf, dtype=layout.torch_dtype, count=nbytes // layout.itemsize)
             tensor = tensor.view(shape)
             tensor.zero_()
@@ -216,6 +221,7 @@ class KVPool:
             # A tensor view is still alive somewhere; the OS unmaps at process exit.
             pass
         if self._owner:
+            _MADE_HERE.discard(shm.name)
             try:
                 shm.unlink()
             except FileNotFoundError:

@@ -33,3 +33,20 @@ def test_segment_of_a_killed_owner_is_swept() -> None:
     finally:
         live.close()
     assert not os.path.exists(f"/dev/shm/{live.shm_name}")
+
+
+def test_a_pool_mapped_in_the_process_that_made_it_leaves_the_tracker_clean() -> None:
+    # Two nodes in one process (as in the service tests): one maps the other's pool. The
+    # owner's unlink must still find its segment on the resource tracker's books, or the
+    # tracker reports a KeyError as the process exits; and nothing is left behind.
+    code = (
+        "import os, sys; sys.path.insert(0, os.getcwd());"
+        "from libs.kvtransfer.layout import KVLayout; from libs.kvtransfer.pool import KVPool;"
+        "layout = KVLayout('float32', 2, 4, 1, 8);"
+        "owner = KVPool.allocate(layout, 8, shared=True); peer = KVPool.attach_shm(owner.shm_name, layout, 8);"
+        "peer.tensor[0].fill_(3.0); assert float(owner.tensor[0].sum()) > 0;"
+        "print(owner.shm_name, flush=True); peer.close(); owner.close()"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "KeyError" not in run.stderr and "leaked" not in run.stderr, run.stderr
+    assert not os.path.exists(f"/dev/shm/{run.stdout.strip()}")

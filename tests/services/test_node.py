@@ -295,6 +295,50 @@ async def test_set_role_waits_for_a_reservation_still_being_made(nats_server, en
         await gw.nc.drain()
 
 
+async def test_flips_into_and_out_of_hybrid_keep_every_request(nats_server, engines):
+    # The moves the goodput planner makes: a hybrid node turned prefill while it decodes a
+    # hand-off and a request of its own, a decode node turned hybrid while it decodes.
+    # Every request is answered once, with the colocated greedy tokens, where it started
+    # decoding; the blocks come back.
+    p_llm, d_llm, refs = engines
+    long = msgspec.structs.replace(GREEDY, max_tokens=100)
+    short = msgspec.structs.replace(GREEDY, max_tokens=8)
+
+    async def set_role(gw: Gateway, who: str, role: Role) -> None:
+        ack = messages.decode((await gw.nc.request(node(who, NodeVerb.ROLE),
+                                                   messages.encode(SetRole(node_id=who, role=role)), timeout=5)).data)
+        assert ack.ok
+
+    async with running_node(nats_server.url, p_llm, "h0", Role.HYBRID) as h, \
+            running_node(nats_server.url, d_llm, "p0", Role.PREFILL) as p:
+        gw = await Gateway(await nats.connect(nats_server.url)).start()
+        assert (await gw.submit("p0", "x1", decode_node="h0", params=long)).ok  # a hand-off h0 decodes
+        assert (await gw.submit("h0", "c1", decode_node="h0", params=short)).ok  # h0's own request
+        await eventually(lambda: any(c.node_id == "h0" for c in gw.chunks.get("x1", [])[1:]), "h0 decodes x1")
+        await set_role(gw, "h0", Role.PREFILL)
+        if not gw.finished["x1"].is_set():
+            assert h.role is Role.HYBRID  # a decode it took is still running: the role waits for it
+        x1, c1 = await gw.result("x1"), await gw.result("c1")
+        assert tokens(x1) == refs["long"] and {c.node_id for c in x1[1:]} == {"h0"}
+        assert tokens(c1) == refs["long"][:8] and {c.node_id for c in c1} == {"h0"}
+        await eventually(lambda: (h.role, h.state) == (Role.PREFILL, NodeState.READY), "h0 turned prefill")
+        # Now p0 turns decode (nothing to drain) and decodes a hand-off from h0, during which
+        # it turns hybrid: that takes nothing from it, so the flip does not wait.
+        await set_role(gw, "p0", Role.DECODE)
+        await eventually(lambda: (p.role, p.state) == (Role.DECODE, NodeState.READY), "p0 turned decode")
+        assert (await gw.submit("h0", "x2", decode_node="p0", params=long)).ok
+        await eventually(lambda: any(c.node_id == "p0" for c in gw.chunks.get("x2", [])[1:]), "p0 decodes x2")
+        await set_role(gw, "p0", Role.HYBRID)
+        await eventually(lambda: (p.role, p.state) == (Role.HYBRID, NodeState.READY), "p0 turned hybrid")
+        assert (await gw.submit("p0", "c2", decode_node="p0")).ok  # a hybrid node serves a request alone
+        x2, c2 = await gw.result("x2"), await gw.result("c2")
+        assert tokens(x2) == refs["long"] and x2[0].node_id == "h0" and {c.node_id for c in x2[1:]} == {"p0"}
+        assert tokens(c2) == refs["greedy"] and {c.node_id for c in c2} == {"p0"}
+        assert sorted(gw.chunks) == ["c1", "c2", "x1", "x2"]  # nothing else answered
+        await eventually(lambda: idle(h, p), "blocks free on both nodes")
+        await gw.nc.drain()
+
+
 def collect_into(reports: list[LoadReport]):  # type: ignore[no-untyped-def]
     async def on_report(msg) -> None:  # type: ignore[no-untyped-def]
         reports.append(messages.decode(msg.data))
