@@ -4,8 +4,9 @@ Two prefill and two decode nodes (in this process, each with its own engine and 
 connection) and the ``flowkv`` scheduler service. The test plays the gateway: it asks the
 scheduler for a placement, submits to the chosen prefill node and gathers the token
 chunks. A prompt-heavy burst (long prompts, 4 output tokens) makes the demand signal
-flip a decode node to prefill; requests keep flowing before, during and after the flip,
-and every one of them must be answered exactly once with the same greedy tokens.
+flip a decode node to prefill (the ``split`` planner); with the ``goodput`` planner, the
+move its forecast prefers. Requests keep flowing before, during and after the flips, and
+every one of them must be answered exactly once with the same greedy tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from libs.engine.config import EngineConfig
 from libs.engine.engine import LLMEngine
 from libs.protocol import messages
 from libs.protocol.messages import (
-    EventKind, Placement, PlaceRequest, Role, SamplingParams, SchedEvent, SubmitRequest, TokenChunk,
+    ErrorCode, EventKind, Placement, PlaceRequest, Role, SamplingParams, SchedEvent, SubmitRequest, TokenChunk,
 )
 from libs.protocol.subjects import NodeVerb, node, sched_events, sched_place, stream
 from services.node.node import Node
@@ -41,14 +42,16 @@ ROLES = {"n0": Role.PREFILL, "n1": Role.PREFILL, "n2": Role.DECODE, "n3": Role.D
 
 
 @contextlib.asynccontextmanager
-async def cluster(url: str) -> AsyncIterator[tuple[SchedulerService, dict[str, Node]]]:
+async def cluster(url: str, **overrides) -> AsyncIterator[tuple[SchedulerService, dict[str, Node]]]:  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
     sched_nc = await nats.connect(url)
     # Small dwell and a short demand window so a burst of a few seconds is a real
     # imbalance to the controller; demand_busy 0: the tiny model never fills a node. The
-    # split planner: a prefill/decode flip by demand, over the wire.
-    config = SchedulerConfig(policy="flowkv", min_dwell_s=0.5, role_interval_s=0.1, node_timeout_s=10.0,
-                             demand_window_s=3.0, demand_busy=0.0, inflight_grace_s=0.2, planner="split")
+    # split planner (unless ``overrides`` say otherwise): a prefill/decode flip by demand,
+    # over the wire.
+    config = SchedulerConfig(**{**dict(policy="flowkv", min_dwell_s=0.5, role_interval_s=0.1, node_timeout_s=10.0,
+                                       demand_window_s=3.0, demand_busy=0.0, inflight_grace_s=0.2, planner="split"),
+                                **overrides})
     sched = SchedulerService(config, sched_nc)
     await sched.start()
     # Building each engine below blocks this event loop, the scheduler's too, often past its
@@ -86,6 +89,7 @@ class Client:
         self.done: dict[str, asyncio.Event] = {}
         self.placements: dict[str, Placement] = {}
         self.flips: list[SchedEvent] = []
+        self.refused = 0  # submits a node refused (re-placed)
 
     async def start(self) -> Client:
         async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
@@ -104,7 +108,7 @@ class Client:
         await self.nc.flush()
         return self
 
-    async def run(self, rid: str, prompt: list[int]) -> None:
+    async def run(self, rid: str, prompt: list[int], retries: int = 5) -> None:
         self.done.setdefault(rid, asyncio.Event())
         place = PlaceRequest(request_id=rid, model="tiny", num_prompt_tokens=len(prompt), max_tokens=NUM_OUT)
         for _ in range(50):  # Rejected(OVERLOADED) while nodes report in: retry like the gateway
@@ -119,6 +123,11 @@ class Client:
                             reply_subject=stream(GW))
         ack = messages.decode((await self.nc.request(node(out.prefill_node, NodeVerb.SUBMIT),
                                                      messages.encode(sub), timeout=10)).data)
+        if not ack.ok and ack.code == ErrorCode.OVERLOADED and retries:
+            # The node no longer takes this work (a flip under way): place it again, as the
+            # gateway does. A refused request was not started, so it cannot be served twice.
+            self.refused += 1
+            return await self.run(rid, prompt, retries - 1)
         assert ack.ok, ack
         await asyncio.wait_for(self.done[rid].wait(), 60)
 
@@ -180,4 +189,48 @@ async def test_prompt_heavy_burst_flips_a_decode_node_and_every_request_is_answe
         # The flipped node stopped decoding: nothing placed after the flip decodes on it.
         after = rids[i:]
         assert all(client.placements[r].decode_node != flip.node_id for r in after)
+        await client.nc.drain()
+
+
+@pytest.mark.timeout(120)
+async def test_a_goodput_move_with_requests_in_flight_answers_every_request_once(nats_server):
+    # The goodput planner (the default) with objectives: the launched 2P/2D moves toward
+    # the shape its forecast prefers (on the tiny model every shape keeps every request
+    # within these loose objectives, so the lighter one, by the flip nearest) while
+    # requests flow. Each request is answered once with the same greedy tokens, a node's
+    # new role is honoured by every placement after its flip, and the blocks come back.
+    async with cluster(nats_server.url, planner="goodput", ttft_slo_s=30.0, tpot_slo_s=10.0,
+                       goodput_window_s=5.0) as (sched, nodes):
+        client = await Client(await nats.connect(nats_server.url)).start()
+        await wait_for(lambda: len(sched.registry) == 4)
+        rids: list[str] = []
+
+        async def wave(start: int, count: int) -> None:
+            batch = [f"g{start + i}" for i in range(count)]
+            rids.extend(batch)
+            await asyncio.gather(*(client.run(rid, PROMPTS[int(rid[1:]) % 3]) for rid in batch))
+
+        i = 0
+        while not any(ev.detail == "done" for ev in client.flips) and i < 400:
+            await wave(i, 4)
+            i += 4
+        done = [ev for ev in client.flips if ev.detail == "done"]
+        assert done, f"no role flip after {i} requests; events {[e.detail for e in client.flips]}"
+        assert all(ev.detail.startswith(("requested: goodput:", "done")) for ev in client.flips), \
+            [e.detail for e in client.flips]
+        await wave(i, 8)
+        moved = {ev.node_id: ev.new_role for ev in client.flips if ev.detail == "done"}
+        assert all(nodes[nid].role == role for nid, role in moved.items())
+        for rid in rids[i:]:
+            pl = client.placements[rid]
+            assert moved.get(pl.prefill_node, Role.PREFILL) != Role.DECODE or pl.decode_node == pl.prefill_node
+            assert moved.get(pl.decode_node, Role.DECODE) != Role.PREFILL or pl.decode_node == pl.prefill_node
+        assert sorted(client.chunks) == sorted(rids)
+        by_prompt: dict[int, set[tuple[int, ...]]] = {}
+        for rid in rids:
+            toks = tokens_once(client.chunks[rid])
+            assert len(toks) == NUM_OUT
+            by_prompt.setdefault(int(rid[1:]) % 3, set()).add(tuple(toks))
+        assert all(len(v) == 1 for v in by_prompt.values()), by_prompt
+        await wait_for(lambda: all(n.engine.stats().free_blocks == BLOCKS for n in nodes.values()))
         await client.nc.drain()
