@@ -90,6 +90,7 @@ class Client:
         self.placements: dict[str, Placement] = {}
         self.flips: list[SchedEvent] = []
         self.refused = 0  # submits a node refused (re-placed)
+        self.rids: list[str] = []  # every request sent, in order
 
     async def start(self) -> Client:
         async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
@@ -132,6 +133,31 @@ class Client:
         await asyncio.wait_for(self.done[rid].wait(), 60)
 
 
+    async def wave(self, count: int) -> None:
+        """``count`` requests at once, the prompts in turn (request ``r<i>`` gets prompt i % 3)."""
+        batch = [f"r{len(self.rids) + i}" for i in range(count)]
+        self.rids.extend(batch)
+        await asyncio.gather(*(self.run(rid, PROMPTS[int(rid[1:]) % 3]) for rid in batch))
+
+    async def waves_until_a_flip(self, limit: int) -> int:
+        """Waves of 4 until a role flip is done (at most ``limit`` requests); how many were sent."""
+        while not any(ev.detail == "done" for ev in self.flips) and len(self.rids) < limit:
+            await self.wave(4)
+        assert any(ev.detail == "done" for ev in self.flips), \
+            f"no role flip after {len(self.rids)} requests; events {[e.detail for e in self.flips]}"
+        return len(self.rids)
+
+    def assert_each_answered_once(self) -> None:
+        """Every request answered exactly once, with the same greedy tokens per prompt."""
+        assert sorted(self.chunks) == sorted(self.rids)
+        by_prompt: dict[int, set[tuple[int, ...]]] = {}
+        for rid in self.rids:
+            toks = tokens_once(self.chunks[rid])
+            assert len(toks) == NUM_OUT
+            by_prompt.setdefault(int(rid[1:]) % 3, set()).add(tuple(toks))
+        assert all(len(v) == 1 for v in by_prompt.values()), by_prompt
+
+
 def tokens_once(chunks: list[TokenChunk]) -> list[int]:
     """The request's tokens, asserting each index came exactly once and one chunk finished it."""
     out: list[int] = []
@@ -156,39 +182,20 @@ async def test_prompt_heavy_burst_flips_a_decode_node_and_every_request_is_answe
     async with cluster(nats_server.url) as (sched, nodes):
         client = await Client(await nats.connect(nats_server.url)).start()
         await wait_for(lambda: len(sched.registry) == 4)
-        # Burst: 24 long-prompt requests, 4 at a time, until the controller flips a node.
-        rids: list[str] = []
-
-        async def wave(start: int, count: int) -> None:
-            batch = [f"r{start + i}" for i in range(count)]
-            rids.extend(batch)
-            await asyncio.gather(*(client.run(rid, PROMPTS[int(rid[1:]) % 3]) for rid in batch))
-
-        i = 0
-        while not any(ev.detail == "done" for ev in client.flips) and i < 200:
-            await wave(i, 4)
-            i += 4
-        done = [ev for ev in client.flips if ev.detail == "done"]
-        assert done, f"no role flip after {i} requests; events {[e.detail for e in client.flips]}"
-        flip = done[0]
+        # Burst: long-prompt requests, 4 at a time, until the controller flips a node.
+        i = await client.waves_until_a_flip(200)
+        flip = next(ev for ev in client.flips if ev.detail == "done")
         assert flip.node_id in ("n2", "n3") and (flip.old_role, flip.new_role) == (Role.DECODE, Role.PREFILL)
         assert nodes[flip.node_id].role == Role.PREFILL
         assert [e.detail.split(":")[0] for e in client.flips[:2]] == ["requested", "done"]
         assert client.flips[0].detail.startswith("requested: demand:")
         # After the flip: more requests; the cluster now has 3 prefill nodes and 1 decode node.
-        await wave(i, 8)
+        await client.wave(8)
         assert sorted(n.role.value for n in nodes.values()) == ["decode", "prefill", "prefill", "prefill"]
-        # Every request answered exactly once, with the same greedy tokens per prompt.
-        assert sorted(client.chunks) == sorted(rids) and len(rids) == i + 8
-        by_prompt: dict[int, set[tuple[int, ...]]] = {}
-        for rid in rids:
-            toks = tokens_once(client.chunks[rid])
-            assert len(toks) == NUM_OUT
-            by_prompt.setdefault(int(rid[1:]) % 3, set()).add(tuple(toks))
-        assert all(len(v) == 1 for v in by_prompt.values()), by_prompt
+        assert len(client.rids) == i + 8
+        client.assert_each_answered_once()
         # The flipped node stopped decoding: nothing placed after the flip decodes on it.
-        after = rids[i:]
-        assert all(client.placements[r].decode_node != flip.node_id for r in after)
+        assert all(client.placements[r].decode_node != flip.node_id for r in client.rids[i:])
         await client.nc.drain()
 
 
@@ -203,34 +210,16 @@ async def test_a_goodput_move_with_requests_in_flight_answers_every_request_once
                        goodput_window_s=5.0) as (sched, nodes):
         client = await Client(await nats.connect(nats_server.url)).start()
         await wait_for(lambda: len(sched.registry) == 4)
-        rids: list[str] = []
-
-        async def wave(start: int, count: int) -> None:
-            batch = [f"g{start + i}" for i in range(count)]
-            rids.extend(batch)
-            await asyncio.gather(*(client.run(rid, PROMPTS[int(rid[1:]) % 3]) for rid in batch))
-
-        i = 0
-        while not any(ev.detail == "done" for ev in client.flips) and i < 400:
-            await wave(i, 4)
-            i += 4
-        done = [ev for ev in client.flips if ev.detail == "done"]
-        assert done, f"no role flip after {i} requests; events {[e.detail for e in client.flips]}"
+        i = await client.waves_until_a_flip(400)
         assert all(ev.detail.startswith(("requested: goodput:", "done")) for ev in client.flips), \
             [e.detail for e in client.flips]
-        await wave(i, 8)
+        await client.wave(8)
         moved = {ev.node_id: ev.new_role for ev in client.flips if ev.detail == "done"}
         assert all(nodes[nid].role == role for nid, role in moved.items())
-        for rid in rids[i:]:
+        for rid in client.rids[i:]:
             pl = client.placements[rid]
             assert moved.get(pl.prefill_node, Role.PREFILL) != Role.DECODE or pl.decode_node == pl.prefill_node
             assert moved.get(pl.decode_node, Role.DECODE) != Role.PREFILL or pl.decode_node == pl.prefill_node
-        assert sorted(client.chunks) == sorted(rids)
-        by_prompt: dict[int, set[tuple[int, ...]]] = {}
-        for rid in rids:
-            toks = tokens_once(client.chunks[rid])
-            assert len(toks) == NUM_OUT
-            by_prompt.setdefault(int(rid[1:]) % 3, set()).add(tuple(toks))
-        assert all(len(v) == 1 for v in by_prompt.values()), by_prompt
+        client.assert_each_answered_once()
         await wait_for(lambda: all(n.engine.stats().free_blocks == BLOCKS for n in nodes.values()))
         await client.nc.drain()
