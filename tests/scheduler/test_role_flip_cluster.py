@@ -89,7 +89,6 @@ class Client:
         self.done: dict[str, asyncio.Event] = {}
         self.placements: dict[str, Placement] = {}
         self.flips: list[SchedEvent] = []
-        self.refused = 0  # submits a node refused (re-placed)
         self.rids: list[str] = []  # every request sent, in order
 
     async def start(self) -> Client:
@@ -127,11 +126,9 @@ class Client:
         if not ack.ok and ack.code == ErrorCode.OVERLOADED and retries:
             # The node no longer takes this work (a flip under way): place it again, as the
             # gateway does. A refused request was not started, so it cannot be served twice.
-            self.refused += 1
             return await self.run(rid, prompt, retries - 1)
         assert ack.ok, ack
         await asyncio.wait_for(self.done[rid].wait(), 60)
-
 
     async def wave(self, count: int) -> None:
         """``count`` requests at once, the prompts in turn (request ``r<i>`` gets prompt i % 3)."""
