@@ -439,13 +439,8 @@ def test_on_shared_cores_the_hybrid_guess_is_no_lower_than_the_decode_step_as_me
     # busier than the model of the shape says), a hybrid node would take at least that
     # beside its prompts (105 ms), and the split stays; also where its report now, made
     # between the other nodes' prompts, says 30 ms and its reports lately said 60 ms.
-    def cpu(r, share: float):
-        return msgspec.structs.replace(r, cpu_threads=1, cpu_set=[0, 1], cpu_share=share)
-
-    nodes = [cpu(report(f"p{i}", Role.PREFILL, rate=2500.0, device="cpu", device_name="cpu", transports=["shm"]), 1.0)
-             for i in range(3)]
-    nodes.append(cpu(report("d0", Role.DECODE, running=2, rate=2500.0 * decode_share, step_s=0.03 / decode_share,
-                            device="cpu", device_name="cpu", transports=["shm"]), decode_share))
+    nodes = [_cpu_node(f"n{i}", Role.PREFILL, 2, 1.0, step_s=0.03) for i in range(3)]
+    nodes.append(_cpu_node("n3", Role.DECODE, 2, decode_share, step_s=0.03))
     ctl, load, best = _lighter_from_3p1d(nodes, 0.1, [(2, 0.03, 0.03 / late_share)], (70, 400, 8, 30), Shape(3, 1, 0))
     assert 2 * load.tpot_hybrid_at_step(best.shape, 0.03) <= 0.1
     assert load.tpot_hybrid_at_step(best.shape, 0.03 / decode_share, stretched=False) >= 0.03 / decode_share
@@ -453,16 +448,18 @@ def test_on_shared_cores_the_hybrid_guess_is_no_lower_than_the_decode_step_as_me
     assert (change is not None and change.new_role == Role.HYBRID) == moves
 
 
-def _cpu_nodes(roles: list[Role], cores: int, share: float) -> list:
-    """Single-threaded CPU nodes on one host with ``cores`` cores, each measuring a 40 ms
+def _cpu_node(node_id: str, role: Role, cores: int, share: float, step_s: float = 0.04):  # type: ignore[no-untyped-def]
+    """A single-threaded CPU node on one host with ``cores`` cores, measuring a ``step_s``
     decode step and 2,500 prompt tokens/s on a core of its own, reported at ``share`` of
     its thread's time (a step then takes 1 / share as long on the wall clock)."""
-    out = []
-    for i, role in enumerate(roles):
-        r = report(f"n{i}", role, running=2 if role != Role.PREFILL else 0, rate=2500.0 * share, step_s=0.04 / share,
-                   device="cpu", device_name="cpu", transports=["shm", "tcp"])
-        out.append(msgspec.structs.replace(r, cpu_threads=1, cpu_set=list(range(cores)), cpu_share=share))
-    return out
+    r = report(node_id, role, running=2 if role != Role.PREFILL else 0, rate=2500.0 * share, step_s=step_s / share,
+               device="cpu", device_name="cpu", transports=["shm", "tcp"])
+    return msgspec.structs.replace(r, cpu_threads=1, cpu_set=list(range(cores)), cpu_share=share)
+
+
+def _cpu_nodes(roles: list[Role], cores: int, share: float) -> list:
+    """:func:`_cpu_node` in each of ``roles``, all at ``share``."""
+    return [_cpu_node(f"n{i}", role, cores, share) for i, role in enumerate(roles)]
 
 
 @pytest.mark.parametrize(("cores", "share", "split"), [(2, 0.5, True), (4, 1.0, False)])
